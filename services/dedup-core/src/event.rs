@@ -1,0 +1,306 @@
+//! One product event as the original service validated it: required fields, their limits and
+//! its error messages, so existing clients see the same answers.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::{Map, Value};
+
+use crate::datetime;
+
+/// Field name → messages, the shape the original answered 400 with
+/// (`{"sid": ["This field is required."]}`).
+pub type FieldErrors = BTreeMap<String, Vec<String>>;
+
+/// The key under which errors about the body as a whole are reported.
+pub const NON_FIELD_ERRORS: &str = "non_field_errors";
+
+/// The required string fields and their maximum length in characters, as the original declared
+/// them. `client_id` alone may be null.
+pub const STRING_FIELDS: [(&str, usize); 5] = [
+    ("client_id", 64),
+    ("event_name", 255),
+    ("product_id", 36),
+    ("sid", 128),
+    ("r", 128),
+];
+
+/// A validated event: the required fields normalised (trimmed, numbers read as their decimal
+/// text) and the whole object, untouched, for storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub client_id: Option<String>,
+    pub event_datetime: DateTime<Utc>,
+    pub event_name: String,
+    pub product_id: String,
+    pub sid: String,
+    pub r: String,
+    /// Every field as the client sent it, extra fields included.
+    pub payload: Map<String, Value>,
+}
+
+impl Event {
+    /// The UTC day of `event_datetime`: the partition the event is stored in. It comes from the
+    /// event itself, never from arrival time, so a retried event lands in the same partition.
+    pub fn event_date(&self) -> NaiveDate {
+        self.event_datetime.date_naive()
+    }
+
+    /// A required string field's normalised value (`None` for a null `client_id`), or `None`
+    /// for a field that is not one of [`STRING_FIELDS`].
+    pub fn required_field(&self, name: &str) -> Option<Option<&str>> {
+        match name {
+            "client_id" => Some(self.client_id.as_deref()),
+            "event_name" => Some(Some(&self.event_name)),
+            "product_id" => Some(Some(&self.product_id)),
+            "sid" => Some(Some(&self.sid)),
+            "r" => Some(Some(&self.r)),
+            _ => None,
+        }
+    }
+}
+
+/// Validates any JSON value as one event; a non-object gets the original's non-field error.
+pub fn validate_value(value: Value) -> Result<Event, FieldErrors> {
+    match value {
+        Value::Object(map) => validate(map),
+        Value::Null => Err(non_field_error("No data provided")),
+        other => Err(non_field_error(&format!(
+            "Invalid data. Expected a dictionary, but got {}.",
+            python_type_name(&other)
+        ))),
+    }
+}
+
+/// Validates one event object, collecting every field's errors rather than stopping at the first.
+pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
+    let mut errors = FieldErrors::new();
+    let mut strings: [Option<String>; 5] = Default::default();
+    for (slot, (name, max_len)) in strings.iter_mut().zip(STRING_FIELDS) {
+        let allow_null = name == "client_id";
+        match string_field(payload.get(name), max_len, allow_null) {
+            Ok(value) => *slot = value,
+            Err(message) => {
+                errors.insert(name.to_owned(), vec![message]);
+            }
+        }
+    }
+    let event_datetime = match payload.get("event_datetime") {
+        None => Err(REQUIRED.to_owned()),
+        Some(Value::Null) => Err(NOT_NULL.to_owned()),
+        Some(Value::String(text)) => datetime::parse(text).ok_or_else(|| datetime::WRONG_FORMAT.into()),
+        Some(_) => Err(datetime::WRONG_FORMAT.to_owned()),
+    };
+    let event_datetime = match event_datetime {
+        Ok(at) => Some(at),
+        Err(message) => {
+            errors.insert("event_datetime".to_owned(), vec![message]);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let [client_id, event_name, product_id, sid, r] = strings;
+    match (event_datetime, event_name, product_id, sid, r) {
+        (Some(event_datetime), Some(event_name), Some(product_id), Some(sid), Some(r)) => Ok(Event {
+            client_id,
+            event_datetime,
+            event_name,
+            product_id,
+            sid,
+            r,
+            payload,
+        }),
+        // Unreachable: a required field without a value has an error recorded above.
+        _ => Err(non_field_error("Invalid data.")),
+    }
+}
+
+const REQUIRED: &str = "This field is required.";
+const NOT_NULL: &str = "This field may not be null.";
+const BLANK: &str = "This field may not be blank.";
+const NOT_A_STRING: &str = "Not a valid string.";
+
+/// One string field the way DRF's `CharField` read it: numbers become their decimal text,
+/// surrounding white space is trimmed, blank is refused, length counts characters.
+fn string_field(value: Option<&Value>, max_len: usize, allow_null: bool) -> Result<Option<String>, String> {
+    let text = match value {
+        None => return Err(REQUIRED.to_owned()),
+        Some(Value::Null) if allow_null => return Ok(None),
+        Some(Value::Null) => return Err(NOT_NULL.to_owned()),
+        Some(Value::String(s)) => s.trim().to_owned(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err(NOT_A_STRING.to_owned()),
+    };
+    if text.is_empty() {
+        return Err(BLANK.to_owned());
+    }
+    if text.chars().count() > max_len {
+        return Err(format!("Ensure this field has no more than {max_len} characters."));
+    }
+    Ok(Some(text))
+}
+
+/// An error about the body as a whole, in the original's shape.
+pub fn non_field_error(message: &str) -> FieldErrors {
+    FieldErrors::from([(NON_FIELD_ERRORS.to_owned(), vec![message.to_owned()])])
+}
+
+/// The Python type name the original's messages used for a JSON value.
+fn python_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "NoneType",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "int",
+        Value::String(_) => "str",
+        Value::Array(_) => "list",
+        Value::Object(_) => "dict",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn valid() -> Value {
+        json!({
+            "client_id": "abc123def456",
+            "event_datetime": "2025-04-10T12:34:56.000Z",
+            "event_name": "app_list",
+            "product_id": "prod-001",
+            "sid": "session-123",
+            "r": "999888777666555",
+            "platform": "android",
+        })
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut v = valid();
+        v[field] = value;
+        v
+    }
+
+    fn without(field: &str) -> Value {
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove(field);
+        v
+    }
+
+    fn errors_of(value: Value) -> FieldErrors {
+        validate_value(value).expect_err("expected a validation error")
+    }
+
+    /// The real sample events are accepted as they are, extra fields kept untouched.
+    #[test]
+    fn sample_events_are_accepted_with_extra_fields_kept() {
+        for name in ["app_list.json", "content_play.json", "tv_app_list_full.json"] {
+            let path = format!("{}/../../../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                // The samples live beside the checkout; the copy in the test below covers CI
+                // clones made without them.
+                continue;
+            };
+            let raw: Value = serde_json::from_str(&text).unwrap();
+            let event = validate_value(raw.clone()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert_eq!(Value::Object(event.payload), raw, "{name}: payload must be untouched");
+        }
+        let event = validate_value(valid()).unwrap();
+        assert_eq!(event.payload["platform"], "android");
+        assert_eq!(event.event_date().to_string(), "2025-04-10");
+    }
+
+    /// Each required field, when missing, is named with the original's message.
+    #[test]
+    fn each_missing_field_is_reported_by_name() {
+        for field in ["client_id", "event_datetime", "event_name", "product_id", "sid", "r"] {
+            assert_eq!(
+                errors_of(without(field)),
+                FieldErrors::from([(field.to_owned(), vec![REQUIRED.to_owned()])]),
+                "{field}"
+            );
+        }
+    }
+
+    /// All bad fields are reported at once, not just the first.
+    #[test]
+    fn every_bad_field_is_reported_together() {
+        let mut v = without("sid");
+        v["r"] = json!("");
+        v["event_datetime"] = json!("yesterday");
+        let errors = errors_of(v);
+        assert_eq!(errors.keys().collect::<Vec<_>>(), ["event_datetime", "r", "sid"]);
+        assert_eq!(errors["r"], [BLANK]);
+        assert_eq!(errors["event_datetime"], [datetime::WRONG_FORMAT]);
+    }
+
+    /// Table of single-field inputs and the outcome the original gave them.
+    #[test]
+    fn string_fields_follow_the_original_rules() {
+        let long = |n: usize| Value::String("x".repeat(n));
+        let cases: Vec<(&str, Value, Result<Option<&str>, String>)> = vec![
+            ("sid", json!(12345), Ok(Some("12345"))),
+            ("r", json!(1.5), Ok(Some("1.5"))),
+            ("sid", json!("  padded  "), Ok(Some("padded"))),
+            ("client_id", Value::Null, Ok(None)),
+            ("sid", Value::Null, Err(NOT_NULL.into())),
+            ("sid", json!("   "), Err(BLANK.into())),
+            ("client_id", json!(""), Err(BLANK.into())),
+            ("sid", json!(true), Err(NOT_A_STRING.into())),
+            ("sid", json!(["a"]), Err(NOT_A_STRING.into())),
+            ("sid", json!({"a": 1}), Err(NOT_A_STRING.into())),
+            ("client_id", long(64), Ok(Some(&*"x".repeat(64).leak()))),
+            ("client_id", long(65), Err("Ensure this field has no more than 64 characters.".into())),
+            ("product_id", long(37), Err("Ensure this field has no more than 36 characters.".into())),
+            ("event_name", long(256), Err("Ensure this field has no more than 255 characters.".into())),
+            ("r", long(129), Err("Ensure this field has no more than 128 characters.".into())),
+            // Length counts characters, not bytes.
+            ("product_id", Value::String("é".repeat(36)), Ok(Some(&*"é".repeat(36).leak()))),
+        ];
+        for (field, value, expected) in cases {
+            let outcome = validate_value(with(field, value.clone()));
+            match (&outcome, &expected) {
+                (Ok(event), Ok(want)) => {
+                    assert_eq!(event.required_field(field), Some(*want), "{field}={value}");
+                    assert_eq!(event.payload[field], value, "{field}: payload keeps the raw value");
+                }
+                (Err(errors), Err(want)) => {
+                    assert_eq!(errors, &FieldErrors::from([(field.to_owned(), vec![want.clone()])]));
+                }
+                _ => panic!("{field}={value}: got {outcome:?}, want {expected:?}"),
+            }
+        }
+    }
+
+    /// A date-time must be a string in ISO 8601; null and numbers are refused.
+    #[test]
+    fn event_datetime_must_be_an_iso_string() {
+        assert_eq!(errors_of(with("event_datetime", Value::Null))["event_datetime"], [NOT_NULL]);
+        assert_eq!(
+            errors_of(with("event_datetime", json!(1744287299)))["event_datetime"],
+            [datetime::WRONG_FORMAT]
+        );
+        let naive = validate_value(with("event_datetime", json!("2025-04-10 23:59:59"))).unwrap();
+        assert_eq!(naive.event_datetime.to_rfc3339(), "2025-04-10T23:59:59+00:00");
+        // The partition day is the UTC day, whatever offset the client used.
+        let shifted = validate_value(with("event_datetime", json!("2025-04-11T01:00:00+03:00"))).unwrap();
+        assert_eq!(shifted.event_date().to_string(), "2025-04-10");
+    }
+
+    /// A body that is not an object gets the original's non-field error.
+    #[test]
+    fn non_objects_get_a_non_field_error() {
+        assert_eq!(
+            errors_of(json!([1, 2])),
+            non_field_error("Invalid data. Expected a dictionary, but got list.")
+        );
+        assert_eq!(
+            errors_of(json!("text")),
+            non_field_error("Invalid data. Expected a dictionary, but got str.")
+        );
+        assert_eq!(errors_of(Value::Null), non_field_error("No data provided"));
+    }
+}

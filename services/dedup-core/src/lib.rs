@@ -1,0 +1,25 @@
+//! What `ingest` and `dedup-worker` share, and nothing more.
+//!
+//! # Layout
+//!
+//! - [`event`]: the HTTP contract for one product event: required fields, limits and the
+//!   original service's error messages.
+//! - [`datetime`]: the ISO 8601 date-times the original accepted.
+//! - [`key`]: the dedup key, a 128-bit hash over an unambiguous encoding of the key fields.
+//! - [`message`]: how events travel on the queue (NDJSON body, received time and trace headers).
+//! - [`topology`]: the exchanges and queues both sides declare.
+//! - [`config`]: settings both binaries read (broker, logging, optional YAML file).
+//! - [`telemetry`]: logging setup.
+//! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
+
+pub mod config;
+pub mod datetime;
+pub mod event;
+pub mod key;
+pub mod message;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use event::{Event, FieldErrors};
+pub use key::{DedupKey, KeySpec};

@@ -1,0 +1,145 @@
+//! The exchanges and queues of the pipeline, declared the same way by ingest and the worker.
+//!
+//! A durable direct exchange routes to a durable queue (quorum by default: replicated in a
+//! cluster, with a delivery limit that dead-letters poison messages). The queue dead-letters to
+//! a second exchange and queue, where the worker also sends events it cannot accept.
+
+use clap::{Args, ValueEnum};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Which RabbitMQ queue type the main and dead-letter queues use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    /// Replicated, durable, with a delivery limit for poison messages (recommended).
+    Quorum,
+    /// A single-node queue, for brokers without quorum queue support.
+    Classic,
+}
+
+/// Names and shape of the queues. Both binaries must agree on these.
+#[derive(Debug, Clone, Args)]
+pub struct Topology {
+    /// Exchange ingest publishes to.
+    #[arg(long, env = "AMQP_EXCHANGE", default_value = "product_events")]
+    pub exchange: String,
+    /// Queue the workers consume from (bound to the exchange with its own name as routing key).
+    #[arg(long, env = "AMQP_QUEUE", default_value = "product_events")]
+    pub queue: String,
+    /// Exchange for messages the pipeline cannot process.
+    #[arg(long, env = "AMQP_DEAD_LETTER_EXCHANGE", default_value = "product_events.dlx")]
+    pub dead_letter_exchange: String,
+    /// Queue that keeps dead-lettered messages for inspection.
+    #[arg(long, env = "AMQP_DEAD_LETTER_QUEUE", default_value = "product_events.dlq")]
+    pub dead_letter_queue: String,
+    /// Queue type of both queues.
+    #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "quorum")]
+    pub queue_type: QueueType,
+    /// Deliveries after which a message that keeps failing is dead-lettered (quorum queues).
+    #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    /// Routing key of the main queue.
+    pub fn routing_key(&self) -> ShortString {
+        ShortString::from(self.queue.as_str())
+    }
+
+    /// Routing key of the dead-letter queue.
+    pub fn dead_letter_routing_key(&self) -> ShortString {
+        ShortString::from(self.dead_letter_queue.as_str())
+    }
+
+    /// Declares both exchanges and queues and their bindings; idempotent.
+    ///
+    /// Fails with the broker's `PRECONDITION_FAILED` when a queue already exists with other
+    /// arguments (for example classic versus quorum): see [`describe_declare_error`].
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+            channel
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await?;
+        }
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert("x-queue-type".into(), self.queue_type_value());
+        channel
+            .queue_declare(self.dead_letter_queue.as_str().into(), QueueDeclareOptions::durable(), dlq_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
+                self.dead_letter_routing_key(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(self.queue.as_str().into(), QueueDeclareOptions::durable(), self.queue_arguments())
+            .await?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                self.routing_key(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn queue_type_value(&self) -> AMQPValue {
+        let name = match self.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        AMQPValue::LongString(name.into())
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), self.queue_type_value());
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.dead_letter_queue.as_str().into()),
+        );
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
+        }
+        args
+    }
+
+    /// A topology whose every name starts with `prefix`: what tests use to isolate themselves.
+    pub fn prefixed(prefix: &str) -> Self {
+        Self {
+            exchange: format!("{prefix}.events"),
+            queue: format!("{prefix}.events"),
+            dead_letter_exchange: format!("{prefix}.dlx"),
+            dead_letter_queue: format!("{prefix}.dlq"),
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+        }
+    }
+}
+
+/// Turns a declare failure into advice an operator can act on.
+pub fn describe_declare_error(topology: &Topology, error: &lapin::Error) -> String {
+    let text = error.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
+        format!(
+            "queue {:?} or {:?} already exists with different arguments ({text}); make \
+             AMQP_QUEUE_TYPE / AMQP_DELIVERY_LIMIT match it, or delete the queue",
+            topology.queue, topology.dead_letter_queue
+        )
+    } else {
+        format!("could not declare the AMQP topology: {text}")
+    }
+}
