@@ -56,6 +56,10 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
     if !p.at_end() {
         return None;
     }
+    if year == 0 {
+        // Year 0 does not exist in Python's datetime (nor in PostgreSQL).
+        return None;
+    }
     let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
     let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
     let offset = FixedOffset::east_opt(offset_seconds)?;
@@ -148,6 +152,7 @@ mod tests {
             "2025-04-10T12:34:56.Z",
             "1744287299",
             "25-04-10T12:34:56Z",
+            "0000-01-01T00:00:00Z",
         ] {
             assert_eq!(parse(input), None, "input {input:?}");
         }

@@ -8,10 +8,14 @@
 //! - [`key`]: the dedup key, a 128-bit hash over an unambiguous encoding of the key fields.
 //! - [`message`]: how events travel on the queue (NDJSON body, received time and trace headers).
 //! - [`topology`]: the exchanges and queues both sides declare.
+//! - [`admin`]: the /metrics, /healthz and /readyz server on the admin port.
+//! - [`backoff`]: reconnection pacing.
 //! - [`config`]: settings both binaries read (broker, logging, optional YAML file).
 //! - [`telemetry`]: logging setup.
 //! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
 
+pub mod admin;
+pub mod backoff;
 pub mod config;
 pub mod datetime;
 pub mod event;

@@ -1,1 +1,199 @@
-//! placeholder
+//! dedup-worker: the consumer side of the dedup pipeline.
+//!
+//! For every batch of deliveries: decode and validate (the undecodable go to the dead-letter
+//! queue), compute keys and collapse in-batch copies, ask Redis which keys are known, insert
+//! the rest into PostgreSQL with `ON CONFLICT DO NOTHING`, record the keys in Redis, then ack
+//! the whole batch. PostgreSQL decides; Redis only saves it work.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings (flags, environment, YAML) and the `migrate` command.
+//! - [`consume`]: AMQP session, prefetch, batching, multiple-ack, reconnection.
+//! - [`pipeline`]: the per-batch algorithm, steps 1–5.
+//! - [`batch`]: decoding, validation, keys and in-batch collapse (pure).
+//! - [`dead_letter`]: publishing refused events to the dead-letter queue.
+//! - [`redis_tier`]: the Bloom filter and recent keys in Redis, with degraded mode.
+//! - [`bloom`]: Bloom filter sizing and bit positions (pure).
+//! - [`store`]: PostgreSQL: migrations, partitions, the batch insert.
+//! - [`error`]: what can go wrong, and whether to retry.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod batch;
+pub mod bloom;
+pub mod config;
+pub mod consume;
+pub mod dead_letter;
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod redis_tier;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use dedup_core::KeySpec;
+use dedup_core::admin::{self, Readiness};
+use tokio_util::sync::CancellationToken;
+
+use crate::bloom::BloomParams;
+pub use crate::config::Config;
+use crate::consume::{Consumer, ConsumerSettings};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::redis_tier::{RedisSettings, RedisTier};
+use crate::store::Store;
+
+/// Points between the steps of a batch where a test can inject a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Deliveries decoded, nothing written anywhere yet.
+    Decoded,
+    /// Redis asked, PostgreSQL not yet written.
+    AfterRedisCheck,
+    /// Rows committed, Redis not yet updated, nothing acked.
+    AfterCommit,
+    /// Redis updated, nothing acked.
+    AfterRedisRecord,
+}
+
+/// Test-only fault injection: returning `true` at a stage makes the worker behave as if it
+/// crashed there (it drops its broker connection without acking).
+pub type FaultHook = Arc<dyn Fn(Stage) -> bool + Send + Sync>;
+
+/// A configured worker, ready to run.
+pub struct Worker {
+    consumer: Consumer,
+    pipeline: Arc<Pipeline>,
+    config: Config,
+}
+
+impl Worker {
+    /// Builds the worker from `config`. Nothing connects yet: the services may be down.
+    pub fn new(config: Config, fault: Option<FaultHook>) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let spec = KeySpec::new(&config.dedup_key_fields).map_err(anyhow::Error::msg).context("DEDUP_KEY_FIELDS")?;
+        let bloom = BloomParams::size(
+            config.bloom_expected_rate,
+            config.bloom_false_positive_rate,
+            config.dedup_window,
+            config.bloom_slice,
+        )
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(bits = bloom.bits, hashes = bloom.hashes, generations = bloom.generations,
+            mib_per_generation = bloom.bytes_per_generation() / (1 << 20), "Bloom filter sized.");
+        let redis = RedisTier::new(
+            RedisSettings {
+                url: config.redis_url.clone(),
+                prefix: config.redis_prefix.clone(),
+                bloom,
+                recent_ttl: config.recent_keys_ttl.unwrap_or(config.dedup_window),
+                timeout: config.redis_timeout,
+                retry_interval: config.redis_retry_interval,
+            },
+            metrics.clone(),
+        )
+        .context("REDIS_URL is not a valid Redis URL")?;
+        let store = Store::connect_lazy(&config.database_url, config.db_pool_size)?;
+        let pipeline = Arc::new(Pipeline {
+            spec,
+            topology: config.amqp.topology.clone(),
+            redis,
+            store,
+            metrics,
+            retry_max_backoff: config.reconnect_max_backoff,
+            fault,
+        });
+        let consumer = Consumer::new(
+            ConsumerSettings {
+                url: config.amqp.rabbitmq_url.clone(),
+                topology: config.amqp.topology.clone(),
+                prefetch: config.prefetch,
+                batch_size: config.batch_size.max(1),
+                linger: config.batch_linger,
+                reconnect_max_backoff: config.reconnect_max_backoff,
+            },
+            pipeline.clone(),
+        );
+        Ok(Self { consumer, pipeline, config })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.pipeline.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.pipeline.store
+    }
+
+    /// Whether the worker is consuming, and if not why.
+    pub fn readiness(&self) -> Readiness {
+        let consuming = self.consumer.consuming_flag();
+        Arc::new(move || {
+            if consuming.load(Ordering::Relaxed) { Ok(()) } else { Err("not consuming from RabbitMQ".to_owned()) }
+        })
+    }
+
+    /// Consumes until `shutdown` resolves, then finishes the batch in hand within the grace
+    /// period. Fails only for an injected crash.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), error::Error> {
+        let stop = CancellationToken::new();
+        let grace = self.config.shutdown_grace;
+        let signal = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        });
+        let consume = self.consumer.run(stop.clone());
+        tokio::pin!(consume);
+        let result = tokio::select! {
+            result = &mut consume => result,
+            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "Shutdown grace period ran out; unacked deliveries go back to the queue.");
+                Ok(())
+            }
+        };
+        signal.abort();
+        result
+    }
+}
+
+/// The binary's whole life: optional migrations, the admin server, then the consumer.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let worker = Worker::new(config.clone(), None)?;
+    if config.migrate_on_start {
+        worker.store().migrate().await.context("applying migrations at start (MIGRATE_ON_START)")?;
+        tracing::info!("Migrations applied.");
+    }
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen_addr).await.with_context(|| {
+        format!("cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address", config.admin_listen_addr)
+    })?;
+    let admin_router = admin::router(worker.metrics().registry.clone(), worker.readiness());
+    let stop_admin = CancellationToken::new();
+    let admin_task = tokio::spawn({
+        let stop = stop_admin.clone();
+        async move { axum::serve(admin_listener, admin_router).with_graceful_shutdown(stop.cancelled_owned()).await }
+    });
+    let result = worker.run(shutdown).await;
+    stop_admin.cancel();
+    let _ = admin_task.await;
+    result.context("the worker stopped on an error")?;
+    tracing::info!("dedup-worker stopped.");
+    Ok(())
+}
+
+/// `dedup-worker migrate`: applies the migrations and reports what it did.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect_lazy(&config.database_url, 1)?;
+    store.migrate().await.with_context(|| {
+        format!(
+            "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
+             database exists (e.g. `createdb dedup`)"
+        )
+    })?;
+    tracing::info!("Migrations applied.");
+    Ok(())
+}

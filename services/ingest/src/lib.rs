@@ -1,1 +1,118 @@
-//! placeholder
+//! ingest: the HTTP front door of the dedup pipeline.
+//!
+//! It validates product events with the original service's contract and publishes them to
+//! RabbitMQ, answering `202` only once the broker has confirmed each message.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings (flags, environment, YAML).
+//! - [`http`]: the router: routes, limits, timeouts, request metrics.
+//! - [`body`]: reading bodies: content types, JSON, NDJSON batches.
+//! - [`publish`]: the broker connection, confirm-mode channels, reconnection.
+//! - [`error`]: every outcome a client can see, as HTTP answers.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod publish;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use dedup_core::admin::{self, Readiness};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::Config;
+use crate::http::{AppState, Limits};
+use crate::metrics::Metrics;
+use crate::publish::{Publisher, PublisherConfig};
+
+/// Binds the configured addresses and serves until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}; set LISTEN_ADDR to a free address", config.listen_addr))?;
+    let admin_listener = TcpListener::bind(config.admin_listen_addr).await.with_context(|| {
+        format!("cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address", config.admin_listen_addr)
+    })?;
+    serve(config, listener, admin_listener, shutdown).await
+}
+
+/// Serves the public API and the admin server on the given listeners until `shutdown`
+/// resolves, then drains in-flight requests for at most the configured grace period.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let publisher = Publisher::new(publisher_config(&config), metrics.clone());
+    let stop_publisher = CancellationToken::new();
+    let supervisor = tokio::spawn(publisher.clone().supervise(stop_publisher.clone()));
+    let ready = readiness(&publisher);
+    let state = AppState { publisher, limits: Arc::new(limits(&config)), metrics: metrics.clone(), ready: ready.clone() };
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    });
+    tracing::info!(addr = %listener.local_addr()?, "ingest listening on /product_events/.");
+    let admin_router = admin::router(metrics.registry.clone(), ready);
+    let admin_task = tokio::spawn({
+        let stop = stop.clone();
+        async move { axum::serve(admin_listener, admin_router).with_graceful_shutdown(stop.cancelled_owned()).await }
+    });
+    let server = axum::serve(listener, http::app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = server => result.context("the HTTP server failed")?,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "Shutdown grace period ran out; closing with requests still in flight.");
+        }
+    }
+    stop_publisher.cancel();
+    let _ = supervisor.await;
+    admin_task.abort();
+    tracing::info!("ingest stopped.");
+    Ok(())
+}
+
+fn readiness(publisher: &Arc<Publisher>) -> Readiness {
+    let publisher = publisher.clone();
+    Arc::new(move || {
+        if publisher.is_connected() { Ok(()) } else { Err("not connected to RabbitMQ".to_owned()) }
+    })
+}
+
+/// The publisher settings in `config`.
+pub fn publisher_config(config: &Config) -> PublisherConfig {
+    PublisherConfig {
+        url: config.amqp.rabbitmq_url.clone(),
+        topology: config.amqp.topology.clone(),
+        channels: config.publish_channels,
+        max_in_flight: config.max_in_flight_publishes,
+        confirm_timeout: config.confirm_timeout,
+        reconnect_max_backoff: config.reconnect_max_backoff,
+    }
+}
+
+/// The request limits in `config`.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        max_body_bytes: config.max_body_bytes,
+        max_batch_body_bytes: config.max_batch_body_bytes,
+        max_batch_events: config.max_batch_events,
+        events_per_message: config.events_per_message,
+        request_timeout: config.request_timeout,
+        retry_after: config.retry_after,
+    }
+}

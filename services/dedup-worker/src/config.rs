@@ -1,0 +1,91 @@
+//! dedup-worker's settings: one documented struct, read from flags, environment or YAML.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dedup_core::config::{AmqpArgs, ConfigFileArg, parse_duration};
+use dedup_core::key::DEFAULT_KEY_FIELDS;
+use dedup_core::telemetry::LogArgs;
+
+/// dedup-worker: consumes product events, drops duplicates through Redis and PostgreSQL, and
+/// stores every unique event exactly once.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dedup-worker", version, about, long_about = None)]
+pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub file: ConfigFileArg,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9101")]
+    pub admin_listen_addr: SocketAddr,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    /// PostgreSQL URL. The database must exist; `dedup-worker migrate` creates the tables.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/dedup")]
+    pub database_url: String,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4)]
+    pub db_pool_size: u32,
+    /// Apply database migrations at start (otherwise run `dedup-worker migrate` first).
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = false)]
+    pub migrate_on_start: bool,
+    /// Redis URL (plain Redis 7+, Redis Stack, Valkey or a managed Redis).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key; also the Redis Cluster hash tag.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "dedup")]
+    pub redis_prefix: String,
+    /// Bound on one Redis call; past it the batch carries on with PostgreSQL alone.
+    #[arg(long, env = "REDIS_TIMEOUT", value_parser = parse_duration, default_value = "500ms")]
+    pub redis_timeout: Duration,
+    /// After a Redis failure, how long to run PostgreSQL-only before trying Redis again.
+    #[arg(long, env = "REDIS_RETRY_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub redis_retry_interval: Duration,
+    /// Fields whose values identify an event (comma-separated, in order).
+    #[arg(long, env = "DEDUP_KEY_FIELDS", value_delimiter = ',', default_values_t = DEFAULT_KEY_FIELDS.map(String::from))]
+    pub dedup_key_fields: Vec<String>,
+    /// How long Redis remembers an event (Bloom generations and recent keys).
+    #[arg(long, env = "DEDUP_WINDOW", value_parser = parse_duration, default_value = "7d")]
+    pub dedup_window: Duration,
+    /// TTL of the exact recent-key entries; defaults to the dedup window. Shorten it to bound
+    /// Redis memory (about 100 bytes per event).
+    #[arg(long, env = "RECENT_KEYS_TTL", value_parser = parse_duration)]
+    pub recent_keys_ttl: Option<Duration>,
+    /// Expected unique events per second, for sizing the Bloom filter.
+    #[arg(long, env = "BLOOM_EXPECTED_RATE", default_value_t = 100.0)]
+    pub bloom_expected_rate: f64,
+    /// Target false-positive rate of the Bloom filter across all generations.
+    #[arg(long, env = "BLOOM_FALSE_POSITIVE_RATE", default_value_t = 0.01)]
+    pub bloom_false_positive_rate: f64,
+    /// Length of one Bloom generation (the window is cut into these slices).
+    #[arg(long, env = "BLOOM_SLICE", value_parser = parse_duration, default_value = "1d")]
+    pub bloom_slice: Duration,
+    /// Unacknowledged messages the broker may send ahead (AMQP prefetch).
+    #[arg(long, env = "PREFETCH", default_value_t = 1000)]
+    pub prefetch: u16,
+    /// Events per batch: one Redis round trip and one PostgreSQL statement each.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill before processing what there is.
+    #[arg(long, env = "BATCH_LINGER", value_parser = parse_duration, default_value = "20ms")]
+    pub batch_linger: Duration,
+    /// Longest pause between reconnection or retry attempts.
+    #[arg(long, env = "RECONNECT_MAX_BACKOFF", value_parser = parse_duration, default_value = "5s")]
+    pub reconnect_max_backoff: Duration,
+    /// How often to read the queue depth from the broker for the metrics.
+    #[arg(long, env = "QUEUE_DEPTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub queue_depth_interval: Duration,
+    /// On SIGTERM, how long the batch in hand may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "25s")]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations and exit.
+    Migrate,
+}

@@ -1,0 +1,171 @@
+//! The AMQP side: a competing consumer with manual acks. It sets prefetch before consuming,
+//! gathers deliveries into batches (by event count or linger time), hands each batch to the
+//! [`Pipeline`] and acks it with one multiple-ack after the commit. On connection loss it
+//! reconnects with backoff; whatever was not acked is redelivered by the broker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dedup_core::backoff::Backoff;
+use dedup_core::topology::{Topology, describe_declare_error};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
+
+/// Settings of the consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub url: String,
+    pub topology: Topology,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub linger: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+/// The consumer loop of one worker process.
+pub struct Consumer {
+    settings: ConsumerSettings,
+    pipeline: Arc<Pipeline>,
+    /// True while a session is consuming: the worker's readiness.
+    consuming: Arc<AtomicBool>,
+}
+
+impl Consumer {
+    pub fn new(settings: ConsumerSettings, pipeline: Arc<Pipeline>) -> Self {
+        Self { settings, pipeline, consuming: Arc::new(AtomicBool::new(false)) }
+    }
+
+    pub fn consuming_flag(&self) -> Arc<AtomicBool> {
+        self.consuming.clone()
+    }
+
+    /// Consumes until `stop` is cancelled, reconnecting after failures. Returns an error only
+    /// for an injected crash (tests) — every real failure is retried.
+    pub async fn run(&self, stop: CancellationToken) -> Result<()> {
+        let mut backoff = Backoff::new(self.settings.reconnect_max_backoff);
+        while !stop.is_cancelled() {
+            let outcome = self.session(&stop, &mut backoff).await;
+            self.consuming.store(false, Ordering::Relaxed);
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(e @ Error::InjectedCrash(_)) => return Err(e),
+                Err(e) => {
+                    self.pipeline.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(queue = %self.settings.topology.queue, error = %e, retry_in = ?delay,
+                        "Broker session ended; reconnecting.");
+                    tokio::select! {
+                        () = stop.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection's life: consume and process until stopped or broken.
+    async fn session(&self, stop: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+        let s = &self.settings;
+        let connection = tokio::time::timeout(Duration::from_secs(10), Connection::connect(&s.url, ConnectionProperties::default()))
+            .await
+            .map_err(|_| Error::Amqp(lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to RabbitMQ timed out"))))??;
+        let result = self.consume(&connection, stop, backoff).await;
+        let (code, text) = match &result {
+            Ok(()) => (200, "worker stopping"),
+            Err(_) => (320, "worker restarting the session"),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(code, text.into())).await;
+        result
+    }
+
+    async fn consume(&self, connection: &Connection, stop: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+        let s = &self.settings;
+        let channel = connection.create_channel().await?;
+        if let Err(e) = s.topology.declare(&channel).await {
+            tracing::error!(error = %describe_declare_error(&s.topology, &e), "Cannot declare the queues.");
+            return Err(e.into());
+        }
+        let dead_letter_channel = connection.create_channel().await?;
+        dead_letter_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel.basic_qos(s.prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(s.topology.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        tracing::info!(queue = %s.topology.queue, prefetch = s.prefetch, batch_size = s.batch_size, "Consuming.");
+        self.consuming.store(true, Ordering::Relaxed);
+        backoff.reset();
+
+        let mut pending: Vec<Delivery> = Vec::new();
+        let mut pending_events = 0usize;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let linger = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let full = tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    // Finish the batch in hand, then let the broker requeue the rest.
+                    if !pending.is_empty() {
+                        self.process(&pending, &channel, &dead_letter_channel, stop).await?;
+                    }
+                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    return Ok(());
+                }
+                () = linger => true,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        pending_events += events_in(&delivery);
+                        if deadline.is_none() {
+                            deadline = Some(Instant::now() + s.linger);
+                        }
+                        pending.push(delivery);
+                        pending_events >= s.batch_size || pending.len() >= usize::from(s.prefetch.max(1))
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
+                },
+            };
+            if full && !pending.is_empty() {
+                self.process(&pending, &channel, &dead_letter_channel, stop).await?;
+                pending.clear();
+                pending_events = 0;
+                deadline = None;
+            }
+        }
+    }
+
+    async fn process(&self, batch: &[Delivery], channel: &lapin::Channel, dead_letter_channel: &lapin::Channel, stop: &CancellationToken) -> Result<()> {
+        self.pipeline.process(batch, dead_letter_channel, stop).await?;
+        if let Some(last) = batch.last() {
+            channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Events a message carries, from ingest's header (1 when absent).
+fn events_in(delivery: &Delivery) -> usize {
+    let header = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(dedup_core::message::HEADER_EVENT_COUNT).cloned());
+    match header {
+        Some(AMQPValue::LongLongInt(n)) => usize::try_from(n).unwrap_or(1).max(1),
+        _ => 1,
+    }
+}

@@ -1,0 +1,15 @@
+//! `dedup-worker`: telemetry, configuration, then migrate or consume until SIGINT/SIGTERM.
+
+use dedup_core::{config, shutdown, telemetry};
+use dedup_worker::Config;
+use dedup_worker::config::Command;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = config::parse()?;
+    telemetry::init(&config.log);
+    match config.command {
+        Some(Command::Migrate) => dedup_worker::migrate(&config).await,
+        None => dedup_worker::run(config, shutdown::shutdown_signal()).await,
+    }
+}

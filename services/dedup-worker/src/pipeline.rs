@@ -1,0 +1,178 @@
+//! Steps 1–5 of the exactly-once algorithm for one batch: decode, dead-letter, ask Redis,
+//! insert into PostgreSQL, record in Redis. The caller acks (step 6) only when this succeeds,
+//! so a crash between any two steps loses nothing and, thanks to the unique constraint,
+//! stores nothing twice.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use dedup_core::KeySpec;
+use dedup_core::backoff::Backoff;
+use dedup_core::topology::Topology;
+use lapin::Channel;
+use lapin::message::Delivery;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{self, Candidate};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::redis_tier::{Item, Known, RedisTier};
+use crate::store::{Row, Store};
+use crate::{FaultHook, Stage};
+
+/// What one batch came to.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub consumed: u64,
+    pub stored: u64,
+    pub in_batch_duplicates: u64,
+    pub recent_key_duplicates: u64,
+    pub postgres_duplicates: u64,
+    pub dead_lettered: u64,
+}
+
+/// Everything a batch needs, shared by the consumer sessions of one worker.
+pub struct Pipeline {
+    pub spec: KeySpec,
+    pub topology: Topology,
+    pub redis: RedisTier,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub retry_max_backoff: std::time::Duration,
+    /// Test-only fault injection; `None` in production.
+    pub fault: Option<FaultHook>,
+}
+
+impl Pipeline {
+    fn checkpoint(&self, stage: Stage) -> Result<()> {
+        match &self.fault {
+            Some(hook) if hook(stage) => Err(Error::InjectedCrash(stage)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Processes `deliveries` up to, not including, the ack. PostgreSQL and dead-letter
+    /// failures are retried in place (the deliveries stay unacked meanwhile) until they succeed
+    /// or `stop` is cancelled.
+    #[tracing::instrument(level = "debug", skip_all, fields(messages = deliveries.len()))]
+    pub async fn process(&self, deliveries: &[Delivery], dead_letter_channel: &Channel, stop: &CancellationToken) -> Result<Outcome> {
+        let started = Instant::now();
+        let decoded = batch::decode(
+            deliveries.iter().map(|d| (d.data.as_slice(), dedup_core::message::received_at(&d.properties))),
+            &self.spec,
+            Utc::now(),
+        );
+        self.checkpoint(Stage::Decoded)?;
+        if !decoded.dead_letters.is_empty() {
+            self.retrying(stop, || crate::dead_letter::publish(dead_letter_channel, &self.topology, &decoded.dead_letters))
+                .await?;
+            for letter in &decoded.dead_letters {
+                tracing::warn!(reason = letter.reason.label(), detail = %letter.detail, "Event dead-lettered.");
+                self.metrics.dead_lettered.with_label_values(&[letter.reason.label()]).inc();
+            }
+        }
+
+        let items: Vec<Item> = decoded.candidates.iter().map(|c| Item { key: c.key, day: c.day() }).collect();
+        let known = self.redis.check(&items).await;
+        self.checkpoint(Stage::AfterRedisCheck)?;
+        let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
+        let mut fresh_items: Vec<Item> = Vec::with_capacity(items.len());
+        let (mut recent, mut bloom_miss, mut bloom_unconfirmed) = (0u64, 0u64, 0u64);
+        for (i, candidate) in decoded.candidates.iter().enumerate() {
+            match known.as_ref().map(|k| k[i]) {
+                Some(Known::Recent) => {
+                    recent += 1;
+                    continue;
+                }
+                Some(Known::BloomMiss) => bloom_miss += 1,
+                Some(Known::BloomHitUnconfirmed) => bloom_unconfirmed += 1,
+                None => {}
+            }
+            fresh.push(candidate);
+            fresh_items.push(items[i]);
+        }
+
+        let mut rows: Vec<Row<'_>> = fresh.iter().map(|c| row(c)).collect();
+        let insert_started = Instant::now();
+        crate::store::lock_order(&mut rows);
+        let stored = self.retrying(stop, || self.store.insert(&rows)).await?;
+        let committed = Utc::now();
+        self.metrics.postgres_seconds.with_label_values(&["insert"]).observe(insert_started.elapsed().as_secs_f64());
+        self.checkpoint(Stage::AfterCommit)?;
+
+        self.redis.record(&fresh_items).await;
+        self.checkpoint(Stage::AfterRedisRecord)?;
+
+        let outcome = Outcome {
+            consumed: decoded.consumed,
+            stored,
+            in_batch_duplicates: decoded.in_batch_duplicates,
+            recent_key_duplicates: recent,
+            postgres_duplicates: fresh.len() as u64 - stored,
+            dead_lettered: decoded.dead_letters.len() as u64,
+        };
+        let m = &self.metrics;
+        m.consumed.inc_by(outcome.consumed);
+        m.stored.inc_by(outcome.stored);
+        m.duplicates.with_label_values(&["in_batch"]).inc_by(outcome.in_batch_duplicates);
+        m.duplicates.with_label_values(&["recent_keys"]).inc_by(outcome.recent_key_duplicates);
+        m.duplicates.with_label_values(&["postgres"]).inc_by(outcome.postgres_duplicates);
+        m.bloom_lookups.with_label_values(&["miss"]).inc_by(bloom_miss);
+        m.bloom_lookups.with_label_values(&["hit_confirmed"]).inc_by(recent);
+        m.bloom_lookups.with_label_values(&["hit_unconfirmed"]).inc_by(bloom_unconfirmed);
+        m.batch_size.observe(outcome.consumed as f64);
+        m.batch_seconds.observe(started.elapsed().as_secs_f64());
+        for delivery in deliveries {
+            if let Some(received) = dedup_core::message::received_at(&delivery.properties) {
+                let lag = (committed - received).num_microseconds().unwrap_or_default().max(0);
+                m.end_to_end_lag_seconds.observe(lag as f64 / 1e6);
+            }
+        }
+        tracing::debug!(?outcome, "Batch processed.");
+        Ok(outcome)
+    }
+
+    /// Runs `op` until it succeeds, retrying retryable errors with backoff; gives up with the
+    /// last error when `stop` is cancelled or the error is not retryable.
+    async fn retrying<T, F, Fut>(&self, stop: &CancellationToken, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut backoff = Backoff::new(self.retry_max_backoff);
+        loop {
+            match op().await {
+                Ok(value) => return Ok(value),
+                Err(e) if e.is_retryable() && !stop.is_cancelled() => {
+                    self.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "Batch step failed; retrying with the deliveries unacked.");
+                    tokio::select! {
+                        () = stop.cancelled() => return Err(e),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    self.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn row<'a>(c: &'a Candidate<'a>) -> Row<'a> {
+    let e = &c.event;
+    Row {
+        event_date: c.day(),
+        dedup_key: c.key.as_uuid(),
+        event_datetime: e.event_datetime,
+        client_id: e.client_id.as_deref(),
+        event_name: &e.event_name,
+        product_id: &e.product_id,
+        sid: &e.sid,
+        r: &e.r,
+        payload: c.raw,
+        received_at: c.received_at,
+    }
+}

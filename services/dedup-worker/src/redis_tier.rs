@@ -1,0 +1,291 @@
+//! The Redis tier: a cache that keeps duplicate traffic off PostgreSQL. Correctness never
+//! depends on it.
+//!
+//! Per batch, one script call asks, for every key, the Bloom generations and then (only where
+//! the Bloom filter says "maybe") the exact recent-keys entry. An event counts as a known
+//! duplicate only when its recent key exists; a Bloom hit alone is never trusted, because a
+//! false positive would drop a unique event. After the PostgreSQL commit a second script call
+//! records the batch's keys: Bloom bits in the current generation and a recent key with a TTL.
+//!
+//! When Redis fails, the worker carries on with PostgreSQL-only dedup, reports it in a metric
+//! and a warning, and tries Redis again after a pause. Keys share one hash tag so a script's
+//! keys live in one Redis Cluster slot.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chrono::NaiveDate;
+use dedup_core::DedupKey;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use crate::bloom::BloomParams;
+use crate::metrics::Metrics;
+
+/// Answer of the check script for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Every generation has a zero bit: never seen in the window.
+    BloomMiss,
+    /// The Bloom filter says "maybe" but no recent key confirms it: PostgreSQL decides.
+    BloomHitUnconfirmed,
+    /// The recent key exists: a duplicate, not written again.
+    Recent,
+}
+
+/// KEYS: the generations (newest first), then one recent key per item.
+/// ARGV: generation count, hashes per item, item count, then the bit positions of every item.
+/// Returns per item 0 (Bloom miss), 1 (Bloom hit, no recent key) or 2 (recent key present).
+const CHECK: &str = r"
+local g, k, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+  local base = 3 + (i - 1) * k
+  local maybe = false
+  for j = 1, g do
+    local all = true
+    for h = 1, k do
+      if redis.call('GETBIT', KEYS[j], ARGV[base + h]) == 0 then all = false break end
+    end
+    if all then maybe = true break end
+  end
+  if not maybe then
+    out[i] = 0
+  elseif redis.call('EXISTS', KEYS[g + i]) == 1 then
+    out[i] = 2
+  else
+    out[i] = 1
+  end
+end
+return out
+";
+
+/// KEYS: the current generation, then one recent key per item.
+/// ARGV: generation TTL (ms), recent-key TTL (ms), hashes per item, then the bit positions.
+const RECORD: &str = r"
+local gen_ttl, key_ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS - 1
+for i = 1, n do
+  local base = 3 + (i - 1) * k
+  for h = 1, k do redis.call('SETBIT', KEYS[1], ARGV[base + h], 1) end
+  redis.call('SET', KEYS[1 + i], '1', 'PX', key_ttl)
+end
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], gen_ttl) end
+return n
+";
+
+/// Settings of the Redis tier.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key; it is also the Redis Cluster hash tag.
+    pub prefix: String,
+    pub bloom: BloomParams,
+    /// How long a recent key proves a duplicate.
+    pub recent_ttl: Duration,
+    /// Bound on one Redis call; past it the batch goes on without Redis.
+    pub timeout: Duration,
+    /// After a failure, how long to run PostgreSQL-only before trying Redis again.
+    pub retry_interval: Duration,
+}
+
+/// One key of a batch as the tier sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Item {
+    pub key: DedupKey,
+    pub day: NaiveDate,
+}
+
+/// The tier's connection and degraded state.
+pub struct RedisTier {
+    settings: RedisSettings,
+    client: redis::Client,
+    check: Script,
+    record: Script,
+    /// The connection, created lazily so the worker starts while Redis is down.
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// While set, Redis is skipped until this instant (degraded mode).
+    skip_until: Mutex<Option<Instant>>,
+    metrics: Metrics,
+}
+
+impl RedisTier {
+    pub fn new(settings: RedisSettings, metrics: Metrics) -> Result<Self, RedisError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        Ok(Self {
+            settings,
+            client,
+            check: Script::new(CHECK),
+            record: Script::new(RECORD),
+            connection: tokio::sync::Mutex::new(None),
+            skip_until: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    /// True while the tier is skipped after a failure.
+    pub fn is_degraded(&self) -> bool {
+        self.skip_until.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Which of `items` Redis knows; `None` when Redis is unavailable (PostgreSQL decides all).
+    pub async fn check(&self, items: &[Item]) -> Option<Vec<Known>> {
+        if items.is_empty() {
+            return Some(Vec::new());
+        }
+        let now = unix_now();
+        let newest = self.settings.bloom.generation(now);
+        let generations = u64::from(self.settings.bloom.generations);
+        let bloom = &self.settings.bloom;
+        let mut invocation = self.check.prepare_invoke();
+        for g in 0..generations {
+            invocation.key(self.generation_key(newest.saturating_sub(g)));
+        }
+        for item in items {
+            invocation.key(self.recent_key(item));
+        }
+        invocation.arg(generations).arg(bloom.hashes).arg(items.len());
+        let mut positions = Vec::with_capacity(items.len() * bloom.hashes as usize);
+        for item in items {
+            bloom.positions(&item.key, item.day, &mut positions);
+        }
+        invocation.arg(positions);
+        let started = Instant::now();
+        let answer: Option<Vec<u8>> = self.call("check", |mut conn| async move {
+            invocation.invoke_async::<Vec<u8>>(&mut conn).await
+        })
+        .await;
+        self.metrics.redis_seconds.with_label_values(&["check"]).observe(started.elapsed().as_secs_f64());
+        let answer = answer?;
+        if answer.len() != items.len() {
+            tracing::warn!(expected = items.len(), got = answer.len(), "Redis check answered the wrong number of keys; ignoring it.");
+            return None;
+        }
+        Some(
+            answer
+                .into_iter()
+                .map(|a| match a {
+                    0 => Known::BloomMiss,
+                    2 => Known::Recent,
+                    _ => Known::BloomHitUnconfirmed,
+                })
+                .collect(),
+        )
+    }
+
+    /// Records `items` as stored. Failure only costs cache hits later, so it is not an error.
+    pub async fn record(&self, items: &[Item]) {
+        if items.is_empty() {
+            return;
+        }
+        let bloom = &self.settings.bloom;
+        let mut invocation = self.record.prepare_invoke();
+        invocation.key(self.generation_key(bloom.generation(unix_now())));
+        for item in items {
+            invocation.key(self.recent_key(item));
+        }
+        invocation
+            .arg(millis(bloom.generation_ttl()))
+            .arg(millis(self.settings.recent_ttl))
+            .arg(bloom.hashes);
+        let mut positions = Vec::with_capacity(items.len() * bloom.hashes as usize);
+        for item in items {
+            bloom.positions(&item.key, item.day, &mut positions);
+        }
+        invocation.arg(positions);
+        let started = Instant::now();
+        let _: Option<u64> = self
+            .call("record", |mut conn| async move { invocation.invoke_async::<u64>(&mut conn).await })
+            .await;
+        self.metrics.redis_seconds.with_label_values(&["record"]).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Runs one Redis call with the timeout and the degraded-mode bookkeeping.
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        if let Some(until) = *self.skip_until.lock().unwrap_or_else(|e| e.into_inner())
+            && Instant::now() < until
+        {
+            return None;
+        }
+        let conn = match self.connection().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.degrade(op, &e.to_string());
+                return None;
+            }
+        };
+        match tokio::time::timeout(self.settings.timeout, f(conn)).await {
+            Ok(Ok(value)) => {
+                self.recover();
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                self.degrade(op, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.degrade(op, &format!("no answer within {:?}", self.settings.timeout));
+                None
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, RedisError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.settings.timeout))
+            .set_response_timeout(Some(self.settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.settings.retry_interval);
+        let conn = tokio::time::timeout(
+            self.settings.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| RedisError::from((redis::ErrorKind::Io, "connecting to Redis timed out")))??;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn degrade(&self, op: &str, error: &str) {
+        let mut skip = self.skip_until.lock().unwrap_or_else(|e| e.into_inner());
+        if skip.is_none() {
+            tracing::warn!(op, error, retry_in = ?self.settings.retry_interval,
+                "Redis unavailable; deduplicating through PostgreSQL alone until it returns.");
+        }
+        *skip = Some(Instant::now() + self.settings.retry_interval);
+        self.metrics.redis_degraded.set(1);
+        self.metrics.batch_errors.with_label_values(&["redis"]).inc();
+    }
+
+    fn recover(&self) {
+        let mut skip = self.skip_until.lock().unwrap_or_else(|e| e.into_inner());
+        if skip.take().is_some() {
+            tracing::info!("Redis is back; the cache tier is on again.");
+            self.metrics.redis_degraded.set(0);
+        }
+    }
+
+    fn generation_key(&self, generation: u64) -> String {
+        format!("{{{}}}:bloom:{generation}", self.settings.prefix)
+    }
+
+    fn recent_key(&self, item: &Item) -> String {
+        format!("{{{}}}:k:{}:{}", self.settings.prefix, item.day.format("%Y%m%d"), item.key)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}

@@ -1,0 +1,136 @@
+//! PostgreSQL, the authority on duplicates: one multi-row `INSERT … ON CONFLICT DO NOTHING`
+//! per batch against the `(event_date, dedup_key)` unique constraint. The rows that come back
+//! inserted are the unique events; the rest were duplicates. There is no check-then-insert.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// One row to insert.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    pub event_date: NaiveDate,
+    pub dedup_key: Uuid,
+    pub event_datetime: DateTime<Utc>,
+    pub client_id: Option<&'a str>,
+    pub event_name: &'a str,
+    pub product_id: &'a str,
+    pub sid: &'a str,
+    pub r: &'a str,
+    /// The event's JSON text, as received.
+    pub payload: &'a str,
+    pub received_at: DateTime<Utc>,
+}
+
+const INSERT: &str = "
+WITH inserted AS (
+    INSERT INTO product_events
+        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at)
+    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra
+    FROM UNNEST($1::date[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::timestamptz[])
+        AS t(d, k, dt, c, en, p, s, r, pl, ra)
+    ON CONFLICT (event_date, dedup_key) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted";
+
+/// Sorts rows by `(event_date, dedup_key)`: concurrent workers then take the unique index's
+/// locks in the same order and cannot deadlock on overlapping batches.
+pub fn lock_order(rows: &mut [Row<'_>]) {
+    rows.sort_unstable_by_key(|r| (r.event_date, r.dedup_key));
+}
+
+/// The event store.
+pub struct Store {
+    /// Bounded pool: its size caps concurrent statements, its acquire timeout turns a stuck
+    /// database into a retryable batch error instead of a hang.
+    pool: PgPool,
+    /// Days whose partition is known to exist, so the common batch needs no extra round trip.
+    partitions: Mutex<HashSet<NaiveDate>>,
+}
+
+impl Store {
+    /// Connects lazily: the pool opens connections on first use, so the worker starts (and
+    /// retries) while PostgreSQL is down.
+    pub fn connect_lazy(url: &str, pool_size: u32) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| Error::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.application_name("dedup-worker"));
+        Ok(Self { pool, partitions: Mutex::new(HashSet::new()) })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| Error::Migrate(e.to_string()))
+    }
+
+    /// Inserts `rows` in one statement; returns how many were new. Rows must not repeat a
+    /// `(event_date, dedup_key)` pair and must be in [`lock_order`].
+    pub async fn insert(&self, rows: &[Row<'_>]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        debug_assert!(rows.is_sorted_by_key(|r| (r.event_date, r.dedup_key)), "rows must be in lock order");
+        self.ensure_partitions(rows).await?;
+        let count: i64 = sqlx::query_scalar(INSERT)
+            .bind(rows.iter().map(|r| r.event_date).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.dedup_key).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.event_datetime).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.client_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.event_name).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.product_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.sid).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.r).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                // A partition may have been dropped (retention) since it was cached.
+                self.partitions.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                Error::Postgres(e)
+            })?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
+    async fn ensure_partitions(&self, rows: &[Row<'_>]) -> Result<()> {
+        let missing: Vec<NaiveDate> = {
+            let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut days: Vec<NaiveDate> = rows.iter().map(|r| r.event_date).filter(|d| !known.contains(d)).collect();
+            days.dedup();
+            days
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let created: i32 = sqlx::query_scalar("SELECT dedup_ensure_partitions($1::date[])")
+            .bind(&missing)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::Postgres)?;
+        if created > 0 {
+            tracing::info!(created, "Created daily partitions.");
+        }
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner()).extend(missing);
+        Ok(())
+    }
+}

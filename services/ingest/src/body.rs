@@ -1,0 +1,138 @@
+//! Reading request bodies: content types, size limits, and splitting a batch (JSON array or
+//! NDJSON) into items, each judged on its own.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, header};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// What a request declared its body to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    NdJson,
+}
+
+/// The body kind from `Content-Type`; a missing header means JSON, as old clients assume.
+pub fn kind(headers: &HeaderMap, allow_ndjson: bool) -> Result<BodyKind> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(BodyKind::Json);
+    };
+    let text = value.to_str().unwrap_or_default();
+    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        e if e.starts_with("application/") && e.ends_with("+json") => Ok(BodyKind::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+            if allow_ndjson =>
+        {
+            Ok(BodyKind::NdJson)
+        }
+        _ => Err(Error::UnsupportedMediaType(text.to_owned())),
+    }
+}
+
+/// The body bytes, or 413 when the size limit cut it off.
+pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes> {
+    body.map_err(|rejection| match rejection {
+        BytesRejection::FailedToBufferBody(ref e) if e.to_string().contains("length limit") => {
+            Error::BodyTooLarge { limit }
+        }
+        other => Error::MalformedJson(format!("could not read the request body: {other}")),
+    })
+}
+
+/// One JSON value from a single-event body.
+pub fn one(bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))
+}
+
+/// The items of a batch body: each either a parsed value or why its line did not parse.
+/// A JSON array that does not parse fails as a whole (no item boundaries can be trusted).
+pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<Result<Value, String>>> {
+    let items: Vec<Result<Value, String>> = match kind {
+        BodyKind::Json => {
+            let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
+            match value {
+                Value::Array(items) => {
+                    if items.len() > max_events {
+                        return Err(Error::TooManyEvents { count: items.len(), limit: max_events });
+                    }
+                    items.into_iter().map(Ok).collect()
+                }
+                _ => {
+                    return Err(Error::MalformedJson(
+                        "a batch must be a JSON array of events, or NDJSON with Content-Type: \
+                         application/x-ndjson"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        BodyKind::NdJson => {
+            let lines: Vec<&[u8]> = dedup_core::message::lines(bytes).collect();
+            if lines.len() > max_events {
+                return Err(Error::TooManyEvents { count: lines.len(), limit: max_events });
+            }
+            lines
+                .into_iter()
+                .map(|line| serde_json::from_slice(line).map_err(|e| format!("JSON parse error - {e}")))
+                .collect()
+        }
+    };
+    if items.is_empty() {
+        return Err(Error::EmptyBatch);
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(content_type: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(ct) = content_type {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn content_types_map_to_body_kinds() {
+        let cases = [
+            (None, true, Some(BodyKind::Json)),
+            (Some("application/json"), false, Some(BodyKind::Json)),
+            (Some("Application/JSON; charset=utf-8"), false, Some(BodyKind::Json)),
+            (Some("application/vnd.events+json"), false, Some(BodyKind::Json)),
+            (Some("application/x-ndjson"), true, Some(BodyKind::NdJson)),
+            (Some("application/x-ndjson"), false, None),
+            (Some("text/plain"), true, None),
+            (Some("application/x-www-form-urlencoded"), false, None),
+        ];
+        for (ct, ndjson, want) in cases {
+            assert_eq!(kind(&headers(ct), ndjson).ok(), want, "{ct:?} ndjson={ndjson}");
+        }
+    }
+
+    #[test]
+    fn ndjson_lines_are_judged_one_by_one() {
+        let items = batch(b"{\"a\":1}\n\nnot json\n{\"b\":2}\n", BodyKind::NdJson, 10).unwrap();
+        assert_eq!(items.len(), 3);
+        assert!(items[0].is_ok() && items[1].is_err() && items[2].is_ok());
+    }
+
+    #[test]
+    fn batch_limits_and_shapes_are_enforced() {
+        assert!(matches!(batch(b"[1,2,3]", BodyKind::Json, 2), Err(Error::TooManyEvents { count: 3, limit: 2 })));
+        assert!(matches!(batch(b"a\nb\nc\n", BodyKind::NdJson, 2), Err(Error::TooManyEvents { .. })));
+        assert!(matches!(batch(b"[]", BodyKind::Json, 2), Err(Error::EmptyBatch)));
+        assert!(matches!(batch(b"\n\n", BodyKind::NdJson, 2), Err(Error::EmptyBatch)));
+        assert!(matches!(batch(b"{\"a\":1}", BodyKind::Json, 2), Err(Error::MalformedJson(_))));
+        assert!(matches!(batch(b"[{", BodyKind::Json, 2), Err(Error::MalformedJson(_))));
+    }
+}

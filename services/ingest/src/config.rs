@@ -1,0 +1,67 @@
+//! ingest's settings: one documented struct, read from flags, environment or a YAML file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use dedup_core::config::{AmqpArgs, ConfigFileArg, parse_duration};
+use dedup_core::telemetry::LogArgs;
+
+/// Largest single-event body accepted by default (the original's limit was similar).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest batch request body accepted by default.
+pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Most events in one batch request by default.
+pub const DEFAULT_MAX_BATCH_EVENTS: usize = 10_000;
+
+/// ingest: accepts product events over HTTP and publishes them to RabbitMQ, answering 202 only
+/// once the broker has confirmed them.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ingest", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub file: ConfigFileArg,
+    /// Address of the public HTTP API.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8000")]
+    pub listen_addr: SocketAddr,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9100")]
+    pub admin_listen_addr: SocketAddr,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    /// Largest body of a single-event request, in bytes; larger ones get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Largest body of a batch request, in bytes; larger ones get 413.
+    #[arg(long, env = "MAX_BATCH_BODY_BYTES", default_value_t = DEFAULT_MAX_BATCH_BODY_BYTES)]
+    pub max_batch_body_bytes: usize,
+    /// Most events in one batch request; more get 413.
+    #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = DEFAULT_MAX_BATCH_EVENTS)]
+    pub max_batch_events: usize,
+    /// Most events packed into one AMQP message from a batch request.
+    #[arg(long, env = "EVENTS_PER_MESSAGE", default_value_t = 256)]
+    pub events_per_message: usize,
+    /// AMQP channels publishing in parallel; each carries many unconfirmed messages at once.
+    #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
+    pub publish_channels: usize,
+    /// Most publishes awaiting a broker confirm at once; beyond it requests get 503.
+    #[arg(long, env = "MAX_IN_FLIGHT_PUBLISHES", default_value_t = 8192)]
+    pub max_in_flight_publishes: usize,
+    /// How long to wait for the broker's confirm before answering 503.
+    #[arg(long, env = "CONFIRM_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub confirm_timeout: Duration,
+    /// Upper bound on a whole request; slower ones get 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub request_timeout: Duration,
+    /// Value of the Retry-After header on 503 answers.
+    #[arg(long, env = "RETRY_AFTER", value_parser = parse_duration, default_value = "2s")]
+    pub retry_after: Duration,
+    /// Longest pause between reconnection attempts to the broker.
+    #[arg(long, env = "RECONNECT_MAX_BACKOFF", value_parser = parse_duration, default_value = "5s")]
+    pub reconnect_max_backoff: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "25s")]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
+}

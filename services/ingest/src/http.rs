@@ -1,0 +1,221 @@
+//! The public HTTP API: `POST /product_events/` (one event), `POST /product_events/batch`
+//! (many), `GET /healthz`, `GET /readyz`. Routers come from [`app`] so tests drive them directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use dedup_core::admin::{Readiness, readiness_response};
+use dedup_core::{FieldErrors, event, message};
+use serde::Serialize;
+use serde_json::json;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::body;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::publish::{PublishError, Publisher};
+
+/// Request limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+    pub max_batch_events: usize,
+    pub events_per_message: usize,
+    pub request_timeout: Duration,
+    pub retry_after: Duration,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub publisher: Arc<Publisher>,
+    pub limits: Arc<Limits>,
+    pub metrics: Metrics,
+    pub ready: Readiness,
+}
+
+/// The public router.
+pub fn app(state: AppState) -> Router {
+    let limits = state.limits.clone();
+    let single = post(post_event).layer(RequestBodyLimitLayer::new(limits.max_body_bytes));
+    let batch = post(post_batch).layer(RequestBodyLimitLayer::new(limits.max_batch_body_bytes));
+    Router::new()
+        .route("/product_events/", single.clone())
+        .route("/product_events", single)
+        .route("/product_events/batch", batch.clone())
+        .route("/product_events/batch/", batch)
+        .route("/healthz", get(dedup_core::admin::healthz))
+        .route("/readyz", get(readyz))
+        // tower-http's limit above replaces axum's default 2 MB one.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    readiness_response(&state.ready)
+}
+
+/// One event: validate, publish, answer 202 once the broker confirmed it.
+#[tracing::instrument(skip_all)]
+async fn post_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    body::kind(&headers, false)?;
+    let bytes = body::bytes(body, state.limits.max_body_bytes)?;
+    let value = body::one(&bytes)?;
+    let event = match event::validate_value(value) {
+        Ok(event) => event,
+        Err(errors) => {
+            state.metrics.events.with_label_values(&["rejected"]).inc();
+            return Err(Error::Invalid(errors));
+        }
+    };
+    let mut message_body = Vec::with_capacity(bytes.len());
+    message::push_event(&mut message_body, &event.payload);
+    state
+        .publisher
+        .publish(&message_body, message::properties(Utc::now(), 1))
+        .await
+        .map_err(|e| unavailable(e, &state.limits))?;
+    state.metrics.events.with_label_values(&["accepted"]).inc();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "status": "queued" }))).into_response())
+}
+
+/// One item's problems in a batch answer.
+#[derive(Debug, Serialize)]
+struct ItemErrors {
+    index: usize,
+    errors: FieldErrors,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchAnswer {
+    status: &'static str,
+    queued: usize,
+    rejected: usize,
+    errors: Vec<ItemErrors>,
+}
+
+/// Many events (JSON array or NDJSON): every valid one queued and confirmed, every invalid one
+/// reported by its index. Valid events are packed several to a message.
+#[tracing::instrument(skip_all, fields(events))]
+async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let kind = body::kind(&headers, true)?;
+    let bytes = body::bytes(body, state.limits.max_batch_body_bytes)?;
+    let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
+    tracing::Span::current().record("events", items.len());
+    let received_at = Utc::now();
+    let per_message = state.limits.events_per_message.max(1);
+    let mut errors = Vec::new();
+    let mut messages: Vec<(Vec<u8>, usize)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let outcome = item
+            .map_err(|parse_error| event::non_field_error(&parse_error))
+            .and_then(event::validate_value);
+        match outcome {
+            Ok(event) => {
+                if messages.last().is_none_or(|(_, n)| *n >= per_message) {
+                    messages.push((Vec::with_capacity(bytes.len().min(1 << 20)), 0));
+                }
+                if let Some((buf, n)) = messages.last_mut() {
+                    message::push_event(buf, &event.payload);
+                    *n += 1;
+                }
+            }
+            Err(field_errors) => errors.push(ItemErrors { index, errors: field_errors }),
+        }
+    }
+    let rejected = errors.len();
+    state.metrics.events.with_label_values(&["rejected"]).inc_by(rejected as u64);
+    if messages.is_empty() {
+        let answer = BatchAnswer { status: "rejected", queued: 0, rejected, errors };
+        return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
+    }
+    let publishes = messages
+        .iter()
+        .map(|(buf, n)| state.publisher.publish(buf, message::properties(received_at, *n)));
+    let outcomes = futures::future::join_all(publishes).await;
+    let mut queued = 0;
+    let mut first_error = None;
+    for (outcome, (_, n)) in outcomes.into_iter().zip(&messages) {
+        match outcome {
+            Ok(()) => queued += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    state.metrics.events.with_label_values(&["accepted"]).inc_by(queued as u64);
+    if let Some(error) = first_error {
+        let total: usize = messages.iter().map(|(_, n)| n).sum();
+        let reason = format!("{error} ({queued} of {total} valid events were queued; resend the whole batch)");
+        return Err(Error::Unavailable { reason, retry_after: state.limits.retry_after });
+    }
+    let answer = BatchAnswer { status: "queued", queued, rejected, errors };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+fn unavailable(error: PublishError, limits: &Limits) -> Error {
+    Error::Unavailable { reason: error.to_string(), retry_after: limits.retry_after }
+}
+
+/// Counts and times every request, and gives bare 413 and 503 answers from the layers (size
+/// limit, timeout) the JSON body and `Retry-After` the handlers' own answers have.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = match request.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
+        Some(p) if p.starts_with("/product_events/batch") => "batch",
+        Some(p) if p.starts_with("/product_events") => "single",
+        Some(_) => "health",
+        None => "unmatched",
+    };
+    let started = Instant::now();
+    let mut response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        let limit = if route == "batch" { state.limits.max_batch_body_bytes } else { state.limits.max_body_bytes };
+        response = Error::BodyTooLarge { limit }.into_response();
+    } else if status == StatusCode::SERVICE_UNAVAILABLE && !response.headers().contains_key(header::RETRY_AFTER) {
+        if !is_json {
+            let detail = json!({ "detail": "The request took too long. Retry later; resending is safe." });
+            response = (StatusCode::SERVICE_UNAVAILABLE, Json(detail)).into_response();
+        }
+        let seconds = state.limits.retry_after.as_secs().max(1).to_string();
+        if let Ok(value) = HeaderValue::from_str(&seconds) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    state.metrics.requests.with_label_values(&[route, class]).inc();
+    state.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    response
+}

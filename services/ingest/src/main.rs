@@ -1,0 +1,11 @@
+//! `ingest`: telemetry, configuration, then serve until SIGINT/SIGTERM.
+
+use dedup_core::{config, shutdown, telemetry};
+use ingest::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = config::parse()?;
+    telemetry::init(&config.log);
+    ingest::run(config, shutdown::shutdown_signal()).await
+}

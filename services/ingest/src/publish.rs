@@ -1,0 +1,220 @@
+//! Publishing to RabbitMQ with publisher confirms.
+//!
+//! One connection carries a few channels in confirm mode; every request publishes on the next
+//! channel round-robin and awaits its own confirm, so thousands of requests share the channels
+//! without waiting for each other. A supervisor task owns the connection: it connects with
+//! backoff, declares the topology, and starts over when the connection drops.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dedup_core::backoff::Backoff;
+use dedup_core::topology::{Topology, describe_declare_error};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Why a publish did not end in a broker confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the message broker is unreachable")]
+    NotConnected,
+    #[error("too many events are waiting for the broker ({0} in flight)")]
+    Backpressure(usize),
+    #[error("the message broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("the message broker refused the message")]
+    Nacked,
+    #[error("the message broker could not route the message to queue {0:?}")]
+    Unroutable(String),
+    #[error("the broker connection failed while publishing: {0}")]
+    Connection(#[from] lapin::Error),
+}
+
+/// Settings for [`Publisher`].
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub url: String,
+    pub topology: Topology,
+    pub channels: usize,
+    pub max_in_flight: usize,
+    pub confirm_timeout: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+/// A live connection and its confirm-mode channels.
+struct Link {
+    connection: Connection,
+    channels: Vec<Channel>,
+}
+
+/// Publishes event messages and reports whether the broker is reachable.
+pub struct Publisher {
+    config: PublisherConfig,
+    /// The current link; `None` while (re)connecting. Requests clone the `Arc` and release the
+    /// lock at once, so a reconnect never waits on a publish.
+    link: RwLock<Option<Arc<Link>>>,
+    /// Round-robin cursor over the channels.
+    next_channel: AtomicUsize,
+    /// Bounds publishes awaiting confirms: past it requests get 503 instead of queueing
+    /// unboundedly in memory while the broker is slow (back-pressure).
+    in_flight: Arc<Semaphore>,
+    /// Woken by a publish that saw the connection fail, so the supervisor reconnects at once.
+    broken: Notify,
+    connected: AtomicBool,
+    metrics: Metrics,
+}
+
+impl Publisher {
+    pub fn new(config: PublisherConfig, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            config,
+            link: RwLock::new(None),
+            next_channel: AtomicUsize::new(0),
+            broken: Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// True while a connection with open channels is in place.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Publishes one message and waits for the broker's confirm.
+    #[tracing::instrument(level = "debug", skip_all, fields(bytes = body.len()))]
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<(), PublishError> {
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(PublishError::Backpressure(self.config.max_in_flight));
+        };
+        let link = self.current_link().ok_or(PublishError::NotConnected)?;
+        let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
+        let channel = &link.channels[index];
+        let topology = &self.config.topology;
+        let started = Instant::now();
+        self.metrics.publishes_in_flight.inc();
+        let outcome = tokio::time::timeout(self.config.confirm_timeout, async {
+            channel
+                .basic_publish(
+                    topology.exchange.as_str().into(),
+                    topology.routing_key(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        self.metrics.publishes_in_flight.dec();
+        self.metrics.publish_confirm_seconds.observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Err(_) => Err(PublishError::ConfirmTimeout(self.config.confirm_timeout)),
+            Ok(Err(e)) => {
+                self.mark_broken();
+                Err(PublishError::Connection(e))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable(topology.queue.clone())),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            // Confirm mode is set on every channel before it is used.
+            Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+        }
+    }
+
+    fn current_link(&self) -> Option<Arc<Link>> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_link(&self, link: Option<Arc<Link>>) {
+        self.connected.store(link.is_some(), Ordering::Relaxed);
+        self.metrics.broker_connected.set(i64::from(link.is_some()));
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
+    }
+
+    fn mark_broken(&self) {
+        self.broken.notify_one();
+    }
+
+    /// Keeps a connection up until `stop` is cancelled, then closes it. Run it as a task.
+    pub async fn supervise(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(self.config.reconnect_max_backoff);
+        loop {
+            let attempt = tokio::select! {
+                () = stop.cancelled() => break,
+                link = self.connect() => link,
+            };
+            match attempt {
+                Ok(link) => {
+                    backoff.reset();
+                    tracing::info!(channels = link.channels.len(), "Connected to the broker.");
+                    let link = Arc::new(link);
+                    self.set_link(Some(link.clone()));
+                    tokio::select! {
+                        () = stop.cancelled() => {
+                            self.set_link(None);
+                            let _ = link.connection.close(200, "ingest shutting down".into()).await;
+                            break;
+                        }
+                        () = self.wait_until_broken(&link) => {}
+                    }
+                    self.set_link(None);
+                    let _ = link.connection.close(320, "reconnecting".into()).await;
+                    tracing::warn!("Broker connection lost; reconnecting.");
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, retry_in = ?delay, "Cannot connect to the broker; retrying.");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Link, String> {
+        let connect = Connection::connect(&self.config.url, ConnectionProperties::default());
+        let connection = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| "connecting timed out after 10s".to_owned())?
+            .map_err(|e| format!("{e}"))?;
+        let declare_channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+        self.config
+            .topology
+            .declare(&declare_channel)
+            .await
+            .map_err(|e| describe_declare_error(&self.config.topology, &e))?;
+        let _ = declare_channel.close(200, "declared".into()).await;
+        let mut channels = Vec::with_capacity(self.config.channels.max(1));
+        for _ in 0..self.config.channels.max(1) {
+            let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+            channels.push(channel);
+        }
+        Ok(Link { connection, channels })
+    }
+
+    /// Returns once the connection or one of its channels is no longer usable.
+    async fn wait_until_broken(&self, link: &Link) {
+        loop {
+            let healthy = link.connection.status().connected()
+                && link.channels.iter().all(|c| c.status().connected());
+            if !healthy {
+                return;
+            }
+            tokio::select! {
+                () = self.broken.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+}
