@@ -1,1 +1,34 @@
-//! placeholder
+//! Test helpers shared by every crate's tests: each test gets its own queues, PostgreSQL
+//! schema and Redis key prefix on the real local services, cleaned up even when it panics; a
+//! TCP proxy the test can cut to make a service "go away"; and event builders.
+//!
+//! # Layout
+//!
+//! - [`env`]: [`TestEnv`], the isolated slice of PostgreSQL, Redis and RabbitMQ.
+//! - [`proxy`]: [`Proxy`], a cuttable TCP proxy.
+//! - [`harness`]: ingest and workers wired to a test environment.
+//! - [`events`]: valid events with chosen keys, and the real samples.
+
+pub mod env;
+pub mod events;
+pub mod harness;
+pub mod proxy;
+
+pub use env::TestEnv;
+pub use proxy::Proxy;
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

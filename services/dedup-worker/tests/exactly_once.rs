@@ -1,0 +1,298 @@
+//! The worker against the real PostgreSQL, Redis and RabbitMQ: every unique event is stored
+//! exactly once, whatever the mix of duplicates, racing workers, crashes and outages.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use dedup_core::message;
+use dedup_worker::Stage;
+use serde_json::Value;
+use test_support::events::{event, ndjson};
+use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
+use test_support::{Proxy, TestEnv, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Publishes each event as its own message, the way ingest does for single requests.
+async fn publish_each(env: &TestEnv, events: &[Value]) {
+    for e in events {
+        env.publish_raw(&ndjson(std::slice::from_ref(e)), message::properties(Utc::now(), 1)).await;
+    }
+}
+
+/// Waits until the test schema holds `rows` rows and the queue is empty.
+async fn settle(env: &TestEnv, rows: i64) {
+    eventually(WAIT, &format!("{rows} stored rows and an empty queue"), || async {
+        (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0).then_some(())
+    })
+    .await;
+}
+
+/// Every stored `r` appears exactly once and the set is exactly `expected`.
+async fn assert_each_once(env: &TestEnv, expected: impl IntoIterator<Item = String>) {
+    let counts = env.stored_r_counts().await;
+    assert!(counts.iter().all(|(_, n)| *n == 1), "some event was stored twice: {:?}", &counts[..counts.len().min(5)]);
+    let mut stored: Vec<String> = counts.into_iter().map(|(r, _)| r).collect();
+    let mut expected: Vec<String> = expected.into_iter().collect();
+    stored.sort();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(stored, expected, "stored events differ from the unique events sent");
+}
+
+fn unique(n: usize, tag: &str) -> Vec<Value> {
+    (0..n).map(|i| event(&format!("{tag}-{i}"))).collect()
+}
+
+/// A mix of unique events and repeats (30% duplicates, some sent three times) stores each
+/// unique event once, and the duplicate counters add up to the repeats sent.
+#[tokio::test]
+async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
+    let env = TestEnv::new("mix").await;
+    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
+    let originals = unique(200, "mix");
+    let mut sent = originals.clone();
+    sent.extend(originals.iter().take(60).cloned());
+    sent.extend(originals.iter().take(20).cloned());
+    publish_each(&env, &sent[..230]).await;
+    // The rest arrive after the first ones were stored, so Redis catches them.
+    settle(&env, 200).await;
+    publish_each(&env, &sent[230..]).await;
+    let m = worker.worker.metrics().clone();
+    eventually(WAIT, "all events consumed", || async { (m.consumed.get() == sent.len() as u64).then_some(()) }).await;
+    settle(&env, 200).await;
+    assert_each_once(&env, (0..200).map(|i| format!("mix-{i}"))).await;
+    assert_eq!(m.stored.get(), 200);
+    let duplicates: u64 = ["in_batch", "recent_keys", "postgres"].iter().map(|t| m.duplicates.with_label_values(&[*t]).get()).sum();
+    assert_eq!(duplicates, 80, "duplicates by tier must add up to the repeats sent");
+    assert!(m.duplicates.with_label_values(&["recent_keys"]).get() >= 50, "Redis caught the late repeats");
+    worker.stop().await.expect("clean stop");
+}
+
+/// Three workers on one queue, each event published three times, all racing to store the
+/// same keys: the unique constraint lets exactly one insert win per event.
+#[tokio::test]
+async fn racing_workers_store_each_key_once() {
+    let env = TestEnv::new("race").await;
+    let mut config = worker_config(&env);
+    config.batch_size = 10;
+    config.prefetch = 10;
+    let first = WorkerUnderTest::start(config.clone(), None).await;
+    config.migrate_on_start = false;
+    let second = WorkerUnderTest::start(config.clone(), None).await;
+    let third = WorkerUnderTest::start(config, None).await;
+    let originals = unique(150, "race");
+    let sent: Vec<Value> = originals.iter().flat_map(|e| [e.clone(), e.clone(), e.clone()]).collect();
+    // Three copies in one message each time so every worker sees copies of the same keys.
+    for chunk in sent.chunks(3) {
+        env.publish_raw(&ndjson(chunk), message::properties(Utc::now(), 1)).await;
+    }
+    env.publish_raw(&ndjson(&sent), message::properties(Utc::now(), 1)).await;
+    settle(&env, 150).await;
+    assert_each_once(&env, (0..150).map(|i| format!("race-{i}"))).await;
+    let consumed: u64 = [&first, &second, &third].iter().map(|w| w.worker.metrics().consumed.get()).sum();
+    assert_eq!(consumed, 900, "every copy was consumed by some worker");
+    for w in [first, second, third] {
+        w.stop().await.expect("clean stop");
+    }
+}
+
+/// A worker that dies between any two steps of a batch loses nothing and stores nothing twice:
+/// the unacked deliveries come back, and a fresh worker settles them.
+#[tokio::test]
+async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
+    for stage in [Stage::Decoded, Stage::AfterRedisCheck, Stage::AfterCommit, Stage::AfterRedisRecord] {
+        let env = TestEnv::new("crash").await;
+        let mut config = worker_config(&env);
+        config.batch_size = 40;
+        config.batch_linger = Duration::from_millis(200);
+        let originals = unique(40, "crash");
+        // Each event twice, in two halves of the batch, so the batch has in-batch copies too.
+        let mut sent = originals.clone();
+        sent.extend(originals.iter().take(20).cloned());
+        publish_each(&env, &sent).await;
+        let crashed = Arc::new(AtomicBool::new(false));
+        let hook = {
+            let crashed = crashed.clone();
+            Arc::new(move |at: Stage| at == stage && !crashed.swap(true, Ordering::SeqCst))
+        };
+        let victim = WorkerUnderTest::start(config.clone(), Some(hook)).await;
+        let outcome = victim.finished(WAIT).await;
+        assert!(matches!(outcome, Err(dedup_worker::error::Error::InjectedCrash(s)) if s == stage), "{stage:?}: {outcome:?}");
+        let rows_after_crash = env.stored_rows().await;
+        let expected_rows = if matches!(stage, Stage::AfterCommit | Stage::AfterRedisRecord) { 40 } else { 0 };
+        assert_eq!(rows_after_crash, expected_rows, "{stage:?}: rows committed before the crash");
+        // Nothing was acked: every message is back in the queue.
+        eventually(WAIT, "the unacked messages to return", || async {
+            (env.ready_messages(&env.topology.queue).await == sent.len() as u32).then_some(())
+        })
+        .await;
+        config.migrate_on_start = false;
+        let survivor = WorkerUnderTest::start(config, None).await;
+        settle(&env, 40).await;
+        assert_each_once(&env, (0..40).map(|i| format!("crash-{i}"))).await;
+        survivor.stop().await.expect("clean stop");
+    }
+}
+
+/// Redis flushed mid-stream forgets every key; PostgreSQL still refuses the repeats.
+#[tokio::test]
+async fn redis_flushed_mid_stream_still_stores_each_event_once() {
+    let env = TestEnv::new("flush").await;
+    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
+    let originals = unique(100, "flush");
+    publish_each(&env, &originals).await;
+    settle(&env, 100).await;
+    assert!(!env.redis_keys().await.is_empty(), "the worker recorded keys in Redis");
+    env.flush_redis().await;
+    let mut second = originals[..50].to_vec();
+    second.extend(unique(120, "flush").into_iter().skip(100));
+    publish_each(&env, &second).await;
+    settle(&env, 120).await;
+    assert_each_once(&env, (0..120).map(|i| format!("flush-{i}"))).await;
+    let m = worker.worker.metrics();
+    assert_eq!(m.duplicates.with_label_values(&["postgres"]).get(), 50, "PostgreSQL caught what Redis forgot");
+    worker.stop().await.expect("clean stop");
+}
+
+/// Redis going away mid-stream: the worker goes on with PostgreSQL alone (and says so), then
+/// uses Redis again when it returns.
+#[tokio::test]
+async fn redis_outage_falls_back_to_postgres_and_recovers() {
+    let env = TestEnv::new("redisdown").await;
+    let proxy = Proxy::start("127.0.0.1:6379".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.redis_url = format!("redis://{}", proxy.addr());
+    let worker = WorkerUnderTest::start(config, None).await;
+    let m = worker.worker.metrics().clone();
+    let originals = unique(90, "rd");
+    publish_each(&env, &originals[..30]).await;
+    settle(&env, 30).await;
+    assert_eq!(m.redis_degraded.get(), 0);
+
+    proxy.cut();
+    // Repeats of the first 30 plus 30 new ones, while Redis is unreachable.
+    publish_each(&env, &originals[..60]).await;
+    settle(&env, 60).await;
+    assert_eq!(m.redis_degraded.get(), 1, "the outage is visible in the metric");
+    assert_eq!(m.duplicates.with_label_values(&["postgres"]).get(), 30);
+
+    proxy.restore();
+    publish_each(&env, &originals[60..]).await;
+    settle(&env, 90).await;
+    eventually(WAIT, "Redis to be used again", || async {
+        publish_each(&env, &originals[89..]).await;
+        (m.redis_degraded.get() == 0).then_some(())
+    })
+    .await;
+    settle(&env, 90).await;
+    assert_each_once(&env, (0..90).map(|i| format!("rd-{i}"))).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// PostgreSQL going away: the batch in hand waits, unacked, and is stored once it returns.
+#[tokio::test]
+async fn postgres_outage_holds_the_batch_until_it_returns() {
+    let env = TestEnv::new("pgdown").await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.database_url = env.database_url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let worker = WorkerUnderTest::start(config, None).await;
+    let originals = unique(50, "pg");
+    publish_each(&env, &originals[..10]).await;
+    settle(&env, 10).await;
+
+    proxy.cut();
+    publish_each(&env, &originals[10..]).await;
+    let m = worker.worker.metrics().clone();
+    eventually(WAIT, "the worker to hit the outage", || async {
+        (m.batch_errors.with_label_values(&["postgres"]).get() > 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.stored_rows().await, 10, "nothing new can be stored while PostgreSQL is away");
+
+    proxy.restore();
+    settle(&env, 50).await;
+    assert_each_once(&env, (0..50).map(|i| format!("pg-{i}"))).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// RabbitMQ going away mid-stream: the worker reconnects, the broker redelivers what was not
+/// acked, and every event is stored once.
+#[tokio::test]
+async fn rabbitmq_outage_reconnects_and_loses_nothing() {
+    let env = TestEnv::new("mqdown").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr());
+    let worker = WorkerUnderTest::start(config, None).await;
+    let originals = unique(80, "mq");
+    publish_each(&env, &originals[..40]).await;
+    settle(&env, 40).await;
+
+    proxy.cut();
+    publish_each(&env, &originals[..60]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    publish_each(&env, &originals[60..]).await;
+    settle(&env, 80).await;
+    assert_each_once(&env, (0..80).map(|i| format!("mq-{i}"))).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// A poison message (bad JSON, an invalid event) goes to the dead-letter queue, each bad line
+/// alone with its reason, and the good events around it are stored.
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
+    let env = TestEnv::new("poison").await;
+    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
+    let mut body = ndjson(&[event("p-1")]);
+    body.extend_from_slice(b"{this is not json\n");
+    body.extend_from_slice(b"{\"sid\": \"no other fields\"}\n");
+    body.extend_from_slice(&ndjson(&[event("p-2")]));
+    env.publish_raw(&body, message::properties(Utc::now(), 4)).await;
+    env.publish_raw(&[0xff, 0xfe, 0xfd], lapin::BasicProperties::default()).await;
+    publish_each(&env, &[event("p-3")]).await;
+    settle(&env, 3).await;
+    assert_each_once(&env, ["p-1", "p-2", "p-3"].map(String::from)).await;
+    eventually(WAIT, "three dead letters", || async {
+        (env.ready_messages(&env.topology.dead_letter_queue).await == 3).then_some(())
+    })
+    .await;
+    let letters = env.drain(&env.topology.dead_letter_queue).await;
+    let bodies: Vec<Vec<u8>> = letters.iter().map(|(b, _)| b.clone()).collect();
+    assert!(bodies.contains(&b"{this is not json".to_vec()));
+    assert!(bodies.contains(&b"{\"sid\": \"no other fields\"}".to_vec()));
+    assert!(bodies.contains(&vec![0xff, 0xfe, 0xfd]));
+    for (_, headers) in &letters {
+        let reason = headers.as_ref().and_then(|h| h.inner().get(message::HEADER_DEAD_LETTER_REASON).cloned());
+        assert!(reason.is_some(), "every dead letter says why");
+    }
+    let m = worker.worker.metrics();
+    assert_eq!(m.dead_lettered.with_label_values(&["invalid_json"]).get(), 2);
+    assert_eq!(m.dead_lettered.with_label_values(&["invalid_event"]).get(), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+/// On shutdown the worker finishes and acks the batch in hand instead of dropping it.
+#[tokio::test]
+async fn shutdown_finishes_the_batch_in_hand() {
+    let env = TestEnv::new("drain").await;
+    let mut config = worker_config(&env);
+    // A batch that would wait long to fill: shutdown must not wait for it, nor drop it.
+    config.batch_size = 1000;
+    config.batch_linger = Duration::from_secs(60);
+    let worker = WorkerUnderTest::start(config, None).await;
+    eventually(WAIT, "the worker to consume", || async { (worker.worker.readiness())().ok() }).await;
+    publish_each(&env, &unique(25, "drain")).await;
+    eventually(WAIT, "deliveries to reach the worker", || async {
+        (env.ready_messages(&env.topology.queue).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.stored_rows().await, 0, "the batch is still lingering");
+    worker.stop().await.expect("clean stop");
+    assert_eq!(env.stored_rows().await, 25, "shutdown processed the batch in hand");
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 0, "and acked it");
+}

@@ -1,0 +1,90 @@
+//! A TCP proxy in front of a real service. Code under test connects through it; the test
+//! cuts it to make the service "go away" (live connections reset, new ones refused) and
+//! restores it — without touching the shared service other tests use.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A running proxy; dropping it stops it.
+pub struct Proxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: CancellationToken,
+}
+
+struct State {
+    upstream: SocketAddr,
+    open: AtomicBool,
+    /// Cancelled by `cut` to end every live connection; replaced by `restore`.
+    live: Mutex<CancellationToken>,
+}
+
+impl Proxy {
+    /// Starts a proxy on an ephemeral loopback port forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port for the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State { upstream, open: AtomicBool::new(true), live: Mutex::new(CancellationToken::new()) });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
+        Self { addr, state, stop }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Resets every live connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.state.open.store(false, Ordering::SeqCst);
+        self.state.live.lock().expect("proxy lock").cancel();
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn restore(&self) {
+        *self.state.live.lock().expect("proxy lock") = CancellationToken::new();
+        self.state.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.state.live.lock().map(|t| t.cancel()).ok();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else { continue };
+        if !state.open.load(Ordering::SeqCst) {
+            // Refused: close at once (with a reset, as a dead host's port would).
+            let _ = client.set_zero_linger();
+            drop(client);
+            continue;
+        }
+        let live = state.live.lock().expect("proxy lock").clone();
+        let upstream = state.upstream;
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+            let mut client = client;
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            tokio::select! {
+                () = live.cancelled() => {
+                    let _ = client.set_zero_linger();
+                    let _ = server.set_zero_linger();
+                }
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            }
+        });
+    }
+}
