@@ -53,6 +53,12 @@ struct Link {
     channels: Vec<Channel>,
 }
 
+impl Link {
+    fn is_healthy(&self) -> bool {
+        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
+    }
+}
+
 /// Publishes event messages and reports whether the broker is reachable.
 pub struct Publisher {
     config: PublisherConfig,
@@ -85,7 +91,7 @@ impl Publisher {
 
     /// True while a connection with open channels is in place.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.connected.load(Ordering::Relaxed) && self.current_link().is_some_and(|link| link.is_healthy())
     }
 
     /// Publishes one message and waits for the broker's confirm.
@@ -206,9 +212,7 @@ impl Publisher {
     /// Returns once the connection or one of its channels is no longer usable.
     async fn wait_until_broken(&self, link: &Link) {
         loop {
-            let healthy = link.connection.status().connected()
-                && link.channels.iter().all(|c| c.status().connected());
-            if !healthy {
+            if !link.is_healthy() {
                 return;
             }
             tokio::select! {

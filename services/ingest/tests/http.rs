@@ -1,0 +1,238 @@
+//! ingest's HTTP contract, driven through its router against the real RabbitMQ: every status
+//! the design names, what lands on the queue, and what happens when the broker goes away.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use test_support::events::{event, ndjson, sample_app_list, shared_samples};
+use test_support::harness::{IngestUnderTest, amqp_url_via, ingest_config};
+use test_support::{Proxy, TestEnv, eventually};
+use tower::ServiceExt;
+
+const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+async fn send(ingest: &IngestUnderTest, method: &str, uri: &str, content_type: Option<&str>, body: Vec<u8>) -> Answer {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        request = request.header(header::CONTENT_TYPE, ct);
+    }
+    let response = ingest.router.clone().oneshot(request.body(Body::from(body)).expect("request")).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer { status, headers, body }
+}
+
+async fn post_json(ingest: &IngestUnderTest, uri: &str, value: &Value) -> Answer {
+    send(ingest, "POST", uri, Some("application/json"), value.to_string().into_bytes()).await
+}
+
+/// Events the queue holds, decoded from every message's NDJSON body.
+async fn queued_events(env: &TestEnv) -> Vec<Value> {
+    env.drain(&env.topology.queue)
+        .await
+        .iter()
+        .flat_map(|(body, _)| dedup_core::message::lines(body).map(|l| serde_json::from_slice(l).expect("JSON line")).collect::<Vec<Value>>())
+        .collect()
+}
+
+/// A valid event gets 202 {"status":"queued"}, with or without the trailing slash, and is on
+/// the queue, untouched, as a persistent message with its received time.
+#[tokio::test]
+async fn valid_event_is_queued_and_answered_202() {
+    let env = TestEnv::new("single").await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    for uri in ["/product_events/", "/product_events"] {
+        let answer = post_json(&ingest, uri, &sample_app_list()).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{uri}: {}", answer.body);
+        assert_eq!(answer.body, json!({"status": "queued"}));
+    }
+    let messages = env.drain(&env.topology.queue).await;
+    assert_eq!(messages.len(), 2);
+    let (body, headers) = &messages[0];
+    let sent: Value = serde_json::from_slice(body.strip_suffix(b"\n").expect("NDJSON line")).expect("JSON");
+    assert_eq!(sent, sample_app_list(), "the event travels untouched");
+    let headers = headers.as_ref().expect("headers");
+    assert!(headers.inner().contains_key(dedup_core::message::HEADER_RECEIVED_AT));
+}
+
+/// The real samples are accepted as they are.
+#[tokio::test]
+async fn shared_samples_are_accepted() {
+    let env = TestEnv::new("samples").await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    for (name, text) in shared_samples() {
+        let answer = send(&ingest, "POST", "/product_events/", Some("application/json"), text.into_bytes()).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{name}: {}", answer.body);
+    }
+}
+
+/// Invalid input gets a 4xx with a clear body and nothing reaches the queue.
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_queues_nothing() {
+    let env = TestEnv::new("bad").await;
+    let mut config = ingest_config(&env, RABBITMQ);
+    config.max_body_bytes = 4096;
+    let ingest = IngestUnderTest::start(&config, true).await;
+
+    let mut missing = event("1");
+    missing.as_object_mut().expect("object").remove("sid");
+    let answer = post_json(&ingest, "/product_events/", &missing).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.body, json!({"sid": ["This field is required."]}));
+
+    let mut blank = event("1");
+    blank["product_id"] = json!("   ");
+    blank["client_id"] = json!("x".repeat(65));
+    let answer = post_json(&ingest, "/product_events/", &blank).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer.body,
+        json!({
+            "client_id": ["Ensure this field has no more than 64 characters."],
+            "product_id": ["This field may not be blank."],
+        })
+    );
+
+    let answer = send(&ingest, "POST", "/product_events/", Some("application/json"), b"{\"sid\": ".to_vec()).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert!(answer.body["detail"].as_str().is_some_and(|d| d.starts_with("JSON parse error")), "{}", answer.body);
+
+    let answer = post_json(&ingest, "/product_events/", &json!([event("1")])).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.body, json!({"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}));
+
+    let answer = send(&ingest, "POST", "/product_events/", Some("text/plain"), event("1").to_string().into_bytes()).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("application/json")));
+
+    let mut huge = event("1");
+    huge["padding"] = json!("x".repeat(5000));
+    let answer = post_json(&ingest, "/product_events/", &huge).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("4096")), "{}", answer.body);
+
+    let answer = send(&ingest, "GET", "/product_events/", None, Vec::new()).await;
+    assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 0, "nothing invalid was queued");
+    assert_eq!(ingest.metrics.events.with_label_values(&["rejected"]).get(), 3);
+}
+
+/// A batch (JSON array or NDJSON) queues every valid event and reports the invalid ones by
+/// index; limits give 413, an empty or all-invalid batch 400.
+#[tokio::test]
+async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
+    let env = TestEnv::new("batch").await;
+    let mut config = ingest_config(&env, RABBITMQ);
+    config.max_batch_events = 500;
+    config.events_per_message = 100;
+    let ingest = IngestUnderTest::start(&config, true).await;
+
+    let mut items: Vec<Value> = (0..300).map(|i| event(&format!("b-{i}"))).collect();
+    items[7] = json!({"sid": "only"});
+    items[250]["event_datetime"] = json!("yesterday");
+    let answer = post_json(&ingest, "/product_events/batch", &Value::Array(items.clone())).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(answer.body["queued"], 298);
+    assert_eq!(answer.body["rejected"], 2);
+    let indexes: Vec<u64> = answer.body["errors"].as_array().expect("errors").iter().map(|e| e["index"].as_u64().expect("index")).collect();
+    assert_eq!(indexes, [7, 250]);
+    assert_eq!(answer.body["errors"][1]["errors"]["event_datetime"][0].as_str().map(|s| s.starts_with("Datetime has wrong format")), Some(true));
+
+    let mut lines = ndjson(&[event("n-1"), event("n-2")]);
+    lines.extend_from_slice(b"not json\n");
+    let answer = send(&ingest, "POST", "/product_events/batch", Some("application/x-ndjson"), lines).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!((answer.body["queued"].as_u64(), answer.body["rejected"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(answer.body["errors"][0]["index"], 2);
+
+    let queued = queued_events(&env).await;
+    assert_eq!(queued.len(), 300, "298 + 2 valid events on the queue");
+    assert!(queued.iter().all(|e| e["sid"] == "session-123"));
+
+    let too_many: Vec<Value> = (0..501).map(|i| event(&i.to_string())).collect();
+    let answer = post_json(&ingest, "/product_events/batch", &Value::Array(too_many)).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(post_json(&ingest, "/product_events/batch", &json!([])).await.status, StatusCode::BAD_REQUEST);
+    let all_bad = post_json(&ingest, "/product_events/batch", &json!([{"a": 1}, 5])).await;
+    assert_eq!(all_bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(all_bad.body["rejected"], 2);
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 0);
+}
+
+/// Many requests in flight at once all get confirmed: publishing does not serialise.
+#[tokio::test]
+async fn concurrent_requests_are_all_confirmed() {
+    let env = TestEnv::new("concurrent").await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    let requests = (0..300).map(|i| {
+        let ingest = &ingest;
+        async move { post_json(ingest, "/product_events/", &event(&format!("c-{i}"))).await.status }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED), "{statuses:?}");
+    eventually(Duration::from_secs(10), "300 messages on the queue", || async {
+        (env.ready_messages(&env.topology.queue).await == 300).then_some(())
+    })
+    .await;
+}
+
+/// With the broker unreachable, ingest answers 503 with Retry-After (never 202), reports not
+/// ready, and recovers by itself when the broker returns.
+#[tokio::test]
+async fn broker_outage_gives_503_with_retry_after_and_recovers() {
+    let env = TestEnv::new("outage").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), true).await;
+    assert_eq!(post_json(&ingest, "/product_events/", &event("before")).await.status, StatusCode::ACCEPTED);
+    assert_eq!(send(&ingest, "GET", "/readyz", None, Vec::new()).await.status, StatusCode::OK);
+
+    proxy.cut();
+    eventually(Duration::from_secs(10), "ingest to notice the outage", || async {
+        let answer = post_json(&ingest, "/product_events/", &event("during")).await;
+        assert_ne!(answer.status, StatusCode::ACCEPTED, "202 without a broker confirm");
+        (answer.status == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
+    })
+    .await;
+    let answer = post_json(&ingest, "/product_events/", &event("during")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("2"));
+    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("Retry later")), "{}", answer.body);
+    let batch = post_json(&ingest, "/product_events/batch", &json!([event("during-batch")])).await;
+    assert_eq!(batch.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(send(&ingest, "GET", "/readyz", None, Vec::new()).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(send(&ingest, "GET", "/healthz", None, Vec::new()).await.status, StatusCode::OK, "alive, just not ready");
+
+    proxy.restore();
+    eventually(Duration::from_secs(15), "ingest to reconnect", || async {
+        (post_json(&ingest, "/product_events/", &event("after")).await.status == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+    let rs: Vec<Value> = queued_events(&env).await.iter().map(|e| e["r"].clone()).collect();
+    assert!(rs.contains(&json!("before")) && rs.contains(&json!("after")), "{rs:?}");
+    assert!(!rs.contains(&json!("during-batch")), "nothing answered 503 was queued by ingest");
+}
+
+/// A broker that never connected at all: 503 from the first request.
+#[tokio::test]
+async fn unreachable_broker_from_the_start_gives_503() {
+    let env = TestEnv::new("nobroker").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    proxy.cut();
+    let ingest = IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), false).await;
+    let answer = post_json(&ingest, "/product_events/", &event("x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(ingest.metrics.broker_connected.get(), 0);
+}
