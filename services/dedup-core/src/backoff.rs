@@ -13,7 +13,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(max: Duration) -> Self {
-        Self { base: Duration::from_millis(100), max, attempt: 0 }
+        Self {
+            base: Duration::from_millis(100),
+            max,
+            attempt: 0,
+        }
     }
 
     /// The next delay to wait.
@@ -49,12 +53,21 @@ mod tests {
     fn delays_grow_stay_capped_and_reset() {
         let mut b = Backoff::new(Duration::from_secs(2));
         let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+        assert!(
+            first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
+            "{first:?}"
+        );
         for _ in 0..40 {
             let d = b.next_delay();
-            assert!(d <= Duration::from_secs(2) && d >= Duration::from_millis(50), "{d:?}");
+            assert!(
+                d <= Duration::from_secs(2) && d >= Duration::from_millis(50),
+                "{d:?}"
+            );
         }
-        assert!(b.next_delay() >= Duration::from_secs(1), "capped delays stay near the cap");
+        assert!(
+            b.next_delay() >= Duration::from_secs(1),
+            "capped delays stay near the cap"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

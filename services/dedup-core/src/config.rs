@@ -20,7 +20,11 @@ pub const CONFIG_ENV: &str = "DEDUP_CONFIG";
 #[derive(Debug, Clone, Args)]
 pub struct AmqpArgs {
     /// RabbitMQ URL (`amqp://user:password@host:port/vhost`, the default vhost is `%2f`).
-    #[arg(long, env = "RABBITMQ_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub rabbitmq_url: String,
     #[command(flatten)]
     pub topology: Topology,
@@ -52,7 +56,9 @@ where
     if let Some(path) = config_path(&args) {
         command = apply_yaml_defaults(command, &path)?;
     }
-    let matches = command.try_get_matches_from(args).unwrap_or_else(|e| e.exit());
+    let matches = command
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| e.exit());
     T::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -67,29 +73,55 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(path));
         }
     }
-    std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(CONFIG_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn apply_yaml_defaults(mut command: clap::Command, path: &Path) -> anyhow::Result<clap::Command> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the config file {}; fix the path in --config or {CONFIG_ENV}", path.display()))?;
-    let mapping: serde_yaml::Mapping = serde_yaml::from_str(&text)
-        .with_context(|| format!("{} is not a YAML mapping of setting names to values", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the config file {}; fix the path in --config or {CONFIG_ENV}",
+            path.display()
+        )
+    })?;
+    let mapping: serde_yaml::Mapping = serde_yaml::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a YAML mapping of setting names to values",
+            path.display()
+        )
+    })?;
     for (key, value) in mapping {
         let Some(key) = key.as_str() else {
-            bail!("{}: every key must be a setting name, found {key:?}", path.display());
+            bail!(
+                "{}: every key must be a setting name, found {key:?}",
+                path.display()
+            );
         };
         let wanted = key.to_ascii_lowercase().replace('_', "-");
         let id = command
             .get_arguments()
-            .find(|a| a.get_long() == Some(wanted.as_str()) || a.get_env().is_some_and(|e| e == key))
+            .find(|a| {
+                a.get_long() == Some(wanted.as_str()) || a.get_env().is_some_and(|e| e == key)
+            })
             .map(|a| a.get_id().clone());
         let Some(id) = id else {
-            let known: Vec<String> = command.get_arguments().filter_map(|a| a.get_long().map(str::to_owned)).collect();
-            bail!("{}: unknown setting {key:?}; known settings: {}", path.display(), known.join(", "));
+            let known: Vec<String> = command
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect();
+            bail!(
+                "{}: unknown setting {key:?}; known settings: {}",
+                path.display(),
+                known.join(", ")
+            );
         };
-        let text = yaml_scalar(&value)
-            .with_context(|| format!("{}: setting {key:?} must be a scalar or a list of scalars", path.display()))?;
+        let text = yaml_scalar(&value).with_context(|| {
+            format!(
+                "{}: setting {key:?} must be a scalar or a list of scalars",
+                path.display()
+            )
+        })?;
         command = command.mut_arg(id, |arg| arg.default_value(text));
     }
     Ok(command)
@@ -126,7 +158,12 @@ mod tests {
         /// Items per batch.
         #[arg(long, env = "DEMO_BATCH_SIZE", default_value_t = 10)]
         batch_size: usize,
-        #[arg(long, env = "DEMO_FIELDS", value_delimiter = ',', default_value = "a,b")]
+        #[arg(
+            long,
+            env = "DEMO_FIELDS",
+            value_delimiter = ',',
+            default_value = "a,b"
+        )]
         fields: Vec<String>,
         #[arg(long, env = "DEMO_WINDOW", value_parser = parse_duration, default_value = "7d")]
         window: Duration,
@@ -146,7 +183,10 @@ mod tests {
             v
         };
         let demo: Demo = parse_from(args(&[])).unwrap();
-        assert_eq!((demo.batch_size, demo.fields.clone()), (42, vec!["x".to_owned(), "y".to_owned()]));
+        assert_eq!(
+            (demo.batch_size, demo.fields.clone()),
+            (42, vec!["x".to_owned(), "y".to_owned()])
+        );
         assert_eq!(demo.window, Duration::from_secs(90));
         let demo: Demo = parse_from(args(&["--batch-size", "7"])).unwrap();
         assert_eq!(demo.batch_size, 7);
@@ -156,15 +196,21 @@ mod tests {
     #[test]
     fn unknown_yaml_setting_is_reported_with_the_known_ones() {
         let file = yaml("batch_sise: 3\n");
-        let err = parse_from::<Demo, _>(["demo".into(), "--config".into(), file.path().into()]).unwrap_err();
+        let err = parse_from::<Demo, _>(["demo".into(), "--config".into(), file.path().into()])
+            .unwrap_err();
         let text = format!("{err:#}");
-        assert!(text.contains("unknown setting \"batch_sise\"") && text.contains("batch-size"), "{text}");
+        assert!(
+            text.contains("unknown setting \"batch_sise\"") && text.contains("batch-size"),
+            "{text}"
+        );
     }
 
     #[test]
     fn missing_yaml_file_says_which_path() {
-        let err = parse_from::<Demo, _>(["demo", "--config", "/nonexistent/dedup.yaml"].map(OsString::from))
-            .unwrap_err();
+        let err = parse_from::<Demo, _>(
+            ["demo", "--config", "/nonexistent/dedup.yaml"].map(OsString::from),
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent/dedup.yaml"));
     }
 

@@ -10,7 +10,10 @@ pub const WRONG_FORMAT: &str = "Datetime has wrong format. Use one of these form
 
 /// Reads `text` as an ISO 8601 date-time; `None` when it is not one.
 pub fn parse(text: &str) -> Option<DateTime<Utc>> {
-    let mut p = Cursor { s: text.trim().as_bytes(), i: 0 };
+    let mut p = Cursor {
+        s: text.trim().as_bytes(),
+        i: 0,
+    };
     let year = p.digits(4, 4)?;
     p.expect(b'-')?;
     let month = p.digits(1, 2)?;
@@ -33,9 +36,7 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
         }
     }
     while p.eat(b' ') {}
-    let offset_seconds = if p.at_end() {
-        0
-    } else if p.eat(b'Z') || p.eat(b'z') {
+    let offset_seconds = if p.at_end() || p.eat(b'Z') || p.eat(b'z') {
         0
     } else {
         let sign = if p.eat(b'+') {
@@ -63,7 +64,9 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
     let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
     let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
     let offset = FixedOffset::east_opt(offset_seconds)?;
-    let local = offset.from_local_datetime(&NaiveDateTime::new(date, time)).single()?;
+    let local = offset
+        .from_local_datetime(&NaiveDateTime::new(date, time))
+        .single()?;
     Some(local.with_timezone(&Utc))
 }
 

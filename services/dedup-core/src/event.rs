@@ -88,7 +88,9 @@ pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
     let event_datetime = match payload.get("event_datetime") {
         None => Err(REQUIRED.to_owned()),
         Some(Value::Null) => Err(NOT_NULL.to_owned()),
-        Some(Value::String(text)) => datetime::parse(text).ok_or_else(|| datetime::WRONG_FORMAT.into()),
+        Some(Value::String(text)) => {
+            datetime::parse(text).ok_or_else(|| datetime::WRONG_FORMAT.into())
+        }
         Some(_) => Err(datetime::WRONG_FORMAT.to_owned()),
     };
     let event_datetime = match event_datetime {
@@ -103,15 +105,17 @@ pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
     }
     let [client_id, event_name, product_id, sid, r] = strings;
     match (event_datetime, event_name, product_id, sid, r) {
-        (Some(event_datetime), Some(event_name), Some(product_id), Some(sid), Some(r)) => Ok(Event {
-            client_id,
-            event_datetime,
-            event_name,
-            product_id,
-            sid,
-            r,
-            payload,
-        }),
+        (Some(event_datetime), Some(event_name), Some(product_id), Some(sid), Some(r)) => {
+            Ok(Event {
+                client_id,
+                event_datetime,
+                event_name,
+                product_id,
+                sid,
+                r,
+                payload,
+            })
+        }
         // Unreachable: a required field without a value has an error recorded above.
         _ => Err(non_field_error("Invalid data.")),
     }
@@ -124,7 +128,11 @@ const NOT_A_STRING: &str = "Not a valid string.";
 
 /// One string field the way DRF's `CharField` read it: numbers become their decimal text,
 /// surrounding white space is trimmed, blank is refused, length counts characters.
-fn string_field(value: Option<&Value>, max_len: usize, allow_null: bool) -> Result<Option<String>, String> {
+fn string_field(
+    value: Option<&Value>,
+    max_len: usize,
+    allow_null: bool,
+) -> Result<Option<String>, String> {
     let text = match value {
         None => return Err(REQUIRED.to_owned()),
         Some(Value::Null) if allow_null => return Ok(None),
@@ -137,7 +145,9 @@ fn string_field(value: Option<&Value>, max_len: usize, allow_null: bool) -> Resu
         return Err(BLANK.to_owned());
     }
     if text.chars().count() > max_len {
-        return Err(format!("Ensure this field has no more than {max_len} characters."));
+        return Err(format!(
+            "Ensure this field has no more than {max_len} characters."
+        ));
     }
     Ok(Some(text))
 }
@@ -197,8 +207,15 @@ mod tests {
     /// The real sample events are accepted as they are, extra fields kept untouched.
     #[test]
     fn sample_events_are_accepted_with_extra_fields_kept() {
-        for name in ["app_list.json", "content_play.json", "tv_app_list_full.json"] {
-            let path = format!("{}/../../../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        for name in [
+            "app_list.json",
+            "content_play.json",
+            "tv_app_list_full.json",
+        ] {
+            let path = format!(
+                "{}/../../../shared/samples/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
             let Ok(text) = std::fs::read_to_string(&path) else {
                 // The samples live beside the checkout; the copy in the test below covers CI
                 // clones made without them.
@@ -206,7 +223,11 @@ mod tests {
             };
             let raw: Value = serde_json::from_str(&text).unwrap();
             let event = validate_value(raw.clone()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            assert_eq!(Value::Object(event.payload), raw, "{name}: payload must be untouched");
+            assert_eq!(
+                Value::Object(event.payload),
+                raw,
+                "{name}: payload must be untouched"
+            );
         }
         let event = validate_value(valid()).unwrap();
         assert_eq!(event.payload["platform"], "android");
@@ -216,7 +237,14 @@ mod tests {
     /// Each required field, when missing, is named with the original's message.
     #[test]
     fn each_missing_field_is_reported_by_name() {
-        for field in ["client_id", "event_datetime", "event_name", "product_id", "sid", "r"] {
+        for field in [
+            "client_id",
+            "event_datetime",
+            "event_name",
+            "product_id",
+            "sid",
+            "r",
+        ] {
             assert_eq!(
                 errors_of(without(field)),
                 FieldErrors::from([(field.to_owned(), vec![REQUIRED.to_owned()])]),
@@ -232,7 +260,10 @@ mod tests {
         v["r"] = json!("");
         v["event_datetime"] = json!("yesterday");
         let errors = errors_of(v);
-        assert_eq!(errors.keys().collect::<Vec<_>>(), ["event_datetime", "r", "sid"]);
+        assert_eq!(
+            errors.keys().collect::<Vec<_>>(),
+            ["event_datetime", "r", "sid"]
+        );
         assert_eq!(errors["r"], [BLANK]);
         assert_eq!(errors["event_datetime"], [datetime::WRONG_FORMAT]);
     }
@@ -241,7 +272,8 @@ mod tests {
     #[test]
     fn string_fields_follow_the_original_rules() {
         let long = |n: usize| Value::String("x".repeat(n));
-        let cases: Vec<(&str, Value, Result<Option<&str>, String>)> = vec![
+        type Case<'a> = (&'a str, Value, Result<Option<&'a str>, String>);
+        let cases: Vec<Case<'_>> = vec![
             ("sid", json!(12345), Ok(Some("12345"))),
             ("r", json!(1.5), Ok(Some("1.5"))),
             ("sid", json!("  padded  "), Ok(Some("padded"))),
@@ -253,22 +285,48 @@ mod tests {
             ("sid", json!(["a"]), Err(NOT_A_STRING.into())),
             ("sid", json!({"a": 1}), Err(NOT_A_STRING.into())),
             ("client_id", long(64), Ok(Some(&*"x".repeat(64).leak()))),
-            ("client_id", long(65), Err("Ensure this field has no more than 64 characters.".into())),
-            ("product_id", long(37), Err("Ensure this field has no more than 36 characters.".into())),
-            ("event_name", long(256), Err("Ensure this field has no more than 255 characters.".into())),
-            ("r", long(129), Err("Ensure this field has no more than 128 characters.".into())),
+            (
+                "client_id",
+                long(65),
+                Err("Ensure this field has no more than 64 characters.".into()),
+            ),
+            (
+                "product_id",
+                long(37),
+                Err("Ensure this field has no more than 36 characters.".into()),
+            ),
+            (
+                "event_name",
+                long(256),
+                Err("Ensure this field has no more than 255 characters.".into()),
+            ),
+            (
+                "r",
+                long(129),
+                Err("Ensure this field has no more than 128 characters.".into()),
+            ),
             // Length counts characters, not bytes.
-            ("product_id", Value::String("é".repeat(36)), Ok(Some(&*"é".repeat(36).leak()))),
+            (
+                "product_id",
+                Value::String("é".repeat(36)),
+                Ok(Some(&*"é".repeat(36).leak())),
+            ),
         ];
         for (field, value, expected) in cases {
             let outcome = validate_value(with(field, value.clone()));
             match (&outcome, &expected) {
                 (Ok(event), Ok(want)) => {
                     assert_eq!(event.required_field(field), Some(*want), "{field}={value}");
-                    assert_eq!(event.payload[field], value, "{field}: payload keeps the raw value");
+                    assert_eq!(
+                        event.payload[field], value,
+                        "{field}: payload keeps the raw value"
+                    );
                 }
                 (Err(errors), Err(want)) => {
-                    assert_eq!(errors, &FieldErrors::from([(field.to_owned(), vec![want.clone()])]));
+                    assert_eq!(
+                        errors,
+                        &FieldErrors::from([(field.to_owned(), vec![want.clone()])])
+                    );
                 }
                 _ => panic!("{field}={value}: got {outcome:?}, want {expected:?}"),
             }
@@ -278,15 +336,22 @@ mod tests {
     /// A date-time must be a string in ISO 8601; null and numbers are refused.
     #[test]
     fn event_datetime_must_be_an_iso_string() {
-        assert_eq!(errors_of(with("event_datetime", Value::Null))["event_datetime"], [NOT_NULL]);
+        assert_eq!(
+            errors_of(with("event_datetime", Value::Null))["event_datetime"],
+            [NOT_NULL]
+        );
         assert_eq!(
             errors_of(with("event_datetime", json!(1744287299)))["event_datetime"],
             [datetime::WRONG_FORMAT]
         );
         let naive = validate_value(with("event_datetime", json!("2025-04-10 23:59:59"))).unwrap();
-        assert_eq!(naive.event_datetime.to_rfc3339(), "2025-04-10T23:59:59+00:00");
+        assert_eq!(
+            naive.event_datetime.to_rfc3339(),
+            "2025-04-10T23:59:59+00:00"
+        );
         // The partition day is the UTC day, whatever offset the client used.
-        let shifted = validate_value(with("event_datetime", json!("2025-04-11T01:00:00+03:00"))).unwrap();
+        let shifted =
+            validate_value(with("event_datetime", json!("2025-04-11T01:00:00+03:00"))).unwrap();
         assert_eq!(shifted.event_date().to_string(), "2025-04-10");
     }
 

@@ -35,7 +35,10 @@ pub struct DedupKey(pub [u8; 16]);
 impl KeySpec {
     /// A spec over `fields`, in the given order; an empty list or a repeated name is refused.
     pub fn new<S: AsRef<str>>(fields: &[S]) -> Result<Self, String> {
-        let fields: Vec<String> = fields.iter().map(|f| f.as_ref().trim().to_owned()).collect();
+        let fields: Vec<String> = fields
+            .iter()
+            .map(|f| f.as_ref().trim().to_owned())
+            .collect();
         if fields.is_empty() || fields.iter().any(String::is_empty) {
             return Err("the dedup key needs at least one field name, and no blank names".into());
         }
@@ -74,7 +77,9 @@ impl KeySpec {
 
 impl Default for KeySpec {
     fn default() -> Self {
-        Self { fields: DEFAULT_KEY_FIELDS.iter().map(|f| (*f).to_owned()).collect() }
+        Self {
+            fields: DEFAULT_KEY_FIELDS.iter().map(|f| (*f).to_owned()).collect(),
+        }
     }
 }
 
@@ -166,14 +171,24 @@ mod tests {
         let spec = KeySpec::default();
         let pairs = [
             // A separator moved between two fields.
-            (json!({"sid": "a|b", "r": "c"}), json!({"sid": "a", "r": "b|c"})),
+            (
+                json!({"sid": "a|b", "r": "c"}),
+                json!({"sid": "a", "r": "b|c"}),
+            ),
             // null versus the string "None" (Python's str(None)).
             (json!({"client_id": null}), json!({"client_id": "None"})),
             // An empty-looking shift across three fields.
-            (json!({"product_id": "p", "sid": "|s"}), json!({"product_id": "p|", "sid": "s"})),
+            (
+                json!({"product_id": "p", "sid": "|s"}),
+                json!({"product_id": "p|", "sid": "s"}),
+            ),
         ];
         for (a, b) in pairs {
-            assert_ne!(key_of(&spec, a.clone()), key_of(&spec, b.clone()), "{a} vs {b}");
+            assert_ne!(
+                key_of(&spec, a.clone()),
+                key_of(&spec, b.clone()),
+                "{a} vs {b}"
+            );
         }
     }
 
@@ -198,8 +213,14 @@ mod tests {
     #[test]
     fn equivalent_inputs_share_a_key() {
         let spec = KeySpec::default();
-        assert_eq!(key_of(&spec, json!({"r": 42})), key_of(&spec, json!({"r": "42"})));
-        assert_eq!(key_of(&spec, json!({"sid": " s1 "})), key_of(&spec, json!({})));
+        assert_eq!(
+            key_of(&spec, json!({"r": 42})),
+            key_of(&spec, json!({"r": "42"}))
+        );
+        assert_eq!(
+            key_of(&spec, json!({"sid": " s1 "})),
+            key_of(&spec, json!({}))
+        );
         assert_eq!(
             key_of(&spec, json!({"platform": "tv", "ts": "x"})),
             key_of(&spec, json!({"platform": "web"}))
@@ -219,7 +240,8 @@ mod tests {
         for field in DEFAULT_KEY_FIELDS {
             assert_ne!(key_of(&spec, json!({ field: "other" })), base, "{field}");
         }
-        let reordered = KeySpec::new(&["r", "sid", "product_id", "event_name", "client_id"]).unwrap();
+        let reordered =
+            KeySpec::new(&["r", "sid", "product_id", "event_name", "client_id"]).unwrap();
         assert_ne!(key_of(&reordered, json!({})), base);
     }
 

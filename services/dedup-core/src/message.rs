@@ -30,8 +30,14 @@ pub fn push_event(body: &mut Vec<u8>, event: &Map<String, Value>) {
 /// Properties for a message of `count` events received at `received_at`.
 pub fn properties(received_at: DateTime<Utc>, count: usize) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(HEADER_RECEIVED_AT.into(), AMQPValue::LongLongInt(received_at.timestamp_micros()));
-    headers.insert(HEADER_EVENT_COUNT.into(), AMQPValue::LongLongInt(count as i64));
+    headers.insert(
+        HEADER_RECEIVED_AT.into(),
+        AMQPValue::LongLongInt(received_at.timestamp_micros()),
+    );
+    headers.insert(
+        HEADER_EVENT_COUNT.into(),
+        AMQPValue::LongLongInt(count as i64),
+    );
     BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
         .with_content_type(ShortString::from(CONTENT_TYPE))
@@ -51,7 +57,8 @@ pub fn received_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
 
 /// The non-blank lines of a message body, each one event.
 pub fn lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
-    body.split(|b| *b == b'\n').filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+    body.split(|b| *b == b'\n')
+        .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
 }
 
 #[cfg(test)]
@@ -68,7 +75,9 @@ mod tests {
         let mut body = Vec::new();
         push_event(&mut body, &a);
         push_event(&mut body, &b);
-        let back: Vec<Value> = lines(&body).map(|l| serde_json::from_slice(l).unwrap()).collect();
+        let back: Vec<Value> = lines(&body)
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
         assert_eq!(back, [Value::Object(a), Value::Object(b)]);
         assert_eq!(lines(b"\n  \n{}\n").count(), 1);
     }

@@ -28,10 +28,18 @@ pub struct Topology {
     #[arg(long, env = "AMQP_QUEUE", default_value = "product_events")]
     pub queue: String,
     /// Exchange for messages the pipeline cannot process.
-    #[arg(long, env = "AMQP_DEAD_LETTER_EXCHANGE", default_value = "product_events.dlx")]
+    #[arg(
+        long,
+        env = "AMQP_DEAD_LETTER_EXCHANGE",
+        default_value = "product_events.dlx"
+    )]
     pub dead_letter_exchange: String,
     /// Queue that keeps dead-lettered messages for inspection.
-    #[arg(long, env = "AMQP_DEAD_LETTER_QUEUE", default_value = "product_events.dlq")]
+    #[arg(
+        long,
+        env = "AMQP_DEAD_LETTER_QUEUE",
+        default_value = "product_events.dlq"
+    )]
     pub dead_letter_queue: String,
     /// Queue type of both queues.
     #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "quorum")]
@@ -57,16 +65,28 @@ impl Topology {
     /// Fails with the broker's `PRECONDITION_FAILED` when a queue already exists with other
     /// arguments (for example classic versus quorum): see [`describe_declare_error`].
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         for exchange in [&self.exchange, &self.dead_letter_exchange] {
             channel
-                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Direct,
+                    durable,
+                    FieldTable::default(),
+                )
                 .await?;
         }
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), self.queue_type_value());
         channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), QueueDeclareOptions::durable(), dlq_args)
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                dlq_args,
+            )
             .await?;
         channel
             .queue_bind(
@@ -78,7 +98,11 @@ impl Topology {
             )
             .await?;
         channel
-            .queue_declare(self.queue.as_str().into(), QueueDeclareOptions::durable(), self.queue_arguments())
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                self.queue_arguments(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -112,7 +136,10 @@ impl Topology {
             AMQPValue::LongString(self.dead_letter_queue.as_str().into()),
         );
         if self.queue_type == QueueType::Quorum {
-            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
         }
         args
     }

@@ -75,11 +75,18 @@ pub fn decode<'a>(
             out.consumed += 1;
             let (raw, value) = match std::str::from_utf8(line)
                 .map_err(|e| e.to_string())
-                .and_then(|raw| serde_json::from_str(raw).map(|v| (raw, v)).map_err(|e| e.to_string()))
-            {
+                .and_then(|raw| {
+                    serde_json::from_str(raw)
+                        .map(|v| (raw, v))
+                        .map_err(|e| e.to_string())
+                }) {
                 Ok(parsed) => parsed,
                 Err(detail) => {
-                    out.dead_letters.push(DeadLetter { body: line.to_vec(), reason: DeadLetterReason::InvalidJson, detail });
+                    out.dead_letters.push(DeadLetter {
+                        body: line.to_vec(),
+                        reason: DeadLetterReason::InvalidJson,
+                        detail,
+                    });
                     continue;
                 }
             };
@@ -87,13 +94,22 @@ pub fn decode<'a>(
                 Ok(event) => event,
                 Err(errors) => {
                     let detail = serde_json::to_string(&errors).unwrap_or_default();
-                    out.dead_letters.push(DeadLetter { body: line.to_vec(), reason: DeadLetterReason::InvalidEvent, detail });
+                    out.dead_letters.push(DeadLetter {
+                        body: line.to_vec(),
+                        reason: DeadLetterReason::InvalidEvent,
+                        detail,
+                    });
                     continue;
                 }
             };
             let key = spec.key(&event);
             if seen.insert((event.event_date(), key)) {
-                out.candidates.push(Candidate { key, event, raw: raw.trim(), received_at });
+                out.candidates.push(Candidate {
+                    key,
+                    event,
+                    raw: raw.trim(),
+                    received_at,
+                });
             } else {
                 out.in_batch_duplicates += 1;
             }
@@ -125,9 +141,17 @@ mod tests {
     /// Copies inside one batch are collapsed; the first copy is the one kept.
     #[test]
     fn in_batch_copies_collapse_to_the_first() {
-        let a = body(&[line("1", "2025-04-10"), line("2", "2025-04-10"), line("1", "2025-04-10")]);
+        let a = body(&[
+            line("1", "2025-04-10"),
+            line("2", "2025-04-10"),
+            line("1", "2025-04-10"),
+        ]);
         let b = body(&[line("2", "2025-04-10")]);
-        let decoded = decode([(&a[..], None), (&b[..], None)], &KeySpec::default(), Utc::now());
+        let decoded = decode(
+            [(&a[..], None), (&b[..], None)],
+            &KeySpec::default(),
+            Utc::now(),
+        );
         assert_eq!(decoded.consumed, 4);
         assert_eq!(decoded.candidates.len(), 2);
         assert_eq!(decoded.in_batch_duplicates, 2);
@@ -156,9 +180,20 @@ mod tests {
         assert_eq!(decoded.consumed, 5);
         assert_eq!(decoded.candidates.len(), 2);
         let reasons: Vec<_> = decoded.dead_letters.iter().map(|d| d.reason).collect();
-        assert_eq!(reasons, [DeadLetterReason::InvalidJson, DeadLetterReason::InvalidEvent, DeadLetterReason::InvalidJson]);
+        assert_eq!(
+            reasons,
+            [
+                DeadLetterReason::InvalidJson,
+                DeadLetterReason::InvalidEvent,
+                DeadLetterReason::InvalidJson
+            ]
+        );
         assert_eq!(decoded.dead_letters[0].body, b"{not json");
-        assert!(decoded.dead_letters[1].detail.contains("This field is required."));
+        assert!(
+            decoded.dead_letters[1]
+                .detail
+                .contains("This field is required.")
+        );
     }
 
     /// A message without the received-time header gets the processing time.
@@ -168,7 +203,11 @@ mod tests {
         let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let a = body(&[line("1", "2025-04-10")]);
         let b = body(&[line("2", "2025-04-10")]);
-        let decoded = decode([(&a[..], Some(at)), (&b[..], None)], &KeySpec::default(), now);
+        let decoded = decode(
+            [(&a[..], Some(at)), (&b[..], None)],
+            &KeySpec::default(),
+            now,
+        );
         assert_eq!(decoded.candidates[0].received_at, at);
         assert_eq!(decoded.candidates[1].received_at, now);
     }

@@ -30,22 +30,43 @@ pub struct BloomParams {
 impl BloomParams {
     /// Sizes the filter for `rate` items per second over `window`, in `slice`-long generations,
     /// with a combined false-positive rate of `fp_rate`.
-    pub fn size(rate: f64, fp_rate: f64, window: Duration, slice: Duration) -> Result<Self, String> {
-        if !(rate > 0.0) || !(fp_rate > 0.0 && fp_rate < 1.0) {
-            return Err(format!("Bloom sizing needs a positive rate and a false-positive rate in (0, 1); got {rate} and {fp_rate}"));
+    pub fn size(
+        rate: f64,
+        fp_rate: f64,
+        window: Duration,
+        slice: Duration,
+    ) -> Result<Self, String> {
+        let sane = rate.is_finite() && rate > 0.0 && fp_rate > 0.0 && fp_rate < 1.0;
+        if !sane {
+            return Err(format!(
+                "Bloom sizing needs a positive rate and a false-positive rate in (0, 1); got {rate} and {fp_rate}"
+            ));
         }
         if slice.is_zero() || window.is_zero() || slice > window {
-            return Err(format!("the Bloom slice ({slice:?}) must be positive and no longer than the window ({window:?})"));
+            return Err(format!(
+                "the Bloom slice ({slice:?}) must be positive and no longer than the window ({window:?})"
+            ));
         }
-        let generations = u32::try_from((window.as_secs_f64() / slice.as_secs_f64()).ceil() as u64 + 1)
-            .map_err(|_| "too many Bloom generations; use a longer slice".to_owned())?;
+        let generations =
+            u32::try_from((window.as_secs_f64() / slice.as_secs_f64()).ceil() as u64 + 1)
+                .map_err(|_| "too many Bloom generations; use a longer slice".to_owned())?;
         let per_generation_fp = fp_rate / f64::from(generations);
         let items = (rate * slice.as_secs_f64()).max(1.0);
         let ln2 = std::f64::consts::LN_2;
-        let bits = (-(items * per_generation_fp.ln()) / (ln2 * ln2)).ceil().max(64.0) as u64;
+        let bits = (-(items * per_generation_fp.ln()) / (ln2 * ln2))
+            .ceil()
+            .max(64.0) as u64;
         let bits = bits.min(MAX_BITS);
-        let hashes = ((bits as f64 / items) * ln2).round().clamp(1.0, f64::from(MAX_HASHES)) as u32;
-        Ok(Self { bits, hashes, generations, slice, window })
+        let hashes = ((bits as f64 / items) * ln2)
+            .round()
+            .clamp(1.0, f64::from(MAX_HASHES)) as u32;
+        Ok(Self {
+            bits,
+            hashes,
+            generations,
+            slice,
+            window,
+        })
     }
 
     /// The generation number a unix time (seconds) falls in.
@@ -98,7 +119,11 @@ mod tests {
         assert_eq!(p.generations, 8);
         let n = 100.0 * 86_400.0;
         let expected_bits = -(n * (0.01f64 / 8.0).ln()) / std::f64::consts::LN_2.powi(2);
-        assert!((p.bits as f64 - expected_bits).abs() < 2.0, "{} vs {expected_bits}", p.bits);
+        assert!(
+            (p.bits as f64 - expected_bits).abs() < 2.0,
+            "{} vs {expected_bits}",
+            p.bits
+        );
         assert_eq!(p.hashes, 10);
         assert_eq!(p.generation_ttl(), 8 * DAY);
     }
@@ -132,7 +157,13 @@ mod tests {
     /// Simulated in memory, the filter's false-positive rate stays near its target.
     #[test]
     fn false_positive_rate_is_near_the_target() {
-        let p = BloomParams::size(10_000.0, 0.01, Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+        let p = BloomParams::size(
+            10_000.0,
+            0.01,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let day = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap();
         let mut bits = HashSet::new();
         let mut pos = Vec::new();

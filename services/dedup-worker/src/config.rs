@@ -23,7 +23,11 @@ pub struct Config {
     #[command(flatten)]
     pub amqp: AmqpArgs,
     /// PostgreSQL URL. The database must exist; `dedup-worker migrate` creates the tables.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/dedup")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/dedup"
+    )]
     pub database_url: String,
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4)]

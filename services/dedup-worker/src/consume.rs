@@ -11,7 +11,9 @@ use dedup_core::backoff::Backoff;
 use dedup_core::topology::{Topology, describe_declare_error};
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio::time::Instant;
@@ -41,7 +43,11 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn new(settings: ConsumerSettings, pipeline: Arc<Pipeline>) -> Self {
-        Self { settings, pipeline, consuming: Arc::new(AtomicBool::new(false)) }
+        Self {
+            settings,
+            pipeline,
+            consuming: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn consuming_flag(&self) -> Arc<AtomicBool> {
@@ -59,7 +65,11 @@ impl Consumer {
                 Ok(()) => return Ok(()),
                 Err(e @ Error::InjectedCrash(_)) => return Err(e),
                 Err(e) => {
-                    self.pipeline.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    self.pipeline
+                        .metrics
+                        .batch_errors
+                        .with_label_values(&[e.stage()])
+                        .inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(queue = %self.settings.topology.queue, error = %e, retry_in = ?delay,
                         "Broker session ended; reconnecting.");
@@ -76,19 +86,33 @@ impl Consumer {
     /// One connection's life: consume and process until stopped or broken.
     async fn session(&self, stop: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
         let s = &self.settings;
-        let connection = tokio::time::timeout(Duration::from_secs(10), Connection::connect(&s.url, ConnectionProperties::default()))
-            .await
-            .map_err(|_| Error::Amqp(lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to RabbitMQ timed out"))))??;
+        let connection = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&s.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| {
+            Error::Amqp(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting to RabbitMQ timed out",
+            )))
+        })??;
         let result = self.consume(&connection, stop, backoff).await;
         let (code, text) = match &result {
             Ok(()) => (200, "worker stopping"),
             Err(_) => (320, "worker restarting the session"),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(code, text.into())).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), connection.close(code, text.into())).await;
         result
     }
 
-    async fn consume(&self, connection: &Connection, stop: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+    async fn consume(
+        &self,
+        connection: &Connection,
+        stop: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<()> {
         let s = &self.settings;
         let channel = connection.create_channel().await?;
         if let Err(e) = s.topology.declare(&channel).await {
@@ -96,10 +120,19 @@ impl Consumer {
             return Err(e.into());
         }
         let dead_letter_channel = connection.create_channel().await?;
-        dead_letter_channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        channel.basic_qos(s.prefetch, BasicQosOptions::default()).await?;
+        dead_letter_channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await?;
         let mut consumer = channel
-            .basic_consume(s.topology.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                s.topology.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         tracing::info!(queue = %s.topology.queue, prefetch = s.prefetch, batch_size = s.batch_size, "Consuming.");
         self.consuming.store(true, Ordering::Relaxed);
@@ -140,7 +173,8 @@ impl Consumer {
                 },
             };
             if full && !pending.is_empty() {
-                self.process(&pending, &channel, &dead_letter_channel, stop).await?;
+                self.process(&pending, &channel, &dead_letter_channel, stop)
+                    .await?;
                 pending.clear();
                 pending_events = 0;
                 deadline = None;
@@ -148,10 +182,20 @@ impl Consumer {
         }
     }
 
-    async fn process(&self, batch: &[Delivery], channel: &lapin::Channel, dead_letter_channel: &lapin::Channel, stop: &CancellationToken) -> Result<()> {
-        self.pipeline.process(batch, dead_letter_channel, stop).await?;
+    async fn process(
+        &self,
+        batch: &[Delivery],
+        channel: &lapin::Channel,
+        dead_letter_channel: &lapin::Channel,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        self.pipeline
+            .process(batch, dead_letter_channel, stop)
+            .await?;
         if let Some(last) = batch.last() {
-            channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await?;
+            channel
+                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
         }
         Ok(())
     }
@@ -159,11 +203,11 @@ impl Consumer {
 
 /// Events a message carries, from ingest's header (1 when absent).
 fn events_in(delivery: &Delivery) -> usize {
-    let header = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(dedup_core::message::HEADER_EVENT_COUNT).cloned());
+    let header = delivery.properties.headers().as_ref().and_then(|h| {
+        h.inner()
+            .get(dedup_core::message::HEADER_EVENT_COUNT)
+            .cloned()
+    });
     match header {
         Some(AMQPValue::LongLongInt(n)) => usize::try_from(n).unwrap_or(1).max(1),
         _ => 1,

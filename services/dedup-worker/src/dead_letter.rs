@@ -28,7 +28,10 @@ pub async fn publish(channel: &Channel, topology: &Topology, letters: &[DeadLett
             .basic_publish(
                 topology.dead_letter_exchange.as_str().into(),
                 topology.dead_letter_routing_key(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &letter.body,
                 properties,
             )
@@ -44,7 +47,9 @@ pub async fn publish(channel: &Channel, topology: &Topology, letters: &[DeadLett
                     topology.dead_letter_queue, topology.dead_letter_exchange
                 )));
             }
-            Confirmation::Nack(_) => return Err(Error::DeadLetter("negative acknowledgement".into())),
+            Confirmation::Nack(_) => {
+                return Err(Error::DeadLetter("negative acknowledgement".into()));
+            }
         }
     }
     Ok(())

@@ -73,7 +73,9 @@ impl Worker {
     /// Builds the worker from `config`. Nothing connects yet: the services may be down.
     pub fn new(config: Config, fault: Option<FaultHook>) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
-        let spec = KeySpec::new(&config.dedup_key_fields).map_err(anyhow::Error::msg).context("DEDUP_KEY_FIELDS")?;
+        let spec = KeySpec::new(&config.dedup_key_fields)
+            .map_err(anyhow::Error::msg)
+            .context("DEDUP_KEY_FIELDS")?;
         let bloom = BloomParams::size(
             config.bloom_expected_rate,
             config.bloom_false_positive_rate,
@@ -81,8 +83,13 @@ impl Worker {
             config.bloom_slice,
         )
         .map_err(anyhow::Error::msg)?;
-        tracing::info!(bits = bloom.bits, hashes = bloom.hashes, generations = bloom.generations,
-            mib_per_generation = bloom.bytes_per_generation() / (1 << 20), "Bloom filter sized.");
+        tracing::info!(
+            bits = bloom.bits,
+            hashes = bloom.hashes,
+            generations = bloom.generations,
+            mib_per_generation = bloom.bytes_per_generation() / (1 << 20),
+            "Bloom filter sized."
+        );
         let redis = RedisTier::new(
             RedisSettings {
                 url: config.redis_url.clone(),
@@ -116,7 +123,11 @@ impl Worker {
             },
             pipeline.clone(),
         );
-        Ok(Self { consumer, pipeline, config })
+        Ok(Self {
+            consumer,
+            pipeline,
+            config,
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -131,13 +142,20 @@ impl Worker {
     pub fn readiness(&self) -> Readiness {
         let consuming = self.consumer.consuming_flag();
         Arc::new(move || {
-            if consuming.load(Ordering::Relaxed) { Ok(()) } else { Err("not consuming from RabbitMQ".to_owned()) }
+            if consuming.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("not consuming from RabbitMQ".to_owned())
+            }
         })
     }
 
     /// Consumes until `shutdown` resolves, then finishes the batch in hand within the grace
     /// period. Fails only for an injected crash.
-    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), error::Error> {
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), error::Error> {
         let stop = CancellationToken::new();
         let grace = self.config.shutdown_grace;
         let signal = tokio::spawn({
@@ -162,20 +180,36 @@ impl Worker {
 }
 
 /// The binary's whole life: optional migrations, the admin server, then the consumer.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let worker = Worker::new(config.clone(), None)?;
     if config.migrate_on_start {
-        worker.store().migrate().await.context("applying migrations at start (MIGRATE_ON_START)")?;
+        worker
+            .store()
+            .migrate()
+            .await
+            .context("applying migrations at start (MIGRATE_ON_START)")?;
         tracing::info!("Migrations applied.");
     }
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen_addr).await.with_context(|| {
-        format!("cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address", config.admin_listen_addr)
-    })?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address",
+                config.admin_listen_addr
+            )
+        })?;
     let admin_router = admin::router(worker.metrics().registry.clone(), worker.readiness());
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn({
         let stop = stop_admin.clone();
-        async move { axum::serve(admin_listener, admin_router).with_graceful_shutdown(stop.cancelled_owned()).await }
+        async move {
+            axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
     });
     let result = worker.run(shutdown).await;
     stop_admin.cancel();
@@ -188,12 +222,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 /// `dedup-worker migrate`: applies the migrations and reports what it did.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = Store::connect_lazy(&config.database_url, 1)?;
-    store.migrate().await.with_context(|| {
-        format!(
-            "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
-             database exists (e.g. `createdb dedup`)"
-        )
-    })?;
+    store.migrate().await.context(
+        "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
+         database exists (e.g. `createdb dedup`)",
+    )?;
     tracing::info!("Migrations applied.");
     Ok(())
 }

@@ -1,11 +1,20 @@
 //! The worker's Prometheus metrics: few, bounded labels, base units.
 
 use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
-const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+];
 
 /// The tiers that catch duplicates, as metric labels.
 pub const TIERS: [&str; 3] = ["in_batch", "recent_keys", "postgres"];
@@ -39,27 +48,84 @@ impl Metrics {
             IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid metric")
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("valid metric")
         };
         let histogram_vec = |name: &str, help: &str, label: &str| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &[label])
-                .expect("valid metric")
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                &[label],
+            )
+            .expect("valid metric")
         };
         let m = Self {
             registry: Registry::new(),
-            consumed: counter("dedup_worker_events_consumed_total", "Events taken from the queue (valid or not)."),
-            stored: counter("dedup_worker_events_stored_total", "Unique events written to PostgreSQL."),
-            duplicates: counter_vec("dedup_worker_duplicates_total", "Duplicate events dropped, by the tier that caught them.", &["tier"]),
-            bloom_lookups: counter_vec("dedup_worker_bloom_lookups_total", "Bloom filter answers: miss, hit_confirmed (recent key), hit_unconfirmed (PostgreSQL decided).", &["result"]),
-            dead_lettered: counter_vec("dedup_worker_dead_lettered_total", "Events sent to the dead-letter queue, by reason.", &["reason"]),
-            batch_size: histogram("dedup_worker_batch_size", "Events per processed batch.", BATCH_BUCKETS),
-            batch_seconds: histogram("dedup_worker_batch_duration_seconds", "Time to process one batch, decode to ack.", LATENCY_BUCKETS),
-            redis_seconds: histogram_vec("dedup_worker_redis_duration_seconds", "Redis round-trip time per batch.", "op"),
-            postgres_seconds: histogram_vec("dedup_worker_postgres_duration_seconds", "PostgreSQL round-trip time per batch.", "op"),
-            redis_degraded: IntGauge::new("dedup_worker_redis_degraded", "1 while Redis is unavailable and dedup runs on PostgreSQL alone.").expect("valid metric"),
-            end_to_end_lag_seconds: histogram("dedup_worker_end_to_end_lag_seconds", "Time from ingest receiving an event to its row being committed.", LAG_BUCKETS),
-            batch_errors: counter_vec("dedup_worker_batch_errors_total", "Failures while processing batches, by stage.", &["stage"]),
-            queue_messages: IntGaugeVec::new(Opts::new("dedup_queue_messages", "Messages in the queue, by state (ready, unacked), as the broker reports them."), &["queue", "state"]).expect("valid metric"),
+            consumed: counter(
+                "dedup_worker_events_consumed_total",
+                "Events taken from the queue (valid or not).",
+            ),
+            stored: counter(
+                "dedup_worker_events_stored_total",
+                "Unique events written to PostgreSQL.",
+            ),
+            duplicates: counter_vec(
+                "dedup_worker_duplicates_total",
+                "Duplicate events dropped, by the tier that caught them.",
+                &["tier"],
+            ),
+            bloom_lookups: counter_vec(
+                "dedup_worker_bloom_lookups_total",
+                "Bloom filter answers: miss, hit_confirmed (recent key), hit_unconfirmed (PostgreSQL decided).",
+                &["result"],
+            ),
+            dead_lettered: counter_vec(
+                "dedup_worker_dead_lettered_total",
+                "Events sent to the dead-letter queue, by reason.",
+                &["reason"],
+            ),
+            batch_size: histogram(
+                "dedup_worker_batch_size",
+                "Events per processed batch.",
+                BATCH_BUCKETS,
+            ),
+            batch_seconds: histogram(
+                "dedup_worker_batch_duration_seconds",
+                "Time to process one batch, decode to ack.",
+                LATENCY_BUCKETS,
+            ),
+            redis_seconds: histogram_vec(
+                "dedup_worker_redis_duration_seconds",
+                "Redis round-trip time per batch.",
+                "op",
+            ),
+            postgres_seconds: histogram_vec(
+                "dedup_worker_postgres_duration_seconds",
+                "PostgreSQL round-trip time per batch.",
+                "op",
+            ),
+            redis_degraded: IntGauge::new(
+                "dedup_worker_redis_degraded",
+                "1 while Redis is unavailable and dedup runs on PostgreSQL alone.",
+            )
+            .expect("valid metric"),
+            end_to_end_lag_seconds: histogram(
+                "dedup_worker_end_to_end_lag_seconds",
+                "Time from ingest receiving an event to its row being committed.",
+                LAG_BUCKETS,
+            ),
+            batch_errors: counter_vec(
+                "dedup_worker_batch_errors_total",
+                "Failures while processing batches, by stage.",
+                &["stage"],
+            ),
+            queue_messages: IntGaugeVec::new(
+                Opts::new(
+                    "dedup_queue_messages",
+                    "Messages in the queue, by state (ready, unacked), as the broker reports them.",
+                ),
+                &["queue", "state"],
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.consumed.clone()),

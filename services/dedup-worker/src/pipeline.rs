@@ -55,24 +55,50 @@ impl Pipeline {
     /// failures are retried in place (the deliveries stay unacked meanwhile) until they succeed
     /// or `stop` is cancelled.
     #[tracing::instrument(level = "debug", skip_all, fields(messages = deliveries.len()))]
-    pub async fn process(&self, deliveries: &[Delivery], dead_letter_channel: &Channel, stop: &CancellationToken) -> Result<Outcome> {
+    pub async fn process(
+        &self,
+        deliveries: &[Delivery],
+        dead_letter_channel: &Channel,
+        stop: &CancellationToken,
+    ) -> Result<Outcome> {
         let started = Instant::now();
         let decoded = batch::decode(
-            deliveries.iter().map(|d| (d.data.as_slice(), dedup_core::message::received_at(&d.properties))),
+            deliveries.iter().map(|d| {
+                (
+                    d.data.as_slice(),
+                    dedup_core::message::received_at(&d.properties),
+                )
+            }),
             &self.spec,
             Utc::now(),
         );
         self.checkpoint(Stage::Decoded)?;
         if !decoded.dead_letters.is_empty() {
-            self.retrying(stop, || crate::dead_letter::publish(dead_letter_channel, &self.topology, &decoded.dead_letters))
-                .await?;
+            self.retrying(stop, || {
+                crate::dead_letter::publish(
+                    dead_letter_channel,
+                    &self.topology,
+                    &decoded.dead_letters,
+                )
+            })
+            .await?;
             for letter in &decoded.dead_letters {
                 tracing::warn!(reason = letter.reason.label(), detail = %letter.detail, "Event dead-lettered.");
-                self.metrics.dead_lettered.with_label_values(&[letter.reason.label()]).inc();
+                self.metrics
+                    .dead_lettered
+                    .with_label_values(&[letter.reason.label()])
+                    .inc();
             }
         }
 
-        let items: Vec<Item> = decoded.candidates.iter().map(|c| Item { key: c.key, day: c.day() }).collect();
+        let items: Vec<Item> = decoded
+            .candidates
+            .iter()
+            .map(|c| Item {
+                key: c.key,
+                day: c.day(),
+            })
+            .collect();
         let known = self.redis.check(&items).await;
         self.checkpoint(Stage::AfterRedisCheck)?;
         let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
@@ -97,7 +123,10 @@ impl Pipeline {
         crate::store::lock_order(&mut rows);
         let stored = self.retrying(stop, || self.store.insert(&rows)).await?;
         let committed = Utc::now();
-        self.metrics.postgres_seconds.with_label_values(&["insert"]).observe(insert_started.elapsed().as_secs_f64());
+        self.metrics
+            .postgres_seconds
+            .with_label_values(&["insert"])
+            .observe(insert_started.elapsed().as_secs_f64());
         self.checkpoint(Stage::AfterCommit)?;
 
         self.redis.record(&fresh_items).await;
@@ -114,17 +143,32 @@ impl Pipeline {
         let m = &self.metrics;
         m.consumed.inc_by(outcome.consumed);
         m.stored.inc_by(outcome.stored);
-        m.duplicates.with_label_values(&["in_batch"]).inc_by(outcome.in_batch_duplicates);
-        m.duplicates.with_label_values(&["recent_keys"]).inc_by(outcome.recent_key_duplicates);
-        m.duplicates.with_label_values(&["postgres"]).inc_by(outcome.postgres_duplicates);
-        m.bloom_lookups.with_label_values(&["miss"]).inc_by(bloom_miss);
-        m.bloom_lookups.with_label_values(&["hit_confirmed"]).inc_by(recent);
-        m.bloom_lookups.with_label_values(&["hit_unconfirmed"]).inc_by(bloom_unconfirmed);
+        m.duplicates
+            .with_label_values(&["in_batch"])
+            .inc_by(outcome.in_batch_duplicates);
+        m.duplicates
+            .with_label_values(&["recent_keys"])
+            .inc_by(outcome.recent_key_duplicates);
+        m.duplicates
+            .with_label_values(&["postgres"])
+            .inc_by(outcome.postgres_duplicates);
+        m.bloom_lookups
+            .with_label_values(&["miss"])
+            .inc_by(bloom_miss);
+        m.bloom_lookups
+            .with_label_values(&["hit_confirmed"])
+            .inc_by(recent);
+        m.bloom_lookups
+            .with_label_values(&["hit_unconfirmed"])
+            .inc_by(bloom_unconfirmed);
         m.batch_size.observe(outcome.consumed as f64);
         m.batch_seconds.observe(started.elapsed().as_secs_f64());
         for delivery in deliveries {
             if let Some(received) = dedup_core::message::received_at(&delivery.properties) {
-                let lag = (committed - received).num_microseconds().unwrap_or_default().max(0);
+                let lag = (committed - received)
+                    .num_microseconds()
+                    .unwrap_or_default()
+                    .max(0);
                 m.end_to_end_lag_seconds.observe(lag as f64 / 1e6);
             }
         }
@@ -144,7 +188,10 @@ impl Pipeline {
             match op().await {
                 Ok(value) => return Ok(value),
                 Err(e) if e.is_retryable() && !stop.is_cancelled() => {
-                    self.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    self.metrics
+                        .batch_errors
+                        .with_label_values(&[e.stage()])
+                        .inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "Batch step failed; retrying with the deliveries unacked.");
                     tokio::select! {
@@ -153,7 +200,10 @@ impl Pipeline {
                     }
                 }
                 Err(e) => {
-                    self.metrics.batch_errors.with_label_values(&[e.stage()]).inc();
+                    self.metrics
+                        .batch_errors
+                        .with_label_values(&[e.stage()])
+                        .inc();
                     return Err(e);
                 }
             }

@@ -125,7 +125,10 @@ impl RedisTier {
 
     /// True while the tier is skipped after a failure.
     pub fn is_degraded(&self) -> bool {
-        self.skip_until.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.skip_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Which of `items` Redis knows; `None` when Redis is unavailable (PostgreSQL decides all).
@@ -144,21 +147,32 @@ impl RedisTier {
         for item in items {
             invocation.key(self.recent_key(item));
         }
-        invocation.arg(generations).arg(bloom.hashes).arg(items.len());
+        invocation
+            .arg(generations)
+            .arg(bloom.hashes)
+            .arg(items.len());
         let mut positions = Vec::with_capacity(items.len() * bloom.hashes as usize);
         for item in items {
             bloom.positions(&item.key, item.day, &mut positions);
         }
         invocation.arg(positions);
         let started = Instant::now();
-        let answer: Option<Vec<u8>> = self.call("check", |mut conn| async move {
-            invocation.invoke_async::<Vec<u8>>(&mut conn).await
-        })
-        .await;
-        self.metrics.redis_seconds.with_label_values(&["check"]).observe(started.elapsed().as_secs_f64());
+        let answer: Option<Vec<u8>> = self
+            .call("check", |mut conn| async move {
+                invocation.invoke_async::<Vec<u8>>(&mut conn).await
+            })
+            .await;
+        self.metrics
+            .redis_seconds
+            .with_label_values(&["check"])
+            .observe(started.elapsed().as_secs_f64());
         let answer = answer?;
         if answer.len() != items.len() {
-            tracing::warn!(expected = items.len(), got = answer.len(), "Redis check answered the wrong number of keys; ignoring it.");
+            tracing::warn!(
+                expected = items.len(),
+                got = answer.len(),
+                "Redis check answered the wrong number of keys; ignoring it."
+            );
             return None;
         }
         Some(
@@ -195,9 +209,14 @@ impl RedisTier {
         invocation.arg(positions);
         let started = Instant::now();
         let _: Option<u64> = self
-            .call("record", |mut conn| async move { invocation.invoke_async::<u64>(&mut conn).await })
+            .call("record", |mut conn| async move {
+                invocation.invoke_async::<u64>(&mut conn).await
+            })
             .await;
-        self.metrics.redis_seconds.with_label_values(&["record"]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .redis_seconds
+            .with_label_values(&["record"])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Runs one Redis call with the timeout and the degraded-mode bookkeeping.
@@ -262,7 +281,10 @@ impl RedisTier {
         }
         *skip = Some(Instant::now() + self.settings.retry_interval);
         self.metrics.redis_degraded.set(1);
-        self.metrics.batch_errors.with_label_values(&["redis"]).inc();
+        self.metrics
+            .batch_errors
+            .with_label_values(&["redis"])
+            .inc();
     }
 
     fn recover(&self) {
@@ -278,12 +300,20 @@ impl RedisTier {
     }
 
     fn recent_key(&self, item: &Item) -> String {
-        format!("{{{}}}:k:{}:{}", self.settings.prefix, item.day.format("%Y%m%d"), item.key)
+        format!(
+            "{{{}}}:k:{}:{}",
+            self.settings.prefix,
+            item.day.format("%Y%m%d"),
+            item.key
+        )
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 fn millis(d: Duration) -> u64 {

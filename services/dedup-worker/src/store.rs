@@ -66,12 +66,17 @@ impl Store {
     /// Connects lazily: the pool opens connections on first use, so the worker starts (and
     /// retries) while PostgreSQL is down.
     pub fn connect_lazy(url: &str, pool_size: u32) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| Error::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            Error::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))
+        })?;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options.application_name("dedup-worker"));
-        Ok(Self { pool, partitions: Mutex::new(HashSet::new()) })
+        Ok(Self {
+            pool,
+            partitions: Mutex::new(HashSet::new()),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -80,7 +85,10 @@ impl Store {
 
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| Error::Migrate(e.to_string()))
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Migrate(e.to_string()))
     }
 
     /// Inserts `rows` in one statement; returns how many were new. Rows must not repeat a
@@ -89,7 +97,10 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        debug_assert!(rows.is_sorted_by_key(|r| (r.event_date, r.dedup_key)), "rows must be in lock order");
+        debug_assert!(
+            rows.is_sorted_by_key(|r| (r.event_date, r.dedup_key)),
+            "rows must be in lock order"
+        );
         self.ensure_partitions(rows).await?;
         let count: i64 = sqlx::query_scalar(INSERT)
             .bind(rows.iter().map(|r| r.event_date).collect::<Vec<_>>())
@@ -106,7 +117,10 @@ impl Store {
             .await
             .map_err(|e| {
                 // A partition may have been dropped (retention) since it was cached.
-                self.partitions.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.partitions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
                 Error::Postgres(e)
             })?;
         Ok(u64::try_from(count).unwrap_or_default())
@@ -115,7 +129,11 @@ impl Store {
     async fn ensure_partitions(&self, rows: &[Row<'_>]) -> Result<()> {
         let missing: Vec<NaiveDate> = {
             let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-            let mut days: Vec<NaiveDate> = rows.iter().map(|r| r.event_date).filter(|d| !known.contains(d)).collect();
+            let mut days: Vec<NaiveDate> = rows
+                .iter()
+                .map(|r| r.event_date)
+                .filter(|d| !known.contains(d))
+                .collect();
             days.dedup();
             days
         };
@@ -130,7 +148,10 @@ impl Store {
         if created > 0 {
             tracing::info!(created, "Created daily partitions.");
         }
-        self.partitions.lock().unwrap_or_else(|e| e.into_inner()).extend(missing);
+        self.partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(missing);
         Ok(())
     }
 }

@@ -18,39 +18,87 @@ async fn sample_posted_twice_over_http_is_stored_once() {
     let worker = WorkerUnderTest::start(worker_config(&env), None).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, admin_addr) = (listener.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+    let (addr, admin_addr) = (
+        listener.local_addr().expect("addr"),
+        admin.local_addr().expect("addr"),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingest::serve(ingest_config(&env, RABBITMQ), listener, admin, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(ingest::serve(
+        ingest_config(&env, RABBITMQ),
+        listener,
+        admin,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     eventually(Duration::from_secs(10), "ingest to be ready", || async {
-        (http_request(admin_addr, "GET", "/readyz", "text/plain", b"").await.0 == 200).then_some(())
+        (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
+            .await
+            .0
+            == 200)
+            .then_some(())
     })
     .await;
 
     let sample = sample_app_list().to_string();
     for _ in 0..2 {
-        let (status, body) = http_request(addr, "POST", "/product_events/", "application/json", sample.as_bytes()).await;
+        let (status, body) = http_request(
+            addr,
+            "POST",
+            "/product_events/",
+            "application/json",
+            sample.as_bytes(),
+        )
+        .await;
         assert_eq!((status, body.as_str()), (202, r#"{"status":"queued"}"#));
     }
-    let batch = serde_json::json!([event("e-1"), event("e-2"), event("e-1"), {"sid": 1}]).to_string();
-    let (status, body) = http_request(addr, "POST", "/product_events/batch", "application/json", batch.as_bytes()).await;
+    let batch =
+        serde_json::json!([event("e-1"), event("e-2"), event("e-1"), {"sid": 1}]).to_string();
+    let (status, body) = http_request(
+        addr,
+        "POST",
+        "/product_events/batch",
+        "application/json",
+        batch.as_bytes(),
+    )
+    .await;
     assert_eq!(status, 202, "{body}");
 
-    eventually(Duration::from_secs(20), "three stored rows", || async { (env.stored_rows().await == 3).then_some(()) }).await;
+    eventually(Duration::from_secs(20), "three stored rows", || async {
+        (env.stored_rows().await == 3).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(env.stored_r_counts().await, [("999888777666555".to_owned(), 1), ("e-1".to_owned(), 1), ("e-2".to_owned(), 1)]);
-    let payload: serde_json::Value = sqlx::query_scalar("SELECT payload FROM product_events WHERE r = '999888777666555'")
-        .fetch_one(&env.pg)
-        .await
-        .expect("stored payload");
-    assert_eq!(payload, sample_app_list(), "the whole event is stored as sent");
+    assert_eq!(
+        env.stored_r_counts().await,
+        [
+            ("999888777666555".to_owned(), 1),
+            ("e-1".to_owned(), 1),
+            ("e-2".to_owned(), 1)
+        ]
+    );
+    let payload: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM product_events WHERE r = '999888777666555'")
+            .fetch_one(&env.pg)
+            .await
+            .expect("stored payload");
+    assert_eq!(
+        payload,
+        sample_app_list(),
+        "the whole event is stored as sent"
+    );
 
     let (status, metrics) = http_request(admin_addr, "GET", "/metrics", "text/plain", b"").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("dedup_ingest_events_total{outcome=\"accepted\"} 5"), "{metrics}");
+    assert!(
+        metrics.contains("dedup_ingest_events_total{outcome=\"accepted\"} 5"),
+        "{metrics}"
+    );
 
     let _ = stop.send(());
-    server.await.expect("ingest task").expect("ingest stops cleanly");
+    server
+        .await
+        .expect("ingest task")
+        .expect("ingest stops cleanly");
     worker.stop().await.expect("worker stops cleanly");
 }

@@ -18,28 +18,44 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Publishes each event as its own message, the way ingest does for single requests.
 async fn publish_each(env: &TestEnv, events: &[Value]) {
     for e in events {
-        env.publish_raw(&ndjson(std::slice::from_ref(e)), message::properties(Utc::now(), 1)).await;
+        env.publish_raw(
+            &ndjson(std::slice::from_ref(e)),
+            message::properties(Utc::now(), 1),
+        )
+        .await;
     }
 }
 
 /// Waits until the test schema holds `rows` rows and the queue is empty.
 async fn settle(env: &TestEnv, rows: i64) {
-    eventually(WAIT, &format!("{rows} stored rows and an empty queue"), || async {
-        (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0).then_some(())
-    })
+    eventually(
+        WAIT,
+        &format!("{rows} stored rows and an empty queue"),
+        || async {
+            (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0)
+                .then_some(())
+        },
+    )
     .await;
 }
 
 /// Every stored `r` appears exactly once and the set is exactly `expected`.
 async fn assert_each_once(env: &TestEnv, expected: impl IntoIterator<Item = String>) {
     let counts = env.stored_r_counts().await;
-    assert!(counts.iter().all(|(_, n)| *n == 1), "some event was stored twice: {:?}", &counts[..counts.len().min(5)]);
+    assert!(
+        counts.iter().all(|(_, n)| *n == 1),
+        "some event was stored twice: {:?}",
+        &counts[..counts.len().min(5)]
+    );
     let mut stored: Vec<String> = counts.into_iter().map(|(r, _)| r).collect();
     let mut expected: Vec<String> = expected.into_iter().collect();
     stored.sort();
     expected.sort();
     expected.dedup();
-    assert_eq!(stored, expected, "stored events differ from the unique events sent");
+    assert_eq!(
+        stored, expected,
+        "stored events differ from the unique events sent"
+    );
 }
 
 fn unique(n: usize, tag: &str) -> Vec<Value> {
@@ -61,13 +77,25 @@ async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
     settle(&env, 200).await;
     publish_each(&env, &sent[230..]).await;
     let m = worker.worker.metrics().clone();
-    eventually(WAIT, "all events consumed", || async { (m.consumed.get() == sent.len() as u64).then_some(()) }).await;
+    eventually(WAIT, "all events consumed", || async {
+        (m.consumed.get() == sent.len() as u64).then_some(())
+    })
+    .await;
     settle(&env, 200).await;
     assert_each_once(&env, (0..200).map(|i| format!("mix-{i}"))).await;
     assert_eq!(m.stored.get(), 200);
-    let duplicates: u64 = ["in_batch", "recent_keys", "postgres"].iter().map(|t| m.duplicates.with_label_values(&[*t]).get()).sum();
-    assert_eq!(duplicates, 80, "duplicates by tier must add up to the repeats sent");
-    assert!(m.duplicates.with_label_values(&["recent_keys"]).get() >= 50, "Redis caught the late repeats");
+    let duplicates: u64 = ["in_batch", "recent_keys", "postgres"]
+        .iter()
+        .map(|t| m.duplicates.with_label_values(&[*t]).get())
+        .sum();
+    assert_eq!(
+        duplicates, 80,
+        "duplicates by tier must add up to the repeats sent"
+    );
+    assert!(
+        m.duplicates.with_label_values(&["recent_keys"]).get() >= 50,
+        "Redis caught the late repeats"
+    );
     worker.stop().await.expect("clean stop");
 }
 
@@ -84,15 +112,23 @@ async fn racing_workers_store_each_key_once() {
     let second = WorkerUnderTest::start(config.clone(), None).await;
     let third = WorkerUnderTest::start(config, None).await;
     let originals = unique(150, "race");
-    let sent: Vec<Value> = originals.iter().flat_map(|e| [e.clone(), e.clone(), e.clone()]).collect();
+    let sent: Vec<Value> = originals
+        .iter()
+        .flat_map(|e| [e.clone(), e.clone(), e.clone()])
+        .collect();
     // Three copies in one message each time so every worker sees copies of the same keys.
     for chunk in sent.chunks(3) {
-        env.publish_raw(&ndjson(chunk), message::properties(Utc::now(), 1)).await;
+        env.publish_raw(&ndjson(chunk), message::properties(Utc::now(), 1))
+            .await;
     }
-    env.publish_raw(&ndjson(&sent), message::properties(Utc::now(), 1)).await;
+    env.publish_raw(&ndjson(&sent), message::properties(Utc::now(), 1))
+        .await;
     settle(&env, 150).await;
     assert_each_once(&env, (0..150).map(|i| format!("race-{i}"))).await;
-    let consumed: u64 = [&first, &second, &third].iter().map(|w| w.worker.metrics().consumed.get()).sum();
+    let consumed: u64 = [&first, &second, &third]
+        .iter()
+        .map(|w| w.worker.metrics().consumed.get())
+        .sum();
     assert_eq!(consumed, 900, "every copy was consumed by some worker");
     for w in [first, second, third] {
         w.stop().await.expect("clean stop");
@@ -103,7 +139,12 @@ async fn racing_workers_store_each_key_once() {
 /// the unacked deliveries come back, and a fresh worker settles them.
 #[tokio::test]
 async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
-    for stage in [Stage::Decoded, Stage::AfterRedisCheck, Stage::AfterCommit, Stage::AfterRedisRecord] {
+    for stage in [
+        Stage::Decoded,
+        Stage::AfterRedisCheck,
+        Stage::AfterCommit,
+        Stage::AfterRedisRecord,
+    ] {
         let env = TestEnv::new("crash").await;
         let mut config = worker_config(&env);
         config.batch_size = 40;
@@ -120,10 +161,20 @@ async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
         };
         let victim = WorkerUnderTest::start(config.clone(), Some(hook)).await;
         let outcome = victim.finished(WAIT).await;
-        assert!(matches!(outcome, Err(dedup_worker::error::Error::InjectedCrash(s)) if s == stage), "{stage:?}: {outcome:?}");
+        assert!(
+            matches!(outcome, Err(dedup_worker::error::Error::InjectedCrash(s)) if s == stage),
+            "{stage:?}: {outcome:?}"
+        );
         let rows_after_crash = env.stored_rows().await;
-        let expected_rows = if matches!(stage, Stage::AfterCommit | Stage::AfterRedisRecord) { 40 } else { 0 };
-        assert_eq!(rows_after_crash, expected_rows, "{stage:?}: rows committed before the crash");
+        let expected_rows = if matches!(stage, Stage::AfterCommit | Stage::AfterRedisRecord) {
+            40
+        } else {
+            0
+        };
+        assert_eq!(
+            rows_after_crash, expected_rows,
+            "{stage:?}: rows committed before the crash"
+        );
         // Nothing was acked: every message is back in the queue.
         eventually(WAIT, "the unacked messages to return", || async {
             (env.ready_messages(&env.topology.queue).await == sent.len() as u32).then_some(())
@@ -145,7 +196,10 @@ async fn redis_flushed_mid_stream_still_stores_each_event_once() {
     let originals = unique(100, "flush");
     publish_each(&env, &originals).await;
     settle(&env, 100).await;
-    assert!(!env.redis_keys().await.is_empty(), "the worker recorded keys in Redis");
+    assert!(
+        !env.redis_keys().await.is_empty(),
+        "the worker recorded keys in Redis"
+    );
     env.flush_redis().await;
     let mut second = originals[..50].to_vec();
     second.extend(unique(120, "flush").into_iter().skip(100));
@@ -153,7 +207,11 @@ async fn redis_flushed_mid_stream_still_stores_each_event_once() {
     settle(&env, 120).await;
     assert_each_once(&env, (0..120).map(|i| format!("flush-{i}"))).await;
     let m = worker.worker.metrics();
-    assert_eq!(m.duplicates.with_label_values(&["postgres"]).get(), 50, "PostgreSQL caught what Redis forgot");
+    assert_eq!(
+        m.duplicates.with_label_values(&["postgres"]).get(),
+        50,
+        "PostgreSQL caught what Redis forgot"
+    );
     worker.stop().await.expect("clean stop");
 }
 
@@ -176,7 +234,11 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     // Repeats of the first 30 plus 30 new ones, while Redis is unreachable.
     publish_each(&env, &originals[..60]).await;
     settle(&env, 60).await;
-    assert_eq!(m.redis_degraded.get(), 1, "the outage is visible in the metric");
+    assert_eq!(
+        m.redis_degraded.get(),
+        1,
+        "the outage is visible in the metric"
+    );
     assert_eq!(m.duplicates.with_label_values(&["postgres"]).get(), 30);
 
     proxy.restore();
@@ -198,7 +260,9 @@ async fn postgres_outage_holds_the_batch_until_it_returns() {
     let env = TestEnv::new("pgdown").await;
     let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
     let mut config = worker_config(&env);
-    config.database_url = env.database_url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    config.database_url = env
+        .database_url
+        .replace("127.0.0.1:5432", &proxy.addr().to_string());
     let worker = WorkerUnderTest::start(config, None).await;
     let originals = unique(50, "pg");
     publish_each(&env, &originals[..10]).await;
@@ -211,7 +275,11 @@ async fn postgres_outage_holds_the_batch_until_it_returns() {
         (m.batch_errors.with_label_values(&["postgres"]).get() > 0).then_some(())
     })
     .await;
-    assert_eq!(env.stored_rows().await, 10, "nothing new can be stored while PostgreSQL is away");
+    assert_eq!(
+        env.stored_rows().await,
+        10,
+        "nothing new can be stored while PostgreSQL is away"
+    );
 
     proxy.restore();
     settle(&env, 50).await;
@@ -252,8 +320,10 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     body.extend_from_slice(b"{this is not json\n");
     body.extend_from_slice(b"{\"sid\": \"no other fields\"}\n");
     body.extend_from_slice(&ndjson(&[event("p-2")]));
-    env.publish_raw(&body, message::properties(Utc::now(), 4)).await;
-    env.publish_raw(&[0xff, 0xfe, 0xfd], lapin::BasicProperties::default()).await;
+    env.publish_raw(&body, message::properties(Utc::now(), 4))
+        .await;
+    env.publish_raw(&[0xff, 0xfe, 0xfd], lapin::BasicProperties::default())
+        .await;
     publish_each(&env, &[event("p-3")]).await;
     settle(&env, 3).await;
     assert_each_once(&env, ["p-1", "p-2", "p-3"].map(String::from)).await;
@@ -267,12 +337,20 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     assert!(bodies.contains(&b"{\"sid\": \"no other fields\"}".to_vec()));
     assert!(bodies.contains(&vec![0xff, 0xfe, 0xfd]));
     for (_, headers) in &letters {
-        let reason = headers.as_ref().and_then(|h| h.inner().get(message::HEADER_DEAD_LETTER_REASON).cloned());
+        let reason = headers
+            .as_ref()
+            .and_then(|h| h.inner().get(message::HEADER_DEAD_LETTER_REASON).cloned());
         assert!(reason.is_some(), "every dead letter says why");
     }
     let m = worker.worker.metrics();
-    assert_eq!(m.dead_lettered.with_label_values(&["invalid_json"]).get(), 2);
-    assert_eq!(m.dead_lettered.with_label_values(&["invalid_event"]).get(), 1);
+    assert_eq!(
+        m.dead_lettered.with_label_values(&["invalid_json"]).get(),
+        2
+    );
+    assert_eq!(
+        m.dead_lettered.with_label_values(&["invalid_event"]).get(),
+        1
+    );
     worker.stop().await.expect("clean stop");
 }
 
@@ -285,7 +363,10 @@ async fn shutdown_finishes_the_batch_in_hand() {
     config.batch_size = 1000;
     config.batch_linger = Duration::from_secs(60);
     let worker = WorkerUnderTest::start(config, None).await;
-    eventually(WAIT, "the worker to consume", || async { (worker.worker.readiness())().ok() }).await;
+    eventually(WAIT, "the worker to consume", || async {
+        (worker.worker.readiness())().ok()
+    })
+    .await;
     publish_each(&env, &unique(25, "drain")).await;
     eventually(WAIT, "deliveries to reach the worker", || async {
         (env.ready_messages(&env.topology.queue).await == 0).then_some(())
@@ -293,6 +374,14 @@ async fn shutdown_finishes_the_batch_in_hand() {
     .await;
     assert_eq!(env.stored_rows().await, 0, "the batch is still lingering");
     worker.stop().await.expect("clean stop");
-    assert_eq!(env.stored_rows().await, 25, "shutdown processed the batch in hand");
-    assert_eq!(env.ready_messages(&env.topology.queue).await, 0, "and acked it");
+    assert_eq!(
+        env.stored_rows().await,
+        25,
+        "shutdown processed the batch in hand"
+    );
+    assert_eq!(
+        env.ready_messages(&env.topology.queue).await,
+        0,
+        "and acked it"
+    );
 }

@@ -21,11 +21,19 @@ pub fn kind(headers: &HeaderMap, allow_ndjson: bool) -> Result<BodyKind> {
         return Ok(BodyKind::Json);
     };
     let text = value.to_str().unwrap_or_default();
-    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let essence = text
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Ok(BodyKind::Json),
         e if e.starts_with("application/") && e.ends_with("+json") => Ok(BodyKind::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/x-jsonlines"
             if allow_ndjson =>
         {
             Ok(BodyKind::NdJson)
@@ -51,14 +59,22 @@ pub fn one(bytes: &[u8]) -> Result<Value> {
 
 /// The items of a batch body: each either a parsed value or why its line did not parse.
 /// A JSON array that does not parse fails as a whole (no item boundaries can be trusted).
-pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<Result<Value, String>>> {
+pub fn batch(
+    bytes: &[u8],
+    kind: BodyKind,
+    max_events: usize,
+) -> Result<Vec<Result<Value, String>>> {
     let items: Vec<Result<Value, String>> = match kind {
         BodyKind::Json => {
-            let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
+            let value: Value =
+                serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
             match value {
                 Value::Array(items) => {
                     if items.len() > max_events {
-                        return Err(Error::TooManyEvents { count: items.len(), limit: max_events });
+                        return Err(Error::TooManyEvents {
+                            count: items.len(),
+                            limit: max_events,
+                        });
                     }
                     items.into_iter().map(Ok).collect()
                 }
@@ -74,11 +90,16 @@ pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<Resu
         BodyKind::NdJson => {
             let lines: Vec<&[u8]> = dedup_core::message::lines(bytes).collect();
             if lines.len() > max_events {
-                return Err(Error::TooManyEvents { count: lines.len(), limit: max_events });
+                return Err(Error::TooManyEvents {
+                    count: lines.len(),
+                    limit: max_events,
+                });
             }
             lines
                 .into_iter()
-                .map(|line| serde_json::from_slice(line).map_err(|e| format!("JSON parse error - {e}")))
+                .map(|line| {
+                    serde_json::from_slice(line).map_err(|e| format!("JSON parse error - {e}"))
+                })
                 .collect()
         }
     };
@@ -107,15 +128,27 @@ mod tests {
         let cases = [
             (None, true, Some(BodyKind::Json)),
             (Some("application/json"), false, Some(BodyKind::Json)),
-            (Some("Application/JSON; charset=utf-8"), false, Some(BodyKind::Json)),
-            (Some("application/vnd.events+json"), false, Some(BodyKind::Json)),
+            (
+                Some("Application/JSON; charset=utf-8"),
+                false,
+                Some(BodyKind::Json),
+            ),
+            (
+                Some("application/vnd.events+json"),
+                false,
+                Some(BodyKind::Json),
+            ),
             (Some("application/x-ndjson"), true, Some(BodyKind::NdJson)),
             (Some("application/x-ndjson"), false, None),
             (Some("text/plain"), true, None),
             (Some("application/x-www-form-urlencoded"), false, None),
         ];
         for (ct, ndjson, want) in cases {
-            assert_eq!(kind(&headers(ct), ndjson).ok(), want, "{ct:?} ndjson={ndjson}");
+            assert_eq!(
+                kind(&headers(ct), ndjson).ok(),
+                want,
+                "{ct:?} ndjson={ndjson}"
+            );
         }
     }
 
@@ -128,11 +161,29 @@ mod tests {
 
     #[test]
     fn batch_limits_and_shapes_are_enforced() {
-        assert!(matches!(batch(b"[1,2,3]", BodyKind::Json, 2), Err(Error::TooManyEvents { count: 3, limit: 2 })));
-        assert!(matches!(batch(b"a\nb\nc\n", BodyKind::NdJson, 2), Err(Error::TooManyEvents { .. })));
-        assert!(matches!(batch(b"[]", BodyKind::Json, 2), Err(Error::EmptyBatch)));
-        assert!(matches!(batch(b"\n\n", BodyKind::NdJson, 2), Err(Error::EmptyBatch)));
-        assert!(matches!(batch(b"{\"a\":1}", BodyKind::Json, 2), Err(Error::MalformedJson(_))));
-        assert!(matches!(batch(b"[{", BodyKind::Json, 2), Err(Error::MalformedJson(_))));
+        assert!(matches!(
+            batch(b"[1,2,3]", BodyKind::Json, 2),
+            Err(Error::TooManyEvents { count: 3, limit: 2 })
+        ));
+        assert!(matches!(
+            batch(b"a\nb\nc\n", BodyKind::NdJson, 2),
+            Err(Error::TooManyEvents { .. })
+        ));
+        assert!(matches!(
+            batch(b"[]", BodyKind::Json, 2),
+            Err(Error::EmptyBatch)
+        ));
+        assert!(matches!(
+            batch(b"\n\n", BodyKind::NdJson, 2),
+            Err(Error::EmptyBatch)
+        ));
+        assert!(matches!(
+            batch(b"{\"a\":1}", BodyKind::Json, 2),
+            Err(Error::MalformedJson(_))
+        ));
+        assert!(matches!(
+            batch(b"[{", BodyKind::Json, 2),
+            Err(Error::MalformedJson(_))
+        ));
     }
 }

@@ -28,7 +28,10 @@ pub enum Error {
     EmptyBatch,
     /// The broker is unreachable or refused the message; the client should retry.
     #[error("{reason}")]
-    Unavailable { reason: String, retry_after: Duration },
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -82,5 +85,9 @@ impl IntoResponse for Error {
 }
 
 fn too_large(detail: String) -> Response {
-    (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({ "detail": detail }))).into_response()
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({ "detail": detail })),
+    )
+        .into_response()
 }

@@ -61,7 +61,10 @@ pub fn app(state: AppState) -> Router {
         // tower-http's limit above replaces axum's default 2 MB one.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -143,18 +146,32 @@ async fn post_batch(
                     *n += 1;
                 }
             }
-            Err(field_errors) => errors.push(ItemErrors { index, errors: field_errors }),
+            Err(field_errors) => errors.push(ItemErrors {
+                index,
+                errors: field_errors,
+            }),
         }
     }
     let rejected = errors.len();
-    state.metrics.events.with_label_values(&["rejected"]).inc_by(rejected as u64);
+    state
+        .metrics
+        .events
+        .with_label_values(&["rejected"])
+        .inc_by(rejected as u64);
     if messages.is_empty() {
-        let answer = BatchAnswer { status: "rejected", queued: 0, rejected, errors };
+        let answer = BatchAnswer {
+            status: "rejected",
+            queued: 0,
+            rejected,
+            errors,
+        };
         return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
     }
-    let publishes = messages
-        .iter()
-        .map(|(buf, n)| state.publisher.publish(buf, message::properties(received_at, *n)));
+    let publishes = messages.iter().map(|(buf, n)| {
+        state
+            .publisher
+            .publish(buf, message::properties(received_at, *n))
+    });
     let outcomes = futures::future::join_all(publishes).await;
     let mut queued = 0;
     let mut first_error = None;
@@ -166,24 +183,45 @@ async fn post_batch(
             }
         }
     }
-    state.metrics.events.with_label_values(&["accepted"]).inc_by(queued as u64);
+    state
+        .metrics
+        .events
+        .with_label_values(&["accepted"])
+        .inc_by(queued as u64);
     if let Some(error) = first_error {
         let total: usize = messages.iter().map(|(_, n)| n).sum();
-        let reason = format!("{error} ({queued} of {total} valid events were queued; resend the whole batch)");
-        return Err(Error::Unavailable { reason, retry_after: state.limits.retry_after });
+        let reason = format!(
+            "{error} ({queued} of {total} valid events were queued; resend the whole batch)"
+        );
+        return Err(Error::Unavailable {
+            reason,
+            retry_after: state.limits.retry_after,
+        });
     }
-    let answer = BatchAnswer { status: "queued", queued, rejected, errors };
+    let answer = BatchAnswer {
+        status: "queued",
+        queued,
+        rejected,
+        errors,
+    };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 fn unavailable(error: PublishError, limits: &Limits) -> Error {
-    Error::Unavailable { reason: error.to_string(), retry_after: limits.retry_after }
+    Error::Unavailable {
+        reason: error.to_string(),
+        retry_after: limits.retry_after,
+    }
 }
 
 /// Counts and times every request, and gives bare 413 and 503 answers from the layers (size
 /// limit, timeout) the JSON body and `Retry-After` the handlers' own answers have.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = match request.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
+    let route = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
         Some(p) if p.starts_with("/product_events/batch") => "batch",
         Some(p) if p.starts_with("/product_events") => "single",
         Some(_) => "health",
@@ -197,11 +235,18 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        let limit = if route == "batch" { state.limits.max_batch_body_bytes } else { state.limits.max_body_bytes };
+        let limit = if route == "batch" {
+            state.limits.max_batch_body_bytes
+        } else {
+            state.limits.max_body_bytes
+        };
         response = Error::BodyTooLarge { limit }.into_response();
-    } else if status == StatusCode::SERVICE_UNAVAILABLE && !response.headers().contains_key(header::RETRY_AFTER) {
+    } else if status == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::RETRY_AFTER)
+    {
         if !is_json {
-            let detail = json!({ "detail": "The request took too long. Retry later; resending is safe." });
+            let detail =
+                json!({ "detail": "The request took too long. Retry later; resending is safe." });
             response = (StatusCode::SERVICE_UNAVAILABLE, Json(detail)).into_response();
         }
         let seconds = state.limits.retry_after.as_secs().max(1).to_string();
@@ -215,7 +260,15 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         400..=499 => "4xx",
         _ => "5xx",
     };
-    state.metrics.requests.with_label_values(&[route, class]).inc();
-    state.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route, class])
+        .inc();
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
     response
 }

@@ -32,13 +32,26 @@ use crate::metrics::Metrics;
 use crate::publish::{Publisher, PublisherConfig};
 
 /// Binds the configured addresses and serves until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr)
         .await
-        .with_context(|| format!("cannot listen on {}; set LISTEN_ADDR to a free address", config.listen_addr))?;
-    let admin_listener = TcpListener::bind(config.admin_listen_addr).await.with_context(|| {
-        format!("cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address", config.admin_listen_addr)
-    })?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; set LISTEN_ADDR to a free address",
+                config.listen_addr
+            )
+        })?;
+    let admin_listener = TcpListener::bind(config.admin_listen_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address",
+                config.admin_listen_addr
+            )
+        })?;
     serve(config, listener, admin_listener, shutdown).await
 }
 
@@ -55,7 +68,12 @@ pub async fn serve(
     let stop_publisher = CancellationToken::new();
     let supervisor = tokio::spawn(publisher.clone().supervise(stop_publisher.clone()));
     let ready = readiness(&publisher);
-    let state = AppState { publisher, limits: Arc::new(limits(&config)), metrics: metrics.clone(), ready: ready.clone() };
+    let state = AppState {
+        publisher,
+        limits: Arc::new(limits(&config)),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
 
     let stop = CancellationToken::new();
     tokio::spawn({
@@ -69,9 +87,14 @@ pub async fn serve(
     let admin_router = admin::router(metrics.registry.clone(), ready);
     let admin_task = tokio::spawn({
         let stop = stop.clone();
-        async move { axum::serve(admin_listener, admin_router).with_graceful_shutdown(stop.cancelled_owned()).await }
+        async move {
+            axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
     });
-    let server = axum::serve(listener, http::app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     let grace = config.shutdown_grace;
     tokio::select! {
         result = server => result.context("the HTTP server failed")?,
@@ -89,7 +112,11 @@ pub async fn serve(
 fn readiness(publisher: &Arc<Publisher>) -> Readiness {
     let publisher = publisher.clone();
     Arc::new(move || {
-        if publisher.is_connected() { Ok(()) } else { Err("not connected to RabbitMQ".to_owned()) }
+        if publisher.is_connected() {
+            Ok(())
+        } else {
+            Err("not connected to RabbitMQ".to_owned())
+        }
     })
 }
 

@@ -3,8 +3,9 @@
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Latency buckets in seconds, from 0.5 ms (a confirm on an idle broker) to 10 s.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
 
 /// Every metric ingest exports, registered in one registry. Clones share the same series.
 #[derive(Clone)]
@@ -24,18 +25,27 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("dedup_ingest_requests_total", "HTTP requests by route and status class."),
+            Opts::new(
+                "dedup_ingest_requests_total",
+                "HTTP requests by route and status class.",
+            ),
             &["route", "status_class"],
         )
         .expect("valid metric");
         let request_seconds = HistogramVec::new(
-            HistogramOpts::new("dedup_ingest_request_duration_seconds", "HTTP request latency.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "dedup_ingest_request_duration_seconds",
+                "HTTP request latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route"],
         )
         .expect("valid metric");
         let events = IntCounterVec::new(
-            Opts::new("dedup_ingest_events_total", "Events accepted (broker-confirmed) or rejected (invalid)."),
+            Opts::new(
+                "dedup_ingest_events_total",
+                "Events accepted (broker-confirmed) or rejected (invalid).",
+            ),
             &["outcome"],
         )
         .expect("valid metric");
@@ -47,12 +57,16 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        let publishes_in_flight =
-            IntGauge::new("dedup_ingest_publishes_in_flight", "Messages published and awaiting a confirm.")
-                .expect("valid metric");
-        let broker_connected =
-            IntGauge::new("dedup_ingest_broker_connected", "1 while connected to RabbitMQ, else 0.")
-                .expect("valid metric");
+        let publishes_in_flight = IntGauge::new(
+            "dedup_ingest_publishes_in_flight",
+            "Messages published and awaiting a confirm.",
+        )
+        .expect("valid metric");
+        let broker_connected = IntGauge::new(
+            "dedup_ingest_broker_connected",
+            "1 while connected to RabbitMQ, else 0.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -61,13 +75,23 @@ impl Metrics {
             Box::new(publishes_in_flight.clone()),
             Box::new(broker_connected.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         // Pre-create the series dashboards expect, so they read 0 rather than "no data".
         for outcome in ["accepted", "rejected"] {
             events.with_label_values(&[outcome]);
         }
-        Self { registry, requests, request_seconds, events, publish_confirm_seconds, publishes_in_flight, broker_connected }
+        Self {
+            registry,
+            requests,
+            request_seconds,
+            events,
+            publish_confirm_seconds,
+            publishes_in_flight,
+            broker_connected,
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use dedup_core::backoff::Backoff;
 use dedup_core::topology::{Topology, describe_declare_error};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -91,12 +91,17 @@ impl Publisher {
 
     /// True while a connection with open channels is in place.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed) && self.current_link().is_some_and(|link| link.is_healthy())
+        self.connected.load(Ordering::Relaxed)
+            && self.current_link().is_some_and(|link| link.is_healthy())
     }
 
     /// Publishes one message and waits for the broker's confirm.
     #[tracing::instrument(level = "debug", skip_all, fields(bytes = body.len()))]
-    pub async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
             return Err(PublishError::Backpressure(self.config.max_in_flight));
         };
@@ -111,7 +116,10 @@ impl Publisher {
                 .basic_publish(
                     topology.exchange.as_str().into(),
                     topology.routing_key(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     body,
                     properties,
                 )
@@ -120,7 +128,9 @@ impl Publisher {
         })
         .await;
         self.metrics.publishes_in_flight.dec();
-        self.metrics.publish_confirm_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .publish_confirm_seconds
+            .observe(started.elapsed().as_secs_f64());
         match outcome {
             Err(_) => Err(PublishError::ConfirmTimeout(self.config.confirm_timeout)),
             Ok(Err(e)) => {
@@ -128,7 +138,9 @@ impl Publisher {
                 Err(PublishError::Connection(e))
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable(topology.queue.clone())),
+            Ok(Ok(Confirmation::Ack(Some(_returned)))) => {
+                Err(PublishError::Unroutable(topology.queue.clone()))
+            }
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             // Confirm mode is set on every channel before it is used.
             Ok(Ok(Confirmation::NotRequested)) => Ok(()),
@@ -193,7 +205,10 @@ impl Publisher {
             .await
             .map_err(|_| "connecting timed out after 10s".to_owned())?
             .map_err(|e| format!("{e}"))?;
-        let declare_channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+        let declare_channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
         self.config
             .topology
             .declare(&declare_channel)
@@ -202,11 +217,20 @@ impl Publisher {
         let _ = declare_channel.close(200, "declared".into()).await;
         let mut channels = Vec::with_capacity(self.config.channels.max(1));
         for _ in 0..self.config.channels.max(1) {
-            let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| e.to_string())?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
             channels.push(channel);
         }
-        Ok(Link { connection, channels })
+        Ok(Link {
+            connection,
+            channels,
+        })
     }
 
     /// Returns once the connection or one of its channels is no longer usable.

@@ -20,21 +20,49 @@ struct Answer {
     body: Value,
 }
 
-async fn send(ingest: &IngestUnderTest, method: &str, uri: &str, content_type: Option<&str>, body: Vec<u8>) -> Answer {
+async fn send(
+    ingest: &IngestUnderTest,
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Answer {
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(ct) = content_type {
         request = request.header(header::CONTENT_TYPE, ct);
     }
-    let response = ingest.router.clone().oneshot(request.body(Body::from(body)).expect("request")).await.expect("response");
+    let response = ingest
+        .router
+        .clone()
+        .oneshot(request.body(Body::from(body)).expect("request"))
+        .await
+        .expect("response");
     let status = response.status();
     let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.expect("body").to_bytes();
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Answer { status, headers, body }
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 async fn post_json(ingest: &IngestUnderTest, uri: &str, value: &Value) -> Answer {
-    send(ingest, "POST", uri, Some("application/json"), value.to_string().into_bytes()).await
+    send(
+        ingest,
+        "POST",
+        uri,
+        Some("application/json"),
+        value.to_string().into_bytes(),
+    )
+    .await
 }
 
 /// Events the queue holds, decoded from every message's NDJSON body.
@@ -42,7 +70,11 @@ async fn queued_events(env: &TestEnv) -> Vec<Value> {
     env.drain(&env.topology.queue)
         .await
         .iter()
-        .flat_map(|(body, _)| dedup_core::message::lines(body).map(|l| serde_json::from_slice(l).expect("JSON line")).collect::<Vec<Value>>())
+        .flat_map(|(body, _)| {
+            dedup_core::message::lines(body)
+                .map(|l| serde_json::from_slice(l).expect("JSON line"))
+                .collect::<Vec<Value>>()
+        })
         .collect()
 }
 
@@ -54,16 +86,26 @@ async fn valid_event_is_queued_and_answered_202() {
     let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
     for uri in ["/product_events/", "/product_events"] {
         let answer = post_json(&ingest, uri, &sample_app_list()).await;
-        assert_eq!(answer.status, StatusCode::ACCEPTED, "{uri}: {}", answer.body);
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{uri}: {}",
+            answer.body
+        );
         assert_eq!(answer.body, json!({"status": "queued"}));
     }
     let messages = env.drain(&env.topology.queue).await;
     assert_eq!(messages.len(), 2);
     let (body, headers) = &messages[0];
-    let sent: Value = serde_json::from_slice(body.strip_suffix(b"\n").expect("NDJSON line")).expect("JSON");
+    let sent: Value =
+        serde_json::from_slice(body.strip_suffix(b"\n").expect("NDJSON line")).expect("JSON");
     assert_eq!(sent, sample_app_list(), "the event travels untouched");
     let headers = headers.as_ref().expect("headers");
-    assert!(headers.inner().contains_key(dedup_core::message::HEADER_RECEIVED_AT));
+    assert!(
+        headers
+            .inner()
+            .contains_key(dedup_core::message::HEADER_RECEIVED_AT)
+    );
 }
 
 /// The real samples are accepted as they are.
@@ -72,8 +114,20 @@ async fn shared_samples_are_accepted() {
     let env = TestEnv::new("samples").await;
     let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
     for (name, text) in shared_samples() {
-        let answer = send(&ingest, "POST", "/product_events/", Some("application/json"), text.into_bytes()).await;
-        assert_eq!(answer.status, StatusCode::ACCEPTED, "{name}: {}", answer.body);
+        let answer = send(
+            &ingest,
+            "POST",
+            "/product_events/",
+            Some("application/json"),
+            text.into_bytes(),
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
     }
 }
 
@@ -104,29 +158,69 @@ async fn bad_input_gets_a_clear_4xx_and_queues_nothing() {
         })
     );
 
-    let answer = send(&ingest, "POST", "/product_events/", Some("application/json"), b"{\"sid\": ".to_vec()).await;
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/",
+        Some("application/json"),
+        b"{\"sid\": ".to_vec(),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
-    assert!(answer.body["detail"].as_str().is_some_and(|d| d.starts_with("JSON parse error")), "{}", answer.body);
+    assert!(
+        answer.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("JSON parse error")),
+        "{}",
+        answer.body
+    );
 
     let answer = post_json(&ingest, "/product_events/", &json!([event("1")])).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
-    assert_eq!(answer.body, json!({"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}));
+    assert_eq!(
+        answer.body,
+        json!({"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
+    );
 
-    let answer = send(&ingest, "POST", "/product_events/", Some("text/plain"), event("1").to_string().into_bytes()).await;
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/",
+        Some("text/plain"),
+        event("1").to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("application/json")));
+    assert!(
+        answer.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("application/json"))
+    );
 
     let mut huge = event("1");
     huge["padding"] = json!("x".repeat(5000));
     let answer = post_json(&ingest, "/product_events/", &huge).await;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("4096")), "{}", answer.body);
+    assert!(
+        answer.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("4096")),
+        "{}",
+        answer.body
+    );
 
     let answer = send(&ingest, "GET", "/product_events/", None, Vec::new()).await;
     assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
 
-    assert_eq!(env.ready_messages(&env.topology.queue).await, 0, "nothing invalid was queued");
-    assert_eq!(ingest.metrics.events.with_label_values(&["rejected"]).get(), 3);
+    assert_eq!(
+        env.ready_messages(&env.topology.queue).await,
+        0,
+        "nothing invalid was queued"
+    );
+    assert_eq!(
+        ingest.metrics.events.with_label_values(&["rejected"]).get(),
+        3
+    );
 }
 
 /// A batch (JSON array or NDJSON) queues every valid event and reports the invalid ones by
@@ -142,19 +236,47 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
     let mut items: Vec<Value> = (0..300).map(|i| event(&format!("b-{i}"))).collect();
     items[7] = json!({"sid": "only"});
     items[250]["event_datetime"] = json!("yesterday");
-    let answer = post_json(&ingest, "/product_events/batch", &Value::Array(items.clone())).await;
+    let answer = post_json(
+        &ingest,
+        "/product_events/batch",
+        &Value::Array(items.clone()),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     assert_eq!(answer.body["queued"], 298);
     assert_eq!(answer.body["rejected"], 2);
-    let indexes: Vec<u64> = answer.body["errors"].as_array().expect("errors").iter().map(|e| e["index"].as_u64().expect("index")).collect();
+    let indexes: Vec<u64> = answer.body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["index"].as_u64().expect("index"))
+        .collect();
     assert_eq!(indexes, [7, 250]);
-    assert_eq!(answer.body["errors"][1]["errors"]["event_datetime"][0].as_str().map(|s| s.starts_with("Datetime has wrong format")), Some(true));
+    assert_eq!(
+        answer.body["errors"][1]["errors"]["event_datetime"][0]
+            .as_str()
+            .map(|s| s.starts_with("Datetime has wrong format")),
+        Some(true)
+    );
 
     let mut lines = ndjson(&[event("n-1"), event("n-2")]);
     lines.extend_from_slice(b"not json\n");
-    let answer = send(&ingest, "POST", "/product_events/batch", Some("application/x-ndjson"), lines).await;
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/x-ndjson"),
+        lines,
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
-    assert_eq!((answer.body["queued"].as_u64(), answer.body["rejected"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (
+            answer.body["queued"].as_u64(),
+            answer.body["rejected"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
     assert_eq!(answer.body["errors"][0]["index"], 2);
 
     let queued = queued_events(&env).await;
@@ -164,7 +286,12 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
     let too_many: Vec<Value> = (0..501).map(|i| event(&i.to_string())).collect();
     let answer = post_json(&ingest, "/product_events/batch", &Value::Array(too_many)).await;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(post_json(&ingest, "/product_events/batch", &json!([])).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        post_json(&ingest, "/product_events/batch", &json!([]))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
     let all_bad = post_json(&ingest, "/product_events/batch", &json!([{"a": 1}, 5])).await;
     assert_eq!(all_bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(all_bad.body["rejected"], 2);
@@ -178,13 +305,22 @@ async fn concurrent_requests_are_all_confirmed() {
     let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
     let requests = (0..300).map(|i| {
         let ingest = &ingest;
-        async move { post_json(ingest, "/product_events/", &event(&format!("c-{i}"))).await.status }
+        async move {
+            post_json(ingest, "/product_events/", &event(&format!("c-{i}")))
+                .await
+                .status
+        }
     });
     let statuses = futures::future::join_all(requests).await;
-    assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED), "{statuses:?}");
-    eventually(Duration::from_secs(10), "300 messages on the queue", || async {
-        (env.ready_messages(&env.topology.queue).await == 300).then_some(())
-    })
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::ACCEPTED),
+        "{statuses:?}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "300 messages on the queue",
+        || async { (env.ready_messages(&env.topology.queue).await == 300).then_some(()) },
+    )
     .await;
 }
 
@@ -194,34 +330,95 @@ async fn concurrent_requests_are_all_confirmed() {
 async fn broker_outage_gives_503_with_retry_after_and_recovers() {
     let env = TestEnv::new("outage").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    let ingest = IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), true).await;
-    assert_eq!(post_json(&ingest, "/product_events/", &event("before")).await.status, StatusCode::ACCEPTED);
-    assert_eq!(send(&ingest, "GET", "/readyz", None, Vec::new()).await.status, StatusCode::OK);
+    let ingest =
+        IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), true).await;
+    assert_eq!(
+        post_json(&ingest, "/product_events/", &event("before"))
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        send(&ingest, "GET", "/readyz", None, Vec::new())
+            .await
+            .status,
+        StatusCode::OK
+    );
 
     proxy.cut();
-    eventually(Duration::from_secs(10), "ingest to notice the outage", || async {
-        let answer = post_json(&ingest, "/product_events/", &event("during")).await;
-        assert_ne!(answer.status, StatusCode::ACCEPTED, "202 without a broker confirm");
-        (answer.status == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "ingest to notice the outage",
+        || async {
+            let answer = post_json(&ingest, "/product_events/", &event("during")).await;
+            assert_ne!(
+                answer.status,
+                StatusCode::ACCEPTED,
+                "202 without a broker confirm"
+            );
+            (answer.status == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
+        },
+    )
     .await;
     let answer = post_json(&ingest, "/product_events/", &event("during")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(answer.headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("2"));
-    assert!(answer.body["detail"].as_str().is_some_and(|d| d.contains("Retry later")), "{}", answer.body);
-    let batch = post_json(&ingest, "/product_events/batch", &json!([event("during-batch")])).await;
+    assert_eq!(
+        answer
+            .headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    assert!(
+        answer.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Retry later")),
+        "{}",
+        answer.body
+    );
+    let batch = post_json(
+        &ingest,
+        "/product_events/batch",
+        &json!([event("during-batch")]),
+    )
+    .await;
     assert_eq!(batch.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(send(&ingest, "GET", "/readyz", None, Vec::new()).await.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(send(&ingest, "GET", "/healthz", None, Vec::new()).await.status, StatusCode::OK, "alive, just not ready");
+    assert_eq!(
+        send(&ingest, "GET", "/readyz", None, Vec::new())
+            .await
+            .status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        send(&ingest, "GET", "/healthz", None, Vec::new())
+            .await
+            .status,
+        StatusCode::OK,
+        "alive, just not ready"
+    );
 
     proxy.restore();
     eventually(Duration::from_secs(15), "ingest to reconnect", || async {
-        (post_json(&ingest, "/product_events/", &event("after")).await.status == StatusCode::ACCEPTED).then_some(())
+        (post_json(&ingest, "/product_events/", &event("after"))
+            .await
+            .status
+            == StatusCode::ACCEPTED)
+            .then_some(())
     })
     .await;
-    let rs: Vec<Value> = queued_events(&env).await.iter().map(|e| e["r"].clone()).collect();
-    assert!(rs.contains(&json!("before")) && rs.contains(&json!("after")), "{rs:?}");
-    assert!(!rs.contains(&json!("during-batch")), "nothing answered 503 was queued by ingest");
+    let rs: Vec<Value> = queued_events(&env)
+        .await
+        .iter()
+        .map(|e| e["r"].clone())
+        .collect();
+    assert!(
+        rs.contains(&json!("before")) && rs.contains(&json!("after")),
+        "{rs:?}"
+    );
+    assert!(
+        !rs.contains(&json!("during-batch")),
+        "nothing answered 503 was queued by ingest"
+    );
 }
 
 /// A broker that never connected at all: 503 from the first request.
@@ -230,7 +427,8 @@ async fn unreachable_broker_from_the_start_gives_503() {
     let env = TestEnv::new("nobroker").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
     proxy.cut();
-    let ingest = IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), false).await;
+    let ingest =
+        IngestUnderTest::start(&ingest_config(&env, &amqp_url_via(proxy.addr())), false).await;
     let answer = post_json(&ingest, "/product_events/", &event("x")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(answer.headers.contains_key(header::RETRY_AFTER));

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dedup_core::topology::Topology;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use sqlx::PgPool;
@@ -40,7 +42,11 @@ impl TestEnv {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "t_{}_{}_{}",
-            test.chars().filter(char::is_ascii_alphanumeric).take(24).collect::<String>().to_ascii_lowercase(),
+            test.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(24)
+                .collect::<String>()
+                .to_ascii_lowercase(),
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
@@ -49,48 +55,89 @@ impl TestEnv {
             .acquire_timeout(Duration::from_secs(5))
             .connect(POSTGRES_URL)
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {POSTGRES_URL}: {e}; {START_HINT}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&admin).await.expect("create the test schema");
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL is not reachable at {POSTGRES_URL}: {e}; {START_HINT}")
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&admin)
+            .await
+            .expect("create the test schema");
         admin.close().await;
         let database_url = format!("{POSTGRES_URL}?options[search_path]={name}");
-        let pg = PgPoolOptions::new().max_connections(2).connect(&database_url).await.expect("connect to the test schema");
+        let pg = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&database_url)
+            .await
+            .expect("connect to the test schema");
 
         let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-        let mut conn = tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("Redis at {REDIS_URL} did not answer within 5s; {START_HINT}"))
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {REDIS_URL}: {e}; {START_HINT}"));
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut conn)
             .await
-            .unwrap_or_else(|_| panic!("Redis at {REDIS_URL} did not answer within 5s; {START_HINT}"))
-            .unwrap_or_else(|e| panic!("Redis is not reachable at {REDIS_URL}: {e}; {START_HINT}"));
-        let pong: String = redis::cmd("PING").query_async(&mut conn).await.expect("Redis PING");
+            .expect("Redis PING");
         assert_eq!(pong, "PONG");
 
-        let amqp = tokio::time::timeout(Duration::from_secs(10), Connection::connect(RABBITMQ_URL, ConnectionProperties::default()))
-            .await
-            .unwrap_or_else(|_| panic!("RabbitMQ at {RABBITMQ_URL} did not answer within 10s; {START_HINT}"))
-            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {RABBITMQ_URL}: {e}; {START_HINT}"));
+        let amqp = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(RABBITMQ_URL, ConnectionProperties::default()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("RabbitMQ at {RABBITMQ_URL} did not answer within 10s; {START_HINT}")
+        })
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ is not reachable at {RABBITMQ_URL}: {e}; {START_HINT}")
+        });
 
-        let env = Self { redis_prefix: name.clone(), topology: Topology::prefixed(&name), name, database_url, pg, amqp };
+        let env = Self {
+            redis_prefix: name.clone(),
+            topology: Topology::prefixed(&name),
+            name,
+            database_url,
+            pg,
+            amqp,
+        };
         env.declare().await;
         env
     }
 
     /// Rows in this test's `product_events`.
     pub async fn stored_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM product_events").fetch_one(&self.pg).await.unwrap_or(-1)
+        sqlx::query_scalar("SELECT count(*) FROM product_events")
+            .fetch_one(&self.pg)
+            .await
+            .unwrap_or(-1)
     }
 
     /// The `r` of every stored row with how often it is stored, most copies first.
     pub async fn stored_r_counts(&self) -> Vec<(String, i64)> {
-        sqlx::query_as("SELECT r, count(*) FROM product_events GROUP BY r ORDER BY count(*) DESC, r")
-            .fetch_all(&self.pg)
-            .await
-            .expect("read stored rows")
+        sqlx::query_as(
+            "SELECT r, count(*) FROM product_events GROUP BY r ORDER BY count(*) DESC, r",
+        )
+        .fetch_all(&self.pg)
+        .await
+        .expect("read stored rows")
     }
 
     /// Messages ready in `queue` (0 when the queue does not exist yet).
     pub async fn ready_messages(&self, queue: &str) -> u32 {
         let channel = self.amqp.create_channel().await.expect("channel");
         let result = channel
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await;
         let count = result.map(|q| q.message_count()).unwrap_or(0);
         let _ = channel.close(200, "done".into()).await;
@@ -101,8 +148,14 @@ impl TestEnv {
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Option<FieldTable>)> {
         let channel = self.amqp.create_channel().await.expect("channel");
         let mut out = Vec::new();
-        while let Ok(Some(message)) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await {
-            out.push((message.delivery.data.clone(), message.delivery.properties.headers().clone()));
+        while let Ok(Some(message)) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            out.push((
+                message.delivery.data.clone(),
+                message.delivery.properties.headers().clone(),
+            ));
         }
         let _ = channel.close(200, "done".into()).await;
         out
@@ -111,14 +164,20 @@ impl TestEnv {
     /// Declares this test's topology (as ingest and the worker do).
     pub async fn declare(&self) {
         let channel = self.amqp.create_channel().await.expect("channel");
-        self.topology.declare(&channel).await.expect("declare the test topology");
+        self.topology
+            .declare(&channel)
+            .await
+            .expect("declare the test topology");
         let _ = channel.close(200, "done".into()).await;
     }
 
     /// Publishes a raw body to the test's exchange with publisher confirms, as ingest would.
     pub async fn publish_raw(&self, body: &[u8], properties: lapin::BasicProperties) {
         let channel = self.amqp.create_channel().await.expect("channel");
-        channel.confirm_select(Default::default()).await.expect("confirm mode");
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirm mode");
         let confirm = channel
             .basic_publish(
                 self.topology.exchange.as_str().into(),
@@ -138,8 +197,15 @@ impl TestEnv {
     /// Redis keys under this test's prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
         let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("Redis");
-        redis::cmd("KEYS").arg(format!("{{{}}}:*", self.redis_prefix)).query_async(&mut conn).await.expect("KEYS")
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        redis::cmd("KEYS")
+            .arg(format!("{{{}}}:*", self.redis_prefix))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS")
     }
 
     /// Deletes every Redis key under this test's prefix (a targeted "FLUSHALL").
@@ -149,8 +215,15 @@ impl TestEnv {
             return;
         }
         let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("Redis");
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("DEL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
     }
 }
 
@@ -161,7 +234,10 @@ impl Drop for TestEnv {
         let topology = self.topology.clone();
         // Clean up on a thread of its own: Drop cannot await, and may run during a panic.
         let cleaner = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(cleanup(&name, &prefix, &topology));
         });
         let _ = cleaner.join();
@@ -169,14 +245,26 @@ impl Drop for TestEnv {
 }
 
 async fn cleanup(schema: &str, prefix: &str, topology: &Topology) {
-    if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(POSTGRES_URL).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&pool).await;
+    if let Ok(pool) = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(POSTGRES_URL)
+        .await
+    {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&pool)
+        .await;
         pool.close().await;
     }
     if let Ok(client) = redis::Client::open(REDIS_URL)
         && let Ok(mut conn) = client.get_multiplexed_async_connection().await
     {
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{{{prefix}}}:*")).query_async(&mut conn).await.unwrap_or_default();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}}}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
         if !keys.is_empty() {
             let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
         }
@@ -184,10 +272,14 @@ async fn cleanup(schema: &str, prefix: &str, topology: &Topology) {
     if let Ok(conn) = Connection::connect(RABBITMQ_URL, ConnectionProperties::default()).await {
         if let Ok(channel) = conn.create_channel().await {
             for queue in [&topology.queue, &topology.dead_letter_queue] {
-                let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
             }
             for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
             }
         }
         let _ = conn.close(200, "test cleanup".into()).await;

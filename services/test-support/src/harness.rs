@@ -48,15 +48,25 @@ impl IngestUnderTest {
         tokio::spawn(publisher.clone().supervise(stop.clone()));
         if wait {
             let p = publisher.clone();
-            crate::eventually(Duration::from_secs(10), "ingest to connect to RabbitMQ", || {
-                let p = p.clone();
-                async move { p.is_connected().then_some(()) }
-            })
+            crate::eventually(
+                Duration::from_secs(10),
+                "ingest to connect to RabbitMQ",
+                || {
+                    let p = p.clone();
+                    async move { p.is_connected().then_some(()) }
+                },
+            )
             .await;
         }
         let ready: dedup_core::admin::Readiness = {
             let p = publisher.clone();
-            Arc::new(move || if p.is_connected() { Ok(()) } else { Err("not connected to RabbitMQ".into()) })
+            Arc::new(move || {
+                if p.is_connected() {
+                    Ok(())
+                } else {
+                    Err("not connected to RabbitMQ".into())
+                }
+            })
         };
         let state = AppState {
             publisher: publisher.clone(),
@@ -64,7 +74,12 @@ impl IngestUnderTest {
             metrics: metrics.clone(),
             ready,
         };
-        Self { router: ingest::http::app(state), publisher, metrics, stop }
+        Self {
+            router: ingest::http::app(state),
+            publisher,
+            metrics,
+            stop,
+        }
     }
 }
 
@@ -143,24 +158,49 @@ impl Drop for WorkerUnderTest {
 
 /// Applies migrations; concurrent callers on one schema take turns (sqlx locks the schema).
 async fn migrate_once(worker: &Worker) {
-    worker.store().migrate().await.expect("migrations apply to the test schema");
+    worker
+        .store()
+        .migrate()
+        .await
+        .expect("migrations apply to the test schema");
 }
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`); returns the status
 /// code and body. Enough for end-to-end tests against a real listening server.
-pub async fn http_request(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the server under test");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the server under test");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await.expect("write request head");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("write request head");
     stream.write_all(body).await.expect("write request body");
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read response");
+    stream
+        .read_to_end(&mut response)
+        .await
+        .expect("read response");
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("HTTP status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }

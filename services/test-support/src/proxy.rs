@@ -26,9 +26,15 @@ struct State {
 impl Proxy {
     /// Starts a proxy on an ephemeral loopback port forwarding to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port for the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port for the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let state = Arc::new(State { upstream, open: AtomicBool::new(true), live: Mutex::new(CancellationToken::new()) });
+        let state = Arc::new(State {
+            upstream,
+            open: AtomicBool::new(true),
+            live: Mutex::new(CancellationToken::new()),
+        });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
         Self { addr, state, stop }
@@ -74,7 +80,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
         let live = state.live.lock().expect("proxy lock").clone();
         let upstream = state.upstream;
         tokio::spawn(async move {
-            let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+            let Ok(mut server) = TcpStream::connect(upstream).await else {
+                return;
+            };
             let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Makes sure the local PostgreSQL, Redis and RabbitMQ the pipeline and its tests use are up,
+# starting (or, on a bare Debian machine, installing) whichever is not. Idempotent.
+set -euo pipefail
+
+log() { printf '[ensure-services] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # name port seconds
+  local name=$1 port=$2 seconds=$3
+  for _ in $(seq 1 "$((seconds * 4))"); do
+    port_open "$port" && return 0
+    sleep 0.25
+  done
+  die "$name did not open 127.0.0.1:$port within ${seconds}s"
+}
+
+apt_install() {
+  [ "$(id -u)" = 0 ] || die "$* missing and not root: install it (apt-get install $*)"
+  log "installing $* from Debian packages"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# PostgreSQL (trust auth on 127.0.0.1, as this machine kind is set up).
+if ! port_open 5432; then
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  log "starting PostgreSQL $version"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
+  wait_for PostgreSQL 5432 60
+fi
+
+# Redis (no persistence: it is a cache).
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  wait_for Redis 6379 30
+fi
+
+# RabbitMQ, with the management API (queue depth for the operator and the metrics).
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  rabbitmq-server -detached
+  wait_for RabbitMQ 5672 120
+fi
+if ! port_open 15672; then
+  log "enabling the RabbitMQ management plugin"
+  rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
+  wait_for "RabbitMQ management API" 15672 60
+fi
+log "PostgreSQL, Redis and RabbitMQ are up"
