@@ -156,6 +156,8 @@ impl Consumer {
                         self.process(&pending, &channel, &dead_letter_channel, stop).await?;
                     }
                     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    let _ = dead_letter_channel.close(200, "worker stopping".into()).await;
+                    let _ = channel.close(200, "worker stopping".into()).await;
                     return Ok(());
                 }
                 () = linger => true,
