@@ -11,7 +11,8 @@
 //! - [`admin`]: the /metrics, /healthz and /readyz server on the admin port.
 //! - [`backoff`]: reconnection pacing.
 //! - [`config`]: settings both binaries read (broker, logging, optional YAML file).
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging and OpenTelemetry tracing setup.
+//! - [`trace_context`]: W3C trace context in AMQP headers.
 //! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod message;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod trace_context;
 
 pub use event::{Event, FieldErrors};
 pub use key::{DedupKey, KeySpec};

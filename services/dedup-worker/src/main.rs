@@ -7,7 +7,7 @@ use dedup_worker::config::Command;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = config::parse()?;
-    telemetry::init(&config.log);
+    let _telemetry = telemetry::init(&config.log, "dedup-worker")?;
     match config.command {
         Some(Command::Migrate) => dedup_worker::migrate(&config).await,
         None => dedup_worker::run(config, shutdown::shutdown_signal()).await,

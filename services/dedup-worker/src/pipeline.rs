@@ -6,12 +6,14 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use dedup_core::KeySpec;
 use dedup_core::backoff::Backoff;
 use dedup_core::topology::Topology;
+use dedup_core::{KeySpec, trace_context};
 use lapin::Channel;
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batch::{self, Candidate};
 use crate::error::{Error, Result};
@@ -54,8 +56,38 @@ impl Pipeline {
     /// Processes `deliveries` up to, not including, the ack. PostgreSQL and dead-letter
     /// failures are retried in place (the deliveries stay unacked meanwhile) until they succeed
     /// or `stop` is cancelled.
-    #[tracing::instrument(level = "debug", skip_all, fields(messages = deliveries.len()))]
     pub async fn process(
+        &self,
+        deliveries: &[Delivery],
+        dead_letter_channel: &Channel,
+        stop: &CancellationToken,
+    ) -> Result<Outcome> {
+        let span = tracing::info_span!(
+            "batch",
+            messages = deliveries.len(),
+            stored = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // The batch links every request whose events it carries (W3C context from the headers).
+        for delivery in deliveries {
+            if let Some(context) = trace_context::extract(&delivery.properties) {
+                span.add_link(context);
+            }
+        }
+        if let Some(id) = trace_context::trace_id(&span) {
+            span.record("trace_id", id);
+        }
+        let outcome = self
+            .process_in_span(deliveries, dead_letter_channel, stop)
+            .instrument(span.clone())
+            .await;
+        if let Ok(outcome) = &outcome {
+            span.record("stored", outcome.stored);
+        }
+        outcome
+    }
+
+    async fn process_in_span(
         &self,
         deliveries: &[Delivery],
         dead_letter_channel: &Channel,

@@ -12,10 +12,14 @@ fn undocumented(command: clap::Command, readme: &str) -> Vec<String> {
 
 #[test]
 fn readme_documents_every_setting_of_both_binaries() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
     let missing: Vec<String> = undocumented(dedup_worker::Config::command(), &readme)
         .into_iter()
         .chain(undocumented(ingest::Config::command(), &readme))
         .collect();
-    assert!(missing.is_empty(), "settings missing from the README's configuration tables: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "settings missing from the README's configuration tables: {missing:?}"
+    );
 }

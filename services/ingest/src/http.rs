@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use dedup_core::admin::{Readiness, readiness_response};
-use dedup_core::{FieldErrors, event, message};
+use dedup_core::{FieldErrors, event, message, trace_context};
 use serde::Serialize;
 use serde_json::json;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -65,7 +65,7 @@ pub fn app(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             limits.request_timeout,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
 
@@ -94,7 +94,7 @@ async fn post_event(
     message::push_event(&mut message_body, &event.payload);
     state
         .publisher
-        .publish(&message_body, message::properties(Utc::now(), 1))
+        .publish(&message_body, traced(message::properties(Utc::now(), 1)))
         .await
         .map_err(|e| unavailable(e, &state.limits))?;
     state.metrics.events.with_label_values(&["accepted"]).inc();
@@ -205,6 +205,26 @@ async fn post_batch(
         errors,
     };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// One span per request; its trace id (when tracing is on) goes on every log line of the request.
+fn request_span(request: &Request) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(id) = trace_context::trace_id(&span) {
+        span.record("trace_id", id);
+    }
+    span
+}
+
+/// Message properties carrying the current request's trace context, so the worker's batch
+/// span can link back to it.
+fn traced(properties: lapin::BasicProperties) -> lapin::BasicProperties {
+    trace_context::inject(&tracing::Span::current(), properties)
 }
 
 fn unavailable(error: PublishError, limits: &Limits) -> Error {

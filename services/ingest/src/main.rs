@@ -6,6 +6,6 @@ use ingest::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = config::parse()?;
-    telemetry::init(&config.log);
+    let _telemetry = telemetry::init(&config.log, "ingest")?;
     ingest::run(config, shutdown::shutdown_signal()).await
 }

@@ -1,0 +1,107 @@
+//! W3C trace context across the queue: ingest writes `traceparent`/`tracestate` into the AMQP
+//! message headers, the worker reads them back to link its batch span to the requests whose
+//! events it carries. With tracing off there is no valid context and nothing is written.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct HeaderInjector<'a>(&'a mut FieldTable);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0
+            .insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+}
+
+struct HeaderExtractor<'a>(&'a FieldTable);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0.inner().get(key)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.inner().keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// `properties` with the trace context of `span` added to its headers (unchanged when the span
+/// is not traced).
+pub fn inject(span: &tracing::Span, properties: BasicProperties) -> BasicProperties {
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return properties;
+    }
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut headers));
+    properties.with_headers(headers)
+}
+
+/// The trace context a message carries, if any.
+pub fn extract(properties: &BasicProperties) -> Option<SpanContext> {
+    let headers = properties.headers().as_ref()?;
+    let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// The trace id of `span` as hex, for log lines; `None` when tracing is off.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+
+    /// A traceparent written by another service is read back as the same span context.
+    #[test]
+    fn traceparent_header_is_read_back() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        );
+        let properties = BasicProperties::default().with_headers(headers);
+        let context = extract(&properties).expect("a valid context");
+        assert_eq!(
+            context.trace_id(),
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(
+            context.span_id(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+        );
+        assert_eq!(context.trace_flags(), TraceFlags::SAMPLED);
+        assert_eq!(context.trace_state(), &TraceState::default());
+    }
+
+    /// No header, a garbled one, or an untraced span: no context, nothing written.
+    #[test]
+    fn missing_or_garbled_context_is_ignored() {
+        assert!(extract(&BasicProperties::default()).is_none());
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString("garbage".into()),
+        );
+        assert!(extract(&BasicProperties::default().with_headers(headers)).is_none());
+        let untouched = inject(&tracing::Span::none(), BasicProperties::default());
+        assert!(untouched.headers().is_none());
+    }
+}
