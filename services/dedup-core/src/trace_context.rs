@@ -46,12 +46,46 @@ pub fn inject(span: &tracing::Span, properties: BasicProperties) -> BasicPropert
     properties.with_headers(headers)
 }
 
-/// The trace context a message carries, if any.
-pub fn extract(properties: &BasicProperties) -> Option<SpanContext> {
-    let headers = properties.headers().as_ref()?;
-    let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    let span_context = context.span().span_context().clone();
-    span_context.is_valid().then_some(span_context)
+/// The `traceparent` value of `span`, for a message packing several requests.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut headers = FieldTable::default();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut headers));
+    match headers.inner().get("traceparent")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Header listing the `traceparent` of every request whose events a packed message carries.
+pub const HEADER_TRACEPARENTS: &str = "x-traceparents";
+
+/// Every trace context a message carries: its `traceparent` and, for a packed message, the
+/// others listed in [`HEADER_TRACEPARENTS`].
+pub fn extract(properties: &BasicProperties) -> Vec<SpanContext> {
+    let Some(headers) = properties.headers().as_ref() else {
+        return Vec::new();
+    };
+    let propagator = TraceContextPropagator::new();
+    let mut out = Vec::new();
+    let mut push = |context: opentelemetry::Context| {
+        let span_context = context.span().span_context().clone();
+        if span_context.is_valid() && !out.contains(&span_context) {
+            out.push(span_context);
+        }
+    };
+    push(propagator.extract(&HeaderExtractor(headers)));
+    if let Some(AMQPValue::FieldArray(all)) = headers.inner().get(HEADER_TRACEPARENTS) {
+        for value in all.as_slice() {
+            let mut one = FieldTable::default();
+            one.insert("traceparent".into(), value.clone());
+            push(propagator.extract(&HeaderExtractor(&one)));
+        }
+    }
+    out
 }
 
 /// The trace id of `span` as hex, for log lines; `None` when tracing is off.
@@ -78,7 +112,7 @@ mod tests {
             AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         );
         let properties = BasicProperties::default().with_headers(headers);
-        let context = extract(&properties).expect("a valid context");
+        let context = extract(&properties).pop().expect("a valid context");
         assert_eq!(
             context.trace_id(),
             TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
@@ -94,13 +128,13 @@ mod tests {
     /// No header, a garbled one, or an untraced span: no context, nothing written.
     #[test]
     fn missing_or_garbled_context_is_ignored() {
-        assert!(extract(&BasicProperties::default()).is_none());
+        assert!(extract(&BasicProperties::default()).is_empty());
         let mut headers = FieldTable::default();
         headers.insert(
             "traceparent".into(),
             AMQPValue::LongString("garbage".into()),
         );
-        assert!(extract(&BasicProperties::default().with_headers(headers)).is_none());
+        assert!(extract(&BasicProperties::default().with_headers(headers)).is_empty());
         let untouched = inject(&tracing::Span::none(), BasicProperties::default());
         assert!(untouched.headers().is_none());
     }

@@ -70,7 +70,7 @@ impl Pipeline {
         );
         // The batch links every request whose events it carries (W3C context from the headers).
         for delivery in deliveries {
-            if let Some(context) = trace_context::extract(&delivery.properties) {
+            for context in trace_context::extract(&delivery.properties) {
                 span.add_link(context);
             }
         }

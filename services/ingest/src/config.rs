@@ -41,6 +41,13 @@ pub struct Config {
     /// Most events packed into one AMQP message from a batch request.
     #[arg(long, env = "EVENTS_PER_MESSAGE", default_value_t = 256)]
     pub events_per_message: usize,
+    /// Most single-event requests packed into one AMQP message when they arrive together
+    /// (1 turns packing off). Nothing waits for a pack to fill.
+    #[arg(long, env = "COALESCE_MAX_EVENTS", default_value_t = 128)]
+    pub coalesce_max_events: usize,
+    /// Packed messages that may await a confirm at once.
+    #[arg(long, env = "COALESCE_FLUSHERS", default_value_t = 8)]
+    pub coalesce_flushers: usize,
     /// AMQP channels publishing in parallel; each carries many unconfirmed messages at once.
     #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
     pub publish_channels: usize,

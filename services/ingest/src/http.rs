@@ -22,6 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::body;
+use crate::coalesce::Coalescer;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, Publisher};
@@ -41,6 +42,8 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct AppState {
     pub publisher: Arc<Publisher>,
+    /// Packs concurrent single events into shared messages.
+    pub coalescer: Arc<Coalescer>,
     pub limits: Arc<Limits>,
     pub metrics: Metrics,
     pub ready: Readiness,
@@ -90,11 +93,12 @@ async fn post_event(
             return Err(Error::Invalid(errors));
         }
     };
-    let mut message_body = Vec::with_capacity(bytes.len());
-    message::push_event(&mut message_body, &event.payload);
+    let mut line = Vec::with_capacity(bytes.len());
+    message::push_event(&mut line, &event.payload);
+    let traceparent = trace_context::traceparent(&tracing::Span::current());
     state
-        .publisher
-        .publish(&message_body, traced(message::properties(Utc::now(), 1)))
+        .coalescer
+        .publish(line, Utc::now(), traceparent)
         .await
         .map_err(|e| unavailable(e, &state.limits))?;
     state.metrics.events.with_label_values(&["accepted"]).inc();
@@ -170,7 +174,7 @@ async fn post_batch(
     let publishes = messages.iter().map(|(buf, n)| {
         state
             .publisher
-            .publish(buf, message::properties(received_at, *n))
+            .publish(buf, traced(message::properties(received_at, *n)))
     });
     let outcomes = futures::future::join_all(publishes).await;
     let mut queued = 0;

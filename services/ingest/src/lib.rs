@@ -8,11 +8,13 @@
 //! - [`config`]: settings (flags, environment, YAML).
 //! - [`http`]: the router: routes, limits, timeouts, request metrics.
 //! - [`body`]: reading bodies: content types, JSON, NDJSON batches.
+//! - [`coalesce`]: packing concurrent single events into shared messages.
 //! - [`publish`]: the broker connection, confirm-mode channels, reconnection.
 //! - [`error`]: every outcome a client can see, as HTTP answers.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod body;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -26,6 +28,7 @@ use dedup_core::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::coalesce::{CoalesceSettings, Coalescer};
 pub use crate::config::Config;
 use crate::http::{AppState, Limits};
 use crate::metrics::Metrics;
@@ -68,8 +71,14 @@ pub async fn serve(
     let stop_publisher = CancellationToken::new();
     let supervisor = tokio::spawn(publisher.clone().supervise(stop_publisher.clone()));
     let ready = readiness(&publisher);
+    let coalescer = Coalescer::start(
+        publisher.clone(),
+        &coalesce_settings(&config),
+        &stop_publisher,
+    );
     let state = AppState {
         publisher,
+        coalescer,
         limits: Arc::new(limits(&config)),
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -129,6 +138,15 @@ pub fn publisher_config(config: &Config) -> PublisherConfig {
         max_in_flight: config.max_in_flight_publishes,
         confirm_timeout: config.confirm_timeout,
         reconnect_max_backoff: config.reconnect_max_backoff,
+    }
+}
+
+/// The packing settings in `config`.
+pub fn coalesce_settings(config: &Config) -> CoalesceSettings {
+    CoalesceSettings {
+        max_events: config.coalesce_max_events,
+        flushers: config.coalesce_flushers,
+        timeout: config.confirm_timeout + std::time::Duration::from_secs(1),
     }
 }
 

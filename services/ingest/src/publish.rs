@@ -14,13 +14,13 @@ use dedup_core::topology::{Topology, describe_declare_error};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
 /// Why a publish did not end in a broker confirm.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     #[error("the message broker is unreachable")]
     NotConnected,
@@ -33,7 +33,7 @@ pub enum PublishError {
     #[error("the message broker could not route the message to queue {0:?}")]
     Unroutable(String),
     #[error("the broker connection failed while publishing: {0}")]
-    Connection(#[from] lapin::Error),
+    Connection(String),
 }
 
 /// Settings for [`Publisher`].
@@ -95,16 +95,31 @@ impl Publisher {
             && self.current_link().is_some_and(|link| link.is_healthy())
     }
 
+    /// Takes one place among the publishes allowed in flight, or fails with back-pressure.
+    pub fn acquire(&self) -> Result<OwnedSemaphorePermit, PublishError> {
+        self.in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PublishError::Backpressure(self.config.max_in_flight))
+    }
+
     /// Publishes one message and waits for the broker's confirm.
-    #[tracing::instrument(level = "debug", skip_all, fields(bytes = body.len()))]
     pub async fn publish(
         &self,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
-            return Err(PublishError::Backpressure(self.config.max_in_flight));
-        };
+        let _permit = self.acquire()?;
+        self.publish_unbounded(body, properties).await
+    }
+
+    /// [`Publisher::publish`] for a caller that already holds in-flight places.
+    #[tracing::instrument(level = "debug", skip_all, fields(bytes = body.len()))]
+    pub async fn publish_unbounded(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let link = self.current_link().ok_or(PublishError::NotConnected)?;
         let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
         let channel = &link.channels[index];
@@ -135,7 +150,7 @@ impl Publisher {
             Err(_) => Err(PublishError::ConfirmTimeout(self.config.confirm_timeout)),
             Ok(Err(e)) => {
                 self.mark_broken();
-                Err(PublishError::Connection(e))
+                Err(PublishError::Connection(e.to_string()))
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(_returned)))) => {

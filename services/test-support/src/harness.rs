@@ -68,8 +68,14 @@ impl IngestUnderTest {
                 }
             })
         };
+        let coalescer = ingest::coalesce::Coalescer::start(
+            publisher.clone(),
+            &ingest::coalesce_settings(config),
+            &stop,
+        );
         let state = AppState {
             publisher: publisher.clone(),
+            coalescer,
             limits: Arc::new(ingest::limits(config)),
             metrics: metrics.clone(),
             ready,

@@ -1,0 +1,173 @@
+//! Packing concurrent single-event requests into shared messages.
+//!
+//! Each request hands its event to a queue and waits. A few flusher tasks take whatever is
+//! waiting — at most [`CoalesceSettings::max_events`] — publish it as one confirmed message
+//! and answer every request in it. Nothing waits for a batch to fill: under light load each
+//! event goes alone at once; under heavy load events naturally share messages, so the
+//! broker's message rate stops capping the event rate. The worker still judges every event
+//! on its own, and a confirm answers only the requests whose events the message carried.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dedup_core::{message, trace_context};
+use lapin::types::{AMQPValue, FieldArray};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::publish::{PublishError, Publisher};
+
+/// Most bytes of events in one packed message.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Settings of the coalescer.
+#[derive(Debug, Clone)]
+pub struct CoalesceSettings {
+    /// Most events packed into one message.
+    pub max_events: usize,
+    /// Flusher tasks: how many packed messages may await a confirm at once.
+    pub flushers: usize,
+    /// How long a request waits for its answer before giving up with 503.
+    pub timeout: Duration,
+}
+
+/// One request's event waiting to be published.
+struct Pending {
+    line: Vec<u8>,
+    received_at: DateTime<Utc>,
+    traceparent: Option<String>,
+    done: oneshot::Sender<Result<(), PublishError>>,
+    /// Held until answered: counts against the in-flight limit.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The entry point requests use.
+pub struct Coalescer {
+    queue: mpsc::UnboundedSender<Pending>,
+    publisher: Arc<Publisher>,
+    timeout: Duration,
+}
+
+impl Coalescer {
+    /// Starts the flushers; they stop when `stop` is cancelled and the queue is drained.
+    pub fn start(
+        publisher: Arc<Publisher>,
+        settings: &CoalesceSettings,
+        stop: &CancellationToken,
+    ) -> Arc<Self> {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        // One receiver shared by the flushers: one collects while the others await confirms.
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..settings.flushers.max(1) {
+            tokio::spawn(flush_loop(
+                publisher.clone(),
+                receiver.clone(),
+                settings.max_events.max(1),
+                stop.clone(),
+            ));
+        }
+        Arc::new(Self {
+            queue,
+            publisher,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// Publishes one event (an NDJSON line) and waits until the broker confirmed the message
+    /// carrying it.
+    pub async fn publish(
+        &self,
+        line: Vec<u8>,
+        received_at: DateTime<Utc>,
+        traceparent: Option<String>,
+    ) -> Result<(), PublishError> {
+        let permit = self.publisher.acquire()?;
+        if !self.publisher.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let (done, answer) = oneshot::channel();
+        let pending = Pending {
+            line,
+            received_at,
+            traceparent,
+            done,
+            _permit: permit,
+        };
+        self.queue
+            .send(pending)
+            .map_err(|_| PublishError::NotConnected)?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PublishError::NotConnected),
+            Err(_) => Err(PublishError::ConfirmTimeout(self.timeout)),
+        }
+    }
+}
+
+async fn flush_loop(
+    publisher: Arc<Publisher>,
+    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Pending>>>,
+    max_events: usize,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_events);
+    let mut body: Vec<u8> = Vec::new();
+    loop {
+        {
+            let mut receiver = receiver.lock().await;
+            let first = tokio::select! {
+                () = stop.cancelled() => None,
+                first = receiver.recv() => first,
+            };
+            let Some(first) = first else { return };
+            let mut bytes = first.line.len();
+            batch.push(first);
+            while batch.len() < max_events && bytes < MAX_MESSAGE_BYTES {
+                match receiver.try_recv() {
+                    Ok(next) => {
+                        bytes += next.line.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        body.clear();
+        for pending in &batch {
+            body.extend_from_slice(&pending.line);
+        }
+        let received_at = batch
+            .iter()
+            .map(|p| p.received_at)
+            .min()
+            .unwrap_or_else(Utc::now);
+        let mut properties = message::properties(received_at, batch.len());
+        let traceparents: Vec<&str> = batch
+            .iter()
+            .filter_map(|p| p.traceparent.as_deref())
+            .collect();
+        if !traceparents.is_empty() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(traceparents[0].into()),
+            );
+            if traceparents.len() > 1 {
+                let all = traceparents
+                    .iter()
+                    .map(|t| AMQPValue::LongString((*t).into()))
+                    .collect::<Vec<_>>();
+                headers.insert(
+                    trace_context::HEADER_TRACEPARENTS.into(),
+                    AMQPValue::FieldArray(FieldArray::from(all)),
+                );
+            }
+            properties = properties.with_headers(headers);
+        }
+        let result = publisher.publish_unbounded(&body, properties).await;
+        for pending in batch.drain(..) {
+            let _ = pending.done.send(result.clone());
+        }
+    }
+}
