@@ -32,6 +32,9 @@ pub struct Config {
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4)]
     pub db_pool_size: u32,
+    /// Longest a PostgreSQL statement may run before it is cancelled and the batch retried.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub db_statement_timeout: Duration,
     /// Apply database migrations at start (otherwise run `dedup-worker migrate` first).
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = false)]
     pub migrate_on_start: bool,

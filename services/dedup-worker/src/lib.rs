@@ -102,7 +102,11 @@ impl Worker {
             metrics.clone(),
         )
         .context("REDIS_URL is not a valid Redis URL")?;
-        let store = Store::connect_lazy(&config.database_url, config.db_pool_size)?;
+        let store = Store::connect_lazy(
+            &config.database_url,
+            config.db_pool_size,
+            config.db_statement_timeout,
+        )?;
         let pipeline = Arc::new(Pipeline {
             spec,
             topology: config.amqp.topology.clone(),
@@ -221,7 +225,7 @@ pub async fn run(
 
 /// `dedup-worker migrate`: applies the migrations and reports what it did.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(&config.database_url, 1)?;
+    let store = Store::connect_lazy(&config.database_url, 1, config.db_statement_timeout)?;
     store.migrate().await.context(
         "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
          database exists (e.g. `createdb dedup`)",

@@ -65,14 +65,17 @@ pub struct Store {
 impl Store {
     /// Connects lazily: the pool opens connections on first use, so the worker starts (and
     /// retries) while PostgreSQL is down.
-    pub fn connect_lazy(url: &str, pool_size: u32) -> Result<Self> {
+    pub fn connect_lazy(url: &str, pool_size: u32, statement_timeout: Duration) -> Result<Self> {
         let options = PgConnectOptions::from_str(url).map_err(|e| {
             Error::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))
         })?;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.application_name("dedup-worker"));
+            .connect_lazy_with(options.application_name("dedup-worker").options([(
+                "statement_timeout",
+                format!("{}ms", statement_timeout.as_millis().max(1)),
+            )]));
         Ok(Self {
             pool,
             partitions: Mutex::new(HashSet::new()),
