@@ -39,6 +39,15 @@ async fn settle(env: &TestEnv, rows: i64) {
     .await;
 }
 
+/// Waits until `worker` has consumed `n` events in all (so its counters are final).
+async fn consumed(worker: &WorkerUnderTest, n: u64) {
+    let m = worker.worker.metrics().clone();
+    eventually(WAIT, &format!("{n} events consumed"), || async {
+        (m.consumed.get() >= n).then_some(())
+    })
+    .await;
+}
+
 /// Every stored `r` appears exactly once and the set is exactly `expected`.
 async fn assert_each_once(env: &TestEnv, expected: impl IntoIterator<Item = String>) {
     let counts = env.stored_r_counts().await;
@@ -211,6 +220,7 @@ async fn redis_flushed_mid_stream_still_stores_each_event_once() {
     second.extend(unique(120, "flush").into_iter().skip(100));
     publish_each(&env, &second).await;
     settle(&env, 120).await;
+    consumed(&worker, 170).await;
     assert_each_once(&env, (0..120).map(|i| format!("flush-{i}"))).await;
     let m = worker.worker.metrics();
     assert_eq!(
@@ -240,6 +250,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     // Repeats of the first 30 plus 30 new ones, while Redis is unreachable.
     publish_each(&env, &originals[..60]).await;
     settle(&env, 60).await;
+    consumed(&worker, 90).await;
     assert_eq!(
         m.redis_degraded.get(),
         1,
@@ -337,6 +348,7 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
         (env.ready_messages(&env.topology.dead_letter_queue).await == 3).then_some(())
     })
     .await;
+    consumed(&worker, 6).await;
     let letters = env.drain(&env.topology.dead_letter_queue).await;
     let bodies: Vec<Vec<u8>> = letters.iter().map(|(b, _)| b.clone()).collect();
     assert!(bodies.contains(&b"{this is not json".to_vec()));
