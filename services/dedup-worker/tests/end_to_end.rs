@@ -95,6 +95,44 @@ async fn sample_posted_twice_over_http_is_stored_once() {
         "{metrics}"
     );
 
+    // The worker's /metrics tells the same story: 5 events in, 3 stored, 2 duplicates.
+    let worker_admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let worker_admin_addr = worker_admin.local_addr().expect("addr");
+    let router = dedup_core::admin::router(
+        worker.worker.metrics().registry.clone(),
+        worker.worker.readiness(),
+    );
+    tokio::spawn(async move { axum::serve(worker_admin, router).await });
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "the worker to consume all 5 events",
+        || async {
+            let (status, metrics) =
+                http_request(worker_admin_addr, "GET", "/metrics", "text/plain", b"").await;
+            assert_eq!(status, 200);
+            metrics
+                .contains("dedup_worker_events_consumed_total 5")
+                .then_some(metrics)
+        },
+    )
+    .await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value("dedup_worker_events_consumed_total"),
+        5.0,
+        "{metrics}"
+    );
+    assert_eq!(value("dedup_worker_events_stored_total"), 3.0);
+    assert_eq!(value("dedup_worker_duplicates_total"), 2.0);
+    assert_eq!(value("dedup_worker_dead_lettered_total"), 0.0);
+    assert_eq!(value("dedup_worker_redis_degraded"), 0.0);
+
     let _ = stop.send(());
     server
         .await
