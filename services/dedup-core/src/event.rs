@@ -74,22 +74,113 @@ pub fn validate_value(value: Value) -> Result<Event, FieldErrors> {
 
 /// Validates one event object, collecting every field's errors rather than stopping at the first.
 pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
+    let fields = validate_fields(|name| payload.get(name).cloned())?;
+    let Fields {
+        client_id,
+        event_datetime,
+        event_name,
+        product_id,
+        sid,
+        r,
+    } = fields;
+    Ok(Event {
+        client_id,
+        event_datetime,
+        event_name,
+        product_id,
+        sid,
+        r,
+        payload,
+    })
+}
+
+/// The required fields of an event, normalised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fields {
+    pub client_id: Option<String>,
+    pub event_datetime: DateTime<Utc>,
+    pub event_name: String,
+    pub product_id: String,
+    pub sid: String,
+    pub r: String,
+}
+
+/// Why a raw body is not a valid event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawError {
+    /// Not JSON at all: the parser's message.
+    Malformed(String),
+    /// JSON, but not a valid event.
+    Invalid(FieldErrors),
+}
+
+/// Validates one event given as JSON text without building its whole tree: only the required
+/// fields are parsed (the hot path of ingest, where the text itself is what travels on).
+pub fn validate_raw(bytes: &[u8]) -> Result<Fields, RawError> {
+    #[derive(serde::Deserialize)]
+    struct RawObject<'a>(
+        #[serde(borrow)]
+        std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>,
+    );
+
+    match serde_json::from_slice::<RawObject<'_>>(bytes) {
+        Ok(RawObject(object)) => validate_fields(|name| {
+            object
+                .get(name)
+                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+        })
+        .map_err(RawError::Invalid),
+        // Not an object, or not JSON: the full parser gives the original's messages.
+        Err(_) => match serde_json::from_slice::<Value>(bytes) {
+            Err(e) => Err(RawError::Malformed(e.to_string())),
+            Ok(value) => validate_value(value)
+                .map(|event| event.fields())
+                .map_err(RawError::Invalid),
+        },
+    }
+}
+
+impl Event {
+    /// The required fields alone.
+    pub fn fields(self) -> Fields {
+        let Event {
+            client_id,
+            event_datetime,
+            event_name,
+            product_id,
+            sid,
+            r,
+            ..
+        } = self;
+        Fields {
+            client_id,
+            event_datetime,
+            event_name,
+            product_id,
+            sid,
+            r,
+        }
+    }
+}
+
+/// The rules for the required fields, over any way of looking a field up.
+fn validate_fields(get: impl Fn(&str) -> Option<Value>) -> Result<Fields, FieldErrors> {
     let mut errors = FieldErrors::new();
     let mut strings: [Option<String>; 5] = Default::default();
     for (slot, (name, max_len)) in strings.iter_mut().zip(STRING_FIELDS) {
         let allow_null = name == "client_id";
-        match string_field(payload.get(name), max_len, allow_null) {
+        match string_field(get(name).as_ref(), max_len, allow_null) {
             Ok(value) => *slot = value,
             Err(message) => {
                 errors.insert(name.to_owned(), vec![message]);
             }
         }
     }
-    let event_datetime = match payload.get("event_datetime") {
+    let event_datetime = match get("event_datetime") {
         None => Err(REQUIRED.to_owned()),
         Some(Value::Null) => Err(NOT_NULL.to_owned()),
         Some(Value::String(text)) => {
-            datetime::parse(text).ok_or_else(|| datetime::WRONG_FORMAT.into())
+            datetime::parse(&text).ok_or_else(|| datetime::WRONG_FORMAT.into())
         }
         Some(_) => Err(datetime::WRONG_FORMAT.to_owned()),
     };
@@ -106,14 +197,13 @@ pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
     let [client_id, event_name, product_id, sid, r] = strings;
     match (event_datetime, event_name, product_id, sid, r) {
         (Some(event_datetime), Some(event_name), Some(product_id), Some(sid), Some(r)) => {
-            Ok(Event {
+            Ok(Fields {
                 client_id,
                 event_datetime,
                 event_name,
                 product_id,
                 sid,
                 r,
-                payload,
             })
         }
         // Unreachable: a required field without a value has an error recorded above.
@@ -353,6 +443,43 @@ mod tests {
         let shifted =
             validate_value(with("event_datetime", json!("2025-04-11T01:00:00+03:00"))).unwrap();
         assert_eq!(shifted.event_date().to_string(), "2025-04-10");
+    }
+
+    /// The raw fast path and the full parser agree on every outcome.
+    #[test]
+    fn raw_validation_agrees_with_the_full_parser() {
+        let mut bad = valid();
+        bad["sid"] = json!("");
+        bad["r"] = json!(12);
+        let mut escaped_key = valid();
+        escaped_key.as_object_mut().unwrap().remove("sid");
+        let escaped = escaped_key
+            .to_string()
+            .replacen('{', r#"{"s\u0069d":"via-escape","#, 1);
+        let inputs: Vec<String> = vec![
+            valid().to_string(),
+            bad.to_string(),
+            without("event_datetime").to_string(),
+            json!([1]).to_string(),
+            "null".to_owned(),
+            escaped,
+            r#"{"sid":"a","sid":"b"}"#.to_owned(),
+        ];
+        assert!(
+            inputs[5].contains(r"\u0069"),
+            "the escaped-key case is really escaped"
+        );
+        for input in inputs {
+            let full = serde_json::from_str::<Value>(&input).unwrap();
+            let expected = validate_value(full)
+                .map(Event::fields)
+                .map_err(RawError::Invalid);
+            assert_eq!(validate_raw(input.as_bytes()), expected, "{input}");
+        }
+        assert!(matches!(
+            validate_raw(b"{\"sid\": "),
+            Err(RawError::Malformed(_))
+        ));
     }
 
     /// A body that is not an object gets the original's non-field error.

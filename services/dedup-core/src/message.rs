@@ -27,6 +27,22 @@ pub fn push_event(body: &mut Vec<u8>, event: &Map<String, Value>) {
     body.push(b'\n');
 }
 
+/// One event's JSON text as an NDJSON line. Compact text (what clients normally send) is
+/// copied as it is; text spread over several lines is re-serialised compactly.
+pub fn ndjson_line(text: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let trimmed = text.trim_ascii();
+    if trimmed.contains(&b'\n') {
+        let value: Value = serde_json::from_slice(trimmed)?;
+        let mut line = serde_json::to_vec(&value)?;
+        line.push(b'\n');
+        return Ok(line);
+    }
+    let mut line = Vec::with_capacity(trimmed.len() + 1);
+    line.extend_from_slice(trimmed);
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// Properties for a message of `count` events received at `received_at`.
 pub fn properties(received_at: DateTime<Utc>, count: usize) -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -80,6 +96,21 @@ mod tests {
             .collect();
         assert_eq!(back, [Value::Object(a), Value::Object(b)]);
         assert_eq!(lines(b"\n  \n{}\n").count(), 1);
+    }
+
+    /// A compact body travels byte for byte; a pretty-printed one becomes one line with the
+    /// same content.
+    #[test]
+    fn bodies_become_single_lines() {
+        assert_eq!(
+            ndjson_line(b" {\"a\": 1, \"b\":\"x y\"}\r\n").unwrap(),
+            b"{\"a\": 1, \"b\":\"x y\"}\n"
+        );
+        let pretty = b"{\n  \"a\": 1,\n  \"b\": [1, 2]\n}\n";
+        let line = ndjson_line(pretty).unwrap();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let back: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, serde_json::json!({"a": 1, "b": [1, 2]}));
     }
 
     /// The received time survives the headers to the microsecond; messages are persistent.

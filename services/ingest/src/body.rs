@@ -52,11 +52,6 @@ pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes>
     })
 }
 
-/// One JSON value from a single-event body.
-pub fn one(bytes: &[u8]) -> Result<Value> {
-    serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))
-}
-
 /// The items of a batch body: each either a parsed value or why its line did not parse.
 /// A JSON array that does not parse fails as a whole (no item boundaries can be trusted).
 pub fn batch(

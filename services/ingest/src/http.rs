@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use dedup_core::admin::{Readiness, readiness_response};
+use dedup_core::event::RawError;
 use dedup_core::{FieldErrors, event, message, trace_context};
 use serde::Serialize;
 use serde_json::json;
@@ -85,16 +86,16 @@ async fn post_event(
 ) -> Result<Response> {
     body::kind(&headers, false)?;
     let bytes = body::bytes(body, state.limits.max_body_bytes)?;
-    let value = body::one(&bytes)?;
-    let event = match event::validate_value(value) {
-        Ok(event) => event,
-        Err(errors) => {
+    // Only the required fields are parsed; the client's own text travels on as the event.
+    match event::validate_raw(&bytes) {
+        Ok(_) => {}
+        Err(RawError::Malformed(detail)) => return Err(Error::MalformedJson(detail)),
+        Err(RawError::Invalid(errors)) => {
             state.metrics.events.with_label_values(&["rejected"]).inc();
             return Err(Error::Invalid(errors));
         }
-    };
-    let mut line = Vec::with_capacity(bytes.len());
-    message::push_event(&mut line, &event.payload);
+    }
+    let line = message::ndjson_line(&bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
     let traceparent = trace_context::traceparent(&tracing::Span::current());
     state
         .coalescer
