@@ -7,6 +7,7 @@
 //! - [`datetime`]: the ISO 8601 date-times the original accepted.
 //! - [`key`]: the dedup key, a 128-bit hash over an unambiguous encoding of the key fields.
 //! - [`message`]: how events travel on the queue (NDJSON body, received time and trace headers).
+//! - [`queue_depth`]: ready and unacknowledged messages from the management API.
 //! - [`topology`]: the exchanges and queues both sides declare.
 //! - [`admin`]: the /metrics, /healthz and /readyz server on the admin port.
 //! - [`backoff`]: reconnection pacing.
@@ -22,6 +23,7 @@ pub mod datetime;
 pub mod event;
 pub mod key;
 pub mod message;
+pub mod queue_depth;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -81,6 +81,13 @@ pub struct Config {
     /// Longest pause between reconnection or retry attempts.
     #[arg(long, env = "RECONNECT_MAX_BACKOFF", value_parser = parse_duration, default_value = "5s")]
     pub reconnect_max_backoff: Duration,
+    /// RabbitMQ management API, for the queue depth gauges (ready and unacknowledged).
+    #[arg(
+        long,
+        env = "RABBITMQ_MANAGEMENT_URL",
+        default_value = "http://guest:guest@127.0.0.1:15672"
+    )]
+    pub rabbitmq_management_url: String,
     /// How often to read the queue depth from the broker for the metrics.
     #[arg(long, env = "QUEUE_DEPTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub queue_depth_interval: Duration,

@@ -31,10 +31,12 @@ pub mod store;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
 use dedup_core::KeySpec;
 use dedup_core::admin::{self, Readiness};
+use dedup_core::queue_depth::{DepthReader, vhost_of};
 use tokio_util::sync::CancellationToken;
 
 use crate::bloom::BloomParams;
@@ -169,6 +171,11 @@ impl Worker {
                 stop.cancel();
             }
         });
+        let depth = tokio::spawn(report_queue_depth(
+            self.config.clone(),
+            self.pipeline.metrics.clone(),
+            stop.clone(),
+        ));
         let consume = self.consumer.run(stop.clone());
         tokio::pin!(consume);
         let result = tokio::select! {
@@ -179,7 +186,50 @@ impl Worker {
             }
         };
         signal.abort();
+        depth.abort();
         result
+    }
+}
+
+/// Reads the depth of the main and dead-letter queues every `queue_depth_interval` into the
+/// `dedup_queue_messages` gauges, until `stop`. Failures are logged once, not fatal.
+async fn report_queue_depth(config: Config, metrics: Metrics, stop: CancellationToken) {
+    let reader = match DepthReader::new(&config.rabbitmq_management_url, Duration::from_secs(5)) {
+        Ok(reader) => reader,
+        Err(e) => {
+            tracing::warn!(error = %e, "Queue depth gauges disabled; fix RABBITMQ_MANAGEMENT_URL.");
+            return;
+        }
+    };
+    let vhost = vhost_of(&config.amqp.rabbitmq_url);
+    let topology = &config.amqp.topology;
+    let mut failing = false;
+    loop {
+        for queue in [&topology.queue, &topology.dead_letter_queue] {
+            match reader.read(&vhost, queue).await {
+                Ok(depth) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("Reading the queue depth again.");
+                    }
+                    let gauge = |state: &str| {
+                        metrics
+                            .queue_messages
+                            .with_label_values(&[queue.as_str(), state])
+                    };
+                    gauge("ready").set(i64::try_from(depth.ready).unwrap_or(i64::MAX));
+                    gauge("unacked").set(i64::try_from(depth.unacked).unwrap_or(i64::MAX));
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(%queue, error = %e, "Cannot read the queue depth; the gauges are stale.");
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(config.queue_depth_interval) => {}
+        }
     }
 }
 

@@ -1,0 +1,189 @@
+//! Queue depth from RabbitMQ's management API: ready *and* unacknowledged messages (a passive
+//! declare gives only the ready ones, so work in flight on consumers would look finished).
+//! The worker exports it as gauges; the operator scales workers on it.
+
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+
+/// Messages in one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// Waiting to be delivered.
+    pub ready: u64,
+    /// Delivered to a consumer and not yet acknowledged: work in flight.
+    pub unacked: u64,
+}
+
+impl QueueDepth {
+    pub fn total(&self) -> u64 {
+        self.ready + self.unacked
+    }
+}
+
+/// Why the depth could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DepthError {
+    #[error("the management URL {0:?} is not usable: {1}")]
+    BadUrl(String, String),
+    #[error("the RabbitMQ management API did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(
+        "cannot reach the RabbitMQ management API: {0} (is the rabbitmq_management plugin enabled?)"
+    )]
+    Unreachable(String),
+    #[error("queue {queue:?} does not exist in vhost {vhost:?}")]
+    NoSuchQueue { vhost: String, queue: String },
+    #[error("the RabbitMQ management API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("unexpected answer from the RabbitMQ management API: {0}")]
+    Decode(String),
+}
+
+#[derive(Deserialize)]
+struct QueueInfo {
+    #[serde(default)]
+    messages_ready: u64,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+}
+
+/// Reads queue depths from one management endpoint.
+#[derive(Clone)]
+pub struct DepthReader {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// `http://host:port` without credentials.
+    base: String,
+    /// `Basic …` header value, when the URL carried credentials.
+    authorization: Option<String>,
+    timeout: Duration,
+}
+
+impl DepthReader {
+    /// A reader for `management_url` (`http://user:password@host:15672`).
+    pub fn new(management_url: &str, timeout: Duration) -> Result<Self, DepthError> {
+        let url = url::Url::parse(management_url)
+            .map_err(|e| DepthError::BadUrl(management_url.to_owned(), e.to_string()))?;
+        if url.scheme() != "http" {
+            return Err(DepthError::BadUrl(
+                management_url.to_owned(),
+                "only http:// is supported".into(),
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| DepthError::BadUrl(management_url.to_owned(), "no host".into()))?;
+        let port = url.port_or_known_default().unwrap_or(15672);
+        let authorization = (!url.username().is_empty()).then(|| {
+            let user = percent_encoding::percent_decode_str(url.username()).decode_utf8_lossy();
+            let password = percent_encoding::percent_decode_str(url.password().unwrap_or_default())
+                .decode_utf8_lossy();
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            )
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Self {
+            client,
+            base: format!("http://{host}:{port}"),
+            authorization,
+            timeout,
+        })
+    }
+
+    /// The depth of `queue` in `vhost`.
+    pub async fn read(&self, vhost: &str, queue: &str) -> Result<QueueDepth, DepthError> {
+        let uri = format!(
+            "{}/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged",
+            self.base,
+            utf8_percent_encode(vhost, NON_ALPHANUMERIC),
+            utf8_percent_encode(queue, NON_ALPHANUMERIC)
+        );
+        let mut request = hyper::Request::get(&uri);
+        if let Some(auth) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, auth);
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| DepthError::BadUrl(uri.clone(), e.to_string()))?;
+        let response = tokio::time::timeout(self.timeout, self.client.request(request))
+            .await
+            .map_err(|_| DepthError::Timeout(self.timeout))?
+            .map_err(|e| DepthError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let body = tokio::time::timeout(self.timeout, response.into_body().collect())
+            .await
+            .map_err(|_| DepthError::Timeout(self.timeout))?
+            .map_err(|e| DepthError::Unreachable(e.to_string()))?
+            .to_bytes();
+        if status == hyper::StatusCode::NOT_FOUND {
+            return Err(DepthError::NoSuchQueue {
+                vhost: vhost.to_owned(),
+                queue: queue.to_owned(),
+            });
+        }
+        if !status.is_success() {
+            return Err(DepthError::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+        }
+        let info: QueueInfo =
+            serde_json::from_slice(&body).map_err(|e| DepthError::Decode(e.to_string()))?;
+        Ok(QueueDepth {
+            ready: info.messages_ready,
+            unacked: info.messages_unacknowledged,
+        })
+    }
+}
+
+/// The vhost named in an AMQP URL (`amqp://…/%2f` and a missing path both mean `/`).
+pub fn vhost_of(amqp_url: &str) -> String {
+    let path = url::Url::parse(amqp_url)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    let vhost = path.strip_prefix('/').unwrap_or(&path);
+    if vhost.is_empty() {
+        "/".to_owned()
+    } else {
+        percent_encoding::percent_decode_str(vhost)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vhost_is_read_from_the_amqp_url() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "/");
+        assert_eq!(vhost_of("amqp://u:p@rabbit:5672/events"), "events");
+        assert_eq!(vhost_of("amqp://u:p@rabbit:5672/a%2Fb"), "a/b");
+    }
+
+    #[test]
+    fn bad_management_urls_are_refused_with_a_reason() {
+        assert!(matches!(
+            DepthReader::new("not a url", Duration::from_secs(1)),
+            Err(DepthError::BadUrl(..))
+        ));
+        assert!(matches!(
+            DepthReader::new("https://h:15671", Duration::from_secs(1)),
+            Err(DepthError::BadUrl(..))
+        ));
+        assert!(
+            DepthReader::new("http://guest:guest@127.0.0.1:15672", Duration::from_secs(1)).is_ok()
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The queue depth the worker exports (and the operator scales on) counts messages in flight:
+//! ready and unacknowledged, read from the real broker's management API.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use dedup_core::message;
+use dedup_core::queue_depth::{DepthError, DepthReader, QueueDepth, vhost_of};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use test_support::env::RABBITMQ_URL;
+use test_support::events::{event, ndjson};
+use test_support::harness::{WorkerUnderTest, worker_config};
+use test_support::{TestEnv, eventually};
+
+const MANAGEMENT: &str = "http://guest:guest@127.0.0.1:15672";
+
+/// 10 messages, 4 of them delivered and held unacked: the reader sees 6 ready and 4 unacked,
+/// and the worker's gauges say the same once it is running.
+#[tokio::test]
+async fn depth_counts_ready_and_unacknowledged_messages() {
+    let env = TestEnv::new("depth").await;
+    for i in 0..10 {
+        env.publish_raw(
+            &ndjson(&[event(&format!("d-{i}"))]),
+            message::properties(Utc::now(), 1),
+        )
+        .await;
+    }
+    let holder = env.amqp.create_channel().await.expect("channel");
+    holder
+        .basic_qos(4, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = holder
+        .basic_consume(
+            env.topology.queue.as_str().into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            consumer
+                .next()
+                .await
+                .expect("a delivery")
+                .expect("delivery"),
+        );
+    }
+
+    let reader = DepthReader::new(MANAGEMENT, Duration::from_secs(5)).expect("reader");
+    let vhost = vhost_of(RABBITMQ_URL);
+    // The management API refreshes its figures every few seconds.
+    eventually(Duration::from_secs(20), "6 ready and 4 unacked", || async {
+        let depth = reader
+            .read(&vhost, &env.topology.queue)
+            .await
+            .expect("read the depth");
+        (depth
+            == QueueDepth {
+                ready: 6,
+                unacked: 4,
+            })
+        .then_some(())
+    })
+    .await;
+
+    let missing = reader.read(&vhost, "no-such-queue-for-dedup-tests").await;
+    assert!(
+        matches!(missing, Err(DepthError::NoSuchQueue { .. })),
+        "{missing:?}"
+    );
+    let closed =
+        DepthReader::new("http://guest:guest@127.0.0.1:9", Duration::from_secs(2)).expect("reader");
+    assert!(matches!(
+        closed.read(&vhost, &env.topology.queue).await,
+        Err(DepthError::Unreachable(_))
+    ));
+
+    let _ = holder.close(200, "done".into()).await;
+    drop(held);
+    // With the messages released and a worker draining them, the gauges settle at zero.
+    let mut config = worker_config(&env);
+    config.queue_depth_interval = Duration::from_millis(500);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let registry = worker.worker.metrics().registry.clone();
+    // Only the reporter creates series for the dead-letter queue: seeing one proves it ran.
+    let reported = |queue: &str, state: &str| -> Option<f64> {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "dedup_queue_messages")
+            .and_then(|family| {
+                family.get_metric().iter().find_map(|m| {
+                    let labels = m.get_label();
+                    let has =
+                        |k: &str, v: &str| labels.iter().any(|l| l.name() == k && l.value() == v);
+                    (has("queue", queue) && has("state", state)).then(|| m.get_gauge().get_value())
+                })
+            })
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the gauges to read an empty queue",
+        || async {
+            let settled = env.stored_rows().await == 10
+                && reported(&env.topology.dead_letter_queue, "ready") == Some(0.0)
+                && reported(&env.topology.queue, "ready") == Some(0.0)
+                && reported(&env.topology.queue, "unacked") == Some(0.0);
+            settled.then_some(())
+        },
+    )
+    .await;
+    worker.stop().await.expect("clean stop");
+}
