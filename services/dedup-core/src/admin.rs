@@ -81,3 +81,39 @@ pub fn readiness_response(ready: &Readiness) -> (StatusCode, String) {
         ),
     }
 }
+
+/// `probe`: asks this process's own admin server whether it is ready (for container health
+/// checks in images without a shell or curl). Fails with the reason when it is not.
+pub async fn probe(admin_addr: SocketAddr) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioExecutor;
+
+    let host = if admin_addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        admin_addr.ip().to_string()
+    };
+    let uri = format!("http://{host}:{}/readyz", admin_addr.port());
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Empty<axum::body::Bytes>>();
+    let request = hyper::Request::get(&uri).body(Empty::new())?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(3), client.request(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("{uri} did not answer within 3s"))?
+        .map_err(|e| anyhow::anyhow!("cannot reach {uri}: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if status.is_success() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{uri} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )
+    }
+}

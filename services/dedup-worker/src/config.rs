@@ -102,4 +102,7 @@ pub struct Config {
 pub enum Command {
     /// Apply the database migrations and exit.
     Migrate,
+    /// Ask the running worker (on ADMIN_LISTEN_ADDR) whether it is ready; exit 0 if so. For
+    /// container health checks.
+    Probe,
 }

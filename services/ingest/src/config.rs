@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use dedup_core::config::{AmqpArgs, ConfigFileArg, parse_duration};
 use dedup_core::telemetry::LogArgs;
 
@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_BATCH_EVENTS: usize = 10_000;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest", version, about, long_about = None)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub file: ConfigFileArg,
     /// Address of the public HTTP API.
@@ -71,4 +73,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Ask the running ingest (on ADMIN_LISTEN_ADDR) whether it is ready; exit 0 if so. For
+    /// container health checks.
+    Probe,
 }
