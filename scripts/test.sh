@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 cargo test --workspace --locked "$@"
+# The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
+target=${CARGO_TARGET_DIR:-target}
+cargo build --locked -p ingest -p dedup-worker -p dedup-bench
+DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
+  "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
 scripts/check-monitoring.sh
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py

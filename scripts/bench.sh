@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds the release binaries and runs the benchmark harness against the local services.
+#   scripts/bench.sh                          # ceilings, then 60 s closed-loop single events
+#   scripts/bench.sh run --batch 100          # batch requests only
+#   scripts/bench.sh run --rate 3000          # open loop at a fixed arrival rate
+#   scripts/bench.sh --smoke                  # a few seconds, correctness only (CI)
+# All flags: scripts/bench.sh --help
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-services.sh >&2
+cargo build --release --locked -p ingest -p dedup-worker -p dedup-bench >&2
+bin=${CARGO_TARGET_DIR:-target}/release
+export DEDUP_BENCH_INGEST_BIN=$bin/ingest DEDUP_BENCH_WORKER_BIN=$bin/dedup-worker
+exec "$bin/dedup-bench" "$@"

@@ -1,0 +1,240 @@
+//! The machine's own ceilings, measured with the pipeline's own code and data: RabbitMQ
+//! publish-with-confirms and consume-and-ack of the pipeline's messages on the same queue
+//! type, PostgreSQL inserts of the same rows through the worker's statement, and the worker's
+//! Redis scripts per batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use dedup_core::{KeySpec, message};
+use dedup_worker::batch;
+use dedup_worker::bloom::BloomParams;
+use dedup_worker::metrics::Metrics;
+use dedup_worker::redis_tier::{Item, RedisSettings, RedisTier};
+use dedup_worker::store::{Row, Store, lock_order};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::services::{Backends, Isolation};
+use crate::workload::Workload;
+
+/// Measured ceilings, in events per second (one event per message for RabbitMQ).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceilings {
+    pub rabbitmq_publish_per_s: f64,
+    pub rabbitmq_confirm_p50_ms: f64,
+    pub rabbitmq_confirm_p99_ms: f64,
+    pub rabbitmq_consume_ack_per_s: f64,
+    pub postgres_insert_rows_per_s: f64,
+    pub redis_events_per_s: f64,
+    pub batch: usize,
+}
+
+impl Ceilings {
+    /// The lowest of the ceilings, and which one it is.
+    pub fn lowest(&self) -> (&'static str, f64) {
+        [
+            ("RabbitMQ publish+confirm", self.rabbitmq_publish_per_s),
+            ("RabbitMQ consume+ack", self.rabbitmq_consume_ack_per_s),
+            ("PostgreSQL insert", self.postgres_insert_rows_per_s),
+            ("Redis scripts", self.redis_events_per_s),
+        ]
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("none", 0.0))
+    }
+}
+
+/// Measures all ceilings with `events` events each, in an isolation of their own.
+pub async fn measure(
+    backends: &Backends,
+    iso: &Isolation,
+    events: usize,
+    batch_size: usize,
+) -> anyhow::Result<Ceilings> {
+    let workload = Workload::new(&iso.name, 0.0, Duration::ZERO)?;
+    let lines: Vec<Vec<u8>> = (0..events as u64)
+        .map(|n| {
+            let mut line = Vec::with_capacity(workload.event_size() + 1);
+            workload.body(n, &mut line);
+            line.push(b'\n');
+            line
+        })
+        .collect();
+    eprintln!(
+        "ceilings: RabbitMQ ({events} persistent messages, {:?} queue, confirms)…",
+        iso.topology.queue_type
+    );
+    let (publish, confirm_p50, confirm_p99, consume) = rabbitmq(backends, iso, &lines).await?;
+    eprintln!("ceilings: PostgreSQL ({events} rows in batches of {batch_size})…");
+    let postgres = postgres(iso, &lines, batch_size).await?;
+    eprintln!("ceilings: Redis ({events} keys in batches of {batch_size})…");
+    let redis = redis(backends, iso, &lines, batch_size).await?;
+    Ok(Ceilings {
+        rabbitmq_publish_per_s: publish,
+        rabbitmq_confirm_p50_ms: confirm_p50,
+        rabbitmq_confirm_p99_ms: confirm_p99,
+        rabbitmq_consume_ack_per_s: consume,
+        postgres_insert_rows_per_s: postgres,
+        redis_events_per_s: redis,
+        batch: batch_size,
+    })
+}
+
+/// Publishes every line as its own message (up to 512 unconfirmed), then consumes and acks.
+async fn rabbitmq(
+    backends: &Backends,
+    iso: &Isolation,
+    lines: &[Vec<u8>],
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let conn =
+        lapin::Connection::connect(&backends.rabbitmq, lapin::ConnectionProperties::default())
+            .await?;
+    let channel = conn.create_channel().await?;
+    iso.topology.declare(&channel).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut confirm_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for line in lines {
+        if in_flight.len() >= 512
+            && let Some(result) = in_flight.next().await
+        {
+            let (sent, confirm): (Instant, lapin::Result<lapin::Confirmation>) = result;
+            confirm?;
+            confirm_us.saturating_record(sent.elapsed().as_micros() as u64);
+        }
+        let sent = Instant::now();
+        let confirm = channel
+            .basic_publish(
+                iso.topology.exchange.as_str().into(),
+                iso.topology.routing_key(),
+                BasicPublishOptions::default(),
+                line,
+                message::properties(Utc::now(), 1),
+            )
+            .await?;
+        in_flight.push(async move { (sent, confirm.await) });
+    }
+    while let Some((sent, confirm)) = in_flight.next().await {
+        confirm?;
+        confirm_us.saturating_record(sent.elapsed().as_micros() as u64);
+    }
+    let publish_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            iso.topology.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut received = 0usize;
+    while received < lines.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("consuming stalled"))?
+            .ok_or_else(|| anyhow::anyhow!("consumer closed"))??;
+        received += 1;
+        if received.is_multiple_of(100) || received == lines.len() {
+            consumer_channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    let consume_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+    let _ = conn.close(200, "ceiling measured".into()).await;
+    let ms = |q: f64| confirm_us.value_at_quantile(q) as f64 / 1000.0;
+    Ok((publish_rate, ms(0.5), ms(0.99), consume_rate))
+}
+
+/// Inserts the rows through the worker's own statement, one batch after another.
+async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyhow::Result<f64> {
+    let store = Store::connect_lazy(&iso.database_url, 2, Duration::from_secs(60))?;
+    store.migrate().await?;
+    let spec = KeySpec::default();
+    let now = Utc::now();
+    let mut elapsed = Duration::ZERO;
+    for chunk in lines.chunks(batch_size.max(1)) {
+        let body: Vec<u8> = chunk.concat();
+        let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
+        let mut rows: Vec<Row<'_>> = decoded
+            .candidates
+            .iter()
+            .map(|c| Row {
+                event_date: c.day(),
+                dedup_key: c.key.as_uuid(),
+                event_datetime: c.event.event_datetime,
+                client_id: c.event.client_id.as_deref(),
+                event_name: &c.event.event_name,
+                product_id: &c.event.product_id,
+                sid: &c.event.sid,
+                r: &c.event.r,
+                payload: c.raw,
+                received_at: c.received_at,
+            })
+            .collect();
+        lock_order(&mut rows);
+        let started = Instant::now();
+        store.insert(&rows).await?;
+        elapsed += started.elapsed();
+    }
+    store.pool().close().await;
+    Ok(lines.len() as f64 / elapsed.as_secs_f64())
+}
+
+/// Runs the worker's check and record scripts per batch.
+async fn redis(
+    backends: &Backends,
+    iso: &Isolation,
+    lines: &[Vec<u8>],
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    let day = Duration::from_secs(86_400);
+    let tier = Arc::new(RedisTier::new(
+        RedisSettings {
+            url: backends.redis.clone(),
+            prefix: iso.name.clone(),
+            bloom: BloomParams::size(100.0, 0.01, 7 * day, day).map_err(anyhow::Error::msg)?,
+            recent_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(1),
+        },
+        Metrics::new(),
+    )?);
+    let spec = KeySpec::default();
+    let now = Utc::now();
+    let body: Vec<u8> = lines.concat();
+    let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
+    let items: Vec<Item> = decoded
+        .candidates
+        .iter()
+        .map(|c| Item {
+            key: c.key,
+            day: c.day(),
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in items.chunks(batch_size.max(1)) {
+        anyhow::ensure!(tier.check(chunk).await.is_some(), "Redis check failed");
+        tier.record(chunk).await;
+    }
+    anyhow::ensure!(!tier.is_degraded(), "Redis failed during the measurement");
+    Ok(items.len() as f64 / started.elapsed().as_secs_f64())
+}

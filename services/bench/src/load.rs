@@ -1,0 +1,194 @@
+//! The load: N keep-alive HTTP/1.1 connections, closed-loop (each as fast as it goes) or
+//! open-loop (a fixed arrival rate; latency counts from the intended send time, so queueing
+//! inside the server is not hidden by a slow client — no coordinated omission).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use crate::workload::{Pick, Workload};
+
+/// How to drive the load.
+#[derive(Debug, Clone)]
+pub struct LoadSettings {
+    pub addr: SocketAddr,
+    pub connections: usize,
+    /// Events per second (open loop); `None` for closed loop.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    /// Events per request: 1 posts single events, more posts JSON arrays to the batch endpoint.
+    pub batch: usize,
+}
+
+/// Counters shared by the connections, read by the progress line.
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub accepted_requests: AtomicU64,
+    pub failed_requests: AtomicU64,
+    pub unique_accepted: AtomicU64,
+    pub duplicates_accepted: AtomicU64,
+}
+
+/// What the load did.
+pub struct LoadOutcome {
+    /// Request latency in microseconds.
+    pub latency: Histogram<u64>,
+    pub elapsed: Duration,
+    /// Non-202 answers by status (0: connection error).
+    pub failures: std::collections::BTreeMap<u16, u64>,
+}
+
+/// Runs the load until the duration is over.
+pub async fn run(
+    settings: &LoadSettings,
+    workload: Arc<Workload>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<LoadOutcome> {
+    let started = Instant::now();
+    let deadline = started + settings.duration;
+    let slot = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..settings.connections.max(1) {
+        let settings = settings.clone();
+        let (workload, counters, slot) = (workload.clone(), counters.clone(), slot.clone());
+        tasks.push(tokio::spawn(async move {
+            connection(settings, workload, counters, slot, started, deadline).await
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut failures = std::collections::BTreeMap::new();
+    for task in tasks {
+        let (hist, fails) = task.await??;
+        latency.add(&hist)?;
+        for (status, n) in fails {
+            *failures.entry(status).or_insert(0) += n;
+        }
+    }
+    Ok(LoadOutcome {
+        latency,
+        elapsed: started.elapsed(),
+        failures,
+    })
+}
+
+type ConnectionResult = anyhow::Result<(Histogram<u64>, std::collections::BTreeMap<u16, u64>)>;
+
+async fn connection(
+    settings: LoadSettings,
+    workload: Arc<Workload>,
+    counters: Arc<Counters>,
+    slot: Arc<AtomicU64>,
+    started: Instant,
+    deadline: Instant,
+) -> ConnectionResult {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut failures = std::collections::BTreeMap::new();
+    let path = if settings.batch > 1 {
+        "/product_events/batch"
+    } else {
+        "/product_events/"
+    };
+    let mut sender = None;
+    let mut body = Vec::with_capacity(workload.event_size() * settings.batch.max(1) + 16);
+    let mut picks = Vec::with_capacity(settings.batch.max(1));
+    loop {
+        // Open loop: each request has an intended start; latency counts from it.
+        let intended = match settings.rate {
+            Some(rate) => {
+                let k = slot.fetch_add(1, Ordering::Relaxed);
+                let at = started
+                    + Duration::from_secs_f64(k as f64 * settings.batch.max(1) as f64 / rate);
+                if at >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                now
+            }
+        };
+        if sender.is_none() {
+            let stream = tokio::net::TcpStream::connect(settings.addr).await?;
+            stream.set_nodelay(true)?;
+            let (s, conn) = http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let Some(client) = sender.as_mut() else {
+            continue;
+        };
+        body.clear();
+        picks.clear();
+        let now = Instant::now();
+        if settings.batch > 1 {
+            body.push(b'[');
+        }
+        for i in 0..settings.batch.max(1) {
+            if i > 0 {
+                body.push(b',');
+            }
+            let pick = workload.next(now);
+            let n = match pick {
+                Pick::Unique(n) | Pick::Duplicate(n) => n,
+            };
+            workload.body(n, &mut body);
+            picks.push(pick);
+        }
+        if settings.batch > 1 {
+            body.push(b']');
+        }
+        let request = hyper::Request::post(path)
+            .header("host", "bench")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::copy_from_slice(&body)))?;
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        let status = match client.send_request(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                status
+            }
+            Err(_) => 0,
+        };
+        let done = Instant::now();
+        latency.saturating_record(
+            u64::try_from(done.duration_since(intended).as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        if status == 202 {
+            counters.accepted_requests.fetch_add(1, Ordering::Relaxed);
+            for pick in &picks {
+                match *pick {
+                    Pick::Unique(n) => {
+                        counters.unique_accepted.fetch_add(1, Ordering::Relaxed);
+                        workload.accepted(n, done);
+                    }
+                    Pick::Duplicate(_) => {
+                        counters.duplicates_accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        } else {
+            counters.failed_requests.fetch_add(1, Ordering::Relaxed);
+            *failures.entry(status).or_insert(0) += 1;
+            if status == 0 {
+                sender = None;
+            }
+        }
+    }
+    Ok((latency, failures))
+}

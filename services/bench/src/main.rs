@@ -1,0 +1,224 @@
+//! `dedup-bench`: measures the pipeline and the machine's ceilings; see `--help`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dedup_bench::load::LoadSettings;
+use dedup_bench::report::{self, Report};
+use dedup_bench::services::{Backends, Binaries, Isolation};
+use dedup_bench::{RunOptions, ceilings, run_pipeline};
+use dedup_core::config::parse_duration;
+
+/// Benchmark harness for dedup: drives the real ingest and dedup-worker binaries over HTTP and
+/// measures RabbitMQ, PostgreSQL and Redis ceilings on the same machine in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "dedup-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ceilings, then the pipeline run (the default).
+    All(RunArgs),
+    /// The pipeline under load only.
+    Run(RunArgs),
+    /// RabbitMQ, PostgreSQL and Redis ceilings only.
+    Ceilings,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// PostgreSQL server URL without a database.
+    #[arg(
+        long,
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    postgres: String,
+    /// Database the runs use (created if missing); each run works in a schema of its own.
+    #[arg(long, global = true, default_value = "dedup_bench")]
+    database: String,
+    #[arg(
+        long,
+        global = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    rabbitmq: String,
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://guest:guest@127.0.0.1:15672"
+    )]
+    rabbitmq_management: String,
+    #[arg(long, global = true, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Events per ceiling measurement.
+    #[arg(long, global = true, default_value_t = 20_000)]
+    ceiling_events: usize,
+    /// Batch size for the PostgreSQL and Redis ceilings (the worker's BATCH_SIZE).
+    #[arg(long, global = true, default_value_t = 500)]
+    ceiling_batch: usize,
+    /// Where the JSON and markdown reports (and the services' logs) go.
+    #[arg(long, global = true, default_value = "bench-results")]
+    out: PathBuf,
+    /// A few seconds of light load with correctness checks only; exits 1 if they fail.
+    #[arg(long, global = true)]
+    smoke: bool,
+}
+
+#[derive(Debug, Parser, Clone)]
+struct RunArgs {
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Open loop: events per second to send (latency counted from the intended send time).
+    /// Without it the load is closed-loop: every connection as fast as it goes.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to send.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Events per request: 1 for single events, more for the batch endpoint.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Share of sends that repeat an earlier event's exact key.
+    #[arg(long, default_value_t = 0.3)]
+    duplicates: f64,
+    /// How long after its first copy a repeat is sent.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    duplicate_delay: Duration,
+    /// Longest wait for every event to be stored after the load.
+    #[arg(long, value_parser = parse_duration, default_value = "180s")]
+    settle_timeout: Duration,
+    /// The ingest binary under test.
+    #[arg(
+        long,
+        env = "DEDUP_BENCH_INGEST_BIN",
+        default_value = "target/release/ingest"
+    )]
+    ingest_bin: PathBuf,
+    /// The dedup-worker binary under test.
+    #[arg(
+        long,
+        env = "DEDUP_BENCH_WORKER_BIN",
+        default_value = "target/release/dedup-worker"
+    )]
+    worker_bin: PathBuf,
+    /// Extra worker settings, KEY=VALUE (repeatable), e.g. BATCH_SIZE=1000.
+    #[arg(long = "worker-env", value_parser = parse_key_value)]
+    worker_env: Vec<(String, String)>,
+    /// Keep the run's schema, queues and Redis keys afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let c = &cli.common;
+    let backends = Backends {
+        postgres: c.postgres.clone(),
+        database: c.database.clone(),
+        rabbitmq: c.rabbitmq.clone(),
+        rabbitmq_management: c.rabbitmq_management.clone(),
+        redis: c.redis.clone(),
+    };
+    let default_run = || RunArgs::parse_from(["run"]);
+    let (do_ceilings, run_args) = match cli.command {
+        None => (!c.smoke, Some(default_run())),
+        Some(Command::All(args)) => (!c.smoke, Some(args)),
+        Some(Command::Run(args)) => (false, Some(args)),
+        Some(Command::Ceilings) => (true, None),
+    };
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let name = |what: &str| {
+        format!(
+            "bench_{what}_{}_{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_millis()
+        )
+    };
+    let mut report = Report {
+        date: chrono::Utc::now().to_rfc3339(),
+        commit: git_commit(),
+        machine: report::machine(),
+        ceilings: None,
+        run: None,
+    };
+    if do_ceilings {
+        let iso = Isolation::new(&backends, &name("ceiling"));
+        iso.create(&backends).await?;
+        let measured = ceilings::measure(
+            &backends,
+            &iso,
+            if c.smoke { 1000 } else { c.ceiling_events },
+            c.ceiling_batch,
+        )
+        .await;
+        iso.remove(&backends).await;
+        report.ceilings = Some(measured?);
+    }
+    if let Some(mut args) = run_args {
+        if c.smoke {
+            args.connections = args.connections.min(8);
+            args.duration = Duration::from_secs(4);
+            args.duplicate_delay = Duration::from_millis(200);
+            args.settle_timeout = Duration::from_secs(60);
+        }
+        let options = RunOptions {
+            load: LoadSettings {
+                addr: "127.0.0.1:0".parse()?,
+                connections: args.connections,
+                rate: args.rate,
+                duration: args.duration,
+                batch: args.batch.max(1),
+            },
+            duplicates: args.duplicates,
+            duplicate_delay: args.duplicate_delay,
+            settle_timeout: args.settle_timeout,
+            binaries: Binaries {
+                ingest: args.ingest_bin.clone(),
+                worker: args.worker_bin.clone(),
+            },
+            backends: backends.clone(),
+            logs: c.out.join(format!("logs-{stamp}")),
+            keep: args.keep,
+            worker_env: args.worker_env.clone(),
+            quiet: false,
+        };
+        report.run = Some(run_pipeline(options, &name("run")).await?);
+    }
+    println!("{}", report.markdown());
+    report.write(&c.out, &format!("bench-{stamp}"))?;
+    eprintln!(
+        "report written to {}/bench-{stamp}.{{json,md}}",
+        c.out.display()
+    );
+    if let Some(run) = &report.run
+        && !run.correctness.ok
+    {
+        anyhow::bail!("correctness check failed: {:?}", run.correctness);
+    }
+    Ok(())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,0 +1,279 @@
+//! The benchmark report: printed as a table, written as JSON and markdown.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::ceilings::Ceilings;
+use crate::services::Usage;
+
+/// The original Python service on this machine kind, for comparison.
+pub const ORIGINAL_REQUESTS_PER_S: f64 = 150.0;
+pub const ORIGINAL_STORED_PER_S: f64 = 85.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub fn from_micros(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Correctness {
+    pub unique_sent: u64,
+    pub duplicates_sent: u64,
+    pub rows_stored: u64,
+    pub keys_stored_twice: u64,
+    pub duplicates_dropped: u64,
+    pub dead_lettered: u64,
+    pub failed_requests: u64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    pub mode: String,
+    pub connections: usize,
+    pub batch: usize,
+    pub duration_s: f64,
+    pub requests_per_s: f64,
+    pub events_accepted_per_s: f64,
+    pub latency: Latency,
+    /// Events sent (unique and repeats) per second, first request to the last one settled.
+    pub end_to_end_events_per_s: f64,
+    /// Unique events stored per second over the same span (the original stored ~85/s).
+    pub end_to_end_stored_per_s: f64,
+    /// Events (unique + duplicate) the worker settled per second in the middle half of the run.
+    pub steady_events_per_s: f64,
+    /// Ready + unacked messages at the start and end of the middle half.
+    pub queue_depth_steady: (i64, i64),
+    pub settle_s: f64,
+    pub ingest: Usage,
+    pub worker: Usage,
+    /// Duplicates caught per tier (in_batch, recent_keys, postgres).
+    pub duplicates_by_tier: Vec<(String, u64)>,
+    pub correctness: Correctness,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: String,
+    pub machine: String,
+    pub ceilings: Option<Ceilings>,
+    pub run: Option<RunFigures>,
+}
+
+impl Report {
+    /// The report as markdown, the same figures as the printed table.
+    pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "## dedup benchmark — {} — commit {}\n\nMachine: {}\n\n",
+            self.date, self.commit, self.machine
+        );
+        if let Some(run) = &self.run {
+            let c = &run.correctness;
+            md += &format!(
+                "| Figure | Value |\n|---|---|\n\
+                 | Load | {} , {} connections, {} event(s)/request, {:.0} s |\n\
+                 | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
+                 | Events/s accepted | {:.0} |\n\
+                 | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
+                 | End-to-end events/s (first request → last settled) | {:.0} |\n\
+                 | End-to-end unique events stored/s | {:.0} ({:.0}× the original's {:.0}) |\n\
+                 | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
+                 | Duplicates by tier | {} |\n\
+                 | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+                 | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+                 | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
+                run.mode,
+                run.connections,
+                run.batch,
+                run.duration_s,
+                run.requests_per_s,
+                run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
+                ORIGINAL_REQUESTS_PER_S,
+                run.events_accepted_per_s,
+                run.latency.p50_ms,
+                run.latency.p90_ms,
+                run.latency.p99_ms,
+                run.latency.p999_ms,
+                run.latency.max_ms,
+                run.end_to_end_events_per_s,
+                run.end_to_end_stored_per_s,
+                run.end_to_end_stored_per_s / ORIGINAL_STORED_PER_S,
+                ORIGINAL_STORED_PER_S,
+                run.steady_events_per_s,
+                run.queue_depth_steady.0,
+                run.queue_depth_steady.1,
+                run.duplicates_by_tier
+                    .iter()
+                    .map(|(t, n)| format!("{t} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                run.ingest.peak_rss_mib,
+                run.ingest.cpu_seconds,
+                run.worker.peak_rss_mib,
+                run.worker.cpu_seconds,
+                if c.ok { "OK" } else { "FAILED" },
+                c.unique_sent,
+                c.rows_stored,
+                c.keys_stored_twice,
+                c.duplicates_dropped,
+                c.duplicates_sent,
+                c.dead_lettered,
+                c.failed_requests,
+            );
+        }
+        if let Some(c) = &self.ceilings {
+            let (name, lowest) = c.lowest();
+            md += &format!(
+                "\n| Ceiling (same machine, same run) | events/s |\n|---|---|\n\
+                 | RabbitMQ publish + confirm (1 event/message; confirm p50 {:.2} ms, p99 {:.2} ms) | {:.0} |\n\
+                 | RabbitMQ consume + ack | {:.0} |\n\
+                 | PostgreSQL insert, worker statement, batches of {} | {:.0} |\n\
+                 | Redis check + record scripts, batches of {} | {:.0} |\n\
+                 | **Lowest: {name}** | **{lowest:.0}** |\n",
+                c.rabbitmq_confirm_p50_ms,
+                c.rabbitmq_confirm_p99_ms,
+                c.rabbitmq_publish_per_s,
+                c.rabbitmq_consume_ack_per_s,
+                c.batch,
+                c.postgres_insert_rows_per_s,
+                c.batch,
+                c.redis_events_per_s,
+            );
+            if let Some(run) = &self.run {
+                md += &format!(
+                    "\nPipeline end-to-end rate as a share of the lowest ceiling: **{:.0} %** (steady state: {:.0} %).\n",
+                    100.0 * run.end_to_end_events_per_s / lowest,
+                    100.0 * run.steady_events_per_s / lowest
+                );
+            }
+        }
+        md
+    }
+
+    /// Writes `<stem>.json` and `<stem>.md` under `dir`.
+    pub fn write(&self, dir: &Path, stem: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join(format!("{stem}.json")),
+            serde_json::to_vec_pretty(self)?,
+        )?;
+        std::fs::write(dir.join(format!("{stem}.md")), self.markdown())?;
+        Ok(())
+    }
+}
+
+/// What this machine is: cores, CPU model, memory.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or_default();
+    format!("{cores} cores, {model}, {mem_gib:.0} GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(ok: bool) -> RunFigures {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3).unwrap();
+        for us in 1..=1000 {
+            h.record(us).unwrap();
+        }
+        RunFigures {
+            mode: "closed loop".into(),
+            connections: 8,
+            batch: 1,
+            duration_s: 10.0,
+            requests_per_s: 1500.0,
+            events_accepted_per_s: 1500.0,
+            latency: Latency::from_micros(&h),
+            end_to_end_events_per_s: 850.0,
+            end_to_end_stored_per_s: 650.0,
+            steady_events_per_s: 900.0,
+            queue_depth_steady: (3, 4),
+            settle_s: 0.5,
+            ingest: Usage::default(),
+            worker: Usage::default(),
+            duplicates_by_tier: vec![("in_batch".into(), 1)],
+            correctness: Correctness {
+                unique_sent: 10,
+                duplicates_sent: 3,
+                rows_stored: 10,
+                keys_stored_twice: 0,
+                duplicates_dropped: 3,
+                dead_lettered: 0,
+                failed_requests: 0,
+                ok,
+            },
+        }
+    }
+
+    /// Percentiles come from the histogram; ratios to the original and to the lowest ceiling
+    /// are computed in the markdown.
+    #[test]
+    fn report_shows_percentiles_ratios_and_the_lowest_ceiling() {
+        let run = figures(true);
+        assert!(
+            (run.latency.p50_ms - 0.5).abs() < 0.01 && (run.latency.p99_ms - 0.99).abs() < 0.01
+        );
+        let report = Report {
+            date: "2026-11-24".into(),
+            commit: "abc".into(),
+            machine: "2 cores".into(),
+            ceilings: Some(Ceilings {
+                rabbitmq_publish_per_s: 2000.0,
+                rabbitmq_confirm_p50_ms: 1.0,
+                rabbitmq_confirm_p99_ms: 2.0,
+                rabbitmq_consume_ack_per_s: 3000.0,
+                postgres_insert_rows_per_s: 1700.0,
+                redis_events_per_s: 50_000.0,
+                batch: 500,
+            }),
+            run: Some(run),
+        };
+        let md = report.markdown();
+        assert!(md.contains("10× the original's 150"), "{md}");
+        assert!(
+            md.contains("**Lowest: PostgreSQL insert** | **1700**"),
+            "{md}"
+        );
+        assert!(md.contains("share of the lowest ceiling: **50 %**"), "{md}");
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["run"]["correctness"]["ok"], true);
+        assert_eq!(json["ceilings"]["batch"], 500);
+    }
+}

@@ -1,0 +1,299 @@
+//! The system under test: the real `ingest` and `dedup-worker` binaries started as child
+//! processes on free ports, against a fresh PostgreSQL schema, queue names and Redis prefix
+//! of their own; all removed afterwards.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use dedup_core::topology::Topology;
+use sqlx::postgres::PgPoolOptions;
+use tokio::process::{Child, Command};
+
+/// Where the local services are.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// Server URL without a database name, e.g. `postgres://postgres@127.0.0.1:5432`.
+    pub postgres: String,
+    pub database: String,
+    pub rabbitmq: String,
+    pub rabbitmq_management: String,
+    pub redis: String,
+}
+
+/// One run's isolated names.
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    pub name: String,
+    pub topology: Topology,
+    /// DATABASE_URL whose search_path is the run's schema.
+    pub database_url: String,
+}
+
+impl Isolation {
+    pub fn new(backends: &Backends, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            topology: Topology::prefixed(name),
+            database_url: format!(
+                "{}/{}?options[search_path]={name}",
+                backends.postgres, backends.database
+            ),
+        }
+    }
+
+    /// Creates the database if missing and the run's schema.
+    pub async fn create(&self, backends: &Backends) -> anyhow::Result<()> {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", backends.postgres))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach PostgreSQL at {}; run scripts/ensure-services.sh",
+                    backends.postgres
+                )
+            })?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(&backends.database)
+                .fetch_optional(&admin)
+                .await?;
+        if exists.is_none() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE \"{}\"",
+                backends.database
+            )))
+            .execute(&admin)
+            .await?;
+        }
+        admin.close().await;
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/{}", backends.postgres, backends.database))
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", self.name)))
+            .execute(&db)
+            .await?;
+        db.close().await;
+        Ok(())
+    }
+
+    /// Drops the schema, the queues and exchanges, and the Redis keys of the run.
+    pub async fn remove(&self, backends: &Backends) {
+        if let Ok(db) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/{}", backends.postgres, backends.database))
+            .await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                self.name
+            )))
+            .execute(&db)
+            .await;
+            db.close().await;
+        }
+        if let Ok(conn) =
+            lapin::Connection::connect(&backends.rabbitmq, lapin::ConnectionProperties::default())
+                .await
+        {
+            if let Ok(channel) = conn.create_channel().await {
+                let t = &self.topology;
+                for q in [&t.queue, &t.dead_letter_queue] {
+                    let _ = channel
+                        .queue_delete(q.as_str().into(), Default::default())
+                        .await;
+                }
+                for e in [&t.exchange, &t.dead_letter_exchange] {
+                    let _ = channel
+                        .exchange_delete(e.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "bench done".into()).await;
+        }
+        if let Ok(client) = redis::Client::open(backends.redis.as_str())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{{{}}}:*", self.name))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            for chunk in keys.chunks(1000) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+            }
+        }
+    }
+}
+
+/// The running binaries.
+pub struct Pipeline {
+    pub ingest: Child,
+    pub worker: Child,
+    pub ingest_addr: SocketAddr,
+    pub ingest_admin: SocketAddr,
+    pub worker_admin: SocketAddr,
+}
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub ingest: PathBuf,
+    pub worker: PathBuf,
+}
+
+async fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?)
+}
+
+fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
+    let t = &iso.topology;
+    command
+        .env("RABBITMQ_URL", &backends.rabbitmq)
+        .env("RABBITMQ_MANAGEMENT_URL", &backends.rabbitmq_management)
+        .env("AMQP_EXCHANGE", &t.exchange)
+        .env("AMQP_QUEUE", &t.queue)
+        .env("AMQP_DEAD_LETTER_EXCHANGE", &t.dead_letter_exchange)
+        .env("AMQP_DEAD_LETTER_QUEUE", &t.dead_letter_queue)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .env_remove("DEDUP_CONFIG");
+}
+
+impl Pipeline {
+    /// Migrates, starts the worker and ingest, and waits until both are ready.
+    pub async fn start(
+        bins: &Binaries,
+        backends: &Backends,
+        iso: &Isolation,
+        logs: &Path,
+        extra_worker_env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        for bin in [&bins.ingest, &bins.worker] {
+            if !bin.exists() {
+                bail!(
+                    "{} does not exist; build it with `cargo build --release -p ingest -p dedup-worker`",
+                    bin.display()
+                );
+            }
+        }
+        let mut migrate = Command::new(&bins.worker);
+        common_env(&mut migrate, backends, iso);
+        let status = migrate
+            .arg("migrate")
+            .env("DATABASE_URL", &iso.database_url)
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "dedup-worker migrate failed");
+
+        let (ingest_addr, ingest_admin, worker_admin) =
+            (free_port().await?, free_port().await?, free_port().await?);
+        std::fs::create_dir_all(logs)?;
+        let log = |name: &str| -> anyhow::Result<Stdio> {
+            Ok(Stdio::from(std::fs::File::create(logs.join(name))?))
+        };
+
+        let mut worker = Command::new(&bins.worker);
+        common_env(&mut worker, backends, iso);
+        worker
+            .env("DATABASE_URL", &iso.database_url)
+            .env("REDIS_URL", &backends.redis)
+            .env("REDIS_PREFIX", &iso.name)
+            .env("ADMIN_LISTEN_ADDR", worker_admin.to_string())
+            .envs(
+                extra_worker_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .stdout(log("worker.log")?)
+            .stderr(log("worker.err")?)
+            .kill_on_drop(true);
+        let worker = worker.spawn().context("starting dedup-worker")?;
+        let mut ingest = Command::new(&bins.ingest);
+        common_env(&mut ingest, backends, iso);
+        ingest
+            .env("LISTEN_ADDR", ingest_addr.to_string())
+            .env("ADMIN_LISTEN_ADDR", ingest_admin.to_string())
+            .stdout(log("ingest.log")?)
+            .stderr(log("ingest.err")?)
+            .kill_on_drop(true);
+        let ingest = ingest.spawn().context("starting ingest")?;
+        let pipeline = Self {
+            ingest,
+            worker,
+            ingest_addr,
+            ingest_admin,
+            worker_admin,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for admin in [ingest_admin, worker_admin] {
+            while crate::http_get(admin, "/readyz").await.map(|(s, _)| s) != Ok(200) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{admin} not ready within 30s; see the logs in {}",
+                    logs.display()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(pipeline)
+    }
+
+    /// Sends SIGTERM to both and waits for them to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for child in [&mut self.ingest, &mut self.worker] {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        }
+        Ok(())
+    }
+}
+
+/// Peak resident memory and CPU time of a process.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+}
+
+/// Reads [`Usage`] from /proc (Linux).
+pub fn usage(pid: Option<u32>) -> Usage {
+    let Some(pid) = pid else {
+        return Usage::default();
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name; 100 Hz.
+    Usage {
+        peak_rss_mib: hwm_kib / 1024.0,
+        cpu_seconds: (ticks(11) + ticks(12)) / 100.0,
+    }
+}
