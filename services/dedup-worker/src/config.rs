@@ -75,6 +75,10 @@ pub struct Config {
     /// Events per batch: one Redis round trip and one PostgreSQL statement each.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
+    /// Batches processed at once (while one waits on PostgreSQL, the next asks Redis); acks
+    /// still go in delivery order, after each batch's commit.
+    #[arg(long, env = "BATCHES_IN_FLIGHT", default_value_t = 3)]
+    pub batches_in_flight: usize,
     /// Longest wait for a batch to fill before processing what there is.
     #[arg(long, env = "BATCH_LINGER", value_parser = parse_duration, default_value = "20ms")]
     pub batch_linger: Duration,

@@ -31,6 +31,8 @@ pub struct ConsumerSettings {
     pub batch_size: usize,
     pub linger: Duration,
     pub reconnect_max_backoff: Duration,
+    /// Batches processed at once; their acks still go in delivery order.
+    pub batches_in_flight: usize,
 }
 
 /// The consumer loop of one worker process.
@@ -141,65 +143,144 @@ impl Consumer {
         let mut pending: Vec<Delivery> = Vec::new();
         let mut pending_events = 0usize;
         let mut deadline: Option<Instant> = None;
-        loop {
-            let linger = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let full = tokio::select! {
-                biased;
-                () = stop.cancelled() => {
-                    // Finish the batch in hand, then let the broker requeue the rest.
-                    if !pending.is_empty() {
-                        self.process(&pending, &channel, &dead_letter_channel, stop).await?;
+        // Batches being processed, oldest first, with the last delivery tag of each. Acks go
+        // strictly in this order: a multiple-ack covers a batch only once every batch before it
+        // has committed too.
+        let mut in_flight = InFlight::default();
+        let max_in_flight = s.batches_in_flight.max(1);
+        let result: Result<()> = async {
+            loop {
+                let linger = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
-                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                    let _ = dead_letter_channel.close(200, "worker stopping".into()).await;
-                    let _ = channel.close(200, "worker stopping".into()).await;
-                    return Ok(());
-                }
-                () = linger => true,
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        pending_events += events_in(&delivery);
-                        if deadline.is_none() {
-                            deadline = Some(Instant::now() + s.linger);
+                };
+                let full = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {
+                        // Finish the batches in hand, then let the broker requeue the rest.
+                        if !pending.is_empty() {
+                            in_flight.push(self.spawn(std::mem::take(&mut pending), &dead_letter_channel, stop));
                         }
-                        pending.push(delivery);
-                        pending_events >= s.batch_size || pending.len() >= usize::from(s.prefetch.max(1))
+                        while !in_flight.is_empty() {
+                            in_flight.complete_oldest(&channel).await?;
+                        }
+                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                        let _ = dead_letter_channel.close(200, "worker stopping".into()).await;
+                        let _ = channel.close(200, "worker stopping".into()).await;
+                        return Ok(());
                     }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
-                },
-            };
-            if full && !pending.is_empty() {
-                self.process(&pending, &channel, &dead_letter_channel, stop)
-                    .await?;
-                pending.clear();
-                pending_events = 0;
-                deadline = None;
+                    done = in_flight.oldest(), if !in_flight.is_empty() => {
+                        in_flight.acknowledge(done, &channel).await?;
+                        false
+                    }
+                    () = linger => true,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            pending_events += events_in(&delivery);
+                            if deadline.is_none() {
+                                deadline = Some(Instant::now() + s.linger);
+                            }
+                            pending.push(delivery);
+                            pending_events >= s.batch_size || pending.len() >= usize::from(s.prefetch.max(1))
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
+                    },
+                };
+                if full && !pending.is_empty() {
+                    while in_flight.len() >= max_in_flight {
+                        in_flight.complete_oldest(&channel).await?;
+                    }
+                    in_flight.push(self.spawn(std::mem::take(&mut pending), &dead_letter_channel, stop));
+                    pending_events = 0;
+                    deadline = None;
+                }
             }
+        }
+        .await;
+        // On failure nothing more is acked: stop the other batches; the broker redelivers.
+        in_flight.abort_all();
+        result
+    }
+
+    /// Starts processing `batch` on its own task.
+    fn spawn(
+        &self,
+        batch: Vec<Delivery>,
+        dead_letter_channel: &lapin::Channel,
+        stop: &CancellationToken,
+    ) -> Batch {
+        let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
+        let (pipeline, channel, stop) = (
+            self.pipeline.clone(),
+            dead_letter_channel.clone(),
+            stop.clone(),
+        );
+        let task =
+            tokio::spawn(
+                async move { pipeline.process(&batch, &channel, &stop).await.map(|_| ()) },
+            );
+        Batch { last_tag, task }
+    }
+}
+
+/// A batch being processed.
+struct Batch {
+    last_tag: u64,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// The batches in flight, in delivery order.
+#[derive(Default)]
+struct InFlight(std::collections::VecDeque<Batch>);
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn push(&mut self, batch: Batch) {
+        self.0.push_back(batch);
+    }
+
+    /// Resolves when the oldest batch is done (pending forever when there is none).
+    async fn oldest(&mut self) -> Result<()> {
+        match self.0.front_mut() {
+            Some(batch) => (&mut batch.task).await.unwrap_or_else(|e| {
+                Err(Error::Amqp(lapin::Error::from(std::io::Error::other(
+                    format!("batch task failed: {e}"),
+                ))))
+            }),
+            None => std::future::pending().await,
         }
     }
 
-    async fn process(
-        &self,
-        batch: &[Delivery],
-        channel: &lapin::Channel,
-        dead_letter_channel: &lapin::Channel,
-        stop: &CancellationToken,
-    ) -> Result<()> {
-        self.pipeline
-            .process(batch, dead_letter_channel, stop)
-            .await?;
-        if let Some(last) = batch.last() {
+    /// Acks the oldest batch after [`InFlight::oldest`] said it committed.
+    async fn acknowledge(&mut self, done: Result<()>, channel: &lapin::Channel) -> Result<()> {
+        done?;
+        if let Some(batch) = self.0.pop_front() {
             channel
-                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .basic_ack(batch.last_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
         Ok(())
+    }
+
+    async fn complete_oldest(&mut self, channel: &lapin::Channel) -> Result<()> {
+        let done = self.oldest().await;
+        self.acknowledge(done, channel).await
+    }
+
+    fn abort_all(&mut self) {
+        for batch in self.0.drain(..) {
+            batch.task.abort();
+        }
     }
 }
 

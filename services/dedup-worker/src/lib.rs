@@ -126,6 +126,7 @@ impl Worker {
                 batch_size: config.batch_size.max(1),
                 linger: config.batch_linger,
                 reconnect_max_backoff: config.reconnect_max_backoff,
+                batches_in_flight: config.batches_in_flight,
             },
             pipeline.clone(),
         );

@@ -164,6 +164,8 @@ async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
         let mut config = worker_config(&env);
         config.batch_size = 40;
         config.batch_linger = Duration::from_millis(200);
+        // One batch at a time, so what is committed at the crash is exactly the first batch.
+        config.batches_in_flight = 1;
         let originals = unique(40, "crash");
         // Each event twice, in two halves of the batch, so the batch has in-batch copies too.
         let mut sent = originals.clone();
@@ -402,4 +404,57 @@ async fn shutdown_finishes_the_batch_in_hand() {
         0,
         "and acked it"
     );
+}
+
+/// With several batches in flight, a crash in the oldest one leaves every later batch unacked
+/// too, even those that already committed: acks only ever go in delivery order.
+// Several threads: the stalled batch blocks one of them on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_in_the_oldest_batch_in_flight_leaves_later_batches_unacked() {
+    let env = TestEnv::new("ackorder").await;
+    let mut config = worker_config(&env);
+    config.batch_size = 10;
+    config.batches_in_flight = 3;
+    config.batch_linger = Duration::from_millis(50);
+    let originals = unique(40, "order");
+    publish_each(&env, &originals).await;
+    let crashed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let crashed = crashed.clone();
+        // The oldest batch (the first decoded) stalls, then "crashes"; the later batches
+        // commit meanwhile and must still not be acked.
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the hook is synchronous; stalling its thread is the point"
+        )]
+        Arc::new(move |at: Stage| {
+            if at == Stage::Decoded && !crashed.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(500));
+                return true;
+            }
+            false
+        })
+    };
+    let victim = WorkerUnderTest::start(config.clone(), Some(hook)).await;
+    let outcome = victim.finished(WAIT).await;
+    assert!(
+        matches!(
+            outcome,
+            Err(dedup_worker::error::Error::InjectedCrash(Stage::Decoded))
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        env.stored_rows().await > 0,
+        "later batches committed while the oldest stalled"
+    );
+    eventually(WAIT, "every message back in the queue", || async {
+        (env.ready_messages(&env.topology.queue).await == 40).then_some(())
+    })
+    .await;
+    config.migrate_on_start = false;
+    let survivor = WorkerUnderTest::start(config, None).await;
+    settle(&env, 40).await;
+    assert_each_once(&env, (0..40).map(|i| format!("order-{i}"))).await;
+    survivor.stop().await.expect("clean stop");
 }
