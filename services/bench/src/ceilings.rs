@@ -180,12 +180,12 @@ async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyh
             .map(|c| Row {
                 event_date: c.day(),
                 dedup_key: c.key.as_uuid(),
-                event_datetime: c.event.event_datetime,
-                client_id: c.event.client_id.as_deref(),
-                event_name: &c.event.event_name,
-                product_id: &c.event.product_id,
-                sid: &c.event.sid,
-                r: &c.event.r,
+                event_datetime: c.fields.event_datetime,
+                client_id: c.fields.client_id.as_deref(),
+                event_name: &c.fields.event_name,
+                product_id: &c.fields.product_id,
+                sid: &c.fields.sid,
+                r: &c.fields.r,
                 payload: c.raw,
                 received_at: c.received_at,
             })

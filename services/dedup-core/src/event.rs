@@ -114,29 +114,71 @@ pub enum RawError {
     Invalid(FieldErrors),
 }
 
-/// Validates one event given as JSON text without building its whole tree: only the required
-/// fields are parsed (the hot path of ingest, where the text itself is what travels on).
-pub fn validate_raw(bytes: &[u8]) -> Result<Fields, RawError> {
-    #[derive(serde::Deserialize)]
-    struct RawObject<'a>(
-        #[serde(borrow)]
-        std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>,
-    );
+/// An event read from JSON text without building its whole tree: its required fields,
+/// validated, and a borrowed view of every other field.
+pub struct RawEvent<'a> {
+    pub fields: Fields,
+    object: std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>,
+}
 
+impl RawEvent<'_> {
+    /// Any field's value, parsed on demand.
+    pub fn get(&self, name: &str) -> Option<Value> {
+        self.object
+            .get(name)
+            .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+    }
+}
+
+/// Reads and validates one event from JSON text, parsing only the fields it needs (the hot
+/// path of ingest and the worker, where the text itself is what travels on and is stored).
+pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent<'_>, RawError> {
+    type RawObject<'a> =
+        std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
     match serde_json::from_slice::<RawObject<'_>>(bytes) {
-        Ok(RawObject(object)) => validate_fields(|name| {
-            object
-                .get(name)
-                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
-        })
-        .map_err(RawError::Invalid),
+        Ok(object) => {
+            let get = |name: &str| {
+                object
+                    .get(name)
+                    .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+            };
+            let fields = validate_fields(get).map_err(RawError::Invalid)?;
+            Ok(RawEvent { fields, object })
+        }
         // Not an object, or not JSON: the full parser gives the original's messages.
         Err(_) => match serde_json::from_slice::<Value>(bytes) {
             Err(e) => Err(RawError::Malformed(e.to_string())),
-            Ok(value) => validate_value(value)
-                .map(|event| event.fields())
-                .map_err(RawError::Invalid),
+            Ok(value) => match validate_value(value) {
+                Err(errors) => Err(RawError::Invalid(errors)),
+                // Unreachable: a valid event is an object, which the borrowed parse reads.
+                Ok(_) => Err(RawError::Malformed("unexpected JSON shape".into())),
+            },
         },
+    }
+}
+
+/// [`parse_raw`] when only the verdict and the required fields matter.
+pub fn validate_raw(bytes: &[u8]) -> Result<Fields, RawError> {
+    parse_raw(bytes).map(|raw| raw.fields)
+}
+
+impl Fields {
+    /// A required string field's normalised value (`None` for a null `client_id`), or `None`
+    /// for a field that is not one of [`STRING_FIELDS`].
+    pub fn required_field(&self, name: &str) -> Option<Option<&str>> {
+        match name {
+            "client_id" => Some(self.client_id.as_deref()),
+            "event_name" => Some(Some(&self.event_name)),
+            "product_id" => Some(Some(&self.product_id)),
+            "sid" => Some(Some(&self.sid)),
+            "r" => Some(Some(&self.r)),
+            _ => None,
+        }
+    }
+
+    /// The UTC day of `event_datetime`: the partition the event is stored in.
+    pub fn event_date(&self) -> NaiveDate {
+        self.event_datetime.date_naive()
     }
 }
 

@@ -57,16 +57,36 @@ impl KeySpec {
     /// The key of a validated event. Required fields use their normalised value (so `" 5 "`,
     /// `"5"` and `5` are one value, as the original stored them); other fields their raw JSON.
     pub fn key(&self, event: &Event) -> DedupKey {
+        self.key_from(
+            |name| event.required_field(name),
+            |name| event.payload.get(name).cloned(),
+        )
+    }
+
+    /// The key of an event read with [`crate::event::parse_raw`].
+    pub fn key_of_raw(&self, event: &crate::event::RawEvent<'_>) -> DedupKey {
+        self.key_from(
+            |name| event.fields.required_field(name),
+            |name| event.get(name),
+        )
+    }
+
+    /// The key from a lookup of the normalised required fields and one of any other field.
+    fn key_from<'a>(
+        &self,
+        required: impl Fn(&str) -> Option<Option<&'a str>>,
+        other: impl Fn(&str) -> Option<Value>,
+    ) -> DedupKey {
         let mut hasher = blake3::Hasher::new_derive_key(CONTEXT);
         hasher.update(&(self.fields.len() as u64).to_be_bytes());
         for name in &self.fields {
             write_bytes(&mut hasher, name.as_bytes());
-            match event.required_field(name) {
+            match required(name) {
                 Some(Some(text)) => write_string(&mut hasher, text),
                 Some(None) => {
                     hasher.update(&[TAG_NULL]);
                 }
-                None => write_value(&mut hasher, event.payload.get(name)),
+                None => write_value(&mut hasher, other(name).as_ref()),
             }
         }
         let mut out = [0u8; 16];
@@ -252,6 +272,22 @@ mod tests {
         assert_eq!(key.to_string(), STABLE_KEY);
     }
     const STABLE_KEY: &str = "0579366e86ee3a1a92dbcb649e4a8bbc";
+
+    /// The raw reader and the full parser give every event the same key.
+    #[test]
+    fn raw_and_full_parsing_agree_on_keys() {
+        let spec = KeySpec::new(&["sid", "platform", "r", "extra"]).unwrap();
+        for overrides in [
+            json!({}),
+            json!({"platform": null, "extra": [1, {"b": 2, "a": 1}]}),
+            json!({"r": 7, "sid": " s "}),
+        ] {
+            let event = event(overrides);
+            let text = serde_json::to_string(&event.payload).unwrap();
+            let raw = crate::event::parse_raw(text.as_bytes()).unwrap();
+            assert_eq!(spec.key_of_raw(&raw), spec.key(&event), "{text}");
+        }
+    }
 
     #[test]
     fn spec_rejects_empty_and_repeated_fields() {

@@ -5,13 +5,15 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use dedup_core::{DedupKey, Event, KeySpec, event, message};
+use dedup_core::event::{Fields, RawError};
+use dedup_core::{DedupKey, KeySpec, event, message};
 
 /// An event that passed validation, with its key.
 #[derive(Debug)]
 pub struct Candidate<'a> {
     pub key: DedupKey,
-    pub event: Event,
+    /// The required fields, normalised (the rest of the event is only in `raw`).
+    pub fields: Fields,
     /// The event's JSON text exactly as it travelled, stored as the payload.
     pub raw: &'a str,
     pub received_at: DateTime<Utc>,
@@ -19,7 +21,7 @@ pub struct Candidate<'a> {
 
 impl Candidate<'_> {
     pub fn day(&self) -> NaiveDate {
-        self.event.event_date()
+        self.fields.event_date()
     }
 }
 
@@ -73,15 +75,21 @@ pub fn decode<'a>(
         let received_at = received_at.unwrap_or(now);
         for line in message::lines(body) {
             out.consumed += 1;
-            let (raw, value) = match std::str::from_utf8(line)
-                .map_err(|e| e.to_string())
-                .and_then(|raw| {
-                    serde_json::from_str(raw)
-                        .map(|v| (raw, v))
-                        .map_err(|e| e.to_string())
-                }) {
-                Ok(parsed) => parsed,
-                Err(detail) => {
+            let raw = match std::str::from_utf8(line) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    out.dead_letters.push(DeadLetter {
+                        body: line.to_vec(),
+                        reason: DeadLetterReason::InvalidJson,
+                        detail: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            // Only the fields the key and the columns need are parsed; the text is stored.
+            let event = match event::parse_raw(raw.as_bytes()) {
+                Ok(event) => event,
+                Err(RawError::Malformed(detail)) => {
                     out.dead_letters.push(DeadLetter {
                         body: line.to_vec(),
                         reason: DeadLetterReason::InvalidJson,
@@ -89,10 +97,7 @@ pub fn decode<'a>(
                     });
                     continue;
                 }
-            };
-            let event = match event::validate_value(value) {
-                Ok(event) => event,
-                Err(errors) => {
+                Err(RawError::Invalid(errors)) => {
                     let detail = serde_json::to_string(&errors).unwrap_or_default();
                     out.dead_letters.push(DeadLetter {
                         body: line.to_vec(),
@@ -102,11 +107,12 @@ pub fn decode<'a>(
                     continue;
                 }
             };
-            let key = spec.key(&event);
-            if seen.insert((event.event_date(), key)) {
+            let key = spec.key_of_raw(&event);
+            let fields = event.fields;
+            if seen.insert((fields.event_date(), key)) {
                 out.candidates.push(Candidate {
                     key,
-                    event,
+                    fields,
                     raw: raw.trim(),
                     received_at,
                 });
@@ -155,7 +161,7 @@ mod tests {
         assert_eq!(decoded.consumed, 4);
         assert_eq!(decoded.candidates.len(), 2);
         assert_eq!(decoded.in_batch_duplicates, 2);
-        assert_eq!(decoded.candidates[0].event.r, "1");
+        assert_eq!(decoded.candidates[0].fields.r, "1");
         assert!(decoded.candidates[0].raw.contains("\"extra\":[1,2]"));
     }
 

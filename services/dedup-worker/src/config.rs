@@ -69,8 +69,9 @@ pub struct Config {
     /// Length of one Bloom generation (the window is cut into these slices).
     #[arg(long, env = "BLOOM_SLICE", value_parser = parse_duration, default_value = "1d")]
     pub bloom_slice: Duration,
-    /// Unacknowledged messages the broker may send ahead (AMQP prefetch).
-    #[arg(long, env = "PREFETCH", default_value_t = 1000)]
+    /// Unacknowledged messages the broker may send ahead (AMQP prefetch). A message holds up
+    /// to ingest's EVENTS_PER_MESSAGE events, so this also bounds the worker's memory.
+    #[arg(long, env = "PREFETCH", default_value_t = 300)]
     pub prefetch: u16,
     /// Events per batch: one Redis round trip and one PostgreSQL statement each.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]

@@ -60,9 +60,10 @@ pub enum Stage {
     AfterRedisRecord,
 }
 
-/// Test-only fault injection: returning `true` at a stage makes the worker behave as if it
-/// crashed there (it drops its broker connection without acking).
-pub type FaultHook = Arc<dyn Fn(Stage) -> bool + Send + Sync>;
+/// Test-only fault injection, called with the stage and the first delivery tag of the batch:
+/// returning `true` makes the worker behave as if it crashed there (it drops its broker
+/// connection without acking).
+pub type FaultHook = Arc<dyn Fn(Stage, u64) -> bool + Send + Sync>;
 
 /// A configured worker, ready to run.
 pub struct Worker {

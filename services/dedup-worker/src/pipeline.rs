@@ -46,9 +46,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    fn checkpoint(&self, stage: Stage) -> Result<()> {
+    fn checkpoint(&self, stage: Stage, deliveries: &[Delivery]) -> Result<()> {
+        let first_tag = deliveries
+            .first()
+            .map(|d| d.delivery_tag)
+            .unwrap_or_default();
         match &self.fault {
-            Some(hook) if hook(stage) => Err(Error::InjectedCrash(stage)),
+            Some(hook) if hook(stage, first_tag) => Err(Error::InjectedCrash(stage)),
             _ => Ok(()),
         }
     }
@@ -104,7 +108,7 @@ impl Pipeline {
             &self.spec,
             Utc::now(),
         );
-        self.checkpoint(Stage::Decoded)?;
+        self.checkpoint(Stage::Decoded, deliveries)?;
         if !decoded.dead_letters.is_empty() {
             self.retrying(stop, || {
                 crate::dead_letter::publish(
@@ -132,7 +136,7 @@ impl Pipeline {
             })
             .collect();
         let known = self.redis.check(&items).await;
-        self.checkpoint(Stage::AfterRedisCheck)?;
+        self.checkpoint(Stage::AfterRedisCheck, deliveries)?;
         let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
         let mut fresh_items: Vec<Item> = Vec::with_capacity(items.len());
         let (mut recent, mut bloom_miss, mut bloom_unconfirmed) = (0u64, 0u64, 0u64);
@@ -159,10 +163,10 @@ impl Pipeline {
             .postgres_seconds
             .with_label_values(&["insert"])
             .observe(insert_started.elapsed().as_secs_f64());
-        self.checkpoint(Stage::AfterCommit)?;
+        self.checkpoint(Stage::AfterCommit, deliveries)?;
 
         self.redis.record(&fresh_items).await;
-        self.checkpoint(Stage::AfterRedisRecord)?;
+        self.checkpoint(Stage::AfterRedisRecord, deliveries)?;
 
         let outcome = Outcome {
             consumed: decoded.consumed,
@@ -244,7 +248,7 @@ impl Pipeline {
 }
 
 fn row<'a>(c: &'a Candidate<'a>) -> Row<'a> {
-    let e = &c.event;
+    let e = &c.fields;
     Row {
         event_date: c.day(),
         dedup_key: c.key.as_uuid(),

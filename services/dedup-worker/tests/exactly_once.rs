@@ -82,8 +82,19 @@ async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
     sent.extend(originals.iter().take(60).cloned());
     sent.extend(originals.iter().take(20).cloned());
     publish_each(&env, &sent[..230]).await;
-    // The rest arrive after the first ones were stored, so Redis catches them.
+    // The rest arrive after the first ones were stored and recorded in Redis (200 recent keys
+    // plus Bloom generations), so Redis catches them.
     settle(&env, 200).await;
+    eventually(WAIT, "the stored keys recorded in Redis", || async {
+        (env.redis_keys()
+            .await
+            .iter()
+            .filter(|k| k.contains(":k:"))
+            .count()
+            == 200)
+            .then_some(())
+    })
+    .await;
     publish_each(&env, &sent[230..]).await;
     let m = worker.worker.metrics().clone();
     eventually(WAIT, "all events consumed", || async {
@@ -174,7 +185,9 @@ async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
         let crashed = Arc::new(AtomicBool::new(false));
         let hook = {
             let crashed = crashed.clone();
-            Arc::new(move |at: Stage| at == stage && !crashed.swap(true, Ordering::SeqCst))
+            Arc::new(move |at: Stage, _first_tag: u64| {
+                at == stage && !crashed.swap(true, Ordering::SeqCst)
+            })
         };
         let victim = WorkerUnderTest::start(config.clone(), Some(hook)).await;
         let outcome = victim.finished(WAIT).await;
@@ -421,14 +434,15 @@ async fn crash_in_the_oldest_batch_in_flight_leaves_later_batches_unacked() {
     let crashed = Arc::new(AtomicBool::new(false));
     let hook = {
         let crashed = crashed.clone();
-        // The oldest batch (the first decoded) stalls, then "crashes"; the later batches
+        // The oldest batch stalls, then "crashes"; the later batches
         // commit meanwhile and must still not be acked.
         #[allow(
             clippy::disallowed_methods,
             reason = "the hook is synchronous; stalling its thread is the point"
         )]
-        Arc::new(move |at: Stage| {
-            if at == Stage::Decoded && !crashed.swap(true, Ordering::SeqCst) {
+        Arc::new(move |at: Stage, first_tag: u64| {
+            // Delivery tags start at 1 on the channel: tag 1 is in the oldest batch.
+            if at == Stage::Decoded && first_tag == 1 && !crashed.swap(true, Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(500));
                 return true;
             }

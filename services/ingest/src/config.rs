@@ -41,7 +41,7 @@ pub struct Config {
     #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = DEFAULT_MAX_BATCH_EVENTS)]
     pub max_batch_events: usize,
     /// Most events packed into one AMQP message from a batch request.
-    #[arg(long, env = "EVENTS_PER_MESSAGE", default_value_t = 256)]
+    #[arg(long, env = "EVENTS_PER_MESSAGE", default_value_t = 100)]
     pub events_per_message: usize,
     /// Most single-event requests packed into one AMQP message when they arrive together
     /// (1 turns packing off). Nothing waits for a pack to fill.
