@@ -174,22 +174,7 @@ async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyh
     for chunk in lines.chunks(batch_size.max(1)) {
         let body: Vec<u8> = chunk.concat();
         let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
-        let mut rows: Vec<Row<'_>> = decoded
-            .candidates
-            .iter()
-            .map(|c| Row {
-                event_date: c.day(),
-                dedup_key: c.key.as_uuid(),
-                event_datetime: c.fields.event_datetime,
-                client_id: c.fields.client_id.as_deref(),
-                event_name: &c.fields.event_name,
-                product_id: &c.fields.product_id,
-                sid: &c.fields.sid,
-                r: &c.fields.r,
-                payload: c.raw,
-                received_at: c.received_at,
-            })
-            .collect();
+        let mut rows: Vec<Row<'_>> = decoded.candidates.iter().map(|c| c.row()).collect();
         lock_order(&mut rows);
         let started = Instant::now();
         store.insert(&rows).await?;

@@ -118,9 +118,7 @@ impl Isolation {
         if let Ok(client) = redis::Client::open(backends.redis.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{{{}}}:*", self.name))
-                .query_async(&mut conn)
+            let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
                 .await
                 .unwrap_or_default();
             for chunk in keys.chunks(1000) {

@@ -29,20 +29,24 @@ pub fn router(registry: Registry, ready: Readiness) -> Router {
         .with_state(AdminState { registry, ready })
 }
 
-/// Serves `router` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
+/// Binds `addr`; when it is taken, the error names the setting to change.
+pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr}: {e}; set {setting} to a free address")
+    })
+}
+
+/// Serves the admin `router` on `listener` as a task, until `stop` is cancelled.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
     router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {addr} for the admin server: {e}; set ADMIN_LISTEN_ADDR")
-    })?;
-    tracing::info!(%addr, "Admin server listening (/metrics, /healthz, /readyz).");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    })
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

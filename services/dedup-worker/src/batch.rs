@@ -6,6 +6,8 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dedup_core::event::{Fields, RawError};
+
+use crate::store::Row;
 use dedup_core::{DedupKey, KeySpec, event, message};
 
 /// An event that passed validation, with its key.
@@ -22,6 +24,23 @@ pub struct Candidate<'a> {
 impl Candidate<'_> {
     pub fn day(&self) -> NaiveDate {
         self.fields.event_date()
+    }
+
+    /// The row this event is stored as.
+    pub fn row(&self) -> Row<'_> {
+        let f = &self.fields;
+        Row {
+            event_date: self.day(),
+            dedup_key: self.key.as_uuid(),
+            event_datetime: f.event_datetime,
+            client_id: f.client_id.as_deref(),
+            event_name: &f.event_name,
+            product_id: &f.product_id,
+            sid: &f.sid,
+            r: &f.r,
+            payload: self.raw,
+            received_at: self.received_at,
+        }
     }
 }
 

@@ -249,24 +249,10 @@ pub async fn run(
             .context("applying migrations at start (MIGRATE_ON_START)")?;
         tracing::info!("Migrations applied.");
     }
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address",
-                config.admin_listen_addr
-            )
-        })?;
+    let admin_listener = admin::bind(config.admin_listen_addr, "ADMIN_LISTEN_ADDR").await?;
     let admin_router = admin::router(worker.metrics().registry.clone(), worker.readiness());
     let stop_admin = CancellationToken::new();
-    let admin_task = tokio::spawn({
-        let stop = stop_admin.clone();
-        async move {
-            axum::serve(admin_listener, admin_router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
+    let admin_task = admin::spawn(admin_listener, admin_router, stop_admin.clone());
     let result = worker.run(shutdown).await;
     stop_admin.cancel();
     let _ = admin_task.await;

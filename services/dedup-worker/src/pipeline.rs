@@ -154,7 +154,7 @@ impl Pipeline {
             fresh_items.push(items[i]);
         }
 
-        let mut rows: Vec<Row<'_>> = fresh.iter().map(|c| row(c)).collect();
+        let mut rows: Vec<Row<'_>> = fresh.iter().map(|c| c.row()).collect();
         let insert_started = Instant::now();
         crate::store::lock_order(&mut rows);
         let stored = self.retrying(stop, || self.store.insert(&rows)).await?;
@@ -244,21 +244,5 @@ impl Pipeline {
                 }
             }
         }
-    }
-}
-
-fn row<'a>(c: &'a Candidate<'a>) -> Row<'a> {
-    let e = &c.fields;
-    Row {
-        event_date: c.day(),
-        dedup_key: c.key.as_uuid(),
-        event_datetime: e.event_datetime,
-        client_id: e.client_id.as_deref(),
-        event_name: &e.event_name,
-        product_id: &e.product_id,
-        sid: &e.sid,
-        r: &e.r,
-        payload: c.raw,
-        received_at: c.received_at,
     }
 }

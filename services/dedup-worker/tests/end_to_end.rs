@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use test_support::events::{event, sample_app_list};
-use test_support::harness::{WorkerUnderTest, http_request, ingest_config, worker_config};
+use test_support::harness::{
+    IngestServer, WorkerUnderTest, http_request, ingest_config, worker_config,
+};
 use test_support::{TestEnv, eventually};
 use tokio::net::TcpListener;
 
@@ -16,29 +18,8 @@ const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 async fn sample_posted_twice_over_http_is_stored_once() {
     let env = TestEnv::new("e2e").await;
     let worker = WorkerUnderTest::start(worker_config(&env), None).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, admin_addr) = (
-        listener.local_addr().expect("addr"),
-        admin.local_addr().expect("addr"),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingest::serve(
-        ingest_config(&env, RABBITMQ),
-        listener,
-        admin,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    eventually(Duration::from_secs(10), "ingest to be ready", || async {
-        (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
-            .await
-            .0
-            == 200)
-            .then_some(())
-    })
-    .await;
+    let server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
+    let (addr, admin_addr) = (server.addr, server.admin_addr);
 
     let sample = sample_app_list().to_string();
     for _ in 0..2 {
@@ -133,10 +114,6 @@ async fn sample_posted_twice_over_http_is_stored_once() {
     assert_eq!(value("dedup_worker_dead_lettered_total"), 0.0);
     assert_eq!(value("dedup_worker_redis_degraded"), 0.0);
 
-    let _ = stop.send(());
-    server
-        .await
-        .expect("ingest task")
-        .expect("ingest stops cleanly");
+    server.stop().await;
     worker.stop().await.expect("worker stops cleanly");
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use test_support::events::event;
-use test_support::harness::{WorkerUnderTest, http_request, ingest_config, worker_config};
+use test_support::harness::{
+    IngestServer, WorkerUnderTest, http_request, ingest_config, worker_config,
+};
 use test_support::{TestEnv, eventually};
 use tokio::net::TcpListener;
 
@@ -51,31 +53,8 @@ fn exposed(scrape: &str) -> BTreeSet<String> {
 async fn dashboard_and_alerts_use_only_exposed_metrics() {
     let env = TestEnv::new("monitoring").await;
     let worker = WorkerUnderTest::start(worker_config(&env), None).await;
-    let (listener, admin) = (
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-    );
-    let (addr, admin_addr) = (
-        listener.local_addr().expect("addr"),
-        admin.local_addr().expect("addr"),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingest::serve(
-        ingest_config(&env, RABBITMQ),
-        listener,
-        admin,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    eventually(Duration::from_secs(10), "ingest to be ready", || async {
-        (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
-            .await
-            .0
-            == 200)
-            .then_some(())
-    })
-    .await;
+    let server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
+    let (addr, admin_addr) = (server.addr, server.admin_addr);
     for body in [
         event("m-1").to_string(),
         event("m-1").to_string(),
@@ -136,7 +115,6 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
             "{file} uses metrics no service exposes: {missing:?}\nexposed: {names:?}"
         );
     }
-    let _ = stop.send(());
-    server.await.expect("task").expect("ingest stops");
+    server.stop().await;
     worker.stop().await.expect("worker stops");
 }

@@ -39,22 +39,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; set LISTEN_ADDR to a free address",
-                config.listen_addr
-            )
-        })?;
-    let admin_listener = TcpListener::bind(config.admin_listen_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; set ADMIN_LISTEN_ADDR to a free address",
-                config.admin_listen_addr
-            )
-        })?;
+    let listener = admin::bind(config.listen_addr, "LISTEN_ADDR").await?;
+    let admin_listener = admin::bind(config.admin_listen_addr, "ADMIN_LISTEN_ADDR").await?;
     serve(config, listener, admin_listener, shutdown).await
 }
 
@@ -94,14 +80,7 @@ pub async fn serve(
     });
     tracing::info!(addr = %listener.local_addr()?, "ingest listening on /product_events/.");
     let admin_router = admin::router(metrics.registry.clone(), ready);
-    let admin_task = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            axum::serve(admin_listener, admin_router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
+    let admin_task = admin::spawn(admin_listener, admin_router, stop.clone());
     let server = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let grace = config.shutdown_grace;

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
+use test_support::TestEnv;
 use test_support::events::event;
-use test_support::harness::{http_request, ingest_config};
-use test_support::{TestEnv, eventually};
+use test_support::harness::{IngestServer, ingest_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -15,29 +15,8 @@ const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[tokio::test]
 async fn shutdown_drains_the_request_in_flight() {
     let env = TestEnv::new("drainhttp").await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, admin_addr) = (
-        listener.local_addr().expect("addr"),
-        admin.local_addr().expect("addr"),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingest::serve(
-        ingest_config(&env, RABBITMQ),
-        listener,
-        admin,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    eventually(Duration::from_secs(10), "ingest to be ready", || async {
-        (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
-            .await
-            .0
-            == 200)
-            .then_some(())
-    })
-    .await;
+    let mut server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
+    let addr = server.addr;
 
     let body = event("in-flight").to_string();
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
@@ -50,10 +29,10 @@ async fn shutdown_drains_the_request_in_flight() {
     stream.write_all(first).await.expect("first half");
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let _ = stop.send(());
+    server.shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        !server.is_finished(),
+        !server.task.is_finished(),
         "the server waits for the request in flight"
     );
     stream.write_all(rest).await.expect("second half");
@@ -64,7 +43,7 @@ async fn shutdown_drains_the_request_in_flight() {
         .expect("response");
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
-    tokio::time::timeout(Duration::from_secs(10), server)
+    tokio::time::timeout(Duration::from_secs(10), server.task)
         .await
         .expect("the server exits once drained")
         .expect("task")

@@ -201,11 +201,9 @@ impl TestEnv {
             .get_multiplexed_async_connection()
             .await
             .expect("Redis");
-        redis::cmd("KEYS")
-            .arg(format!("{{{}}}:*", self.redis_prefix))
-            .query_async(&mut conn)
+        scan_keys(&mut conn, &format!("{{{}}}:*", self.redis_prefix))
             .await
-            .expect("KEYS")
+            .expect("SCAN")
     }
 
     /// Deletes every Redis key under this test's prefix (a targeted "FLUSHALL").
@@ -260,9 +258,7 @@ async fn cleanup(schema: &str, prefix: &str, topology: &Topology) {
     if let Ok(client) = redis::Client::open(REDIS_URL)
         && let Ok(mut conn) = client.get_multiplexed_async_connection().await
     {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{{{prefix}}}:*"))
-            .query_async(&mut conn)
+        let keys = scan_keys(&mut conn, &format!("{{{prefix}}}:*"))
             .await
             .unwrap_or_default();
         if !keys.is_empty() {
@@ -283,5 +279,30 @@ async fn cleanup(schema: &str, prefix: &str, topology: &Topology) {
             }
         }
         let _ = conn.close(200, "test cleanup".into()).await;
+    }
+}
+
+/// Every key matching `pattern`, with SCAN: unlike KEYS it never blocks Redis, however many
+/// keys other tests or benchmarks hold.
+pub async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
     }
 }

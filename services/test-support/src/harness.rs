@@ -210,3 +210,61 @@ pub async fn http_request(
         .unwrap_or_default();
     (status, body)
 }
+
+/// A real ingest server on loopback ports, serving until [`IngestServer::shutdown`].
+pub struct IngestServer {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl IngestServer {
+    /// Binds ephemeral ports, starts `ingest::serve` and waits (10 s at most) until ready.
+    pub async fn start(config: ingest::Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (addr, admin_addr) = (
+            listener.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ingest::serve(config, listener, admin, async {
+            let _ = stopped.await;
+        }));
+        crate::eventually(Duration::from_secs(10), "ingest to be ready", || async {
+            (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
+                .await
+                .0
+                == 200)
+                .then_some(())
+        })
+        .await;
+        Self {
+            addr,
+            admin_addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Starts the graceful shutdown (as SIGTERM would).
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for the server to exit cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown();
+        (&mut self.task)
+            .await
+            .expect("ingest task")
+            .expect("ingest stops cleanly");
+    }
+}
