@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# Multi-stage build of the dedup binaries. The default target `dedup` holds all three
-# (ingest, dedup-worker, dedup-operator; the operator and the chart run one image);
-# `--target ingest`, `--target dedup-worker` or `--target dedup-operator` build one each.
+# Multi-stage build of the dedup binaries. The default target `dedup` holds them all (the
+# chart runs one image); `--target ingest` or `--target dedup-worker` builds one each.
+# (dedup-operator joins here when it lands.)
 # Runtime images are distroless (glibc, CA certificates, no shell) and run as a non-root user.
 
 ARG RUST_VERSION=1.95
@@ -14,9 +14,9 @@ COPY services ./services
 COPY migrations ./migrations
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p ingest -p dedup-worker -p dedup-operator \
+    cargo build --release --locked -p ingest -p dedup-worker \
  && mkdir -p /out \
- && cp target/release/ingest target/release/dedup-worker target/release/dedup-operator /out/
+ && cp target/release/ingest target/release/dedup-worker /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 # distroless "nonroot" is uid/gid 65532; numeric so Kubernetes can check runAsNonRoot.
@@ -35,11 +35,7 @@ EXPOSE 9101
 HEALTHCHECK --interval=10s --timeout=4s --retries=3 CMD ["/usr/local/bin/dedup-worker", "probe"]
 ENTRYPOINT ["/usr/local/bin/dedup-worker"]
 
-FROM runtime AS dedup-operator
-COPY --from=build /out/dedup-operator /usr/local/bin/dedup-operator
-ENTRYPOINT ["/usr/local/bin/dedup-operator"]
-
-# All binaries in one image: run with `ingest`, `dedup-worker` or `dedup-operator` as command.
+# All binaries in one image: run with `ingest` or `dedup-worker` as command.
 FROM runtime AS dedup
 COPY --from=build /out/ /usr/local/bin/
 EXPOSE 8000 9100 9101
