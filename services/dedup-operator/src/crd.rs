@@ -1,0 +1,303 @@
+//! The `DedupPipeline` custom resource: what a pipeline should look like (spec) and what the
+//! operator last saw (status). `dedup-operator crd` prints its CustomResourceDefinition.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A dedup pipeline: ingest replicas, autoscaled workers, and the services they use.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "dedup.io",
+    version = "v1alpha1",
+    kind = "DedupPipeline",
+    plural = "deduppipelines",
+    shortname = "dedup",
+    namespaced,
+    status = "DedupPipelineStatus",
+    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queueDepth","description":"Ready plus unacknowledged messages"}"#,
+    printcolumn = r#"{"name":"Workers","type":"integer","jsonPath":".status.currentWorkers"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredWorkers"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DedupPipelineSpec {
+    /// Image holding the `ingest` and `dedup-worker` binaries.
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    #[serde(default)]
+    pub ingest: IngestSpec,
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// Secrets holding the service URLs (never put credentials in the spec).
+    pub secrets: SecretRefs,
+    #[serde(default)]
+    pub dedup: DedupSettings,
+    #[serde(default)]
+    pub observability: ObservabilitySettings,
+}
+
+/// The HTTP front door.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestSpec {
+    #[serde(default = "default_ingest_replicas")]
+    pub replicas: i32,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    /// Port of the ingest Service.
+    #[serde(default = "default_service_port")]
+    pub service_port: i32,
+    /// ClusterIP, NodePort or LoadBalancer.
+    #[serde(default = "default_service_type")]
+    pub service_type: String,
+}
+
+/// The workers and how they scale.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    #[serde(default = "default_min_workers")]
+    pub min_replicas: i32,
+    #[serde(default = "default_max_workers")]
+    pub max_replicas: i32,
+    /// Ready plus unacknowledged messages one worker should have to itself.
+    #[serde(default = "default_target_per_worker")]
+    pub target_messages_per_worker: i64,
+    /// How long higher recommendations must last before scaling up (0: at once).
+    #[serde(default)]
+    pub scale_up_stabilization_seconds: i64,
+    /// How long lower recommendations must last before scaling down.
+    #[serde(default = "default_scale_down_seconds")]
+    pub scale_down_stabilization_seconds: i64,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A key in a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKey {
+    pub name: String,
+    pub key: String,
+}
+
+/// Where the service URLs are.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRefs {
+    /// `RABBITMQ_URL`.
+    pub rabbitmq_url: SecretKey,
+    /// `RABBITMQ_MANAGEMENT_URL`, for the queue depth.
+    pub rabbitmq_management_url: SecretKey,
+    /// `REDIS_URL`.
+    pub redis_url: SecretKey,
+    /// `DATABASE_URL`.
+    pub database_url: SecretKey,
+}
+
+/// Dedup behaviour.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DedupSettings {
+    /// `DEDUP_KEY_FIELDS`.
+    #[serde(default = "default_key_fields")]
+    pub key_fields: Vec<String>,
+    /// `DEDUP_WINDOW`, e.g. `7d`.
+    #[serde(default = "default_window")]
+    pub window: String,
+    /// `AMQP_QUEUE`.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+}
+
+/// Logs, metrics and traces.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservabilitySettings {
+    /// `LOG_FORMAT`: json (default) or text.
+    #[serde(default)]
+    pub log_format: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; tracing is off without it.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// What the operator last observed and did.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DedupPipelineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing and Degraded, with reasons.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Ready plus unacknowledged messages at the last reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_workers: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_workers: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+}
+
+fn default_image() -> String {
+    format!("dedup/dedup:{}", env!("CARGO_PKG_VERSION"))
+}
+fn default_pull_policy() -> String {
+    "IfNotPresent".into()
+}
+fn default_ingest_replicas() -> i32 {
+    2
+}
+fn default_service_port() -> i32 {
+    8000
+}
+fn default_service_type() -> String {
+    "ClusterIP".into()
+}
+fn default_min_workers() -> i32 {
+    1
+}
+fn default_max_workers() -> i32 {
+    10
+}
+fn default_target_per_worker() -> i64 {
+    1000
+}
+fn default_scale_down_seconds() -> i64 {
+    300
+}
+fn default_key_fields() -> Vec<String> {
+    ["client_id", "event_name", "product_id", "sid", "r"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_window() -> String {
+    "7d".into()
+}
+fn default_queue() -> String {
+    "product_events".into()
+}
+
+impl Default for IngestSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_ingest_replicas(),
+            resources: None,
+            service_port: default_service_port(),
+            service_type: default_service_type(),
+        }
+    }
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            min_replicas: default_min_workers(),
+            max_replicas: default_max_workers(),
+            target_messages_per_worker: default_target_per_worker(),
+            scale_up_stabilization_seconds: 0,
+            scale_down_stabilization_seconds: default_scale_down_seconds(),
+            resources: None,
+        }
+    }
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        Self {
+            key_fields: default_key_fields(),
+            window: default_window(),
+            queue: default_queue(),
+        }
+    }
+}
+
+/// The CustomResourceDefinition as YAML, as `dedup-operator crd` prints it.
+pub fn crd_yaml() -> anyhow::Result<String> {
+    use kube::CustomResourceExt;
+    Ok(serde_yaml::to_string(&DedupPipeline::crd())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed CRD is the one the types generate: regenerate it with
+    /// `cargo run -p dedup-operator -- crd > k8s/crd/dedup-pipeline.yaml`.
+    #[test]
+    fn committed_crd_matches_the_types() {
+        let committed = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../k8s/crd/dedup-pipeline.yaml"
+        ))
+        .expect("k8s/crd/dedup-pipeline.yaml");
+        assert_eq!(
+            committed,
+            crd_yaml().unwrap(),
+            "regenerate k8s/crd/dedup-pipeline.yaml from the types"
+        );
+    }
+
+    /// A minimal resource (only the secrets) gets working defaults everywhere else.
+    #[test]
+    fn minimal_spec_gets_working_defaults() {
+        let spec: DedupPipelineSpec = serde_yaml::from_str(
+            "secrets:\n  rabbitmqUrl: {name: dedup, key: rabbitmq}\n  rabbitmqManagementUrl: {name: dedup, key: mgmt}\n  redisUrl: {name: dedup, key: redis}\n  databaseUrl: {name: dedup, key: db}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.image,
+            format!("dedup/dedup:{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(spec.ingest.replicas, 2);
+        assert_eq!(
+            (
+                spec.worker.min_replicas,
+                spec.worker.max_replicas,
+                spec.worker.target_messages_per_worker
+            ),
+            (1, 10, 1000)
+        );
+        assert_eq!(spec.worker.scale_down_stabilization_seconds, 300);
+        assert_eq!(
+            spec.dedup.key_fields,
+            ["client_id", "event_name", "product_id", "sid", "r"]
+        );
+    }
+
+    /// The definition is namespaced, has a status subresource, the short name and the columns.
+    #[test]
+    fn crd_has_status_short_name_and_printer_columns() {
+        use kube::CustomResourceExt;
+        let crd = DedupPipeline::crd();
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&["dedup".to_owned()][..])
+        );
+        let version = &crd.spec.versions[0];
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Queue", "Workers", "Desired", "Ready", "Age"]);
+    }
+}

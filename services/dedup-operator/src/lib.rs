@@ -1,0 +1,13 @@
+//! dedup-operator: runs dedup pipelines on Kubernetes from a `DedupPipeline` resource and
+//! scales the workers from queue depth.
+//!
+//! This crate holds, so far, the resource definition and the scaling decision; the controller
+//! that reconciles workloads is the next piece of work.
+//!
+//! # Layout
+//!
+//! - [`crd`]: the `DedupPipeline` custom resource (spec, status, printer columns).
+//! - [`scale`]: the worker scaling decision, HPA-style, pure and table-tested.
+
+pub mod crd;
+pub mod scale;
