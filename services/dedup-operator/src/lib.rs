@@ -7,7 +7,9 @@
 //! # Layout
 //!
 //! - [`crd`]: the `DedupPipeline` custom resource (spec, status, printer columns).
+//! - [`resources`]: the ConfigMap, Deployments and Service a pipeline becomes.
 //! - [`scale`]: the worker scaling decision, HPA-style, pure and table-tested.
 
 pub mod crd;
+pub mod resources;
 pub mod scale;

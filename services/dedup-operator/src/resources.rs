@@ -1,0 +1,556 @@
+//! The Kubernetes objects a `DedupPipeline` becomes: a ConfigMap of settings, the ingest
+//! Deployment and Service, and the worker Deployment. Pure builders: the controller applies
+//! them with server-side apply; tests check every field that matters.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::{DedupPipeline, SecretKey};
+
+/// Ports the binaries listen on (fixed in the image's defaults).
+pub const INGEST_PORT: i32 = 8000;
+pub const INGEST_ADMIN_PORT: i32 = 9100;
+pub const WORKER_ADMIN_PORT: i32 = 9101;
+/// Seconds a worker has to finish and ack its batch on SIGTERM (SHUTDOWN_GRACE is 25 s).
+pub const WORKER_TERMINATION_GRACE_SECONDS: i64 = 30;
+
+/// Names and labels derived from the pipeline's name.
+pub struct Names {
+    pub pipeline: String,
+    pub namespace: Option<String>,
+}
+
+impl Names {
+    pub fn of(pipeline: &DedupPipeline) -> Self {
+        Self {
+            pipeline: pipeline.metadata.name.clone().unwrap_or_default(),
+            namespace: pipeline.metadata.namespace.clone(),
+        }
+    }
+
+    pub fn config(&self) -> String {
+        format!("{}-config", self.pipeline)
+    }
+
+    pub fn ingest(&self) -> String {
+        format!("{}-ingest", self.pipeline)
+    }
+
+    pub fn worker(&self) -> String {
+        format!("{}-worker", self.pipeline)
+    }
+
+    /// Labels of one component's pods (also its selector).
+    pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "dedup".to_owned()),
+            (
+                "app.kubernetes.io/instance".to_owned(),
+                self.pipeline.clone(),
+            ),
+            (
+                "app.kubernetes.io/component".to_owned(),
+                component.to_owned(),
+            ),
+            (
+                "app.kubernetes.io/managed-by".to_owned(),
+                "dedup-operator".to_owned(),
+            ),
+        ])
+    }
+
+    fn meta(&self, name: String, component: &str, owner: &OwnerReference) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: self.namespace.clone(),
+            labels: Some(self.labels(component)),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        }
+    }
+}
+
+/// The owner reference that makes every object go when the pipeline is deleted.
+pub fn owner(pipeline: &DedupPipeline) -> OwnerReference {
+    pipeline
+        .controller_owner_ref(&())
+        .unwrap_or_else(|| OwnerReference {
+            api_version: DedupPipeline::api_version(&()).into_owned(),
+            kind: DedupPipeline::kind(&()).into_owned(),
+            name: pipeline.metadata.name.clone().unwrap_or_default(),
+            uid: pipeline.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        })
+}
+
+/// The non-secret settings both components read (`envFrom`).
+pub fn config_map(pipeline: &DedupPipeline) -> ConfigMap {
+    let names = Names::of(pipeline);
+    let spec = &pipeline.spec;
+    let mut data = BTreeMap::from([
+        ("AMQP_QUEUE".to_owned(), spec.dedup.queue.clone()),
+        ("AMQP_EXCHANGE".to_owned(), spec.dedup.queue.clone()),
+        (
+            "AMQP_DEAD_LETTER_EXCHANGE".to_owned(),
+            format!("{}.dlx", spec.dedup.queue),
+        ),
+        (
+            "AMQP_DEAD_LETTER_QUEUE".to_owned(),
+            format!("{}.dlq", spec.dedup.queue),
+        ),
+        (
+            "DEDUP_KEY_FIELDS".to_owned(),
+            spec.dedup.key_fields.join(","),
+        ),
+        ("DEDUP_WINDOW".to_owned(), spec.dedup.window.clone()),
+        (
+            "LOG_FORMAT".to_owned(),
+            spec.observability
+                .log_format
+                .clone()
+                .unwrap_or_else(|| "json".into()),
+        ),
+        ("SHUTDOWN_GRACE".to_owned(), "25s".to_owned()),
+    ]);
+    if let Some(endpoint) = &spec.observability.otlp_endpoint {
+        data.insert("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone());
+    }
+    ConfigMap {
+        metadata: names.meta(names.config(), "config", &owner(pipeline)),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// A checksum of the settings: put on the pod templates so a settings change rolls the pods.
+pub fn config_checksum(config: &ConfigMap) -> String {
+    let text = serde_json::to_string(&config.data).unwrap_or_default();
+    // FNV-1a, 64 bits: stable across releases, enough to notice a change.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+fn secret_env(name: &str, key: &SecretKey) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: key.name.clone(),
+                key: key.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private helper building both deployments"
+)]
+fn deployment(
+    pipeline: &DedupPipeline,
+    name: String,
+    component: &str,
+    replicas: i32,
+    container: Container,
+    admin_port: i32,
+    checksum: &str,
+    grace: Option<i64>,
+) -> Deployment {
+    let names = Names::of(pipeline);
+    let labels = names.labels(component);
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), admin_port.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+        ("dedup.io/config-checksum".to_owned(), checksum.to_owned()),
+    ]);
+    Deployment {
+        metadata: names.meta(name, component, &owner(pipeline)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: grace,
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container(
+    pipeline: &DedupPipeline,
+    name: &str,
+    binary: &str,
+    env: Vec<EnvVar>,
+    ports: Vec<ContainerPort>,
+) -> Container {
+    Container {
+        name: name.to_owned(),
+        image: Some(pipeline.spec.image.clone()),
+        image_pull_policy: Some(pipeline.spec.image_pull_policy.clone()),
+        command: Some(vec![format!("/usr/local/bin/{binary}")]),
+        env: Some(env),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: Names::of(pipeline).config(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(ports),
+        security_context: Some(hardened()),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The ingest Deployment.
+pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment {
+    let secrets = &pipeline.spec.secrets;
+    let mut c = container(
+        pipeline,
+        "ingest",
+        "ingest",
+        vec![secret_env("RABBITMQ_URL", &secrets.rabbitmq_url)],
+        vec![port("http", INGEST_PORT), port("admin", INGEST_ADMIN_PORT)],
+    );
+    c.liveness_probe = Some(http_probe("/healthz", INGEST_ADMIN_PORT, 10));
+    c.readiness_probe = Some(http_probe("/readyz", INGEST_ADMIN_PORT, 5));
+    c.resources.clone_from(&pipeline.spec.ingest.resources);
+    let names = Names::of(pipeline);
+    deployment(
+        pipeline,
+        names.ingest(),
+        "ingest",
+        pipeline.spec.ingest.replicas,
+        c,
+        INGEST_ADMIN_PORT,
+        checksum,
+        None,
+    )
+}
+
+/// The ingest Service (the public API).
+pub fn ingest_service(pipeline: &DedupPipeline) -> Service {
+    let names = Names::of(pipeline);
+    Service {
+        metadata: names.meta(names.ingest(), "ingest", &owner(pipeline)),
+        spec: Some(ServiceSpec {
+            type_: Some(pipeline.spec.ingest.service_type.clone()),
+            selector: Some(names.labels("ingest")),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: pipeline.spec.ingest.service_port,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The worker Deployment with `replicas` decided by the scaler.
+pub fn worker_deployment(pipeline: &DedupPipeline, checksum: &str, replicas: i32) -> Deployment {
+    let s = &pipeline.spec.secrets;
+    let mut c = container(
+        pipeline,
+        "worker",
+        "dedup-worker",
+        vec![
+            secret_env("RABBITMQ_URL", &s.rabbitmq_url),
+            secret_env("RABBITMQ_MANAGEMENT_URL", &s.rabbitmq_management_url),
+            secret_env("REDIS_URL", &s.redis_url),
+            secret_env("DATABASE_URL", &s.database_url),
+        ],
+        vec![port("admin", WORKER_ADMIN_PORT)],
+    );
+    c.liveness_probe = Some(http_probe("/healthz", WORKER_ADMIN_PORT, 10));
+    c.readiness_probe = Some(http_probe("/readyz", WORKER_ADMIN_PORT, 5));
+    c.resources.clone_from(&pipeline.spec.worker.resources);
+    let names = Names::of(pipeline);
+    deployment(
+        pipeline,
+        names.worker(),
+        "worker",
+        replicas,
+        c,
+        WORKER_ADMIN_PORT,
+        checksum,
+        Some(WORKER_TERMINATION_GRACE_SECONDS),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::DedupPipelineSpec;
+
+    fn pipeline() -> DedupPipeline {
+        let spec: DedupPipelineSpec = serde_yaml::from_str(
+            "secrets:\n  rabbitmqUrl: {name: dedup-secrets, key: rabbitmq}\n  rabbitmqManagementUrl: {name: dedup-secrets, key: mgmt}\n  redisUrl: {name: dedup-secrets, key: redis}\n  databaseUrl: {name: dedup-secrets, key: db}\n",
+        )
+        .unwrap();
+        let mut p = DedupPipeline::new("events", spec);
+        p.metadata.namespace = Some("prod".into());
+        p.metadata.uid = Some("0f6c-uid".into());
+        p
+    }
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    /// Every object is named after the pipeline, in its namespace, owned by it.
+    #[test]
+    fn objects_are_named_namespaced_and_owned() {
+        let p = pipeline();
+        let cm = config_map(&p);
+        let checksum = config_checksum(&cm);
+        let metas = [
+            cm.metadata,
+            ingest_deployment(&p, &checksum).metadata,
+            ingest_service(&p).metadata,
+            worker_deployment(&p, &checksum, 3).metadata,
+        ];
+        let names: Vec<_> = metas.iter().map(|m| m.name.clone().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "events-config",
+                "events-ingest",
+                "events-ingest",
+                "events-worker"
+            ]
+        );
+        for m in &metas {
+            assert_eq!(m.namespace.as_deref(), Some("prod"));
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                ("DedupPipeline", "events", "0f6c-uid")
+            );
+            assert_eq!(owner.controller, Some(true));
+        }
+    }
+
+    /// Selectors match the pod labels, and the Service selects only ingest pods on a declared port.
+    #[test]
+    fn selectors_match_pods_and_service_targets_a_declared_port() {
+        let p = pipeline();
+        for d in [ingest_deployment(&p, "x"), worker_deployment(&p, "x", 1)] {
+            let spec = d.spec.as_ref().unwrap();
+            let pod_labels = spec
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .labels
+                .as_ref()
+                .unwrap();
+            for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
+                assert_eq!(pod_labels.get(k), Some(v));
+            }
+        }
+        let svc = ingest_service(&p);
+        let selector = svc.spec.as_ref().unwrap().selector.as_ref().unwrap();
+        assert_eq!(
+            selector
+                .get("app.kubernetes.io/component")
+                .map(String::as_str),
+            Some("ingest")
+        );
+        let target = svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+            .target_port
+            .clone();
+        let ingest = ingest_deployment(&p, "x");
+        let declared: Vec<_> = pod_spec(&ingest).containers[0]
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        assert!(
+            matches!(target, Some(IntOrString::String(ref n)) if declared.contains(n)),
+            "{target:?} vs {declared:?}"
+        );
+    }
+
+    /// Probes hit the admin port, pods run hardened, and scraping is announced.
+    #[test]
+    fn pods_are_probed_hardened_and_scraped() {
+        let p = pipeline();
+        for (d, admin) in [
+            (ingest_deployment(&p, "abc"), INGEST_ADMIN_PORT),
+            (worker_deployment(&p, "abc", 2), WORKER_ADMIN_PORT),
+        ] {
+            let pod = pod_spec(&d);
+            let c = &pod.containers[0];
+            for (probe, path) in [
+                (&c.liveness_probe, "/healthz"),
+                (&c.readiness_probe, "/readyz"),
+            ] {
+                let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+                assert_eq!(
+                    (get.path.as_deref(), &get.port),
+                    (Some(path), &IntOrString::Int(admin))
+                );
+            }
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(
+                (
+                    sc.run_as_non_root,
+                    sc.read_only_root_filesystem,
+                    sc.allow_privilege_escalation
+                ),
+                (Some(true), Some(true), Some(false))
+            );
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_owned()][..])
+            );
+            assert_eq!(
+                pod.security_context
+                    .as_ref()
+                    .unwrap()
+                    .seccomp_profile
+                    .as_ref()
+                    .unwrap()
+                    .type_,
+                "RuntimeDefault"
+            );
+            let annotations = d
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap();
+            assert_eq!(annotations["prometheus.io/port"], admin.to_string());
+            assert_eq!(annotations["dedup.io/config-checksum"], "abc");
+        }
+        assert_eq!(
+            pod_spec(&worker_deployment(&p, "x", 1)).termination_grace_period_seconds,
+            Some(30)
+        );
+    }
+
+    /// URLs come from Secrets only; the ConfigMap holds no secret value; a settings change
+    /// changes the checksum (and so rolls the pods).
+    #[test]
+    fn secrets_stay_in_secrets_and_settings_changes_roll_pods() {
+        let mut p = pipeline();
+        let worker = worker_deployment(&p, "x", 1);
+        let env = pod_spec(&worker).containers[0].env.as_ref().unwrap();
+        let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "RABBITMQ_URL",
+                "RABBITMQ_MANAGEMENT_URL",
+                "REDIS_URL",
+                "DATABASE_URL"
+            ]
+        );
+        assert!(
+            env.iter()
+                .all(|e| e.value.is_none()
+                    && e.value_from.as_ref().unwrap().secret_key_ref.is_some())
+        );
+        let cm = config_map(&p);
+        assert!(
+            cm.data
+                .as_ref()
+                .unwrap()
+                .keys()
+                .all(|k| !k.contains("URL") || k.starts_with("OTEL"))
+        );
+        let before = config_checksum(&cm);
+        p.spec.dedup.window = "1d".into();
+        assert_ne!(config_checksum(&config_map(&p)), before);
+        assert_eq!(
+            worker_deployment(&p, "x", 7).spec.unwrap().replicas,
+            Some(7)
+        );
+    }
+}
