@@ -6,10 +6,12 @@
 //!
 //! # Layout
 //!
+//! - [`controller`]: reconcile (server-side apply, scaling, status) and its error policy.
 //! - [`crd`]: the `DedupPipeline` custom resource (spec, status, printer columns).
 //! - [`resources`]: the ConfigMap, Deployments and Service a pipeline becomes.
 //! - [`scale`]: the worker scaling decision, HPA-style, pure and table-tested.
 
+pub mod controller;
 pub mod crd;
 pub mod resources;
 pub mod scale;

@@ -1,0 +1,244 @@
+//! The controller: reconciles a `DedupPipeline` into its workloads with server-side apply
+//! (one field manager), scales the workers from queue depth, and reports status. Reconcile is
+//! idempotent and always requeues, so the scaler sees the queue at a steady interval.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{DedupPipeline, SecretKey};
+use crate::resources::{self, Names};
+use crate::scale::{Decision, Observation, Policy, Reason, Scaler};
+
+/// The field manager of every apply.
+pub const MANAGER: &str = "dedup-operator";
+/// How often a pipeline is looked at again when nothing changes.
+pub const REQUEUE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the DedupPipeline has no namespace")]
+    NoNamespace,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Reads the queue depth of a pipeline.
+pub type DepthSource =
+    Arc<dyn Fn(Client, Arc<DedupPipeline>) -> BoxFuture<'static, Observation> + Send + Sync>;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub depth: DepthSource,
+    /// One scaler (recommendation history) per pipeline, keyed by namespace/name.
+    pub scalers: Mutex<HashMap<String, Scaler>>,
+    pub now: fn() -> DateTime<Utc>,
+}
+
+/// Brings the workloads of `pipeline` to what its spec says, scales its workers, and writes
+/// its status.
+pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = pipeline.namespace().ok_or(Error::NoNamespace)?;
+    let names = Names::of(&pipeline);
+    let apply = PatchParams::apply(MANAGER).force();
+    let config = resources::config_map(&pipeline);
+    let checksum = resources::config_checksum(&config);
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
+        .patch(&names.config(), &apply, &Patch::Apply(&config))
+        .await?;
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
+    let ingest = deployments
+        .patch(
+            &names.ingest(),
+            &apply,
+            &Patch::Apply(&resources::ingest_deployment(&pipeline, &checksum)),
+        )
+        .await?;
+    Api::<Service>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &names.ingest(),
+            &apply,
+            &Patch::Apply(&resources::ingest_service(&pipeline)),
+        )
+        .await?;
+
+    let worker_now = deployments.get_opt(&names.worker()).await?;
+    let spec = &pipeline.spec.worker;
+    let current = worker_now
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(spec.min_replicas);
+    let observation = (ctx.depth)(ctx.client.clone(), pipeline.clone()).await;
+    let policy = Policy {
+        min: spec.min_replicas,
+        max: spec.max_replicas,
+        target_per_worker: spec.target_messages_per_worker,
+        scale_up_window: chrono::Duration::seconds(spec.scale_up_stabilization_seconds),
+        scale_down_window: chrono::Duration::seconds(spec.scale_down_stabilization_seconds),
+    };
+    let now = (ctx.now)();
+    let key = format!("{namespace}/{}", names.pipeline);
+    let decision = ctx
+        .scalers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .decide(now, current, &observation, &policy);
+    let worker = deployments
+        .patch(
+            &names.worker(),
+            &apply,
+            &Patch::Apply(&resources::worker_deployment(
+                &pipeline,
+                &checksum,
+                decision.replicas,
+            )),
+        )
+        .await?;
+    if decision.replicas != current {
+        tracing::info!(pipeline = %names.pipeline, from = current, to = decision.replicas, reason = ?decision.reason, "Scaling workers.");
+    }
+
+    let available = |d: &Deployment| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0)
+    };
+    let status = status_patch(
+        &pipeline,
+        &observation,
+        decision,
+        current,
+        available(&ingest),
+        available(&worker),
+        now,
+    );
+    Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
+        .patch_status(
+            &names.pipeline,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+    Ok(Action::requeue(REQUEUE))
+}
+
+/// What to do after a failed reconcile: log it and try again soon.
+pub fn error_policy(pipeline: Arc<DedupPipeline>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(pipeline = %pipeline.name_any(), error = %error, "Reconcile failed; retrying.");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The status merge patch: observed generation, conditions, depth and workers.
+pub fn status_patch(
+    pipeline: &DedupPipeline,
+    observation: &Observation,
+    decision: Decision,
+    previous: i32,
+    ingest_available: i32,
+    workers_available: i32,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let generation = pipeline.metadata.generation;
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(
+            k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ),
+    };
+    let ready = ingest_available > 0 && (workers_available > 0 || decision.replicas == 0);
+    let (degraded, degraded_reason, degraded_message) = match observation {
+        Observation::Unavailable(why) => (
+            true,
+            "BrokerUnreachable",
+            format!("queue depth unreadable, workers held: {why}"),
+        ),
+        Observation::Depth(_) => (false, "AsExpected", "queue depth read".to_owned()),
+    };
+    let progressing =
+        decision.replicas != previous || matches!(decision.reason, Reason::Stabilizing);
+    let mut status = json!({
+        "status": {
+            "observedGeneration": generation,
+            "desiredWorkers": decision.replicas,
+            "currentWorkers": workers_available,
+            "queueDepth": match observation { Observation::Depth(d) => Some(*d), Observation::Unavailable(_) => None },
+            "conditions": [
+                condition("Ready", ready, if ready { "Available" } else { "Unavailable" },
+                    format!("{ingest_available} ingest and {workers_available} worker pods available")),
+                condition("Progressing", progressing, &format!("{:?}", decision.reason),
+                    format!("workers {previous} → {}", decision.replicas)),
+                condition("Degraded", degraded, degraded_reason, degraded_message),
+            ],
+        }
+    });
+    if decision.replicas != previous {
+        status["status"]["lastScaleTime"] = json!(now.to_rfc3339());
+    }
+    status
+}
+
+/// The production depth source: the management URL and vhost from the pipeline's Secrets.
+pub fn broker_depth() -> DepthSource {
+    Arc::new(|client: Client, pipeline: Arc<DedupPipeline>| {
+        Box::pin(async move {
+            let namespace = pipeline.namespace().unwrap_or_default();
+            let secrets = Api::<Secret>::namespaced(client, &namespace);
+            let read = |key: SecretKey| {
+                let secrets = secrets.clone();
+                async move {
+                    let secret = secrets
+                        .get(&key.name)
+                        .await
+                        .map_err(|e| format!("Secret {}: {e}", key.name))?;
+                    let bytes = secret
+                        .data
+                        .and_then(|d| d.get(&key.key).cloned())
+                        .ok_or_else(|| format!("Secret {} has no key {}", key.name, key.key))?;
+                    String::from_utf8(bytes.0)
+                        .map_err(|e| format!("Secret {} key {}: {e}", key.name, key.key))
+                }
+            };
+            let management = match read(pipeline.spec.secrets.rabbitmq_management_url.clone()).await
+            {
+                Ok(url) => url,
+                Err(e) => return Observation::Unavailable(e),
+            };
+            let amqp = read(pipeline.spec.secrets.rabbitmq_url.clone())
+                .await
+                .unwrap_or_default();
+            let vhost = dedup_core::queue_depth::vhost_of(&amqp);
+            let reader = match dedup_core::queue_depth::DepthReader::new(
+                &management,
+                Duration::from_secs(5),
+            ) {
+                Ok(reader) => reader,
+                Err(e) => return Observation::Unavailable(e.to_string()),
+            };
+            match reader.read(&vhost, &pipeline.spec.dedup.queue).await {
+                Ok(depth) => Observation::Depth(i64::try_from(depth.total()).unwrap_or(i64::MAX)),
+                Err(e) => Observation::Unavailable(e.to_string()),
+            }
+        })
+    })
+}

@@ -1,0 +1,279 @@
+//! Reconcile against a mocked Kubernetes API server: the test plays the API server, checks
+//! every request the controller makes, in order, and feeds it the answers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use dedup_operator::controller::{self, Context, DepthSource, REQUEUE};
+use dedup_operator::crd::{DedupPipeline, DedupPipelineSpec};
+use dedup_operator::scale::Observation;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn pipeline() -> DedupPipeline {
+    let spec: DedupPipelineSpec = serde_yaml::from_str(
+        "secrets:\n  rabbitmqUrl: {name: s, key: amqp}\n  rabbitmqManagementUrl: {name: s, key: mgmt}\n  redisUrl: {name: s, key: redis}\n  databaseUrl: {name: s, key: db}\n",
+    )
+    .expect("spec");
+    let mut p = DedupPipeline::new("events", spec);
+    p.metadata.namespace = Some("prod".into());
+    p.metadata.uid = Some("uid-1".into());
+    p.metadata.generation = Some(3);
+    p
+}
+
+fn fixed_now() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).expect("time")
+}
+
+fn context(client: Client, depth: Observation) -> Arc<Context> {
+    let depth: DepthSource = Arc::new(move |_, _| {
+        let depth = depth.clone();
+        Box::pin(async move { depth })
+    });
+    Arc::new(Context {
+        client,
+        depth,
+        scalers: Mutex::new(HashMap::new()),
+        now: fixed_now,
+    })
+}
+
+/// One expected request: method, path, and the answer (given the request body).
+async fn expect(
+    handle: &mut Handle,
+    method: Method,
+    path: &str,
+    answer: impl FnOnce(Value) -> (StatusCode, Value),
+) -> Value {
+    let (request, send) = handle
+        .next_request()
+        .await
+        .expect("the controller made a request");
+    assert_eq!(
+        (request.method(), request.uri().path()),
+        (&method, path),
+        "unexpected request {}",
+        request.uri()
+    );
+    if method == Method::PATCH && !path.ends_with("/status") {
+        let query = request.uri().query().unwrap_or_default();
+        assert!(
+            query.contains("fieldManager=dedup-operator") && query.contains("force=true"),
+            "server-side apply: {query}"
+        );
+    }
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON body")
+    };
+    let (status, reply) = answer(body.clone());
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+            .expect("response"),
+    );
+    body
+}
+
+fn with_available(mut deployment: Value, available: i64) -> (StatusCode, Value) {
+    deployment["status"] = json!({ "availableReplicas": available });
+    (StatusCode::OK, deployment)
+}
+
+/// A burst in the queue: the controller applies the ConfigMap, ingest Deployment and Service,
+/// reads the worker Deployment, scales it from 2 to 5 and reports it in the status.
+#[tokio::test]
+async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = context(client, Observation::Depth(4500));
+    let server = tokio::spawn(async move {
+        let base = "/apis/apps/v1/namespaces/prod/deployments";
+        let cm = expect(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/prod/configmaps/events-config",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        assert_eq!(cm["data"]["DEDUP_WINDOW"], "7d");
+        expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{base}/events-ingest"),
+            |b| with_available(b, 2),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/prod/services/events-ingest",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        expect(&mut handle, Method::GET, &format!("{base}/events-worker"), |_| {
+            (StatusCode::OK, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "events-worker"}, "spec": {"replicas": 2, "selector": {}, "template": {}}}))
+        })
+        .await;
+        let worker = expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{base}/events-worker"),
+            |b| with_available(b, 2),
+        )
+        .await;
+        assert_eq!(worker["spec"]["replicas"], 5, "ceil(4500 / 1000) workers");
+        let status = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
+            |b| {
+                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
+                stored["status"] = b["status"].clone();
+                (StatusCode::OK, stored)
+            },
+        )
+        .await;
+        let s = &status["status"];
+        assert_eq!(
+            (
+                s["desiredWorkers"].as_i64(),
+                s["queueDepth"].as_i64(),
+                s["observedGeneration"].as_i64()
+            ),
+            (Some(5), Some(4500), Some(3))
+        );
+        assert!(s["lastScaleTime"].is_string());
+        let conditions: HashMap<&str, &str> = s["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap_or(""),
+                    c["status"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            conditions,
+            HashMap::from([
+                ("Ready", "True"),
+                ("Progressing", "True"),
+                ("Degraded", "False")
+            ])
+        );
+    });
+    let action = controller::reconcile(Arc::new(pipeline()), ctx)
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(REQUEUE));
+    server.await.expect("every expected request arrived");
+}
+
+/// The broker cannot be read: replicas are held and the status says Degraded.
+#[tokio::test]
+async fn unreachable_broker_holds_workers_and_reports_degraded() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(
+        Client::new(service, "default"),
+        Observation::Unavailable("connection refused".into()),
+    );
+    let server = tokio::spawn(async move {
+        let base = "/apis/apps/v1/namespaces/prod/deployments";
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/prod/configmaps/events-config",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{base}/events-ingest"),
+            |b| with_available(b, 2),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/prod/services/events-ingest",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        expect(&mut handle, Method::GET, &format!("{base}/events-worker"), |_| {
+            (StatusCode::OK, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "events-worker"}, "spec": {"replicas": 4, "selector": {}, "template": {}}}))
+        })
+        .await;
+        let worker = expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{base}/events-worker"),
+            |b| with_available(b, 4),
+        )
+        .await;
+        assert_eq!(worker["spec"]["replicas"], 4, "held");
+        let status = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
+            |b| {
+                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
+                stored["status"] = b["status"].clone();
+                (StatusCode::OK, stored)
+            },
+        )
+        .await;
+        let degraded = status["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == "Degraded")
+            .cloned()
+            .expect("Degraded");
+        assert_eq!(
+            (degraded["status"].as_str(), degraded["reason"].as_str()),
+            (Some("True"), Some("BrokerUnreachable"))
+        );
+        assert!(status["status"]["queueDepth"].is_null());
+    });
+    controller::reconcile(Arc::new(pipeline()), ctx)
+        .await
+        .expect("reconcile");
+    server.await.expect("every expected request arrived");
+}
+
+/// The API server refuses the first apply (a conflict): reconcile fails with the API error and
+/// the error policy requeues soon, without touching anything else.
+#[tokio::test]
+async fn api_conflict_fails_the_reconcile_and_requeues() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), Observation::Depth(0));
+    let server = tokio::spawn(async move {
+        expect(&mut handle, Method::PATCH, "/api/v1/namespaces/prod/configmaps/events-config", |_| {
+            (StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "conflict", "reason": "Conflict", "code": 409}))
+        })
+        .await;
+    });
+    let p = Arc::new(pipeline());
+    let error = controller::reconcile(p.clone(), ctx.clone())
+        .await
+        .expect_err("the conflict surfaces");
+    assert!(error.to_string().contains("conflict"), "{error}");
+    assert_eq!(
+        controller::error_policy(p, &error, ctx),
+        Action::requeue(std::time::Duration::from_secs(5))
+    );
+    server.await.expect("the one request arrived");
+}
