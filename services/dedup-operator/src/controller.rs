@@ -17,6 +17,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{DedupPipeline, SecretKey};
+use crate::metrics::Metrics;
 use crate::resources::{self, Names};
 use crate::scale::{Decision, Observation, Policy, Reason, Scaler};
 
@@ -46,11 +47,21 @@ pub struct Context {
     /// One scaler (recommendation history) per pipeline, keyed by namespace/name.
     pub scalers: Mutex<HashMap<String, Scaler>>,
     pub now: fn() -> DateTime<Utc>,
+    pub metrics: Metrics,
 }
 
 /// Brings the workloads of `pipeline` to what its spec says, scales its workers, and writes
 /// its status.
+#[tracing::instrument(skip_all, fields(pipeline = %pipeline.name_any()))]
 pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Result<Action> {
+    let timer = ctx.metrics.reconcile_seconds.start_timer();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(pipeline, &ctx).await;
+    timer.observe_duration();
+    result
+}
+
+async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<Action> {
     let namespace = pipeline.namespace().ok_or(Error::NoNamespace)?;
     let names = Names::of(&pipeline);
     let apply = PatchParams::apply(MANAGER).force();
@@ -119,6 +130,22 @@ pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Resul
             .and_then(|s| s.available_replicas)
             .unwrap_or(0)
     };
+    let labels = [namespace.as_str(), names.pipeline.as_str()];
+    ctx.metrics
+        .workers_desired
+        .with_label_values(&labels)
+        .set(i64::from(decision.replicas));
+    ctx.metrics
+        .workers_current
+        .with_label_values(&labels)
+        .set(i64::from(available(&worker)));
+    ctx.metrics
+        .queue_depth
+        .with_label_values(&labels)
+        .set(match &observation {
+            Observation::Depth(d) => *d,
+            Observation::Unavailable(_) => -1,
+        });
     let status = status_patch(
         &pipeline,
         &observation,
@@ -139,7 +166,8 @@ pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Resul
 }
 
 /// What to do after a failed reconcile: log it and try again soon.
-pub fn error_policy(pipeline: Arc<DedupPipeline>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(pipeline: Arc<DedupPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
     tracing::warn!(pipeline = %pipeline.name_any(), error = %error, "Reconcile failed; retrying.");
     Action::requeue(Duration::from_secs(5))
 }

@@ -1,17 +1,17 @@
 //! dedup-operator: runs dedup pipelines on Kubernetes from a `DedupPipeline` resource and
 //! scales the workers from queue depth.
 //!
-//! This crate holds, so far, the resource definition and the scaling decision; the controller
-//! that reconciles workloads is the next piece of work.
 //!
 //! # Layout
 //!
 //! - [`controller`]: reconcile (server-side apply, scaling, status) and its error policy.
 //! - [`crd`]: the `DedupPipeline` custom resource (spec, status, printer columns).
+//! - [`metrics`]: the operator's Prometheus metrics.
 //! - [`resources`]: the ConfigMap, Deployments and Service a pipeline becomes.
 //! - [`scale`]: the worker scaling decision, HPA-style, pure and table-tested.
 
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod resources;
 pub mod scale;

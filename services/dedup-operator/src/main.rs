@@ -1,9 +1,24 @@
-//! `dedup-operator`: for now, prints the DedupPipeline CustomResourceDefinition.
+//! `dedup-operator`: telemetry, configuration, then run the controller until SIGINT/SIGTERM;
+//! or print the CRD.
 
-use clap::{Parser, Subcommand};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
-/// dedup-operator: runs dedup pipelines on Kubernetes from DedupPipeline resources. This build
-/// provides the resource definition; the controller is not part of it yet.
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use dedup_core::admin;
+use dedup_core::telemetry::{self, LogArgs};
+use dedup_operator::controller::{self, Context};
+use dedup_operator::crd::DedupPipeline;
+use dedup_operator::metrics::Metrics;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+
+/// dedup-operator: runs dedup pipelines on Kubernetes from DedupPipeline resources — applies
+/// their workloads and scales the workers from the queue depth (ready plus unacknowledged).
 #[derive(Debug, Parser)]
 #[command(name = "dedup-operator", version, about)]
 struct Cli {
@@ -13,13 +28,69 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller (in a cluster, or with a kubeconfig).
+    Run(RunArgs),
     /// Print the DedupPipeline CustomResourceDefinition as YAML (`| kubectl apply -f -`).
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9102")]
+    admin_listen_addr: SocketAddr,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => print!("{}", dedup_operator::crd::crd_yaml()?),
+        Command::Crd => {
+            print!("{}", dedup_operator::crd::crd_yaml()?);
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init(&args.log, "dedup-operator")?;
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API: run in a cluster or set KUBECONFIG")?;
+    let metrics = Metrics::new();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        depth: controller::broker_depth(),
+        scalers: Mutex::new(HashMap::new()),
+        now: chrono::Utc::now,
+        metrics: metrics.clone(),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let admin_listener = admin::bind(args.admin_listen_addr, "ADMIN_LISTEN_ADDR").await?;
+    let admin_task = admin::spawn(
+        admin_listener,
+        admin::router(metrics.registry.clone(), Arc::new(|| Ok(()))),
+        stop.clone(),
+    );
+    let pipelines = Api::<DedupPipeline>::all(client.clone());
+    pipelines.list(&Default::default()).await.context(
+        "cannot list DedupPipelines: install the CRD (`dedup-operator crd | kubectl apply -f -`) and the RBAC in k8s/rbac.yaml",
+    )?;
+    tracing::info!("Watching DedupPipelines.");
+    Controller::new(pipelines, watcher::Config::default())
+        .owns(Api::<Deployment>::all(client), watcher::Config::default())
+        .graceful_shutdown_on(async { dedup_core::shutdown::shutdown_signal().await })
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "Reconcile did not complete.");
+            }
+        })
+        .await;
+    stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("dedup-operator stopped.");
     Ok(())
 }

@@ -42,6 +42,7 @@ fn context(client: Client, depth: Observation) -> Arc<Context> {
         depth,
         scalers: Mutex::new(HashMap::new()),
         now: fixed_now,
+        metrics: Default::default(),
     })
 }
 
@@ -174,10 +175,24 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
             ])
         );
     });
-    let action = controller::reconcile(Arc::new(pipeline()), ctx)
+    let action = controller::reconcile(Arc::new(pipeline()), ctx.clone())
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(REQUEUE));
+    assert_eq!(
+        ctx.metrics
+            .workers_desired
+            .with_label_values(&["prod", "events"])
+            .get(),
+        5
+    );
+    assert_eq!(
+        ctx.metrics
+            .queue_depth
+            .with_label_values(&["prod", "events"])
+            .get(),
+        4500
+    );
     server.await.expect("every expected request arrived");
 }
 
@@ -272,8 +287,15 @@ async fn api_conflict_fails_the_reconcile_and_requeues() {
         .expect_err("the conflict surfaces");
     assert!(error.to_string().contains("conflict"), "{error}");
     assert_eq!(
-        controller::error_policy(p, &error, ctx),
+        controller::error_policy(p, &error, ctx.clone()),
         Action::requeue(std::time::Duration::from_secs(5))
+    );
+    assert_eq!(
+        (
+            ctx.metrics.reconciles.get(),
+            ctx.metrics.reconcile_errors.get()
+        ),
+        (1, 1)
     );
     server.await.expect("the one request arrived");
 }
