@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# Multi-stage build of the dedup binaries. The default target `dedup` holds them all (the
-# chart runs one image); `--target ingest` or `--target dedup-worker` builds one each.
-# (dedup-operator joins here when it lands.)
+# Multi-stage build of the dedup binaries. The default target `dedup` holds all three
+# (ingest, dedup-worker, dedup-operator: the operator runs one image); `--target ingest`,
+# `--target dedup-worker` or `--target dedup-operator` builds one each.
 # Runtime images are distroless (glibc, CA certificates, no shell) and run as a non-root user.
 
 ARG RUST_VERSION=1.95
@@ -14,9 +14,9 @@ COPY services ./services
 COPY migrations ./migrations
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p ingest -p dedup-worker \
+    cargo build --release --locked -p ingest -p dedup-worker -p dedup-operator \
  && mkdir -p /out \
- && cp target/release/ingest target/release/dedup-worker /out/
+ && cp target/release/ingest target/release/dedup-worker target/release/dedup-operator /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 # distroless "nonroot" is uid/gid 65532; numeric so Kubernetes can check runAsNonRoot.
@@ -35,7 +35,12 @@ EXPOSE 9101
 HEALTHCHECK --interval=10s --timeout=4s --retries=3 CMD ["/usr/local/bin/dedup-worker", "probe"]
 ENTRYPOINT ["/usr/local/bin/dedup-worker"]
 
-# All binaries in one image: run with `ingest` or `dedup-worker` as command.
+FROM runtime AS dedup-operator
+COPY --from=build /out/dedup-operator /usr/local/bin/dedup-operator
+EXPOSE 9102
+ENTRYPOINT ["/usr/local/bin/dedup-operator", "run"]
+
+# All binaries in one image: run with `ingest`, `dedup-worker` or `dedup-operator run`.
 FROM runtime AS dedup
 COPY --from=build /out/ /usr/local/bin/
 EXPOSE 8000 9100 9101
