@@ -13,7 +13,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{Client, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{DedupPipeline, SecretKey};
@@ -46,8 +47,42 @@ pub struct Context {
     pub depth: DepthSource,
     /// One scaler (recommendation history) per pipeline, keyed by namespace/name.
     pub scalers: Mutex<HashMap<String, Scaler>>,
+    /// Consecutive failed reconciles per pipeline, for the retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    pub recorder: Recorder,
     pub now: fn() -> DateTime<Utc>,
     pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        depth: DepthSource,
+        now: fn() -> DateTime<Utc>,
+        metrics: Metrics,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            depth,
+            scalers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            now,
+            metrics,
+        }
+    }
+}
+
+fn key_of(pipeline: &DedupPipeline) -> String {
+    format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    )
 }
 
 /// Brings the workloads of `pipeline` to what its spec says, scales its workers, and writes
@@ -56,9 +91,52 @@ pub struct Context {
 pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let timer = ctx.metrics.reconcile_seconds.start_timer();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(pipeline, &ctx).await;
+    let result = reconcile_inner(pipeline.clone(), &ctx).await;
     timer.observe_duration();
+    match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key_of(&pipeline));
+        }
+        Err(error) => report_failure(&pipeline, error, &ctx).await,
+    }
     result
+}
+
+/// Makes a failed reconcile visible on the resource: a Warning event and a Degraded
+/// condition. Both are best effort — the API server may be what failed.
+async fn report_failure(pipeline: &DedupPipeline, error: &Error, ctx: &Context) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "ReconcileFailed".to_owned(),
+        note: Some(error.to_string().chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &pipeline.object_ref(&()))
+        .await
+    {
+        tracing::debug!(error = %e, "Could not publish the failure event.");
+    }
+    let Some(namespace) = pipeline.namespace() else {
+        return;
+    };
+    let condition = json!({"status": {"conditions": [{
+        "type": "Degraded", "status": "True", "reason": "ReconcileFailed",
+        "message": error.to_string(), "observedGeneration": pipeline.metadata.generation,
+        "lastTransitionTime": (ctx.now)().to_rfc3339(),
+    }]}});
+    let _ = Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
+        .patch_status(
+            &pipeline.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&condition),
+        )
+        .await;
 }
 
 async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<Action> {
@@ -168,8 +246,18 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
 /// What to do after a failed reconcile: log it and try again soon.
 pub fn error_policy(pipeline: Arc<DedupPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.inc();
-    tracing::warn!(pipeline = %pipeline.name_any(), error = %error, "Reconcile failed; retrying.");
-    Action::requeue(Duration::from_secs(5))
+    let failures = {
+        let mut all = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = all.entry(key_of(&pipeline)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    // 5 s, 10 s, 20 s … up to 5 minutes.
+    let delay = Duration::from_secs(5)
+        .saturating_mul(1 << (failures - 1).min(6))
+        .min(Duration::from_secs(300));
+    tracing::warn!(pipeline = %pipeline.name_any(), error = %error, retry_in = ?delay, "Reconcile failed; retrying.");
+    Action::requeue(delay)
 }
 
 /// The status merge patch: observed generation, conditions, depth and workers.

@@ -1,9 +1,8 @@
 //! `dedup-operator`: telemetry, configuration, then run the controller until SIGINT/SIGTERM;
 //! or print the CRD.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -60,13 +59,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot reach the Kubernetes API: run in a cluster or set KUBECONFIG")?;
     let metrics = Metrics::new();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        depth: controller::broker_depth(),
-        scalers: Mutex::new(HashMap::new()),
-        now: chrono::Utc::now,
-        metrics: metrics.clone(),
-    });
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        controller::broker_depth(),
+        chrono::Utc::now,
+        metrics.clone(),
+    ));
     let stop = tokio_util::sync::CancellationToken::new();
     let admin_listener = admin::bind(args.admin_listen_addr, "ADMIN_LISTEN_ADDR").await?;
     let admin_task = admin::spawn(

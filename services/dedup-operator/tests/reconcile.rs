@@ -2,7 +2,7 @@
 //! every request the controller makes, in order, and feeds it the answers.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use dedup_operator::controller::{self, Context, DepthSource, REQUEUE};
@@ -37,13 +37,7 @@ fn context(client: Client, depth: Observation) -> Arc<Context> {
         let depth = depth.clone();
         Box::pin(async move { depth })
     });
-    Arc::new(Context {
-        client,
-        depth,
-        scalers: Mutex::new(HashMap::new()),
-        now: fixed_now,
-        metrics: Default::default(),
-    })
+    Arc::new(Context::new(client, depth, fixed_now, Default::default()))
 }
 
 /// One expected request: method, path, and the answer (given the request body).
@@ -269,10 +263,11 @@ async fn unreachable_broker_holds_workers_and_reports_degraded() {
     server.await.expect("every expected request arrived");
 }
 
-/// The API server refuses the first apply (a conflict): reconcile fails with the API error and
-/// the error policy requeues soon, without touching anything else.
+/// The API server refuses the first apply (a conflict): reconcile fails with the API error,
+/// says so with a Warning event and a Degraded condition, and the error policy retries with a
+/// growing backoff.
 #[tokio::test]
-async fn api_conflict_fails_the_reconcile_and_requeues() {
+async fn api_conflict_fails_the_reconcile_reports_it_and_backs_off() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), Observation::Depth(0));
     let server = tokio::spawn(async move {
@@ -280,22 +275,55 @@ async fn api_conflict_fails_the_reconcile_and_requeues() {
             (StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "conflict", "reason": "Conflict", "code": 409}))
         })
         .await;
+        let event = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("ReconcileFailed"))
+        );
+        assert_eq!(event["regarding"]["name"], "events");
+        let status = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
+            |b| {
+                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
+                stored["status"] = b["status"].clone();
+                (StatusCode::OK, stored)
+            },
+        )
+        .await;
+        let degraded = &status["status"]["conditions"][0];
+        assert_eq!(
+            (
+                degraded["type"].as_str(),
+                degraded["status"].as_str(),
+                degraded["reason"].as_str()
+            ),
+            (Some("Degraded"), Some("True"), Some("ReconcileFailed"))
+        );
     });
     let p = Arc::new(pipeline());
     let error = controller::reconcile(p.clone(), ctx.clone())
         .await
         .expect_err("the conflict surfaces");
     assert!(error.to_string().contains("conflict"), "{error}");
-    assert_eq!(
-        controller::error_policy(p, &error, ctx.clone()),
-        Action::requeue(std::time::Duration::from_secs(5))
-    );
+    server.await.expect("every expected request arrived");
+    let delays: Vec<Action> = (0..3)
+        .map(|_| controller::error_policy(p.clone(), &error, ctx.clone()))
+        .collect();
+    let secs = |s| Action::requeue(std::time::Duration::from_secs(s));
+    assert_eq!(delays, [secs(5), secs(10), secs(20)]);
     assert_eq!(
         (
             ctx.metrics.reconciles.get(),
             ctx.metrics.reconcile_errors.get()
         ),
-        (1, 1)
+        (1, 3)
     );
-    server.await.expect("the one request arrived");
 }
