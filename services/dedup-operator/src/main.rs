@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -76,6 +77,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     pipelines.list(&Default::default()).await.context(
         "cannot list DedupPipelines: install the CRD (`dedup-operator crd | kubectl apply -f -`) and the RBAC in k8s/rbac.yaml",
     )?;
+    watching.store(true, Ordering::Relaxed);
     tracing::info!("Watching DedupPipelines.");
     Controller::new(pipelines, watcher::Config::default())
         .owns(Api::<Deployment>::all(client), watcher::Config::default())
