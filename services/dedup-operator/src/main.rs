@@ -68,9 +68,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let stop = tokio_util::sync::CancellationToken::new();
     let admin_listener = admin::bind(args.admin_listen_addr, "ADMIN_LISTEN_ADDR").await?;
+    // Ready once the DedupPipeline API answered (CRD installed, RBAC in place).
+    let watching = Arc::new(AtomicBool::new(false));
+    let ready: admin::Readiness = {
+        let watching = watching.clone();
+        Arc::new(move || {
+            if watching.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("cannot list DedupPipelines yet".to_owned())
+            }
+        })
+    };
     let admin_task = admin::spawn(
         admin_listener,
-        admin::router(metrics.registry.clone(), Arc::new(|| Ok(()))),
+        admin::router(metrics.registry.clone(), ready),
         stop.clone(),
     );
     let pipelines = Api::<DedupPipeline>::all(client.clone());
