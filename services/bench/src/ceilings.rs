@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use dedup_core::{KeySpec, message};
-use dedup_worker::batch;
+use dedup_worker::batch::{self, Candidate};
 use dedup_worker::bloom::BloomParams;
 use dedup_worker::metrics::Metrics;
 use dedup_worker::redis_tier::{Item, RedisSettings, RedisTier};
@@ -207,14 +207,7 @@ async fn redis(
     let now = Utc::now();
     let body: Vec<u8> = lines.concat();
     let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
-    let items: Vec<Item> = decoded
-        .candidates
-        .iter()
-        .map(|c| Item {
-            key: c.key,
-            day: c.day(),
-        })
-        .collect();
+    let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
     let started = Instant::now();
     for chunk in items.chunks(batch_size.max(1)) {
         anyhow::ensure!(tier.check(chunk).await.is_some(), "Redis check failed");

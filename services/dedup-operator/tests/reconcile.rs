@@ -80,6 +80,56 @@ async fn expect(
     body
 }
 
+/// The requests of every reconcile before scaling: apply the ConfigMap, the ingest Deployment
+/// (answered with 2 pods available) and Service, then read the worker Deployment (answered with
+/// `workers` replicas). Returns the applied ConfigMap.
+async fn expect_workloads(handle: &mut Handle, workers: i64) -> Value {
+    let base = "/apis/apps/v1/namespaces/prod/deployments";
+    let cm = expect(
+        handle,
+        Method::PATCH,
+        "/api/v1/namespaces/prod/configmaps/events-config",
+        |b| (StatusCode::OK, b),
+    )
+    .await;
+    expect(
+        handle,
+        Method::PATCH,
+        &format!("{base}/events-ingest"),
+        |b| with_available(b, 2),
+    )
+    .await;
+    expect(
+        handle,
+        Method::PATCH,
+        "/api/v1/namespaces/prod/services/events-ingest",
+        |b| (StatusCode::OK, b),
+    )
+    .await;
+    expect(handle, Method::GET, &format!("{base}/events-worker"), |_| {
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "events-worker"},
+            "spec": {"replicas": workers, "selector": {}, "template": {}}});
+        (StatusCode::OK, deployment)
+    })
+    .await;
+    cm
+}
+
+/// The status patch, answered with the stored pipeline carrying that status; returns the patch.
+async fn expect_status(handle: &mut Handle) -> Value {
+    expect(
+        handle,
+        Method::PATCH,
+        "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
+        |b| {
+            let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
+            stored["status"] = b["status"].clone();
+            (StatusCode::OK, stored)
+        },
+    )
+    .await
+}
+
 fn with_available(mut deployment: Value, available: i64) -> (StatusCode, Value) {
     deployment["status"] = json!({ "availableReplicas": available });
     (StatusCode::OK, deployment)
@@ -94,32 +144,8 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
     let ctx = context(client, Observation::Depth(4500));
     let server = tokio::spawn(async move {
         let base = "/apis/apps/v1/namespaces/prod/deployments";
-        let cm = expect(
-            &mut handle,
-            Method::PATCH,
-            "/api/v1/namespaces/prod/configmaps/events-config",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
+        let cm = expect_workloads(&mut handle, 2).await;
         assert_eq!(cm["data"]["DEDUP_WINDOW"], "7d");
-        expect(
-            &mut handle,
-            Method::PATCH,
-            &format!("{base}/events-ingest"),
-            |b| with_available(b, 2),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/api/v1/namespaces/prod/services/events-ingest",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
-        expect(&mut handle, Method::GET, &format!("{base}/events-worker"), |_| {
-            (StatusCode::OK, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "events-worker"}, "spec": {"replicas": 2, "selector": {}, "template": {}}}))
-        })
-        .await;
         let worker = expect(
             &mut handle,
             Method::PATCH,
@@ -128,17 +154,7 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
         )
         .await;
         assert_eq!(worker["spec"]["replicas"], 5, "ceil(4500 / 1000) workers");
-        let status = expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
-            |b| {
-                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
-                stored["status"] = b["status"].clone();
-                (StatusCode::OK, stored)
-            },
-        )
-        .await;
+        let status = expect_status(&mut handle).await;
         let s = &status["status"];
         assert_eq!(
             (
@@ -200,31 +216,7 @@ async fn unreachable_broker_holds_workers_and_reports_degraded() {
     );
     let server = tokio::spawn(async move {
         let base = "/apis/apps/v1/namespaces/prod/deployments";
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/api/v1/namespaces/prod/configmaps/events-config",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::PATCH,
-            &format!("{base}/events-ingest"),
-            |b| with_available(b, 2),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/api/v1/namespaces/prod/services/events-ingest",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
-        expect(&mut handle, Method::GET, &format!("{base}/events-worker"), |_| {
-            (StatusCode::OK, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "events-worker"}, "spec": {"replicas": 4, "selector": {}, "template": {}}}))
-        })
-        .await;
+        expect_workloads(&mut handle, 4).await;
         let worker = expect(
             &mut handle,
             Method::PATCH,
@@ -233,17 +225,7 @@ async fn unreachable_broker_holds_workers_and_reports_degraded() {
         )
         .await;
         assert_eq!(worker["spec"]["replicas"], 4, "held");
-        let status = expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
-            |b| {
-                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
-                stored["status"] = b["status"].clone();
-                (StatusCode::OK, stored)
-            },
-        )
-        .await;
+        let status = expect_status(&mut handle).await;
         let degraded = status["status"]["conditions"]
             .as_array()
             .expect("conditions")
@@ -287,17 +269,7 @@ async fn api_conflict_fails_the_reconcile_reports_it_and_backs_off() {
             (Some("Warning"), Some("ReconcileFailed"))
         );
         assert_eq!(event["regarding"]["name"], "events");
-        let status = expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/dedup.io/v1alpha1/namespaces/prod/deduppipelines/events/status",
-            |b| {
-                let mut stored = serde_json::to_value(pipeline()).expect("pipeline json");
-                stored["status"] = b["status"].clone();
-                (StatusCode::OK, stored)
-            },
-        )
-        .await;
+        let status = expect_status(&mut handle).await;
         let degraded = &status["status"]["conditions"][0];
         assert_eq!(
             (

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, NaiveDate, Utc};
 use dedup_core::event::{Fields, RawError};
 
+use crate::redis_tier::Item;
 use crate::store::Row;
 use dedup_core::{DedupKey, KeySpec, event, message};
 
@@ -24,6 +25,14 @@ pub struct Candidate<'a> {
 impl Candidate<'_> {
     pub fn day(&self) -> NaiveDate {
         self.fields.event_date()
+    }
+
+    /// The event as the Redis tier sees it.
+    pub fn item(&self) -> Item {
+        Item {
+            key: self.key,
+            day: self.day(),
+        }
     }
 
     /// The row this event is stored as.

@@ -127,14 +127,7 @@ impl Pipeline {
             }
         }
 
-        let items: Vec<Item> = decoded
-            .candidates
-            .iter()
-            .map(|c| Item {
-                key: c.key,
-                day: c.day(),
-            })
-            .collect();
+        let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
         let known = self.redis.check(&items).await;
         self.checkpoint(Stage::AfterRedisCheck, deliveries)?;
         let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
