@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project against the local PostgreSQL, Redis and RabbitMQ (started if
-# they are down), then checks the monitoring and compose files. This is the README's test
+# they are down), then checks the monitoring, compose and Helm chart files. This is the README's test
 # command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +14,5 @@ DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug
 scripts/check-monitoring.sh
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
+python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
+python3 scripts/check-chart.py

@@ -1,0 +1,29 @@
+{{- define "dedup.name" -}}{{ .Release.Name }}-dedup{{- end }}
+
+{{- define "dedup.labels" -}}
+app.kubernetes.io/name: dedup
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "dedup.image" -}}{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}{{- end }}
+
+{{- define "dedup.secretName" -}}{{ default (printf "%s-urls" (include "dedup.name" .)) .Values.connections.existingSecret }}{{- end }}
+
+{{- define "dedup.hardened" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{- define "dedup.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
