@@ -17,6 +17,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CHART = os.path.join(ROOT, "charts", "dedup")
 KUBE_VERSION = "1.33.0"
 problems = []
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
 def check(ok, message):
@@ -38,7 +39,10 @@ check(not report["errors"], f"helm lint errors: {report['errors']}")
 value_sets = {
     "defaults": {},
     "existing secret": {"connections": {"existingSecret": "my-urls"}},
-    "monitoring on": {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}},
+    "external services": {"rabbitmq": {"enabled": False}, "redis": {"enabled": False}, "postgresql": {"enabled": False},
+                          "connections": {"databaseUrl": "postgres://u:p@db.example:5432/dedup"}},
+    "monitoring on": {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True},
+                                     "serviceMonitors": {"enabled": True}}},
     "autoscaling bounds": {"pipeline": {"worker": {"minReplicas": 0, "maxReplicas": 50, "targetMessagesPerWorker": 200}}},
     "no migrations, no pipeline": {"migrations": {"enabled": False}, "pipeline": {"enabled": False}},
 }
@@ -46,6 +50,7 @@ chart = helm.Chart.load(CHART)
 for label, values in value_sets.items():
     rendered = chart.render(values, name="rel", namespace="prod", is_install=True)
     docs = [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+    check(any(path.endswith("NOTES.txt") and "product_events" in text for path, text in rendered.items()), f"[{label}] NOTES.txt should say how to send an event")
     kinds = [d["kind"] for d in docs]
     for doc in docs:
         where = f"[{label}] {doc['kind']}/{doc['metadata']['name']}"
@@ -54,6 +59,9 @@ for label, values in value_sets.items():
                 jsonschema.validate(doc, pipeline_schema)
             except jsonschema.ValidationError as e:
                 problems.append(f"{where}: not valid against the CRD: {e.message}")
+        elif doc["kind"] in ("ServiceMonitor", "PodMonitor"):
+            endpoints = doc["spec"].get("endpoints") or doc["spec"].get("podMetricsEndpoints") or []
+            check(endpoints and all(e.get("port") for e in endpoints), f"{where}: no named metrics port")
         elif doc["kind"] == "PrometheusRule":
             groups = doc["spec"].get("groups", [])
             check(groups and all(r.get("alert") and r.get("expr") for g in groups for r in g["rules"]), f"{where}: empty or malformed rules")
@@ -65,34 +73,57 @@ for label, values in value_sets.items():
         if doc["kind"] == "ConfigMap":
             for key, value in (doc.get("data") or {}).items():
                 check("://" not in value or "@" not in value.split("://", 1)[1].split("/", 1)[0], f"{where}: {key} looks like a URL with credentials")
-        pod = doc.get("spec", {}).get("template", {}).get("spec") if doc["kind"] in ("Deployment", "Job") else None
+        pod = doc.get("spec", {}).get("template", {}).get("spec") if doc["kind"] in WORKLOADS else None
         if pod:
             labels = doc["spec"]["template"]["metadata"].get("labels", {})
-            if doc["kind"] == "Deployment":
+            if doc["kind"] in ("Deployment", "StatefulSet"):
                 for k, v in doc["spec"]["selector"]["matchLabels"].items():
                     check(labels.get(k) == v, f"{where}: selector {k}={v} does not match the pod labels")
             check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{where}: pod may run as root")
             for c in pod["containers"]:
                 image = c["image"]
                 check(":" in image and not image.endswith(":latest"), f"{where}: image {image} is not pinned")
-                check(c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem")
+                csc = c.get("securityContext", {})
+                check(csc.get("allowPrivilegeEscalation") is False and csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: container not hardened")
+                if image.startswith("dedup/"):
+                    check(csc.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem")
                 ports = {p.get("name") for p in c.get("ports", [])} | {p["containerPort"] for p in c.get("ports", [])}
                 for probe in ("livenessProbe", "readinessProbe"):
-                    if probe in c:
-                        check(c[probe]["httpGet"]["port"] in ports, f"{where}: {probe} targets an undeclared port")
+                    action = c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket")
+                    if action:
+                        check(action["port"] in ports, f"{where}: {probe} targets an undeclared port")
+                    elif doc["kind"] != "Job":
+                        check("exec" in c.get(probe, {}), f"{where}: no {probe}")
     for svc in (d for d in docs if d["kind"] == "Service"):
-        targets = [d for d in docs if d["kind"] == "Deployment"
+        targets = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
                    and all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())]
         check(targets, f"[{label}] Service {svc['metadata']['name']} selects no pods")
         for port in svc["spec"]["ports"]:
             declared = {p.get("name") for t in targets for c in t["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
             check(port["targetPort"] in declared, f"[{label}] Service {svc['metadata']['name']} targets undeclared port {port['targetPort']}")
     if label == "existing secret":
-        check("Secret" not in kinds, "an existing Secret is used, the chart must not create one")
+        check(not any(d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls") for d in docs),
+              "an existing URL Secret is named: the chart must not create one")
+        pipeline_secrets = next(d for d in docs if d["kind"] == "DedupPipeline")["spec"]["secrets"]
+        check(all(ref["name"] == "my-urls" for ref in pipeline_secrets.values()), "the pipeline must use the existing Secret")
     if label == "monitoring on":
+        check({"ServiceMonitor", "PodMonitor"} <= set(kinds), "monitoring on: ServiceMonitor and PodMonitors expected")
         check("PrometheusRule" in kinds and any(d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1" for d in docs),
               "monitoring on: PrometheusRule and dashboard ConfigMap expected")
+    if label == "external services":
+        check(not any(d["kind"] == "StatefulSet" for d in docs), "external services: no StatefulSet expected")
+        urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
+        check(urls["postgres"] == "postgres://u:p@db.example:5432/dedup", "external services: the given database URL is used")
     if label == "defaults":
+        sts = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
+        check(sts == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"defaults: bundled services expected, got {sts}")
+        urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
+        creds = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-credentials"))["data"]
+        import base64
+        pw = base64.b64decode(creds["postgres-password"]).decode()
+        check(urls["postgres"] == f"postgres://dedup:{pw}@rel-dedup-postgresql:5432/dedup", "defaults: the URL uses the generated password")
+        for claim in (c for d in docs if d["kind"] == "StatefulSet" for c in d["spec"]["volumeClaimTemplates"]):
+            check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
 
