@@ -43,6 +43,8 @@ value_sets = {
                           "connections": {"databaseUrl": "postgres://u:p@db.example:5432/dedup"}},
     "monitoring on": {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True},
                                      "serviceMonitors": {"enabled": True}}},
+    "network policies and ingress on": {"networkPolicies": {"enabled": True},
+                                        "ingress": {"enabled": True, "className": "nginx", "host": "events.example.com", "tlsSecret": "events-tls"}},
     "autoscaling bounds": {"pipeline": {"worker": {"minReplicas": 0, "maxReplicas": 50, "targetMessagesPerWorker": 200}}},
     "no migrations, no pipeline": {"migrations": {"enabled": False}, "pipeline": {"enabled": False}},
 }
@@ -114,7 +116,14 @@ for label, values in value_sets.items():
         check(not any(d["kind"] == "StatefulSet" for d in docs), "external services: no StatefulSet expected")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
         check(urls["postgres"] == "postgres://u:p@db.example:5432/dedup", "external services: the given database URL is used")
+    if label == "network policies and ingress on":
+        policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+        check(policies == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"network policies: got {policies}")
+        ingress = next((d for d in docs if d["kind"] == "Ingress"), None)
+        check(ingress is not None and ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "events-ingest",
+              "the Ingress routes to the pipeline's ingest Service")
     if label == "defaults":
+        check(not any(d["kind"] in ("NetworkPolicy", "Ingress") for d in docs), "defaults: no NetworkPolicy or Ingress")
         sts = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
         check(sts == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"defaults: bundled services expected, got {sts}")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
@@ -126,6 +135,21 @@ for label, values in value_sets.items():
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
+
+# The plain manifests in k8s/ validate too, and the example pipeline against the CRD.
+for manifest in ("operator.yaml", "rbac.yaml", "example-pipeline.yaml"):
+    for doc in yaml.safe_load_all(open(os.path.join(ROOT, "k8s", manifest))):
+        where = f"k8s/{manifest}: {doc['kind']}/{doc['metadata']['name']}"
+        try:
+            if doc["kind"] == "DedupPipeline":
+                jsonschema.validate(doc, pipeline_schema)
+            else:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
+            problems.append(f"{where}: {e.message}")
+kustomization = yaml.safe_load(open(os.path.join(ROOT, "k8s", "kustomization.yaml")))
+for resource in kustomization["resources"]:
+    check(os.path.exists(os.path.join(ROOT, "k8s", resource)), f"k8s/kustomization.yaml lists missing {resource}")
 
 # Wrong values are refused by the chart's schema with a clear message.
 for wrong in ({"pipeline": {"worker": {"minReplicas": -1}}}, {"image": {"pullPolicy": "Sometimes"}}):

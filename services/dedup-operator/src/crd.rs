@@ -56,6 +56,9 @@ pub struct IngestSpec {
     /// ClusterIP, NodePort or LoadBalancer.
     #[serde(default = "default_service_type")]
     pub service_type: String,
+    /// Fixed node port for a NodePort Service (e.g. a kind port mapping); random when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_node_port: Option<i32>,
 }
 
 /// The workers and how they scale.
@@ -193,6 +196,7 @@ impl Default for IngestSpec {
             resources: None,
             service_port: default_service_port(),
             service_type: default_service_type(),
+            service_node_port: None,
         }
     }
 }

@@ -316,6 +316,11 @@ pub fn ingest_service(pipeline: &DedupPipeline) -> Service {
                 name: Some("http".to_owned()),
                 port: pipeline.spec.ingest.service_port,
                 target_port: Some(IntOrString::String("http".to_owned())),
+                node_port: pipeline
+                    .spec
+                    .ingest
+                    .service_node_port
+                    .filter(|_| pipeline.spec.ingest.service_type == "NodePort"),
                 protocol: Some("TCP".to_owned()),
                 ..Default::default()
             }]),
