@@ -112,6 +112,12 @@ for label, values in value_sets.items():
         check({"ServiceMonitor", "PodMonitor"} <= set(kinds), "monitoring on: ServiceMonitor and PodMonitors expected")
         check("PrometheusRule" in kinds and any(d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1" for d in docs),
               "monitoring on: PrometheusRule and dashboard ConfigMap expected")
+    job = next((d for d in docs if d["kind"] == "Job"), None)
+    if job:
+        hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
+        bundled_db = label not in ("external services",)
+        check(("post-install" if bundled_db else "pre-install") in hooks and "pre-upgrade" in hooks,
+              f"[{label}] migrations must run before install (external database) or right after it (bundled), and before upgrades: {hooks}")
     if label == "external services":
         check(not any(d["kind"] == "StatefulSet" for d in docs), "external services: no StatefulSet expected")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
