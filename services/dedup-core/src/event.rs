@@ -118,31 +118,61 @@ pub enum RawError {
 /// validated, and a borrowed view of every other field.
 pub struct RawEvent<'a> {
     pub fields: Fields,
-    object: std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>,
+    object: RawObject<'a>,
 }
 
 impl RawEvent<'_> {
     /// Any field's value, parsed on demand.
     pub fn get(&self, name: &str) -> Option<Value> {
-        self.object
-            .get(name)
-            .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+        self.object.get(name)
+    }
+}
+
+/// A JSON object's members in text order, values left unparsed. A list, not a hash map: an
+/// event has a few dozen members and only a handful are ever looked up, so hashing every name
+/// cost more than the rest of the parse (a fifth of the worker's CPU in a `perf` profile).
+struct RawObject<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+impl RawObject<'_> {
+    /// The member's value, parsed; the last one wins when a name repeats, as in a map.
+    fn get(&self, name: &str) -> Option<Value> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(member, _)| member == name)
+            .map(|(_, raw)| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(64));
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(RawObject(members))
+            }
+        }
+        deserializer.deserialize_map(Members(std::marker::PhantomData))
     }
 }
 
 /// Reads and validates one event from JSON text, parsing only the fields it needs (the hot
 /// path of ingest and the worker, where the text itself is what travels on and is stored).
 pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent<'_>, RawError> {
-    type RawObject<'a> =
-        std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
     match serde_json::from_slice::<RawObject<'_>>(bytes) {
         Ok(object) => {
-            let get = |name: &str| {
-                object
-                    .get(name)
-                    .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
-            };
-            let fields = validate_fields(get).map_err(RawError::Invalid)?;
+            let fields = validate_fields(|name| object.get(name)).map_err(RawError::Invalid)?;
             Ok(RawEvent { fields, object })
         }
         // Not an object, or not JSON: the full parser gives the original's messages.
@@ -506,6 +536,8 @@ mod tests {
             "null".to_owned(),
             escaped,
             r#"{"sid":"a","sid":"b"}"#.to_owned(),
+            // A repeated member of a valid event: the last one counts in both parsers.
+            valid().to_string().replacen('{', r#"{"sid":"overridden","#, 1),
         ];
         assert!(
             inputs[5].contains(r"\u0069"),
