@@ -115,13 +115,19 @@ async fn rabbitmq(
             confirm_us.saturating_record(sent.elapsed().as_micros() as u64);
         }
         let sent = Instant::now();
+        // As ingest sends a message of one event: lz4-compressed when that makes it smaller.
+        let (body, encoding) = message::encode(line, message::Compression::Lz4);
+        let mut properties = message::properties(Utc::now(), 1);
+        if let Some(encoding) = encoding {
+            properties = properties.with_content_encoding(encoding.into());
+        }
         let confirm = channel
             .basic_publish(
                 iso.topology.exchange.as_str().into(),
                 iso.topology.routing_key(),
                 BasicPublishOptions::default(),
-                line,
-                message::properties(Utc::now(), 1),
+                &body,
+                properties,
             )
             .await?;
         in_flight.push(async move { (sent, confirm.await) });

@@ -537,7 +537,9 @@ mod tests {
             escaped,
             r#"{"sid":"a","sid":"b"}"#.to_owned(),
             // A repeated member of a valid event: the last one counts in both parsers.
-            valid().to_string().replacen('{', r#"{"sid":"overridden","#, 1),
+            valid()
+                .to_string()
+                .replacen('{', r#"{"sid":"overridden","#, 1),
         ];
         assert!(
             inputs[5].contains(r"\u0069"),

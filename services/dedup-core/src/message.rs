@@ -3,6 +3,14 @@
 //!
 //! Packing several events into one confirmed message (a batch request) keeps the broker's
 //! message rate from capping the event rate; the worker still judges every line on its own.
+//!
+//! Bodies are lz4-compressed by default (`content-encoding: lz4`, the block format with its
+//! length in front). The broker's work grows with the bytes it writes to its log and reads
+//! back, and JSON events compress several times over, so this takes most of the broker's CPU
+//! per event away for a few microseconds of ingest's. A body without a content encoding is
+//! plain NDJSON, so either side can be upgraded first.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
@@ -17,6 +25,11 @@ pub const HEADER_RECEIVED_AT: &str = "x-received-at-us";
 pub const HEADER_EVENT_COUNT: &str = "x-event-count";
 /// Header on dead-lettered messages: why the worker refused them.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-dedup-error";
+/// Content encoding of lz4-compressed bodies.
+pub const ENCODING_LZ4: &str = "lz4";
+/// Largest body a compressed message may expand to; a message claiming more is refused
+/// rather than allocated.
+pub const MAX_DECODED_BYTES: usize = 256 << 20;
 /// AMQP delivery mode that makes the broker write the message to disk.
 const PERSISTENT: u8 = 2;
 
@@ -71,6 +84,61 @@ pub fn received_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
     }
 }
 
+/// How ingest compresses message bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compression {
+    /// Plain NDJSON.
+    None,
+    /// lz4 (block format, length first).
+    #[default]
+    Lz4,
+}
+
+/// The bytes to publish for `body` and their content encoding. A body compression would not
+/// shrink goes as it is.
+pub fn encode(body: &[u8], compression: Compression) -> (Cow<'_, [u8]>, Option<&'static str>) {
+    match compression {
+        Compression::None => (Cow::Borrowed(body), None),
+        Compression::Lz4 => {
+            let packed = lz4_flex::block::compress_prepend_size(body);
+            if packed.len() < body.len() {
+                (Cow::Owned(packed), Some(ENCODING_LZ4))
+            } else {
+                (Cow::Borrowed(body), None)
+            }
+        }
+    }
+}
+
+/// A delivered body as NDJSON, decompressed according to its content encoding. The error says
+/// why it cannot be read (the message then goes to the dead-letter queue whole).
+pub fn decode<'a>(data: &'a [u8], properties: &BasicProperties) -> Result<Cow<'a, [u8]>, String> {
+    match properties.content_encoding().as_ref().map(|e| e.as_str()) {
+        None | Some("") | Some("identity") => Ok(Cow::Borrowed(data)),
+        Some(ENCODING_LZ4) => {
+            let (size, packed) = lz4_flex::block::uncompressed_size(data)
+                .map_err(|e| format!("lz4 body without its length: {e}"))?;
+            if size > MAX_DECODED_BYTES {
+                return Err(format!(
+                    "lz4 body claims {size} bytes, more than the {MAX_DECODED_BYTES} allowed"
+                ));
+            }
+            let mut out = vec![0; size];
+            let written = lz4_flex::block::decompress_into(packed, &mut out)
+                .map_err(|e| format!("corrupt lz4 body: {e}"))?;
+            if written != size {
+                return Err(format!(
+                    "corrupt lz4 body: {written} bytes decoded, {size} announced"
+                ));
+            }
+            Ok(Cow::Owned(out))
+        }
+        Some(other) => Err(format!(
+            "unsupported content encoding {other:?} (ingest sends lz4 or none)"
+        )),
+    }
+}
+
 /// The non-blank lines of a message body, each one event.
 pub fn lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
     body.split(|b| *b == b'\n')
@@ -121,5 +189,68 @@ mod tests {
         assert_eq!(received_at(&props), Some(at));
         assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(received_at(&BasicProperties::default()), None);
+    }
+
+    fn encoded(encoding: &str) -> BasicProperties {
+        BasicProperties::default().with_content_encoding(encoding.into())
+    }
+
+    /// A compressible body is sent lz4-compressed and comes back byte for byte; one that would
+    /// not shrink, or with compression off, goes plain.
+    #[test]
+    fn bodies_round_trip_through_lz4() {
+        let mut body = Vec::new();
+        for i in 0..20 {
+            let event = json!({"sid": format!("s{i}"), "event_name": "app_list", "r": "x"});
+            push_event(&mut body, event.as_object().unwrap());
+        }
+        let (packed, encoding) = encode(&body, Compression::Lz4);
+        assert_eq!(encoding, Some(ENCODING_LZ4));
+        assert!(
+            packed.len() < body.len() / 2,
+            "{} of {}",
+            packed.len(),
+            body.len()
+        );
+        assert_eq!(decode(&packed, &encoded(ENCODING_LZ4)).unwrap(), &body[..]);
+
+        let (plain, encoding) = encode(&body, Compression::None);
+        assert_eq!((&plain[..], encoding), (&body[..], None));
+        assert_eq!(
+            decode(&plain, &BasicProperties::default()).unwrap(),
+            &body[..]
+        );
+
+        let tiny = b"{}\n";
+        let (same, encoding) = encode(tiny, Compression::Lz4);
+        assert_eq!((&same[..], encoding), (&tiny[..], None));
+    }
+
+    /// Bodies that cannot be read say why instead of being guessed at or allocated blindly.
+    #[test]
+    fn unreadable_bodies_are_refused_with_the_reason() {
+        let lz4 = encoded(ENCODING_LZ4);
+        let body = b"{\"sid\":\"a\"}\n".repeat(50);
+        let (packed, _) = encode(&body, Compression::Lz4);
+        let mut corrupt = packed.to_vec();
+        corrupt.truncate(corrupt.len() / 2);
+        assert!(
+            decode(&corrupt, &lz4)
+                .unwrap_err()
+                .contains("corrupt lz4 body")
+        );
+        assert!(
+            decode(b"ab", &lz4)
+                .unwrap_err()
+                .contains("without its length")
+        );
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"xxxx");
+        assert!(decode(&huge, &lz4).unwrap_err().contains("more than"));
+        let gzip = decode(b"....", &encoded("gzip")).unwrap_err();
+        assert!(
+            gzip.contains("unsupported content encoding \"gzip\""),
+            "{gzip}"
+        );
     }
 }

@@ -60,6 +60,9 @@ pub enum DeadLetterReason {
     InvalidJson,
     /// JSON, but not a valid event.
     InvalidEvent,
+    /// A message whose body cannot be decoded (corrupt compression, unknown content encoding);
+    /// it goes to the dead-letter queue whole, as it arrived.
+    InvalidEncoding,
 }
 
 impl DeadLetterReason {
@@ -67,6 +70,7 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::InvalidJson => "invalid_json",
             DeadLetterReason::InvalidEvent => "invalid_event",
+            DeadLetterReason::InvalidEncoding => "invalid_encoding",
         }
     }
 }

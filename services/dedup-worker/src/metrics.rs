@@ -152,7 +152,7 @@ impl Metrics {
         for result in ["miss", "hit_confirmed", "hit_unconfirmed"] {
             m.bloom_lookups.with_label_values(&[result]);
         }
-        for reason in ["invalid_json", "invalid_event"] {
+        for reason in ["invalid_json", "invalid_event", "invalid_encoding"] {
             m.dead_lettered.with_label_values(&[reason]);
         }
         for stage in ["redis", "postgres", "amqp"] {

@@ -98,16 +98,32 @@ impl Pipeline {
         stop: &CancellationToken,
     ) -> Result<Outcome> {
         let started = Instant::now();
-        let decoded = batch::decode(
-            deliveries.iter().map(|d| {
-                (
-                    d.data.as_slice(),
-                    dedup_core::message::received_at(&d.properties),
-                )
-            }),
+        // Bodies decompressed per their content encoding; one that cannot be read goes to the
+        // dead-letter queue whole and the rest of the batch carries on.
+        let mut unreadable = Vec::new();
+        let bodies: Vec<_> = deliveries
+            .iter()
+            .filter_map(
+                |d| match dedup_core::message::decode(&d.data, &d.properties) {
+                    Ok(body) => Some((body, dedup_core::message::received_at(&d.properties))),
+                    Err(detail) => {
+                        unreadable.push(batch::DeadLetter {
+                            body: d.data.clone(),
+                            reason: batch::DeadLetterReason::InvalidEncoding,
+                            detail,
+                        });
+                        None
+                    }
+                },
+            )
+            .collect();
+        let mut decoded = batch::decode(
+            bodies.iter().map(|(body, at)| (body.as_ref(), *at)),
             &self.spec,
             Utc::now(),
         );
+        decoded.consumed += unreadable.len() as u64;
+        decoded.dead_letters.extend(unreadable);
         self.checkpoint(Stage::Decoded, deliveries)?;
         if !decoded.dead_letters.is_empty() {
             self.retrying(stop, || {

@@ -343,7 +343,8 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
 }
 
 /// A poison message (bad JSON, an invalid event) goes to the dead-letter queue, each bad line
-/// alone with its reason, and the good events around it are stored.
+/// alone with its reason, and the good events around it are stored — in a compressed message
+/// too. A message whose body cannot be decoded goes there whole.
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     let env = TestEnv::new("poison").await;
@@ -357,18 +358,43 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     env.publish_raw(&[0xff, 0xfe, 0xfd], lapin::BasicProperties::default())
         .await;
     publish_each(&env, &[event("p-3")]).await;
-    settle(&env, 3).await;
-    assert_each_once(&env, ["p-1", "p-2", "p-3"].map(String::from)).await;
-    eventually(WAIT, "three dead letters", || async {
-        (env.ready_messages(&env.topology.dead_letter_queue).await == 3).then_some(())
+    // lz4, as ingest sends by default: one good event and one bad line.
+    let mut body = ndjson(&[event("p-4")]);
+    body.extend_from_slice(b"{\"lz4\": \"bad line\"}\n");
+    let (packed, encoding) = message::encode(&body, message::Compression::Lz4);
+    let lz4 = || {
+        message::properties(Utc::now(), 2)
+            .with_content_encoding(encoding.expect("compressible").into())
+    };
+    env.publish_raw(&packed, lz4()).await;
+    // Corrupt lz4, and an encoding the worker does not know.
+    env.publish_raw(&packed[..packed.len() / 2], lz4()).await;
+    env.publish_raw(
+        b"\x1f\x8b",
+        message::properties(Utc::now(), 1).with_content_encoding("gzip".into()),
+    )
+    .await;
+    settle(&env, 4).await;
+    assert_each_once(&env, ["p-1", "p-2", "p-3", "p-4"].map(String::from)).await;
+    eventually(WAIT, "six dead letters", || async {
+        (env.ready_messages(&env.topology.dead_letter_queue).await == 6).then_some(())
     })
     .await;
-    consumed(&worker, 6).await;
+    consumed(&worker, 10).await;
     let letters = env.drain(&env.topology.dead_letter_queue).await;
     let bodies: Vec<Vec<u8>> = letters.iter().map(|(b, _)| b.clone()).collect();
     assert!(bodies.contains(&b"{this is not json".to_vec()));
     assert!(bodies.contains(&b"{\"sid\": \"no other fields\"}".to_vec()));
     assert!(bodies.contains(&vec![0xff, 0xfe, 0xfd]));
+    assert!(
+        bodies.contains(&b"{\"lz4\": \"bad line\"}".to_vec()),
+        "a bad line of a compressed message goes alone, decompressed"
+    );
+    assert!(
+        bodies.contains(&packed[..packed.len() / 2].to_vec()),
+        "an undecodable message goes whole"
+    );
+    assert!(bodies.contains(&b"\x1f\x8b".to_vec()));
     for (_, headers) in &letters {
         let reason = headers
             .as_ref()
@@ -382,7 +408,13 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     );
     assert_eq!(
         m.dead_lettered.with_label_values(&["invalid_event"]).get(),
-        1
+        2
+    );
+    assert_eq!(
+        m.dead_lettered
+            .with_label_values(&["invalid_encoding"])
+            .get(),
+        2
     );
     worker.stop().await.expect("clean stop");
 }

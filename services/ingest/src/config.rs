@@ -47,6 +47,9 @@ pub struct Config {
     /// (1 turns packing off). Nothing waits for a pack to fill.
     #[arg(long, env = "COALESCE_MAX_EVENTS", default_value_t = 128)]
     pub coalesce_max_events: usize,
+    /// How message bodies are compressed on the queue (the worker reads both).
+    #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_core::message::Compression::Lz4)]
+    pub message_compression: dedup_core::message::Compression,
     /// Packed messages that may await a confirm at once.
     #[arg(long, env = "COALESCE_FLUSHERS", default_value_t = 8)]
     pub coalesce_flushers: usize,

@@ -117,6 +117,7 @@ pub fn publisher_config(config: &Config) -> PublisherConfig {
         max_in_flight: config.max_in_flight_publishes,
         confirm_timeout: config.confirm_timeout,
         reconnect_max_backoff: config.reconnect_max_backoff,
+        compression: config.message_compression,
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub publish_confirm_seconds: Histogram,
     pub publishes_in_flight: IntGauge,
     pub broker_connected: IntGauge,
+    /// Size of each published message body, after compression.
+    pub message_bytes: Histogram,
 }
 
 impl Metrics {
@@ -67,6 +69,14 @@ impl Metrics {
             "1 while connected to RabbitMQ, else 0.",
         )
         .expect("valid metric");
+        let message_bytes = Histogram::with_opts(
+            HistogramOpts::new(
+                "dedup_ingest_message_bytes",
+                "Bytes of each published message body, after compression.",
+            )
+            .buckets(prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets")),
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -74,6 +84,7 @@ impl Metrics {
             Box::new(publish_confirm_seconds.clone()),
             Box::new(publishes_in_flight.clone()),
             Box::new(broker_connected.clone()),
+            Box::new(message_bytes.clone()),
         ] {
             registry
                 .register(collector)
@@ -91,6 +102,7 @@ impl Metrics {
             publish_confirm_seconds,
             publishes_in_flight,
             broker_connected,
+            message_bytes,
         }
     }
 }

@@ -45,6 +45,7 @@ pub struct PublisherConfig {
     pub max_in_flight: usize,
     pub confirm_timeout: Duration,
     pub reconnect_max_backoff: Duration,
+    pub compression: dedup_core::message::Compression,
 }
 
 /// A live connection and its confirm-mode channels.
@@ -118,9 +119,14 @@ impl Publisher {
     pub async fn publish_unbounded(
         &self,
         body: &[u8],
-        properties: BasicProperties,
+        mut properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let link = self.current_link().ok_or(PublishError::NotConnected)?;
+        let (body, encoding) = dedup_core::message::encode(body, self.config.compression);
+        if let Some(encoding) = encoding {
+            properties = properties.with_content_encoding(encoding.into());
+        }
+        self.metrics.message_bytes.observe(body.len() as f64);
         let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
         let channel = &link.channels[index];
         let topology = &self.config.topology;
@@ -135,7 +141,7 @@ impl Publisher {
                         mandatory: true,
                         ..Default::default()
                     },
-                    body,
+                    &body,
                     properties,
                 )
                 .await?

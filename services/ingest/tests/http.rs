@@ -298,6 +298,52 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
     assert_eq!(env.ready_messages(&env.topology.queue).await, 0);
 }
 
+/// Message bodies travel lz4-compressed (content-encoding `lz4`, several times smaller than
+/// the NDJSON they carry) unless compression is turned off.
+#[tokio::test]
+async fn messages_are_lz4_compressed_unless_turned_off() {
+    use dedup_core::message::{Compression, ENCODING_LZ4, decode};
+    let env = TestEnv::new("lz4").await;
+    let events: Vec<Value> = (0..50).map(|i| event(&format!("z-{i}"))).collect();
+    for compression in [Compression::Lz4, Compression::None] {
+        let mut config = ingest_config(&env, RABBITMQ);
+        config.message_compression = compression;
+        let ingest = IngestUnderTest::start(&config, true).await;
+        let answer = post_json(
+            &ingest,
+            "/product_events/batch",
+            &Value::Array(events.clone()),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+        let messages = env.drain_raw(&env.topology.queue).await;
+        assert_eq!(messages.len(), 1, "50 events fit one message");
+        let (data, properties) = &messages[0];
+        let body = decode(data, properties).expect("decodable");
+        assert_eq!(
+            body.as_ref(),
+            ndjson(&events).as_slice(),
+            "{compression:?}: the same NDJSON arrives"
+        );
+        let encoding = properties
+            .content_encoding()
+            .as_ref()
+            .map(|e| e.to_string());
+        if compression == Compression::Lz4 {
+            assert_eq!(encoding.as_deref(), Some(ENCODING_LZ4));
+            assert!(
+                data.len() * 3 < body.len(),
+                "{} bytes for {}",
+                data.len(),
+                body.len()
+            );
+        } else {
+            assert_eq!((encoding, data.as_slice()), (None, body.as_ref()));
+        }
+        drop(ingest);
+    }
+}
+
 /// Many requests in flight at once all get confirmed, and concurrent events share messages
 /// (fewer messages than events) without any event lost or repeated.
 #[tokio::test]

@@ -144,8 +144,23 @@ impl TestEnv {
         count
     }
 
-    /// Takes every message from `queue`, acking them; returns bodies and headers.
+    /// Takes every message from `queue`, acking them; returns bodies (decompressed as the
+    /// worker would) and headers.
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Option<FieldTable>)> {
+        self.drain_raw(queue)
+            .await
+            .into_iter()
+            .map(|(data, properties)| {
+                let body = dedup_core::message::decode(&data, &properties)
+                    .unwrap_or_else(|e| panic!("a message on {queue} cannot be decoded: {e}"))
+                    .into_owned();
+                (body, properties.headers().clone())
+            })
+            .collect()
+    }
+
+    /// Takes every message from `queue`, acking them; returns bodies and properties as sent.
+    pub async fn drain_raw(&self, queue: &str) -> Vec<(Vec<u8>, lapin::BasicProperties)> {
         let channel = self.amqp.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Ok(Some(message)) = channel
@@ -154,7 +169,7 @@ impl TestEnv {
         {
             out.push((
                 message.delivery.data.clone(),
-                message.delivery.properties.headers().clone(),
+                message.delivery.properties.clone(),
             ));
         }
         let _ = channel.close(200, "done".into()).await;
