@@ -1,10 +1,10 @@
 //! The Redis tier: a cache that keeps duplicate traffic off PostgreSQL. Correctness never
 //! depends on it.
 //!
-//! Per batch, one script call asks, for every key, the Bloom generations and then (only where
-//! the Bloom filter says "maybe") the exact recent-keys entry. An event counts as a known
-//! duplicate only when its recent key exists; a Bloom hit alone is never trusted, because a
-//! false positive would drop a unique event. After the PostgreSQL commit a second script call
+//! Per batch, one script call asks, for every key, the exact recent-keys entry and, for keys
+//! without one, the Bloom generations. An event counts as a known duplicate only when its
+//! recent key exists; a Bloom hit alone is never trusted, because a false positive would drop
+//! a unique event. After the PostgreSQL commit a second script call
 //! records the batch's keys: Bloom bits in the current generation and a recent key with a TTL.
 //!
 //! When Redis fails, the worker carries on with PostgreSQL-only dedup, reports it in a metric
@@ -36,40 +36,77 @@ pub enum Known {
 /// KEYS: the generations (newest first), then one recent key per item.
 /// ARGV: generation count, hashes per item, item count, then the bit positions of every item.
 /// Returns per item 0 (Bloom miss), 1 (Bloom hit, no recent key) or 2 (recent key present).
+///
+/// The recent key is asked first: when it exists the answer is known and the Bloom filter is
+/// not consulted. The others are asked of the filter generation by generation, one hash
+/// position at a time, each round one BITFIELD over every item still in the running (a few
+/// calls per batch instead of one GETBIT per bit per item: Redis' CPU per event fell several
+/// times over).
 const CHECK: &str = r"
 local g, k, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
+local out, pending, np = {}, {}, 0
 for i = 1, n do
-  local base = 3 + (i - 1) * k
-  local maybe = false
-  for j = 1, g do
-    local all = true
-    for h = 1, k do
-      if redis.call('GETBIT', KEYS[j], ARGV[base + h]) == 0 then all = false break end
-    end
-    if all then maybe = true break end
-  end
-  if not maybe then
-    out[i] = 0
-  elseif redis.call('EXISTS', KEYS[g + i]) == 1 then
+  if redis.call('EXISTS', KEYS[g + i]) == 1 then
     out[i] = 2
   else
-    out[i] = 1
+    out[i] = 0
+    np = np + 1
+    pending[np] = i
   end
+end
+for j = 1, g do
+  local cand, nc = {}, 0
+  for x = 1, np do
+    local i = pending[x]
+    if out[i] == 0 then nc = nc + 1 cand[nc] = i end
+  end
+  for h = 1, k do
+    if nc == 0 then break end
+    local survivors, ns = {}, 0
+    for first = 1, nc, 1000 do
+      local last = math.min(first + 999, nc)
+      local ops, m = {}, 0
+      for x = first, last do
+        ops[m + 1] = 'GET'
+        ops[m + 2] = 'u1'
+        ops[m + 3] = ARGV[3 + (cand[x] - 1) * k + h]
+        m = m + 3
+      end
+      local bits = redis.call('BITFIELD', KEYS[j], unpack(ops))
+      for x = first, last do
+        if bits[x - first + 1] == 1 then ns = ns + 1 survivors[ns] = cand[x] end
+      end
+    end
+    cand, nc = survivors, ns
+  end
+  for x = 1, nc do out[cand[x]] = 1 end
 end
 return out
 ";
 
 /// KEYS: the current generation, then one recent key per item.
 /// ARGV: generation TTL (ms), recent-key TTL (ms), hashes per item, then the bit positions.
+/// The bits are set by a few BITFIELD calls per batch, not one SETBIT each.
 const RECORD: &str = r"
-local gen_ttl, key_ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local gen_ttl, key_ttl, k = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local n = #KEYS - 1
+local ops, m = {}, 0
 for i = 1, n do
   local base = 3 + (i - 1) * k
-  for h = 1, k do redis.call('SETBIT', KEYS[1], ARGV[base + h], 1) end
+  for h = 1, k do
+    ops[m + 1] = 'SET'
+    ops[m + 2] = 'u1'
+    ops[m + 3] = ARGV[base + h]
+    ops[m + 4] = '1'
+    m = m + 4
+  end
+  if m >= 4000 then
+    redis.call('BITFIELD', KEYS[1], unpack(ops, 1, m))
+    m = 0
+  end
   redis.call('SET', KEYS[1 + i], '1', 'PX', key_ttl)
 end
+if m > 0 then redis.call('BITFIELD', KEYS[1], unpack(ops, 1, m)) end
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], gen_ttl) end
 return n
 ";
