@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
-cargo test --workspace --locked "$@"
+# A hung test fails loudly after 20 minutes instead of running into CI's limit (the suite takes
+# about a minute once built).
+cargo build --workspace --locked --tests
+timeout --signal=KILL 20m cargo test --workspace --locked "$@"
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
 target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench

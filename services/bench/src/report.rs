@@ -76,7 +76,10 @@ pub struct Report {
     pub commit: String,
     pub machine: String,
     pub ceilings: Option<Ceilings>,
+    /// The run with the median end-to-end rate when the load was repeated.
     pub run: Option<RunFigures>,
+    /// Every run's (end-to-end, steady-state) events/s, in the order they ran.
+    pub repeats: Vec<(f64, f64)>,
 }
 
 impl Report {
@@ -139,6 +142,21 @@ impl Report {
                 c.dead_lettered,
                 c.failed_requests,
             );
+            if self.repeats.len() > 1 {
+                let list = |f: fn(&(f64, f64)) -> f64| {
+                    self.repeats
+                        .iter()
+                        .map(|r| format!("{:.0}", f(r)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                md += &format!(
+                    "\n{} runs; the table shows the median one. End-to-end events/s: {}; steady state: {}.\n",
+                    self.repeats.len(),
+                    list(|r| r.0),
+                    list(|r| r.1),
+                );
+            }
         }
         if let Some(c) = &self.ceilings {
             let (name, lowest) = c.lowest();
@@ -264,8 +282,15 @@ mod tests {
                 batch: 500,
             }),
             run: Some(run),
+            repeats: vec![(840.0, 880.0), (850.0, 900.0), (870.0, 910.0)],
         };
         let md = report.markdown();
+        assert!(
+            md.contains(
+                "3 runs; the table shows the median one. End-to-end events/s: 840, 850, 870"
+            ),
+            "{md}"
+        );
         assert!(md.contains("10× the original's 150"), "{md}");
         assert!(
             md.contains("**Lowest: PostgreSQL insert** | **1700**"),
