@@ -5,7 +5,10 @@ Kubernetes schemas (kubernetes-validate, strict) and the DedupPipeline against t
 plus invariants: selectors match pod labels, probes and Services target declared ports, no secret
 value in a ConfigMap, every image pinned, the chart's CRD is the operator's."""
 import copy
+import json
 import os
+import re
+import subprocess
 import sys
 
 import helm_python as helm
@@ -17,7 +20,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CHART = os.path.join(ROOT, "charts", "dedup")
 KUBE_VERSION = "1.33.0"
 problems = []
-WORKLOADS = ("Deployment", "StatefulSet", "Job")
+MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+# Rendered prometheus-operator objects, validated against its CRD schemas below.
+monitoring_objects = []
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "Pod")
 
 
 def check(ok, message):
@@ -48,6 +54,16 @@ value_sets = {
     "autoscaling bounds": {"pipeline": {"worker": {"minReplicas": 0, "maxReplicas": 50, "targetMessagesPerWorker": 200}}},
     "no migrations, no pipeline": {"migrations": {"enabled": False}, "pipeline": {"enabled": False}},
 }
+# The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
+kind_values = {}
+for key, value in re.findall(r"--set ((?:pipeline|monitoring)\.[\w.]+)=([^\s)]+)", open(os.path.join(ROOT, "scripts", "kind-up.sh")).read()):
+    *parents, leaf = key.split(".")
+    node = kind_values
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = True if value == "true" else int(value) if value.isdigit() else value
+check(kind_values.get("monitoring") and kind_values.get("pipeline"), "scripts/kind-up.sh: its --set values were not found")
+value_sets["scripts/kind-up.sh with MONITORING=1"] = kind_values
 chart = helm.Chart.load(CHART)
 for label, values in value_sets.items():
     rendered = chart.render(values, name="rel", namespace="prod", is_install=True)
@@ -61,12 +77,14 @@ for label, values in value_sets.items():
                 jsonschema.validate(doc, pipeline_schema)
             except jsonschema.ValidationError as e:
                 problems.append(f"{where}: not valid against the CRD: {e.message}")
-        elif doc["kind"] in ("ServiceMonitor", "PodMonitor"):
-            endpoints = doc["spec"].get("endpoints") or doc["spec"].get("podMetricsEndpoints") or []
-            check(endpoints and all(e.get("port") for e in endpoints), f"{where}: no named metrics port")
-        elif doc["kind"] == "PrometheusRule":
-            groups = doc["spec"].get("groups", [])
-            check(groups and all(r.get("alert") and r.get("expr") for g in groups for r in g["rules"]), f"{where}: empty or malformed rules")
+        elif doc["kind"] in MONITORING_KINDS:
+            monitoring_objects.append((where, doc))
+            if doc["kind"] == "PrometheusRule":
+                groups = doc["spec"].get("groups", [])
+                check(groups and all(r.get("alert") and r.get("expr") for g in groups for r in g["rules"]), f"{where}: empty or malformed rules")
+            else:
+                endpoints = doc["spec"].get("endpoints") or doc["spec"].get("podMetricsEndpoints") or []
+                check(endpoints and all(e.get("port") for e in endpoints), f"{where}: no named metrics port")
         else:
             try:
                 kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -75,26 +93,33 @@ for label, values in value_sets.items():
         if doc["kind"] == "ConfigMap":
             for key, value in (doc.get("data") or {}).items():
                 check("://" not in value or "@" not in value.split("://", 1)[1].split("/", 1)[0], f"{where}: {key} looks like a URL with credentials")
-        pod = doc.get("spec", {}).get("template", {}).get("spec") if doc["kind"] in WORKLOADS else None
+        pod = None
+        if doc["kind"] in WORKLOADS:
+            pod = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
         if pod:
-            labels = doc["spec"]["template"]["metadata"].get("labels", {})
             if doc["kind"] in ("Deployment", "StatefulSet"):
+                labels = doc["spec"]["template"]["metadata"].get("labels", {})
                 for k, v in doc["spec"]["selector"]["matchLabels"].items():
                     check(labels.get(k) == v, f"{where}: selector {k}={v} does not match the pod labels")
-            check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{where}: pod may run as root")
-            for c in pod["containers"]:
+            psc = pod.get("securityContext", {})
+            for c in pod["containers"] + pod.get("initContainers", []):
                 image = c["image"]
                 check(":" in image and not image.endswith(":latest"), f"{where}: image {image} is not pinned")
                 csc = c.get("securityContext", {})
-                check(csc.get("allowPrivilegeEscalation") is False and csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: container not hardened")
-                if image.startswith("dedup/"):
-                    check(csc.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem")
+                # Every container, ours and the bundled services': non-root, read-only root
+                # filesystem, no privilege escalation, no capabilities, seccomp RuntimeDefault.
+                check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{where}: container {c['name']} may run as root")
+                check(csc.get("readOnlyRootFilesystem") is True, f"{where}: container {c['name']} has a writable root filesystem")
+                check(csc.get("allowPrivilegeEscalation") is False, f"{where}: container {c['name']} allows privilege escalation")
+                check(csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: container {c['name']} keeps capabilities")
+                seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+                check(seccomp == "RuntimeDefault", f"{where}: container {c['name']} has seccomp {seccomp}, not RuntimeDefault")
                 ports = {p.get("name") for p in c.get("ports", [])} | {p["containerPort"] for p in c.get("ports", [])}
                 for probe in ("livenessProbe", "readinessProbe"):
                     action = c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket")
                     if action:
                         check(action["port"] in ports, f"{where}: {probe} targets an undeclared port")
-                    elif doc["kind"] != "Job":
+                    elif doc["kind"] not in ("Job", "Pod"):  # run-to-completion: no probes
                         check("exec" in c.get(probe, {}), f"{where}: no {probe}")
     for svc in (d for d in docs if d["kind"] == "Service"):
         targets = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
@@ -108,7 +133,7 @@ for label, values in value_sets.items():
               "an existing URL Secret is named: the chart must not create one")
         pipeline_secrets = next(d for d in docs if d["kind"] == "DedupPipeline")["spec"]["secrets"]
         check(all(ref["name"] == "my-urls" for ref in pipeline_secrets.values()), "the pipeline must use the existing Secret")
-    if label == "monitoring on":
+    if label.startswith("monitoring on") or "MONITORING=1" in label:
         check({"ServiceMonitor", "PodMonitor"} <= set(kinds), "monitoring on: ServiceMonitor and PodMonitors expected")
         check("PrometheusRule" in kinds and any(d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1" for d in docs),
               "monitoring on: PrometheusRule and dashboard ConfigMap expected")
@@ -142,6 +167,18 @@ for label, values in value_sets.items():
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
 
+# The prometheus-operator objects against that operator's CRD schemas (an npm package of
+# validators generated from them, pinned in scripts/chart-check/package-lock.json).
+check(monitoring_objects, "no ServiceMonitor, PodMonitor or PrometheusRule was rendered by any value set")
+checker = os.path.join(ROOT, "scripts", "chart-check")
+if not os.path.isdir(os.path.join(checker, "node_modules")):
+    subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=checker, check=True)
+result = subprocess.run(["node", "validate-monitoring.mjs"], cwd=checker, capture_output=True, text=True,
+                        input=json.dumps([{"where": where, "object": doc} for where, doc in monitoring_objects]))
+problems.extend(line for line in result.stdout.splitlines() if line)
+check(result.returncode in (0, 1) and (result.returncode == 0) == (not result.stdout.strip()),
+      f"the monitoring validator failed: {result.stderr.strip()}")
+
 # The plain manifests in k8s/ validate too, and the example pipeline against the CRD.
 for manifest in ("operator.yaml", "rbac.yaml", "example-pipeline.yaml"):
     for doc in yaml.safe_load_all(open(os.path.join(ROOT, "k8s", manifest))):
@@ -167,4 +204,4 @@ for wrong in ({"pipeline": {"worker": {"minReplicas": -1}}}, {"image": {"pullPol
 
 if problems:
     sys.exit("charts/dedup:\n  " + "\n  ".join(problems))
-print(f"charts/dedup OK ({len(value_sets)} value sets rendered and validated)")
+print(f"charts/dedup OK ({len(value_sets)} value sets rendered and validated, {len(monitoring_objects)} monitoring objects against the prometheus-operator CRDs)")
