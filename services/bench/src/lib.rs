@@ -80,6 +80,7 @@ pub struct RunOptions {
     pub logs: PathBuf,
     pub keep: bool,
     pub worker_env: Vec<(String, String)>,
+    pub ingest_env: Vec<(String, String)>,
     pub quiet: bool,
 }
 
@@ -109,6 +110,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         iso,
         &opts.logs,
         &opts.worker_env,
+        &opts.ingest_env,
     )
     .await?;
     opts.load.addr = pipeline.ingest_addr;

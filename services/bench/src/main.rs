@@ -112,6 +112,9 @@ struct RunArgs {
     /// Extra worker settings, KEY=VALUE (repeatable), e.g. BATCH_SIZE=1000.
     #[arg(long = "worker-env", value_parser = parse_key_value)]
     worker_env: Vec<(String, String)>,
+    /// Extra ingest settings, KEY=VALUE (repeatable), e.g. COALESCE_FLUSHERS=4.
+    #[arg(long = "ingest-env", value_parser = parse_key_value)]
+    ingest_env: Vec<(String, String)>,
     /// Keep the run's schema, queues and Redis keys afterwards.
     #[arg(long)]
     keep: bool,
@@ -200,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
             logs: c.out.join(format!("logs-{stamp}")),
             keep: args.keep,
             worker_env: args.worker_env.clone(),
+            ingest_env: args.ingest_env.clone(),
             quiet: false,
         };
         let repeat = if c.smoke { 1 } else { args.repeat };

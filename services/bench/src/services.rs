@@ -171,6 +171,7 @@ impl Pipeline {
         iso: &Isolation,
         logs: &Path,
         extra_worker_env: &[(String, String)],
+        extra_ingest_env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         for bin in [&bins.ingest, &bins.worker] {
             if !bin.exists() {
@@ -217,6 +218,11 @@ impl Pipeline {
         ingest
             .env("LISTEN_ADDR", ingest_addr.to_string())
             .env("ADMIN_LISTEN_ADDR", ingest_admin.to_string())
+            .envs(
+                extra_ingest_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(log("ingest.log")?)
             .stderr(log("ingest.err")?)
             .kill_on_drop(true);
