@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::pipeline::Pipeline;
 
+/// On shutdown, the longest wait for deliveries the broker sent before the consumer was
+/// cancelled (normally they are already here: the cancel's answer comes after them).
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
+
 /// Settings of the consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -159,14 +163,20 @@ impl Consumer {
                 let full = tokio::select! {
                     biased;
                     () = stop.cancelled() => {
-                        // Finish the batches in hand, then let the broker requeue the rest.
+                        // No new deliveries; those the broker sent before the cancel are in
+                        // hand too (they arrive before its answer), so they join the last batch.
+                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                        let drained_by = Instant::now() + SHUTDOWN_DRAIN;
+                        while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(drained_by, consumer.next()).await {
+                            pending.push(delivery);
+                        }
+                        // Finish the batches in hand; anything else goes back to the queue.
                         if !pending.is_empty() {
                             in_flight.push(self.spawn(std::mem::take(&mut pending), &dead_letter_channel, stop));
                         }
                         while !in_flight.is_empty() {
                             in_flight.complete_oldest(&channel).await?;
                         }
-                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
                         let _ = dead_letter_channel.close(200, "worker stopping".into()).await;
                         let _ = channel.close(200, "worker stopping".into()).await;
                         return Ok(());

@@ -258,11 +258,35 @@ impl Drop for TestEnv {
 }
 
 async fn cleanup(schema: &str, prefix: &str, topology: &Topology) {
+    // Bounded: a cleanup that cannot finish leaves leftovers and says so, never hangs a test.
+    if tokio::time::timeout(
+        Duration::from_secs(30),
+        cleanup_unbounded(schema, prefix, topology),
+    )
+    .await
+    .is_err()
+    {
+        eprintln!("cleanup of test {schema} did not finish within 30 s; leftovers may remain");
+    }
+}
+
+async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
     if let Ok(pool) = PgPoolOptions::new()
         .max_connections(1)
         .connect(POSTGRES_URL)
         .await
     {
+        // A session of the code under test that still holds a lock in the schema (a worker
+        // killed mid-transaction) would block DROP SCHEMA: end those sessions first.
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+        )
+        .bind(schema)
+        .execute(&pool)
+        .await;
+        let _ = sqlx::query("SET lock_timeout = '10s'").execute(&pool).await;
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE"
         )))
