@@ -2,6 +2,7 @@
 //! deliveries, set aside what cannot be accepted for the dead-letter queue, compute the keys
 //! and collapse duplicates inside the batch.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -17,8 +18,9 @@ pub struct Candidate<'a> {
     pub key: DedupKey,
     /// The required fields, normalised (the rest of the event is only in `raw`).
     pub fields: Fields,
-    /// The event's JSON text exactly as it travelled, stored as the payload.
-    pub raw: &'a str,
+    /// The event's JSON text as it travelled, its members put in `jsonb` order (the same
+    /// `jsonb` value; PostgreSQL then skips sorting them), stored as the payload.
+    pub payload: Cow<'a, str>,
     pub received_at: DateTime<Utc>,
 }
 
@@ -47,7 +49,7 @@ impl Candidate<'_> {
             product_id: &f.product_id,
             sid: &f.sid,
             r: &f.r,
-            payload: self.raw,
+            payload: &self.payload,
             received_at: self.received_at,
         }
     }
@@ -140,12 +142,13 @@ pub fn decode<'a>(
                 }
             };
             let key = spec.key_of_raw(&event);
+            let payload = event.jsonb_ordered(raw);
             let fields = event.fields;
             if seen.insert((fields.event_date(), key)) {
                 out.candidates.push(Candidate {
                     key,
                     fields,
-                    raw: raw.trim(),
+                    payload,
                     received_at,
                 });
             } else {
@@ -194,7 +197,7 @@ mod tests {
         assert_eq!(decoded.candidates.len(), 2);
         assert_eq!(decoded.in_batch_duplicates, 2);
         assert_eq!(decoded.candidates[0].fields.r, "1");
-        assert!(decoded.candidates[0].raw.contains("\"extra\":[1,2]"));
+        assert!(decoded.candidates[0].payload.contains("\"extra\":[1,2]"));
     }
 
     /// The same key on two different event days is two events: uniqueness is per day.

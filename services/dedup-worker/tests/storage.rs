@@ -33,3 +33,71 @@ async fn stored_payloads_are_lz4_compressed() {
             .expect("compression method");
     assert_eq!(method.as_deref(), Some("lz4"));
 }
+
+/// The worker stores payloads with their members in jsonb order (so PostgreSQL skips sorting
+/// them); PostgreSQL must see the very same jsonb value as the client's text, for the real
+/// samples and for awkward text: repeated names, escaped and non-ASCII names, nested objects.
+#[tokio::test]
+async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
+    let env = TestEnv::new("jsonborder").await;
+    let store = dedup_worker::store::Store::connect_lazy(
+        &env.database_url,
+        1,
+        std::time::Duration::from_secs(30),
+    )
+    .expect("store");
+    store.migrate().await.expect("migrations apply");
+    let mut texts: Vec<String> = test_support::events::shared_samples()
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    if texts.is_empty() {
+        // A clone without the shared folder: its copy of a real sample.
+        texts.push(test_support::events::sample_app_list().to_string());
+    }
+    texts.push(
+        r#"{"zeta":{"y":1,"x":{"b":[1,{"d":2,"c":3}],"a":null}},"sid":"s","r":"dup","r":"last","event_name":"e","product_id":"p","client_id":null,"event_datetime":"2025-04-10T12:00:00Z","a\"b\\c":"esc","\u00e9t\u00e9":"summer","ключ":"значение","":"empty name","n":1.50,"big":12345678901234567890}"#
+            .to_owned(),
+    );
+    let mut body = Vec::new();
+    for text in &texts {
+        body.extend_from_slice(&dedup_core::message::ndjson_line(text.as_bytes()).unwrap());
+    }
+    let decoded = dedup_worker::batch::decode(
+        [(&body[..], None)],
+        &dedup_core::KeySpec::default(),
+        chrono::Utc::now(),
+    );
+    assert_eq!(
+        decoded.candidates.len(),
+        texts.len(),
+        "{:?}",
+        decoded.dead_letters
+    );
+    assert!(
+        decoded
+            .candidates
+            .iter()
+            .any(|c| matches!(c.payload, std::borrow::Cow::Owned(_))),
+        "at least one payload was reordered"
+    );
+    let mut rows: Vec<_> = decoded.candidates.iter().map(|c| c.row()).collect();
+    dedup_worker::store::lock_order(&mut rows);
+    assert_eq!(
+        store.insert(&rows).await.expect("insert"),
+        texts.len() as u64
+    );
+    let keys: Vec<uuid::Uuid> = decoded.candidates.iter().map(|c| c.key.as_uuid()).collect();
+    let same: Vec<bool> = sqlx::query_scalar(
+        "SELECT p.payload = t.text::jsonb
+         FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS t(key, text, n)
+         JOIN product_events p ON p.dedup_key = t.key
+         ORDER BY t.n",
+    )
+    .bind(&keys)
+    .bind(&texts)
+    .fetch_all(&env.pg)
+    .await
+    .expect("compare");
+    assert_eq!(same, vec![true; texts.len()]);
+}
