@@ -4,8 +4,9 @@
 //! Per batch, one script call asks, for every key, the exact recent-keys entry and, for keys
 //! without one, the Bloom generations. An event counts as a known duplicate only when its
 //! recent key exists; a Bloom hit alone is never trusted, because a false positive would drop
-//! a unique event. After the PostgreSQL commit a second script call
-//! records the batch's keys: Bloom bits in the current generation and a recent key with a TTL.
+//! a unique event. After the PostgreSQL commit one pipeline of plain commands (no script:
+//! nothing there needs atomicity) records the batch's keys: Bloom bits in the current
+//! generation and a recent key with a TTL.
 //!
 //! When Redis fails, the worker carries on with PostgreSQL-only dedup, reports it in a metric
 //! and a warning, and tries Redis again after a pause. Keys share one hash tag so a script's
@@ -45,13 +46,17 @@ pub enum Known {
 const CHECK: &str = r"
 local g, k, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, pending, np = {}, {}, 0
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[g + i]) == 1 then
-    out[i] = 2
-  else
-    out[i] = 0
-    np = np + 1
-    pending[np] = i
+for first = 1, n, 1000 do
+  local last = math.min(first + 999, n)
+  local recent = redis.call('MGET', unpack(KEYS, g + first, g + last))
+  for i = first, last do
+    if recent[i - first + 1] then
+      out[i] = 2
+    else
+      out[i] = 0
+      np = np + 1
+      pending[np] = i
+    end
   end
 end
 for j = 1, g do
@@ -84,32 +89,8 @@ end
 return out
 ";
 
-/// KEYS: the current generation, then one recent key per item.
-/// ARGV: generation TTL (ms), recent-key TTL (ms), hashes per item, then the bit positions.
-/// The bits are set by a few BITFIELD calls per batch, not one SETBIT each.
-const RECORD: &str = r"
-local gen_ttl, key_ttl, k = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local n = #KEYS - 1
-local ops, m = {}, 0
-for i = 1, n do
-  local base = 3 + (i - 1) * k
-  for h = 1, k do
-    ops[m + 1] = 'SET'
-    ops[m + 2] = 'u1'
-    ops[m + 3] = ARGV[base + h]
-    ops[m + 4] = '1'
-    m = m + 4
-  end
-  if m >= 4000 then
-    redis.call('BITFIELD', KEYS[1], unpack(ops, 1, m))
-    m = 0
-  end
-  redis.call('SET', KEYS[1 + i], '1', 'PX', key_ttl)
-end
-if m > 0 then redis.call('BITFIELD', KEYS[1], unpack(ops, 1, m)) end
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], gen_ttl) end
-return n
-";
+/// Most bit operations in one BITFIELD command of the record pipeline.
+const RECORD_BITS_PER_COMMAND: usize = 1000;
 
 /// Settings of the Redis tier.
 #[derive(Debug, Clone)]
@@ -138,7 +119,6 @@ pub struct RedisTier {
     settings: RedisSettings,
     client: redis::Client,
     check: Script,
-    record: Script,
     /// The connection, created lazily so the worker starts while Redis is down.
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// While set, Redis is skipped until this instant (degraded mode).
@@ -153,7 +133,6 @@ impl RedisTier {
             settings,
             client,
             check: Script::new(CHECK),
-            record: Script::new(RECORD),
             connection: tokio::sync::Mutex::new(None),
             skip_until: Mutex::new(None),
             metrics,
@@ -230,24 +209,41 @@ impl RedisTier {
             return;
         }
         let bloom = &self.settings.bloom;
-        let mut invocation = self.record.prepare_invoke();
-        invocation.key(self.generation_key(bloom.generation(unix_now())));
-        for item in items {
-            invocation.key(self.recent_key(item));
-        }
-        invocation
-            .arg(millis(bloom.generation_ttl()))
-            .arg(millis(self.settings.recent_ttl))
-            .arg(bloom.hashes);
+        let generation = self.generation_key(bloom.generation(unix_now()));
         let mut positions = Vec::with_capacity(items.len() * bloom.hashes as usize);
         for item in items {
             bloom.positions(&item.key, item.day, &mut positions);
         }
-        invocation.arg(positions);
+        // Plain commands in one pipeline (one round trip): nothing here needs a script's
+        // atomicity — any subset of these writes is a correct cache — and Redis runs them
+        // natively instead of through Lua, which cost more than the writes themselves.
+        let mut pipe = redis::pipe();
+        for chunk in positions.chunks(RECORD_BITS_PER_COMMAND) {
+            let command = pipe.cmd("BITFIELD").arg(&generation);
+            for position in chunk {
+                command.arg("SET").arg("u1").arg(*position).arg(1);
+            }
+            command.ignore();
+        }
+        let recent_ttl = millis(self.settings.recent_ttl);
+        for item in items {
+            pipe.cmd("SET")
+                .arg(self.recent_key(item))
+                .arg(1)
+                .arg("PX")
+                .arg(recent_ttl)
+                .ignore();
+        }
+        // The generation expires once, at the end of its time (NX: only when it has no TTL).
+        pipe.cmd("PEXPIRE")
+            .arg(&generation)
+            .arg(millis(bloom.generation_ttl()))
+            .arg("NX")
+            .ignore();
         let started = Instant::now();
-        let _: Option<u64> = self
+        let _: Option<()> = self
             .call("record", |mut conn| async move {
-                invocation.invoke_async::<u64>(&mut conn).await
+                pipe.query_async(&mut conn).await
             })
             .await;
         self.metrics

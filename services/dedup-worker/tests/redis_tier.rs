@@ -86,6 +86,45 @@ async fn check_answers_recent_bloom_only_and_miss_for_large_batches() {
         .await
         .expect("SCAN");
     assert_eq!(recent.len(), 2_500, "one recent key per recorded item");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&recent[0])
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(
+        (500_000..=600_000).contains(&ttl),
+        "recent key TTL {ttl} ms"
+    );
+    // The generation expires at the end of its time, set once: recording into it again
+    // does not push that back.
+    let generations =
+        test_support::env::scan_keys(&mut conn, &format!("{{{}}}:bloom:*", env.redis_prefix))
+            .await
+            .expect("SCAN");
+    assert_eq!(generations.len(), 1, "{generations:?}");
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let key = generations[0].clone();
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("PTTL")
+        }
+    };
+    let generation_ttl = pttl(&mut conn).await;
+    let limit = i64::try_from(bloom.generation_ttl().as_millis()).expect("ms");
+    assert!(
+        generation_ttl > 0 && generation_ttl <= limit,
+        "{generation_ttl} of {limit}"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tier.record(&items(20_000..20_010)).await;
+    assert!(
+        pttl(&mut conn).await < generation_ttl,
+        "the TTL was not renewed"
+    );
     let _: () = redis::cmd("DEL")
         .arg(&recent)
         .query_async(&mut conn)
