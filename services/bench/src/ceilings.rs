@@ -39,6 +39,26 @@ pub struct Ceilings {
 }
 
 impl Ceilings {
+    /// Each figure's median over several rounds (the machine is noisy; one round of a second
+    /// or two can land in a slow or a quiet moment). `None` for no rounds.
+    pub fn median(rounds: &[Ceilings]) -> Option<Ceilings> {
+        let first = rounds.first()?;
+        let median = |f: fn(&Ceilings) -> f64| {
+            let mut values: Vec<f64> = rounds.iter().map(f).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        Some(Ceilings {
+            rabbitmq_publish_per_s: median(|c| c.rabbitmq_publish_per_s),
+            rabbitmq_confirm_p50_ms: median(|c| c.rabbitmq_confirm_p50_ms),
+            rabbitmq_confirm_p99_ms: median(|c| c.rabbitmq_confirm_p99_ms),
+            rabbitmq_consume_ack_per_s: median(|c| c.rabbitmq_consume_ack_per_s),
+            postgres_insert_rows_per_s: median(|c| c.postgres_insert_rows_per_s),
+            redis_events_per_s: median(|c| c.redis_events_per_s),
+            batch: first.batch,
+        })
+    }
+
     /// The lowest of the ceilings, and which one it is.
     pub fn lowest(&self) -> (&'static str, f64) {
         [

@@ -75,11 +75,17 @@ pub struct Report {
     pub date: String,
     pub commit: String,
     pub machine: String,
+    /// Each ceiling's median over the rounds below.
     pub ceilings: Option<Ceilings>,
+    /// Every round of ceilings measured (one before each run when the pipeline ran too).
+    pub ceiling_rounds: Vec<Ceilings>,
     /// The run with the median end-to-end rate when the load was repeated.
     pub run: Option<RunFigures>,
     /// Every run's (end-to-end, steady-state) events/s, in the order they ran.
     pub repeats: Vec<(f64, f64)>,
+    /// Every run's end-to-end rate over the lowest ceiling of the round measured just before
+    /// it, in the order they ran.
+    pub ratios: Vec<f64>,
 }
 
 impl Report {
@@ -161,12 +167,13 @@ impl Report {
         if let Some(c) = &self.ceilings {
             let (name, lowest) = c.lowest();
             md += &format!(
-                "\n| Ceiling (same machine, same run) | events/s |\n|---|---|\n\
+                "\n| Ceiling (same machine, same run; median of {} round(s)) | events/s |\n|---|---|\n\
                  | RabbitMQ publish + confirm (1 event/message, lz4 as ingest sends it; confirm p50 {:.2} ms, p99 {:.2} ms) | {:.0} |\n\
                  | RabbitMQ consume + ack | {:.0} |\n\
                  | PostgreSQL insert, worker statement, batches of {} | {:.0} |\n\
                  | Redis check + record scripts, batches of {} | {:.0} |\n\
                  | **Lowest: {name}** | **{lowest:.0}** |\n",
+                self.ceiling_rounds.len(),
                 c.rabbitmq_confirm_p50_ms,
                 c.rabbitmq_confirm_p99_ms,
                 c.rabbitmq_publish_per_s,
@@ -182,6 +189,16 @@ impl Report {
                     100.0 * run.end_to_end_events_per_s / lowest,
                     100.0 * run.steady_events_per_s / lowest
                 );
+                if self.ratios.len() > 1 {
+                    md += &format!(
+                        "Each run against the lowest ceiling measured just before it: {}.\n",
+                        self.ratios
+                            .iter()
+                            .map(|r| format!("{:.0} %", 100.0 * r))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
             }
         }
         md
@@ -268,21 +285,34 @@ mod tests {
         assert!(
             (run.latency.p50_ms - 0.5).abs() < 0.01 && (run.latency.p99_ms - 0.99).abs() < 0.01
         );
+        let round = |postgres: f64, redis: f64| Ceilings {
+            rabbitmq_publish_per_s: 2000.0,
+            rabbitmq_confirm_p50_ms: 1.0,
+            rabbitmq_confirm_p99_ms: 2.0,
+            rabbitmq_consume_ack_per_s: 3000.0,
+            postgres_insert_rows_per_s: postgres,
+            redis_events_per_s: redis,
+            batch: 500,
+        };
+        // Each figure's median on its own: PostgreSQL's from round 3, Redis' from round 1.
+        let rounds = vec![
+            round(1600.0, 50_000.0),
+            round(2100.0, 40_000.0),
+            round(1700.0, 60_000.0),
+        ];
+        let ceilings = Ceilings::median(&rounds).unwrap();
+        assert_eq!(ceilings.postgres_insert_rows_per_s, 1700.0);
+        assert_eq!(ceilings.redis_events_per_s, 50_000.0);
+        assert!(Ceilings::median(&[]).is_none());
         let report = Report {
             date: "2026-11-24".into(),
             commit: "abc".into(),
             machine: "2 cores".into(),
-            ceilings: Some(Ceilings {
-                rabbitmq_publish_per_s: 2000.0,
-                rabbitmq_confirm_p50_ms: 1.0,
-                rabbitmq_confirm_p99_ms: 2.0,
-                rabbitmq_consume_ack_per_s: 3000.0,
-                postgres_insert_rows_per_s: 1700.0,
-                redis_events_per_s: 50_000.0,
-                batch: 500,
-            }),
+            ceilings: Some(ceilings),
+            ceiling_rounds: rounds,
             run: Some(run),
             repeats: vec![(840.0, 880.0), (850.0, 900.0), (870.0, 910.0)],
+            ratios: vec![0.525, 0.425, 0.5118],
         };
         let md = report.markdown();
         assert!(
@@ -297,6 +327,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("share of the lowest ceiling: **50 %**"), "{md}");
+        assert!(md.contains("median of 3 round(s)"), "{md}");
+        assert!(
+            md.contains("lowest ceiling measured just before it: 52 %, 42 %, 51 %."),
+            "{md}"
+        );
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["run"]["correctness"]["ok"], true);
         assert_eq!(json["ceilings"]["batch"], 500);
