@@ -210,7 +210,7 @@ async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyh
     Ok(lines.len() as f64 / elapsed.as_secs_f64())
 }
 
-/// Runs the worker's check and record scripts per batch.
+/// Runs the worker's Redis check and record per batch.
 async fn redis(
     backends: &Backends,
     iso: &Isolation,
