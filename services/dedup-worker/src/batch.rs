@@ -16,7 +16,7 @@ use dedup_core::{DedupKey, KeySpec, event, message};
 #[derive(Debug)]
 pub struct Candidate<'a> {
     pub key: DedupKey,
-    /// The required fields, normalised (the rest of the event is only in `raw`).
+    /// The required fields, normalised (the rest of the event is only in `payload`).
     pub fields: Fields,
     /// The event's JSON text as it travelled, its members put in `jsonb` order (the same
     /// `jsonb` value; PostgreSQL then skips sorting them), stored as the payload.
@@ -142,13 +142,11 @@ pub fn decode<'a>(
                 }
             };
             let key = spec.key_of_raw(&event);
-            let payload = event.jsonb_ordered(raw);
-            let fields = event.fields;
-            if seen.insert((fields.event_date(), key)) {
+            if seen.insert((event.fields.event_date(), key)) {
                 out.candidates.push(Candidate {
                     key,
-                    fields,
-                    payload,
+                    payload: event.jsonb_ordered(raw),
+                    fields: event.fields,
                     received_at,
                 });
             } else {
