@@ -208,6 +208,17 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     };
     stop_progress.cancel();
     let samples = progress.await.context("progress task")?;
+    let ingest_scrape = http_get(pipeline.ingest_admin, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let route = if opts.load.batch > 1 {
+        "batch"
+    } else {
+        "single"
+    };
+    let latency_breakdown =
+        crate::report::LatencyBreakdown::from_scrape(&ingest_scrape, route, &outcome.latency);
 
     let twice: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT r FROM product_events GROUP BY r HAVING count(*) > 1) t",
@@ -276,6 +287,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         requests_per_s: counters.accepted_requests.load(Ordering::Relaxed) as f64 / secs,
         events_accepted_per_s: events_accepted as f64 / secs,
         latency: Latency::from_micros(&outcome.latency),
+        latency_breakdown,
         end_to_end_events_per_s: events_accepted as f64
             / settled_at.duration_since(load_start).as_secs_f64(),
         end_to_end_stored_per_s: unique_sent as f64

@@ -33,6 +33,57 @@ impl Latency {
     }
 }
 
+/// Where a request's time goes, as means over the run: the load generator's view, ingest's own
+/// (request in to answer out) and, inside that, the broker's publish-to-confirm of the message
+/// carrying the event; the rest of ingest's time is parsing and waiting for a coalescing
+/// flusher, the rest of the client's is the kernel, the scheduler and the client itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyBreakdown {
+    pub client_mean_ms: f64,
+    pub ingest_mean_ms: f64,
+    pub confirm_mean_ms: f64,
+    /// Events per published message (packing of concurrent requests and batches).
+    pub events_per_message: f64,
+}
+
+impl LatencyBreakdown {
+    /// From ingest's Prometheus scrape at the end of the load and the client's histogram.
+    pub fn from_scrape(scrape: &str, route: &str, client: &hdrhistogram::Histogram<u64>) -> Self {
+        let sum = |name: &str| crate::metric_sum(scrape, name);
+        let mean_ms = |total: f64, count: f64| {
+            if count > 0.0 {
+                1000.0 * total / count
+            } else {
+                0.0
+            }
+        };
+        let request = format!("{{route=\"{route}\"}}");
+        Self {
+            client_mean_ms: client.mean() / 1000.0,
+            ingest_mean_ms: mean_ms(
+                sum(&format!(
+                    "dedup_ingest_request_duration_seconds_sum{request}"
+                )),
+                sum(&format!(
+                    "dedup_ingest_request_duration_seconds_count{request}"
+                )),
+            ),
+            confirm_mean_ms: mean_ms(
+                sum("dedup_ingest_publish_confirm_duration_seconds_sum"),
+                sum("dedup_ingest_publish_confirm_duration_seconds_count"),
+            ),
+            events_per_message: {
+                let messages = sum("dedup_ingest_message_bytes_count");
+                if messages > 0.0 {
+                    sum("dedup_ingest_events_total{outcome=\"accepted\"}") / messages
+                } else {
+                    0.0
+                }
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Correctness {
     pub unique_sent: u64,
@@ -54,6 +105,7 @@ pub struct RunFigures {
     pub requests_per_s: f64,
     pub events_accepted_per_s: f64,
     pub latency: Latency,
+    pub latency_breakdown: LatencyBreakdown,
     /// Events sent (unique and repeats) per second, first request to the last one settled.
     pub end_to_end_events_per_s: f64,
     /// Unique events stored per second over the same span (the original stored ~85/s).
@@ -103,6 +155,7 @@ impl Report {
                  | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
                  | Events/s accepted | {:.0} |\n\
                  | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
+                 | Latency means: client / inside ingest / of which broker publish→confirm | {:.2} / {:.2} / {:.2} ms ({:.1} events per message) |\n\
                  | End-to-end events/s (first request → last settled) | {:.0} |\n\
                  | End-to-end unique events stored/s | {:.0} ({:.0}× the original's {:.0}) |\n\
                  | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
@@ -123,6 +176,10 @@ impl Report {
                 run.latency.p99_ms,
                 run.latency.p999_ms,
                 run.latency.max_ms,
+                run.latency_breakdown.client_mean_ms,
+                run.latency_breakdown.ingest_mean_ms,
+                run.latency_breakdown.confirm_mean_ms,
+                run.latency_breakdown.events_per_message,
                 run.end_to_end_events_per_s,
                 run.end_to_end_stored_per_s,
                 run.end_to_end_stored_per_s / ORIGINAL_STORED_PER_S,
@@ -243,6 +300,42 @@ pub fn machine() -> String {
 mod tests {
     use super::*;
 
+    /// Ingest's scrape: 100 single requests took 0.8 s in all, 20 messages 0.3 s to confirm,
+    /// carrying 100 events; the batch route and the rejected events must not count.
+    const SCRAPE: &str = "\
+dedup_ingest_request_duration_seconds_sum{route=\"batch\"} 50
+dedup_ingest_request_duration_seconds_count{route=\"batch\"} 1
+dedup_ingest_request_duration_seconds_sum{route=\"single\"} 0.8
+dedup_ingest_request_duration_seconds_count{route=\"single\"} 100
+dedup_ingest_publish_confirm_duration_seconds_sum 0.3
+dedup_ingest_publish_confirm_duration_seconds_count 20
+dedup_ingest_events_total{outcome=\"accepted\"} 100
+dedup_ingest_events_total{outcome=\"rejected\"} 7
+dedup_ingest_message_bytes_count 20
+";
+
+    /// Means come from the scrape's sums and counts of the run's route only.
+    #[test]
+    fn latency_breakdown_reads_means_from_the_scrape() {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3).unwrap();
+        h.record(9_000).unwrap();
+        h.record(11_000).unwrap();
+        let b = LatencyBreakdown::from_scrape(SCRAPE, "single", &h);
+        assert!((b.client_mean_ms - 10.0).abs() < 0.05, "{b:?}");
+        assert!((b.ingest_mean_ms - 8.0).abs() < 1e-9, "{b:?}");
+        assert!((b.confirm_mean_ms - 15.0).abs() < 1e-9, "{b:?}");
+        assert!((b.events_per_message - 5.0).abs() < 1e-9, "{b:?}");
+        let empty = LatencyBreakdown::from_scrape("", "single", &h);
+        assert_eq!(
+            (
+                empty.ingest_mean_ms,
+                empty.confirm_mean_ms,
+                empty.events_per_message
+            ),
+            (0.0, 0.0, 0.0)
+        );
+    }
+
     fn figures(ok: bool) -> RunFigures {
         let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3).unwrap();
         for us in 1..=1000 {
@@ -256,6 +349,7 @@ mod tests {
             requests_per_s: 1500.0,
             events_accepted_per_s: 1500.0,
             latency: Latency::from_micros(&h),
+            latency_breakdown: LatencyBreakdown::from_scrape(SCRAPE, "single", &h),
             end_to_end_events_per_s: 850.0,
             end_to_end_stored_per_s: 650.0,
             steady_events_per_s: 900.0,
@@ -328,6 +422,12 @@ mod tests {
         );
         assert!(md.contains("share of the lowest ceiling: **50 %**"), "{md}");
         assert!(md.contains("median of 3 round(s)"), "{md}");
+        assert!(
+            md.contains(
+                "of which broker publish→confirm | 0.50 / 8.00 / 15.00 ms (5.0 events per message)"
+            ),
+            "{md}"
+        );
         assert!(
             md.contains("lowest ceiling measured just before it: 52 %, 42 %, 51 %."),
             "{md}"
