@@ -43,17 +43,22 @@ pub fn push_event(body: &mut Vec<u8>, event: &Map<String, Value>) {
 /// One event's JSON text as an NDJSON line. Compact text (what clients normally send) is
 /// copied as it is; text spread over several lines is re-serialised compactly.
 pub fn ndjson_line(text: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = Vec::with_capacity(text.len() + 1);
+    push_text(&mut line, text)?;
+    Ok(line)
+}
+
+/// Appends one event's JSON text to `body` as one NDJSON line, as [`ndjson_line`] makes it.
+pub fn push_text(body: &mut Vec<u8>, text: &[u8]) -> Result<(), serde_json::Error> {
     let trimmed = text.trim_ascii();
     if trimmed.contains(&b'\n') {
         let value: Value = serde_json::from_slice(trimmed)?;
-        let mut line = serde_json::to_vec(&value)?;
-        line.push(b'\n');
-        return Ok(line);
+        serde_json::to_writer(&mut *body, &value)?;
+    } else {
+        body.extend_from_slice(trimmed);
     }
-    let mut line = Vec::with_capacity(trimmed.len() + 1);
-    line.extend_from_slice(trimmed);
-    line.push(b'\n');
-    Ok(line)
+    body.push(b'\n');
+    Ok(())
 }
 
 /// Properties for a message of `count` events received at `received_at`.

@@ -4,7 +4,8 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, header};
-use serde_json::Value;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 
@@ -52,52 +53,36 @@ pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes>
     })
 }
 
-/// The items of a batch body: each either a parsed value or why its line did not parse.
-/// A JSON array that does not parse fails as a whole (no item boundaries can be trusted).
-pub fn batch(
-    bytes: &[u8],
-    kind: BodyKind,
-    max_events: usize,
-) -> Result<Vec<Result<Value, String>>> {
-    let items: Vec<Result<Value, String>> = match kind {
-        BodyKind::Json => {
-            let value: Value =
-                serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
-            match value {
-                Value::Array(items) => {
-                    if items.len() > max_events {
-                        return Err(Error::TooManyEvents {
-                            count: items.len(),
-                            limit: max_events,
-                        });
-                    }
-                    items.into_iter().map(Ok).collect()
-                }
-                _ => {
-                    return Err(Error::MalformedJson(
+/// The items of a batch body, each the text of one event, judged later on its own. A JSON
+/// array that does not parse fails as a whole (no item boundaries can be trusted); an NDJSON
+/// line that is not JSON fails alone, when it is validated.
+pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<&[u8]>> {
+    let items: Vec<&[u8]> = match kind {
+        BodyKind::Json => match serde_json::from_slice::<Vec<&RawValue>>(bytes) {
+            Ok(items) => items
+                .into_iter()
+                .map(|item| item.get().as_bytes())
+                .collect(),
+            // Say why: not JSON at all, or JSON but not an array.
+            Err(_) => {
+                return Err(match serde_json::from_slice::<IgnoredAny>(bytes) {
+                    Err(e) => Error::MalformedJson(e.to_string()),
+                    Ok(_) => Error::MalformedJson(
                         "a batch must be a JSON array of events, or NDJSON with Content-Type: \
                          application/x-ndjson"
                             .to_owned(),
-                    ));
-                }
-            }
-        }
-        BodyKind::NdJson => {
-            let lines: Vec<&[u8]> = dedup_core::message::lines(bytes).collect();
-            if lines.len() > max_events {
-                return Err(Error::TooManyEvents {
-                    count: lines.len(),
-                    limit: max_events,
+                    ),
                 });
             }
-            lines
-                .into_iter()
-                .map(|line| {
-                    serde_json::from_slice(line).map_err(|e| format!("JSON parse error - {e}"))
-                })
-                .collect()
-        }
+        },
+        BodyKind::NdJson => dedup_core::message::lines(bytes).collect(),
     };
+    if items.len() > max_events {
+        return Err(Error::TooManyEvents {
+            count: items.len(),
+            limit: max_events,
+        });
+    }
     if items.is_empty() {
         return Err(Error::EmptyBatch);
     }
@@ -148,10 +133,25 @@ mod tests {
     }
 
     #[test]
-    fn ndjson_lines_are_judged_one_by_one() {
-        let items = batch(b"{\"a\":1}\n\nnot json\n{\"b\":2}\n", BodyKind::NdJson, 10).unwrap();
-        assert_eq!(items.len(), 3);
-        assert!(items[0].is_ok() && items[1].is_err() && items[2].is_ok());
+    fn ndjson_lines_are_split_and_blank_lines_skipped() {
+        let items = batch(
+            b"{\"a\":1}\n\nnot json\n {\"b\":2}\r\n",
+            BodyKind::NdJson,
+            10,
+        )
+        .unwrap();
+        assert_eq!(items, [&b"{\"a\":1}"[..], b"not json", b" {\"b\":2}\r"]);
+    }
+
+    #[test]
+    fn array_items_are_their_own_text() {
+        let items = batch(
+            b"[ {\"a\": [1, 2]} ,\n{\"b\":\"]\"}, 5 ]",
+            BodyKind::Json,
+            10,
+        )
+        .unwrap();
+        assert_eq!(items, [&b"{\"a\": [1, 2]}"[..], b"{\"b\":\"]\"}", b"5"]);
     }
 
     #[test]

@@ -137,26 +137,34 @@ async fn post_batch(
     let per_message = state.limits.events_per_message.max(1);
     let mut errors = Vec::new();
     let mut messages: Vec<(Vec<u8>, usize)> = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let outcome = item
-            .map_err(|parse_error| event::non_field_error(&parse_error))
-            .and_then(event::validate_value);
-        match outcome {
-            Ok(event) => {
-                if messages.last().is_none_or(|(_, n)| *n >= per_message) {
-                    messages.push((Vec::with_capacity(bytes.len().min(1 << 20)), 0));
-                }
-                if let Some((buf, n)) = messages.last_mut() {
-                    message::push_event(buf, &event.payload);
-                    *n += 1;
-                }
-            }
-            Err(field_errors) => errors.push(ItemErrors {
+    for (index, text) in items.into_iter().enumerate() {
+        // As a single event: only the required fields are parsed, the text travels on as is.
+        let outcome = match event::validate_raw(text) {
+            Ok(_) => Ok(()),
+            Err(RawError::Malformed(detail)) => Err(event::non_field_error(&format!(
+                "JSON parse error - {detail}"
+            ))),
+            Err(RawError::Invalid(errors)) => Err(errors),
+        };
+        if outcome.is_ok() && messages.last().is_none_or(|(_, n)| *n >= per_message) {
+            messages.push((Vec::with_capacity(bytes.len().min(1 << 20)), 0));
+        }
+        // Text that validated is JSON: a multi-line item re-serialises; nothing is written
+        // to the message when it would not.
+        let outcome = outcome.and_then(|()| match messages.last_mut() {
+            Some((buf, n)) => message::push_text(buf, text)
+                .map(|()| *n += 1)
+                .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
+            None => Err(event::non_field_error("Invalid data.")),
+        });
+        if let Err(field_errors) = outcome {
+            errors.push(ItemErrors {
                 index,
                 errors: field_errors,
-            }),
+            });
         }
     }
+    messages.retain(|(_, n)| *n > 0);
     let rejected = errors.len();
     state
         .metrics

@@ -278,9 +278,30 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
         (Some(2), Some(1))
     );
     assert_eq!(answer.body["errors"][0]["index"], 2);
+    assert_eq!(
+        answer.body["errors"][0]["errors"]["non_field_errors"][0]
+            .as_str()
+            .map(|s| s.starts_with("JSON parse error - ")),
+        Some(true),
+        "{}",
+        answer.body
+    );
+
+    // A pretty-printed array: its multi-line item still travels as one NDJSON line.
+    let pretty = serde_json::to_vec_pretty(&json!([event("p-1")])).expect("json");
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/json"),
+        pretty,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(answer.body["queued"], 1);
 
     let queued = queued_events(&env).await;
-    assert_eq!(queued.len(), 300, "298 + 2 valid events on the queue");
+    assert_eq!(queued.len(), 301, "298 + 2 + 1 valid events on the queue");
     assert!(queued.iter().all(|e| e["sid"] == "session-123"));
 
     let too_many: Vec<Value> = (0..501).map(|i| event(&i.to_string())).collect();
