@@ -628,10 +628,24 @@ mod tests {
                 .map_err(RawError::Invalid);
             assert_eq!(validate_raw(input.as_bytes()), expected, "{input}");
         }
-        assert!(matches!(
-            validate_raw(b"{\"sid\": "),
-            Err(RawError::Malformed(_))
-        ));
+        // Broken JSON anywhere, in a skipped member too, is malformed with the parser's message.
+        let valid_text = valid().to_string();
+        let broken: Vec<String> = vec![
+            "{\"sid\": ".to_owned(),
+            valid_text.replacen('{', r#"{"extra":[1,],"#, 1),
+            valid_text.replacen('{', r#"{"extra":"\x","#, 1),
+            format!("{valid_text} trailing"),
+        ];
+        for input in broken {
+            let message = serde_json::from_str::<Value>(&input)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                validate_raw(input.as_bytes()),
+                Err(RawError::Malformed(message)),
+                "{input}"
+            );
+        }
     }
 
     /// A body that is not an object gets the original's non-field error.

@@ -93,6 +93,7 @@ async fn valid_event_is_queued_and_answered_202() {
             answer.body
         );
         assert_eq!(answer.body, json!({"status": "queued"}));
+        assert_eq!(answer.headers[header::CONTENT_TYPE], "application/json");
     }
     let messages = env.drain(&env.topology.queue).await;
     assert_eq!(messages.len(), 2);
