@@ -122,6 +122,11 @@ struct RunArgs {
     /// Extra ingest settings, KEY=VALUE (repeatable), e.g. COALESCE_FLUSHERS=4.
     #[arg(long = "ingest-env", value_parser = parse_key_value)]
     ingest_env: Vec<(String, String)>,
+    /// After each closed-loop run, an open-loop run this long at half of that run's end-to-end
+    /// rate: latency at half the maximum, measured right after the maximum it is half of
+    /// (the machine's speed drifts over an hour).
+    #[arg(long, value_parser = parse_duration)]
+    half_rate_latency: Option<Duration>,
     /// Keep the run's schema, queues and Redis keys afterwards.
     #[arg(long)]
     keep: bool,
@@ -174,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
         run: None,
         repeats: Vec::new(),
         ratios: Vec::new(),
+        half_rate: Vec::new(),
     };
     let measure_ceilings = || async {
         let iso = Isolation::new(&backends, &name("ceiling"));
@@ -235,6 +241,26 @@ async fn main() -> anyhow::Result<()> {
             let run = run_pipeline(options.clone(), &name("run")).await?;
             if !run.correctness.ok {
                 anyhow::bail!("correctness check failed in run {i}: {:?}", run.correctness);
+            }
+            if let (Some(duration), None, false) = (args.half_rate_latency, args.rate, c.smoke) {
+                let mut half = options.clone();
+                half.load.rate = Some(run.end_to_end_events_per_s / 2.0);
+                half.load.duration = duration;
+                eprintln!(
+                    "open loop at half of {:.0} events/s for {duration:?}",
+                    run.end_to_end_events_per_s
+                );
+                let figures = run_pipeline(half, &name("half")).await?;
+                if !figures.correctness.ok {
+                    anyhow::bail!(
+                        "correctness check failed at half rate after run {i}: {:?}",
+                        figures.correctness
+                    );
+                }
+                report.half_rate.push(report::HalfRate {
+                    maximum_events_per_s: run.end_to_end_events_per_s,
+                    figures,
+                });
             }
             runs.push(run);
         }

@@ -138,6 +138,58 @@ pub struct Report {
     /// Every run's end-to-end rate over the lowest ceiling of the round measured just before
     /// it, in the order they ran.
     pub ratios: Vec<f64>,
+    /// Open-loop runs at half the end-to-end rate of the closed-loop run just before each.
+    pub half_rate: Vec<HalfRate>,
+}
+
+/// Latency at half the maximum: an open-loop run at half of the rate a closed-loop run
+/// reached just before it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HalfRate {
+    /// The closed-loop run's end-to-end events/s.
+    pub maximum_events_per_s: f64,
+    pub figures: RunFigures,
+}
+
+impl HalfRate {
+    /// The pairs as a markdown table, with the medians of p50 and p99 over them.
+    fn markdown(pairs: &[HalfRate]) -> String {
+        let mut md = String::from(
+            "\n| Latency at half the maximum (open loop, right after each run) | Rate, events/s | Latency p50 / p90 / p99 / p99.9 | Means: client / inside ingest / confirm | Queue depth |\n|---|---|---|---|---|\n",
+        );
+        for (i, pair) in pairs.iter().enumerate() {
+            let f = &pair.figures;
+            md += &format!(
+                "| after run {} (maximum {:.0}) | {:.0} sent, {:.0} settled | {:.2} / {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms ({:.1} events/message) | {} → {} |\n",
+                i + 1,
+                pair.maximum_events_per_s,
+                f.events_accepted_per_s,
+                f.end_to_end_events_per_s,
+                f.latency.p50_ms,
+                f.latency.p90_ms,
+                f.latency.p99_ms,
+                f.latency.p999_ms,
+                f.latency_breakdown.client_mean_ms,
+                f.latency_breakdown.ingest_mean_ms,
+                f.latency_breakdown.confirm_mean_ms,
+                f.latency_breakdown.events_per_message,
+                f.queue_depth_steady.0,
+                f.queue_depth_steady.1,
+            );
+        }
+        let median = |pick: fn(&Latency) -> f64| {
+            let mut v: Vec<f64> = pairs.iter().map(|p| pick(&p.figures.latency)).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        md += &format!(
+            "\nLatency at half the maximum, median of {} run(s): p50 {:.2} ms, p99 {:.2} ms.\n",
+            pairs.len(),
+            median(|l| l.p50_ms),
+            median(|l| l.p99_ms),
+        );
+        md
+    }
 }
 
 impl Report {
@@ -220,6 +272,9 @@ impl Report {
                     list(|r| r.1),
                 );
             }
+        }
+        if !self.half_rate.is_empty() {
+            md += &HalfRate::markdown(&self.half_rate);
         }
         if let Some(c) = &self.ceilings {
             let (name, lowest) = c.lowest();
@@ -407,6 +462,7 @@ dedup_ingest_message_bytes_count 20
             run: Some(run),
             repeats: vec![(840.0, 880.0), (850.0, 900.0), (870.0, 910.0)],
             ratios: vec![0.525, 0.425, 0.5118],
+            half_rate: Vec::new(),
         };
         let md = report.markdown();
         assert!(
@@ -435,5 +491,37 @@ dedup_ingest_message_bytes_count 20
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["run"]["correctness"]["ok"], true);
         assert_eq!(json["ceilings"]["batch"], 500);
+    }
+
+    /// Each half-rate run is shown with the maximum it halves; the medians are per figure.
+    #[test]
+    fn half_rate_runs_show_their_maximum_and_median_latency() {
+        let pair = |maximum: f64, p50_us: u64, p99_us: u64| {
+            let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3).unwrap();
+            h.record_n(p50_us, 90).unwrap();
+            h.record_n(p99_us, 10).unwrap();
+            let mut figures = figures(true);
+            figures.latency = Latency::from_micros(&h);
+            figures.events_accepted_per_s = maximum / 2.0;
+            HalfRate {
+                maximum_events_per_s: maximum,
+                figures,
+            }
+        };
+        let pairs = vec![
+            pair(9000.0, 3000, 40_000),
+            pair(11_000.0, 7000, 20_000),
+            pair(10_000.0, 4000, 60_000),
+        ];
+        let md = HalfRate::markdown(&pairs);
+        assert!(
+            md.contains("| after run 2 (maximum 11000) | 5500 sent"),
+            "{md}"
+        );
+        assert!(
+            md.contains("median of 3 run(s): p50 4.00 ms, p99 40."),
+            "{md}"
+        );
+        assert!(HalfRate::markdown(&[]).contains("median of 0 run(s)"));
     }
 }
