@@ -37,6 +37,9 @@ pub struct Counters {
     pub duplicates_accepted: AtomicU64,
 }
 
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// What the load did.
 pub struct LoadOutcome {
     /// Request latency in microseconds.
@@ -109,7 +112,12 @@ async fn connection(
                 if at >= deadline {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
+                // tokio's timer ticks in whole milliseconds and fires at the first tick at or
+                // after its deadline, which would add up to a tick of the generator's own to
+                // every latency. So wake a tick early and count from the earlier of the
+                // intended and the actual send (below): a send the generator itself delays
+                // (every connection busy) still counts from its intended time.
+                tokio::time::sleep_until(at.checked_sub(TIMER_TICK).unwrap_or(at).into()).await;
                 at
             }
             None => {
@@ -155,6 +163,7 @@ async fn connection(
             .header("content-type", "application/json")
             .body(Full::new(Bytes::copy_from_slice(&body)))?;
         counters.requests.fetch_add(1, Ordering::Relaxed);
+        let intended = intended.min(Instant::now());
         let status = match client.send_request(request).await {
             Ok(response) => {
                 let status = response.status().as_u16();
