@@ -10,6 +10,11 @@ use dedup_bench::services::{Backends, Binaries, Isolation};
 use dedup_bench::{RunOptions, ceilings, run_pipeline};
 use dedup_core::config::parse_duration;
 
+/// The load generator shares the cores with what it measures: mimalloc keeps its own
+/// allocation cost down.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmark harness for dedup: drives the real ingest and dedup-worker binaries over HTTP and
 /// measures RabbitMQ, PostgreSQL and Redis ceilings on the same machine in the same run.
 #[derive(Debug, Parser)]
