@@ -173,6 +173,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         }
     });
 
+    let servers_before = services::ServerSnapshot::take();
     let outcome = load::run(&opts.load, workload.clone(), counters.clone()).await?;
     let load_end = Instant::now();
     let load_start = load_end - outcome.elapsed;
@@ -242,6 +243,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let duplicates_dropped = metric_sum(&scrape, "dedup_worker_duplicates_total") as u64;
     let dead_lettered = metric_sum(&scrape, "dedup_worker_dead_lettered_total") as u64;
     let failed_requests = counters.failed_requests.load(Ordering::Relaxed);
+    let servers_cpu = services::ServerSnapshot::take().since(&servers_before);
     let ingest_usage = services::usage(pipeline.ingest.id());
     let worker_usage = services::usage(pipeline.worker.id());
     pipeline.stop().await?;
@@ -297,6 +299,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         settle_s: settled_at.duration_since(load_end).as_secs_f64(),
         ingest: ingest_usage,
         worker: worker_usage,
+        servers_cpu,
         duplicates_by_tier,
         correctness,
     })

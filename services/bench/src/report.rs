@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::ceilings::Ceilings;
-use crate::services::Usage;
+use crate::services::{ServerCpu, Usage};
 
 /// The original Python service on this machine kind, for comparison.
 pub const ORIGINAL_REQUESTS_PER_S: f64 = 150.0;
@@ -117,6 +117,9 @@ pub struct RunFigures {
     pub settle_s: f64,
     pub ingest: Usage,
     pub worker: Usage,
+    /// CPU of the local PostgreSQL, Redis and RabbitMQ from the first request to the last
+    /// event settled; `None` when they do not run on this machine.
+    pub servers_cpu: Option<ServerCpu>,
     /// Duplicates caught per tier (in_batch, recent_keys, postgres).
     pub duplicates_by_tier: Vec<(String, u64)>,
     pub correctness: Correctness,
@@ -192,6 +195,24 @@ impl HalfRate {
     }
 }
 
+/// The markdown row of CPU per event, every process of the pipeline and the servers; empty
+/// when the servers are not on this machine.
+fn cpu_per_event_row(run: &RunFigures) -> String {
+    let events = (run.correctness.unique_sent + run.correctness.duplicates_sent).max(1) as f64;
+    let us = |seconds: f64| seconds * 1e6 / events;
+    match &run.servers_cpu {
+        Some(cpu) => format!(
+            "| CPU per event: ingest / worker / PostgreSQL / Redis / RabbitMQ (the servers' every process, first request → last settled) | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} µs |\n",
+            us(run.ingest.cpu_seconds),
+            us(run.worker.cpu_seconds),
+            us(cpu.postgresql_s),
+            us(cpu.redis_s),
+            us(cpu.rabbitmq_s),
+        ),
+        None => String::new(),
+    }
+}
+
 impl Report {
     /// The report as markdown, the same figures as the printed table.
     pub fn markdown(&self) -> String {
@@ -214,6 +235,7 @@ impl Report {
                  | Duplicates by tier | {} |\n\
                  | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
                  | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+                 {}\
                  | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
                 run.mode,
                 run.connections,
@@ -248,6 +270,7 @@ impl Report {
                 run.ingest.cpu_seconds,
                 run.worker.peak_rss_mib,
                 run.worker.cpu_seconds,
+                cpu_per_event_row(run),
                 if c.ok { "OK" } else { "FAILED" },
                 c.unique_sent,
                 c.rows_stored,
@@ -410,8 +433,16 @@ dedup_ingest_message_bytes_count 20
             steady_events_per_s: 900.0,
             queue_depth_steady: (3, 4),
             settle_s: 0.5,
-            ingest: Usage::default(),
+            ingest: Usage {
+                peak_rss_mib: 30.0,
+                cpu_seconds: 0.13,
+            },
             worker: Usage::default(),
+            servers_cpu: Some(ServerCpu {
+                postgresql_s: 0.26,
+                redis_s: 0.013,
+                rabbitmq_s: 0.0,
+            }),
             duplicates_by_tier: vec![("in_batch".into(), 1)],
             correctness: Correctness {
                 unique_sent: 10,
@@ -488,8 +519,22 @@ dedup_ingest_message_bytes_count 20
             md.contains("lowest ceiling measured just before it: 52 %, 42 %, 51 %."),
             "{md}"
         );
+        // 13 events: 0.13 s of ingest is 10 ms each, 0.26 s of PostgreSQL 20 ms, …
+        assert!(
+            md.contains("RabbitMQ (the servers' every process, first request → last settled) | 10000.0 / 0.0 / 20000.0 / 1000.0 / 0.0 µs |"),
+            "{md}"
+        );
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["run"]["correctness"]["ok"], true);
+        assert_eq!(json["run"]["servers_cpu"]["postgresql_s"], 0.26);
+        let mut remote = report;
+        if let Some(run) = remote.run.as_mut() {
+            run.servers_cpu = None;
+        }
+        assert!(
+            !remote.markdown().contains("CPU per event"),
+            "no servers here, no row"
+        );
         assert_eq!(json["ceilings"]["batch"], 500);
     }
 

@@ -271,6 +271,79 @@ pub struct Usage {
     pub cpu_seconds: f64,
 }
 
+/// CPU seconds the servers on this machine spent over a span of the run: every process of
+/// PostgreSQL (backends and helpers), Redis and RabbitMQ (its Erlang VM). Only meaningful when
+/// they run here, as in the default setup; anything else using them in that span counts too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ServerCpu {
+    pub postgresql_s: f64,
+    pub redis_s: f64,
+    pub rabbitmq_s: f64,
+}
+
+/// Process names of the servers, in [`ServerCpu`]'s field order.
+const SERVER_PROCESSES: [&str; 3] = ["postgres", "redis-server", "beam.smp"];
+
+/// CPU seconds of every server process at one moment, by pid.
+#[derive(Debug, Clone, Default)]
+pub struct ServerSnapshot(std::collections::HashMap<u32, (usize, f64)>);
+
+impl ServerSnapshot {
+    /// Reads every server process's CPU time from /proc (Linux).
+    pub fn take() -> Self {
+        let mut by_pid = std::collections::HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Self(by_pid);
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if let Some((name, seconds)) = parse_stat(&stat)
+                && let Some(server) = SERVER_PROCESSES.iter().position(|s| *s == name)
+            {
+                by_pid.insert(pid, (server, seconds));
+            }
+        }
+        Self(by_pid)
+    }
+
+    /// CPU spent since `earlier`; a process started in between counts from zero. `None` when
+    /// no server process is on this machine.
+    pub fn since(&self, earlier: &ServerSnapshot) -> Option<ServerCpu> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut spent = [0.0; 3];
+        for (pid, (server, seconds)) in &self.0 {
+            let before = earlier.0.get(pid).map_or(0.0, |(_, s)| *s);
+            spent[*server] += (seconds - before).max(0.0);
+        }
+        Some(ServerCpu {
+            postgresql_s: spent[0],
+            redis_s: spent[1],
+            rabbitmq_s: spent[2],
+        })
+    }
+}
+
+/// A process's command name and CPU seconds (user + system) from its /proc stat line.
+fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    let (head, after) = stat.rsplit_once(')')?;
+    let (_, name) = head.split_once('(')?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name; 100 Hz.
+    Some((name, (ticks(11)? + ticks(12)?) / 100.0))
+}
+
 /// Reads [`Usage`] from /proc (Linux).
 pub fn usage(pid: Option<u32>) -> Usage {
     let Some(pid) = pid else {
@@ -283,21 +356,54 @@ pub fn usage(pid: Option<u32>) -> Usage {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or_default();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_default()
-    };
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name; 100 Hz.
     Usage {
         peak_rss_mib: hwm_kib / 1024.0,
-        cpu_seconds: (ticks(11) + ticks(12)) / 100.0,
+        cpu_seconds: parse_stat(&stat).map_or(0.0, |(_, seconds)| seconds),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_give_the_name_and_cpu_seconds_even_with_spaces_in_the_name() {
+        // Real line shape: pid (comm) state ppid ... utime stime ...
+        let line = "4242 (tokio rt) S 1 4242 4242 0 -1 4194304 100 0 0 0 250 75 0 0 20 0 9 0 1";
+        assert_eq!(parse_stat(line), Some(("tokio rt", 3.25)));
+        assert_eq!(parse_stat("4242 (postgres) S 1"), None, "a cut-off line");
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    fn snapshot(entries: &[(u32, usize, f64)]) -> ServerSnapshot {
+        ServerSnapshot(entries.iter().map(|&(p, s, c)| (p, (s, c))).collect())
+    }
+
+    #[test]
+    fn server_cpu_adds_what_each_process_spent_and_counts_new_ones_from_zero() {
+        let before = snapshot(&[(1, 0, 10.0), (2, 0, 5.0), (3, 1, 1.0), (9, 2, 7.0)]);
+        // pid 2 exited, pid 4 is a new PostgreSQL backend.
+        let after = snapshot(&[(1, 0, 12.5), (3, 1, 1.5), (4, 0, 0.25), (9, 2, 8.0)]);
+        assert_eq!(
+            after.since(&before),
+            Some(ServerCpu {
+                postgresql_s: 2.75,
+                redis_s: 0.5,
+                rabbitmq_s: 1.0,
+            })
+        );
+        assert_eq!(snapshot(&[]).since(&before), None, "no servers here");
+    }
+
+    #[test]
+    fn the_local_servers_are_found_in_proc() {
+        // The tests run against the local PostgreSQL, Redis and RabbitMQ.
+        let now = ServerSnapshot::take();
+        for (i, name) in SERVER_PROCESSES.iter().enumerate() {
+            assert!(
+                now.0.values().any(|(s, _)| *s == i),
+                "no {name} process in /proc: the local services must be running (scripts/ensure-services.sh)"
+            );
+        }
     }
 }
