@@ -133,3 +133,38 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pre-resolved series are the labelled ones the dashboards query, not copies.
+    #[test]
+    fn hot_series_are_the_labelled_series() {
+        let metrics = Metrics::new();
+        metrics.hot.events_accepted.inc_by(3);
+        metrics.hot.events_rejected.inc();
+        metrics.hot.single_2xx.inc();
+        metrics.hot.single_seconds.observe(0.004);
+        assert_eq!(metrics.events.with_label_values(&["accepted"]).get(), 3);
+        assert_eq!(metrics.events.with_label_values(&["rejected"]).get(), 1);
+        assert_eq!(
+            metrics.requests.with_label_values(&["single", "2xx"]).get(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .request_seconds
+                .with_label_values(&["single"])
+                .get_sample_count(),
+            1
+        );
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&metrics.registry.gather())
+            .expect("encode");
+        assert!(
+            text.contains(r#"dedup_ingest_requests_total{route="single",status_class="2xx"} 1"#),
+            "{text}"
+        );
+    }
+}
