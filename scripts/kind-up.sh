@@ -37,7 +37,7 @@ helm upgrade --install dedup charts/dedup -n dedup --create-namespace --wait --t
 kubectl -n dedup rollout status deployment/events-ingest --timeout=5m
 kubectl -n dedup rollout status deployment/events-worker --timeout=5m
 
-sample=${SAMPLE:-../shared/samples/app_list.json}
+sample=${SAMPLE:-samples/app_list.json}
 for _ in 1 2; do
   curl -fsS -H 'Content-Type: application/json' --data-binary @"$sample" http://127.0.0.1:8000/product_events/; echo
 done

@@ -199,7 +199,12 @@ async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyh
     let mut elapsed = Duration::ZERO;
     for chunk in lines.chunks(batch_size.max(1)) {
         let body: Vec<u8> = chunk.concat();
-        let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
+        let decoded = batch::decode(
+            [(&body[..], Some(now))],
+            &spec,
+            &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
+            now,
+        );
         let mut rows: Vec<Row<'_>> = decoded.candidates.iter().map(|c| c.row()).collect();
         lock_order(&mut rows);
         let started = Instant::now();
@@ -232,7 +237,12 @@ async fn redis(
     let spec = KeySpec::default();
     let now = Utc::now();
     let body: Vec<u8> = lines.concat();
-    let decoded = batch::decode([(&body[..], Some(now))], &spec, now);
+    let decoded = batch::decode(
+        [(&body[..], Some(now))],
+        &spec,
+        &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
+        now,
+    );
     let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
     let started = Instant::now();
     for chunk in items.chunks(batch_size.max(1)) {

@@ -5,10 +5,10 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
-use crate::datetime;
+use crate::{datetime, storable};
 
 /// Field name → messages, the shape the original answered 400 with
 /// (`{"sid": ["This field is required."]}`).
@@ -26,75 +26,6 @@ pub const STRING_FIELDS: [(&str, usize); 5] = [
     ("sid", 128),
     ("r", 128),
 ];
-
-/// A validated event: the required fields normalised (trimmed, numbers read as their decimal
-/// text) and the whole object, untouched, for storage.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub client_id: Option<String>,
-    pub event_datetime: DateTime<Utc>,
-    pub event_name: String,
-    pub product_id: String,
-    pub sid: String,
-    pub r: String,
-    /// Every field as the client sent it, extra fields included.
-    pub payload: Map<String, Value>,
-}
-
-impl Event {
-    /// The UTC day of `event_datetime`: the partition the event is stored in. It comes from the
-    /// event itself, never from arrival time, so a retried event lands in the same partition.
-    pub fn event_date(&self) -> NaiveDate {
-        self.event_datetime.date_naive()
-    }
-
-    /// A required string field's normalised value (`None` for a null `client_id`), or `None`
-    /// for a field that is not one of [`STRING_FIELDS`].
-    pub fn required_field(&self, name: &str) -> Option<Option<&str>> {
-        match name {
-            "client_id" => Some(self.client_id.as_deref()),
-            "event_name" => Some(Some(&self.event_name)),
-            "product_id" => Some(Some(&self.product_id)),
-            "sid" => Some(Some(&self.sid)),
-            "r" => Some(Some(&self.r)),
-            _ => None,
-        }
-    }
-}
-
-/// Validates any JSON value as one event; a non-object gets the original's non-field error.
-pub fn validate_value(value: Value) -> Result<Event, FieldErrors> {
-    match value {
-        Value::Object(map) => validate(map),
-        Value::Null => Err(non_field_error("No data provided")),
-        other => Err(non_field_error(&format!(
-            "Invalid data. Expected a dictionary, but got {}.",
-            python_type_name(&other)
-        ))),
-    }
-}
-
-/// Validates one event object, collecting every field's errors rather than stopping at the first.
-pub fn validate(payload: Map<String, Value>) -> Result<Event, FieldErrors> {
-    let fields = validate_fields(|name| payload.get(name).cloned())?;
-    let Fields {
-        client_id,
-        event_datetime,
-        event_name,
-        product_id,
-        sid,
-        r,
-    } = fields;
-    Ok(Event {
-        client_id,
-        event_datetime,
-        event_name,
-        product_id,
-        sid,
-        r,
-        payload,
-    })
-}
 
 /// The required fields of an event, normalised.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,8 +55,8 @@ pub struct RawEvent<'a> {
 }
 
 impl<'a> RawEvent<'a> {
-    /// Any field's value, parsed on demand.
-    pub fn get(&self, name: &str) -> Option<Value> {
+    /// Any member's JSON text (the last one when a name repeats).
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.object.get(name)
     }
 
@@ -186,14 +117,30 @@ fn jsonb_name_order(a: &str, b: &str) -> std::cmp::Ordering {
 /// cost more than the rest of the parse (a fifth of the worker's CPU in a `perf` profile).
 struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl RawObject<'_> {
-    /// The member's value, parsed; the last one wins when a name repeats, as in a map.
-    fn get(&self, name: &str) -> Option<Value> {
+impl<'a> RawObject<'a> {
+    /// The member's text; the last one wins when a name repeats, as in a map.
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.0
             .iter()
             .rev()
             .find(|(member, _)| member == name)
-            .map(|(_, raw)| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+            .map(|(_, raw)| *raw)
+    }
+
+    /// Every member PostgreSQL could not store, with the reason, under the member's name.
+    fn unstorable(&self) -> FieldErrors {
+        let mut errors = FieldErrors::new();
+        for (name, value) in &self.0 {
+            if let Err(why) = storable::check_name(name) {
+                errors.insert(
+                    NON_FIELD_ERRORS.to_owned(),
+                    vec![format!("A member name: {}", why.message())],
+                );
+            } else if let Err(why) = storable::check(value.get().as_bytes(), 1) {
+                errors.insert(name.to_string(), vec![why.message()]);
+            }
+        }
+        errors
     }
 }
 
@@ -245,20 +192,31 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Name<'a> {
 
 /// Reads and validates one event from JSON text, parsing only the fields it needs (the hot
 /// path of ingest and the worker, where the text itself is what travels on and is stored).
+/// Every member is checked against what PostgreSQL can store, so a valid event is a storable
+/// one.
 pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent<'_>, RawError> {
     match serde_json::from_slice::<RawObject<'_>>(bytes) {
         Ok(object) => {
-            let fields = validate_fields(|name| object.get(name)).map_err(RawError::Invalid)?;
-            Ok(RawEvent { fields, object })
+            let mut errors = object.unstorable();
+            match validate_fields(|name| object.get(name)) {
+                Ok(fields) if errors.is_empty() => return Ok(RawEvent { fields, object }),
+                Ok(_) => {}
+                Err(field_errors) => {
+                    for (name, messages) in field_errors {
+                        errors.entry(name).or_insert(messages);
+                    }
+                }
+            }
+            Err(RawError::Invalid(errors))
         }
         // Not an object, or not JSON: the full parser gives the original's messages.
         Err(_) => match serde_json::from_slice::<Value>(bytes) {
             Err(e) => Err(RawError::Malformed(e.to_string())),
-            Ok(value) => match validate_value(value) {
-                Err(errors) => Err(RawError::Invalid(errors)),
-                // Unreachable: a valid event is an object, which the borrowed parse reads.
-                Ok(_) => Err(RawError::Malformed("unexpected JSON shape".into())),
-            },
+            Ok(Value::Null) => Err(RawError::Invalid(non_field_error("No data provided"))),
+            Ok(other) => Err(RawError::Invalid(non_field_error(&format!(
+                "Invalid data. Expected a dictionary, but got {}.",
+                python_type_name(&other)
+            )))),
         },
     }
 }
@@ -282,52 +240,30 @@ impl Fields {
         }
     }
 
-    /// The UTC day of `event_datetime`: the partition the event is stored in.
+    /// The UTC day of `event_datetime`: the partition the event is stored in. It comes from the
+    /// event itself, never from arrival time, so a retried event lands in the same partition.
     pub fn event_date(&self) -> NaiveDate {
         self.event_datetime.date_naive()
     }
 }
 
-impl Event {
-    /// The required fields alone.
-    pub fn fields(self) -> Fields {
-        let Event {
-            client_id,
-            event_datetime,
-            event_name,
-            product_id,
-            sid,
-            r,
-            ..
-        } = self;
-        Fields {
-            client_id,
-            event_datetime,
-            event_name,
-            product_id,
-            sid,
-            r,
-        }
-    }
-}
-
-/// The rules for the required fields, over any way of looking a field up.
-fn validate_fields(get: impl Fn(&str) -> Option<Value>) -> Result<Fields, FieldErrors> {
+/// The rules for the required fields, over a lookup of each member's text.
+fn validate_fields<'a>(get: impl Fn(&str) -> Option<&'a RawValue>) -> Result<Fields, FieldErrors> {
     let mut errors = FieldErrors::new();
     let mut strings: [Option<String>; 5] = Default::default();
     for (slot, (name, max_len)) in strings.iter_mut().zip(STRING_FIELDS) {
         let allow_null = name == "client_id";
-        match string_field(get(name).as_ref(), max_len, allow_null) {
+        match string_field(get(name), max_len, allow_null) {
             Ok(value) => *slot = value,
             Err(message) => {
                 errors.insert(name.to_owned(), vec![message]);
             }
         }
     }
-    let event_datetime = match get("event_datetime") {
+    let event_datetime = match get("event_datetime").map(|raw| Json::of(raw.get())) {
         None => Err(REQUIRED.to_owned()),
-        Some(Value::Null) => Err(NOT_NULL.to_owned()),
-        Some(Value::String(text)) => {
+        Some(Json::Null) => Err(NOT_NULL.to_owned()),
+        Some(Json::String(text)) => {
             datetime::parse(&text).ok_or_else(|| datetime::WRONG_FORMAT.into())
         }
         Some(_) => Err(datetime::WRONG_FORMAT.to_owned()),
@@ -359,25 +295,48 @@ fn validate_fields(get: impl Fn(&str) -> Option<Value>) -> Result<Fields, FieldE
     }
 }
 
+/// A member's JSON text by kind: strings unescaped, numbers as their exact text.
+pub(crate) enum Json<'a> {
+    Null,
+    String(Cow<'a, str>),
+    Number(&'a str),
+    Other,
+}
+
+impl<'a> Json<'a> {
+    pub(crate) fn of(text: &'a str) -> Self {
+        match text.as_bytes().first() {
+            Some(b'n') => Json::Null,
+            Some(b'"') => match serde_json::from_str::<Cow<'a, str>>(text) {
+                Ok(s) => Json::String(s),
+                Err(_) => Json::Other,
+            },
+            Some(b'-' | b'0'..=b'9') => Json::Number(text),
+            _ => Json::Other,
+        }
+    }
+}
+
 const REQUIRED: &str = "This field is required.";
 const NOT_NULL: &str = "This field may not be null.";
 const BLANK: &str = "This field may not be blank.";
 const NOT_A_STRING: &str = "Not a valid string.";
 
-/// One string field the way DRF's `CharField` read it: numbers become their decimal text,
-/// surrounding white space is trimmed, blank is refused, length counts characters.
+/// One string field the way DRF's `CharField` read it: surrounding white space is trimmed,
+/// blank is refused, length counts characters. A number becomes its exact text as sent (no
+/// float rounding: `18446744073709551617` stays itself); any other non-string is refused.
 fn string_field(
-    value: Option<&Value>,
+    value: Option<&RawValue>,
     max_len: usize,
     allow_null: bool,
 ) -> Result<Option<String>, String> {
-    let text = match value {
+    let text = match value.map(|raw| Json::of(raw.get())) {
         None => return Err(REQUIRED.to_owned()),
-        Some(Value::Null) if allow_null => return Ok(None),
-        Some(Value::Null) => return Err(NOT_NULL.to_owned()),
-        Some(Value::String(s)) => s.trim().to_owned(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return Err(NOT_A_STRING.to_owned()),
+        Some(Json::Null) if allow_null => return Ok(None),
+        Some(Json::Null) => return Err(NOT_NULL.to_owned()),
+        Some(Json::String(s)) => s.trim().to_owned(),
+        Some(Json::Number(n)) => n.to_owned(),
+        Some(Json::Other) => return Err(NOT_A_STRING.to_owned()),
     };
     if text.is_empty() {
         return Err(BLANK.to_owned());
@@ -388,6 +347,46 @@ fn string_field(
         ));
     }
     Ok(Some(text))
+}
+
+/// The range of `event_datetime` an event may have, around the time it is judged. Each day in
+/// it is a partition the event may create, so the window bounds what any client can make
+/// PostgreSQL create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// How far in the past `event_datetime` may lie.
+    pub max_age: std::time::Duration,
+    /// How far in the future (clients' clocks run ahead).
+    pub max_future: std::time::Duration,
+}
+
+impl Window {
+    /// `Ok` when `at` lies inside the window around `now`, else the field's message.
+    pub fn check(&self, at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), String> {
+        let age = chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::MAX);
+        let ahead = chrono::Duration::from_std(self.max_future).unwrap_or(chrono::Duration::MAX);
+        let earliest = now
+            .checked_sub_signed(age)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let latest = now
+            .checked_add_signed(ahead)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        if (earliest..=latest).contains(&at) {
+            Ok(())
+        } else {
+            Err(format!(
+                "Ensure this date-time is no more than {} in the past and {} in the future.",
+                humantime::format_duration(self.max_age),
+                humantime::format_duration(self.max_future)
+            ))
+        }
+    }
+
+    /// [`Window::check`] in the shape of a 400 answer.
+    pub fn check_fields(&self, fields: &Fields, now: DateTime<Utc>) -> Result<(), FieldErrors> {
+        self.check(fields.event_datetime, now)
+            .map_err(|message| FieldErrors::from([("event_datetime".to_owned(), vec![message])]))
+    }
 }
 
 /// An error about the body as a whole, in the original's shape.
@@ -438,38 +437,40 @@ mod tests {
         v
     }
 
+    fn validate_value(value: Value) -> Result<Fields, FieldErrors> {
+        match validate_raw(value.to_string().as_bytes()) {
+            Ok(fields) => Ok(fields),
+            Err(RawError::Invalid(errors)) => Err(errors),
+            Err(RawError::Malformed(m)) => panic!("{value}: malformed: {m}"),
+        }
+    }
+
     fn errors_of(value: Value) -> FieldErrors {
         validate_value(value).expect_err("expected a validation error")
     }
 
-    /// The real sample events are accepted as they are, extra fields kept untouched.
+    fn errors_of_text(text: &str) -> FieldErrors {
+        match validate_raw(text.as_bytes()) {
+            Err(RawError::Invalid(errors)) => errors,
+            other => panic!("{text}: expected field errors, got {other:?}"),
+        }
+    }
+
+    /// The real sample events in the repository are accepted as they are.
     #[test]
-    fn sample_events_are_accepted_with_extra_fields_kept() {
+    fn sample_events_are_accepted() {
         for name in [
             "app_list.json",
             "content_play.json",
             "tv_app_list_full.json",
         ] {
-            let path = format!(
-                "{}/../../../shared/samples/{name}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                // The samples live beside the checkout; the copy in the test below covers CI
-                // clones made without them.
-                continue;
-            };
-            let raw: Value = serde_json::from_str(&text).unwrap();
-            let event = validate_value(raw.clone()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            assert_eq!(
-                Value::Object(event.payload),
-                raw,
-                "{name}: payload must be untouched"
-            );
+            let path = format!("{}/../../samples/{name}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let fields = validate_raw(text.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert!(!fields.event_name.is_empty());
         }
-        let event = validate_value(valid()).unwrap();
-        assert_eq!(event.payload["platform"], "android");
-        assert_eq!(event.event_date().to_string(), "2025-04-10");
+        let fields = validate_value(valid()).unwrap();
+        assert_eq!(fields.event_date().to_string(), "2025-04-10");
     }
 
     /// Each required field, when missing, is named with the original's message.
@@ -553,12 +554,8 @@ mod tests {
         for (field, value, expected) in cases {
             let outcome = validate_value(with(field, value.clone()));
             match (&outcome, &expected) {
-                (Ok(event), Ok(want)) => {
-                    assert_eq!(event.required_field(field), Some(*want), "{field}={value}");
-                    assert_eq!(
-                        event.payload[field], value,
-                        "{field}: payload keeps the raw value"
-                    );
+                (Ok(fields), Ok(want)) => {
+                    assert_eq!(fields.required_field(field), Some(*want), "{field}={value}");
                 }
                 (Err(errors), Err(want)) => {
                     assert_eq!(
@@ -593,41 +590,24 @@ mod tests {
         assert_eq!(shifted.event_date().to_string(), "2025-04-10");
     }
 
-    /// The raw fast path and the full parser agree on every outcome.
+    /// Escaped member names and repeated members read as a map would: the last copy counts.
     #[test]
-    fn raw_validation_agrees_with_the_full_parser() {
-        let mut bad = valid();
-        bad["sid"] = json!("");
-        bad["r"] = json!(12);
+    fn escaped_and_repeated_members_read_like_a_map() {
         let mut escaped_key = valid();
         escaped_key.as_object_mut().unwrap().remove("sid");
         let escaped = escaped_key
             .to_string()
             .replacen('{', r#"{"s\u0069d":"via-escape","#, 1);
-        let inputs: Vec<String> = vec![
-            valid().to_string(),
-            bad.to_string(),
-            without("event_datetime").to_string(),
-            json!([1]).to_string(),
-            "null".to_owned(),
-            escaped,
-            r#"{"sid":"a","sid":"b"}"#.to_owned(),
-            // A repeated member of a valid event: the last one counts in both parsers.
-            valid()
-                .to_string()
-                .replacen('{', r#"{"sid":"overridden","#, 1),
-        ];
-        assert!(
-            inputs[5].contains(r"\u0069"),
-            "the escaped-key case is really escaped"
+        assert_eq!(validate_raw(escaped.as_bytes()).unwrap().sid, "via-escape");
+        let repeated = valid()
+            .to_string()
+            .replacen('{', r#"{"sid":"overridden","#, 1);
+        assert_eq!(
+            validate_raw(repeated.as_bytes()).unwrap().sid,
+            "session-123"
         );
-        for input in inputs {
-            let full = serde_json::from_str::<Value>(&input).unwrap();
-            let expected = validate_value(full)
-                .map(Event::fields)
-                .map_err(RawError::Invalid);
-            assert_eq!(validate_raw(input.as_bytes()), expected, "{input}");
-        }
+        let last = valid().to_string().replacen('}', r#","sid":"last"}"#, 1);
+        assert_eq!(validate_raw(last.as_bytes()).unwrap().sid, "last");
         // Broken JSON anywhere, in a skipped member too, is malformed with the parser's message.
         let valid_text = valid().to_string();
         let broken: Vec<String> = vec![
@@ -646,6 +626,113 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    /// What PostgreSQL cannot store is refused under the member's name (or as a non-field
+    /// error for a member name), beside the other fields' errors; non-strings in string
+    /// fields are refused, never read as null.
+    #[test]
+    fn unstorable_members_are_refused_by_name() {
+        let valid_text = valid().to_string();
+        let add = |member: &str| valid_text.replacen('{', &format!("{{{member},"), 1);
+        let cases: Vec<(String, &str, storable::Unstorable)> = vec![
+            (add(r#""x":"\u0000""#), "x", storable::Unstorable::Nul),
+            (
+                add(r#""x":["a\ud800"]"#),
+                "x",
+                storable::Unstorable::LoneSurrogate,
+            ),
+            (
+                add(r#""x":1e200000"#),
+                "x",
+                storable::Unstorable::NumberOutOfRange,
+            ),
+            (
+                add(r#""x":{"y":1e-20000}"#),
+                "x",
+                storable::Unstorable::NumberOutOfRange,
+            ),
+            (
+                add(&format!(r#""x":{}1{}"#, "[".repeat(200), "]".repeat(200))),
+                "x",
+                storable::Unstorable::TooDeep,
+            ),
+            (
+                valid_text.replace(r#""sid":"session-123""#, r#""sid":"a\u0000b""#),
+                "sid",
+                storable::Unstorable::Nul,
+            ),
+            (
+                add(r#""n\u0000me":1"#),
+                NON_FIELD_ERRORS,
+                storable::Unstorable::Nul,
+            ),
+        ];
+        for (text, field, why) in cases {
+            let errors = errors_of_text(&text);
+            let message = errors
+                .get(field)
+                .unwrap_or_else(|| panic!("{text}: {errors:?}"));
+            assert!(message[0].ends_with(&why.message()), "{text}: {message:?}");
+        }
+        // A lone surrogate in a member name is refused by the JSON parser itself.
+        assert!(matches!(
+            validate_raw(add(r#""\ud800":1"#).as_bytes()),
+            Err(RawError::Malformed(_))
+        ));
+        // Several problems at once: each field keeps its own message.
+        let both = add(r#""x":"\u0000""#).replace(r#""r":"999888777666555""#, r#""r":[]"#);
+        let errors = errors_of_text(&both);
+        assert_eq!(errors["r"], [NOT_A_STRING]);
+        assert!(errors.contains_key("x"));
+        // Numbers in string fields keep their exact text: no float rounding.
+        let exact = valid_text.replace(r#""r":"999888777666555""#, r#""r":18446744073709551617"#);
+        assert_eq!(
+            validate_raw(exact.as_bytes()).unwrap().r,
+            "18446744073709551617"
+        );
+        // 1e400 is a number PostgreSQL takes: in a string field it is its text, not null.
+        let big = valid_text.replace(r#""client_id":"abc123def456""#, r#""client_id":1e400"#);
+        assert_eq!(
+            validate_raw(big.as_bytes()).unwrap().client_id.as_deref(),
+            Some("1e400")
+        );
+        let nested = valid_text.replace(
+            r#""client_id":"abc123def456""#,
+            &format!(r#""client_id":{}{}"#, "[".repeat(150), "]".repeat(150)),
+        );
+        assert!(errors_of_text(&nested).contains_key("client_id"));
+    }
+
+    /// The accepted window of event date-times, at its edges.
+    #[test]
+    fn event_datetimes_outside_the_window_are_refused() {
+        let day = std::time::Duration::from_secs(86_400);
+        let window = Window {
+            max_age: 30 * day,
+            max_future: day,
+        };
+        let now = DateTime::parse_from_rfc3339("2026-12-02T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        assert!(window.check(at("2026-11-02T12:00:00Z"), now).is_ok());
+        assert!(window.check(at("2026-12-03T12:00:00Z"), now).is_ok());
+        let old = window.check(at("2026-11-02T11:59:59Z"), now).unwrap_err();
+        assert_eq!(
+            old,
+            "Ensure this date-time is no more than 30days in the past and 1day in the future."
+        );
+        assert!(window.check(at("2026-12-03T12:00:01Z"), now).is_err());
+        // Year 1 at +01:00 is year 0 in UTC: far outside any window.
+        let fields = validate_raw(
+            valid()
+                .to_string()
+                .replace("2025-04-10T12:34:56.000Z", "0001-01-01T00:30:00+01:00")
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(window.check_fields(&fields, now).is_err());
     }
 
     /// A body that is not an object gets the original's non-field error.

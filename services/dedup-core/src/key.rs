@@ -7,9 +7,10 @@
 use std::fmt;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::event::Event;
+use crate::event::{Json, RawEvent};
 
 /// The fields the original deduplicated on, in its order.
 pub const DEFAULT_KEY_FIELDS: [&str; 5] = ["client_id", "event_name", "product_id", "sid", "r"];
@@ -55,16 +56,9 @@ impl KeySpec {
     }
 
     /// The key of a validated event. Required fields use their normalised value (so `" 5 "`,
-    /// `"5"` and `5` are one value, as the original stored them); other fields their raw JSON.
-    pub fn key(&self, event: &Event) -> DedupKey {
-        self.key_from(
-            |name| event.required_field(name),
-            |name| event.payload.get(name).cloned(),
-        )
-    }
-
-    /// The key of an event read with [`crate::event::parse_raw`].
-    pub fn key_of_raw(&self, event: &crate::event::RawEvent<'_>) -> DedupKey {
+    /// `"5"` and `5` are one value, as the original stored them); other fields their JSON
+    /// value (numbers by their exact text).
+    pub fn key_of_raw(&self, event: &RawEvent<'_>) -> DedupKey {
         self.key_from(
             |name| event.fields.required_field(name),
             |name| event.get(name),
@@ -75,7 +69,7 @@ impl KeySpec {
     fn key_from<'a>(
         &self,
         required: impl Fn(&str) -> Option<Option<&'a str>>,
-        other: impl Fn(&str) -> Option<Value>,
+        other: impl Fn(&str) -> Option<&'a RawValue>,
     ) -> DedupKey {
         let mut hasher = blake3::Hasher::new_derive_key(CONTEXT);
         hasher.update(&(self.fields.len() as u64).to_be_bytes());
@@ -86,7 +80,7 @@ impl KeySpec {
                 Some(None) => {
                     hasher.update(&[TAG_NULL]);
                 }
-                None => write_value(&mut hasher, other(name).as_ref()),
+                None => write_value(&mut hasher, other(name)),
             }
         }
         let mut out = [0u8; 16];
@@ -113,20 +107,24 @@ fn write_string(hasher: &mut blake3::Hasher, text: &str) {
     write_bytes(hasher, text.as_bytes());
 }
 
-fn write_value(hasher: &mut blake3::Hasher, value: Option<&Value>) {
-    match value {
-        None => {
-            hasher.update(&[TAG_MISSING]);
-        }
-        Some(Value::Null) => {
+fn write_value(hasher: &mut blake3::Hasher, value: Option<&RawValue>) {
+    let Some(raw) = value else {
+        hasher.update(&[TAG_MISSING]);
+        return;
+    };
+    match Json::of(raw.get()) {
+        Json::Null => {
             hasher.update(&[TAG_NULL]);
         }
-        Some(Value::String(s)) => write_string(hasher, s),
-        Some(Value::Number(n)) => write_string(hasher, &n.to_string()),
-        Some(other) => {
+        Json::String(s) => write_string(hasher, &s),
+        Json::Number(n) => write_string(hasher, n),
+        Json::Other => {
             // serde_json's map is ordered by key, so this text is canonical.
+            let canonical = serde_json::from_str::<Value>(raw.get())
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| raw.get().to_owned());
             hasher.update(&[TAG_OTHER_JSON]);
-            write_bytes(hasher, other.to_string().as_bytes());
+            write_bytes(hasher, canonical.as_bytes());
         }
     }
 }
@@ -160,9 +158,9 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::event::validate_value;
+    use crate::event::parse_raw;
 
-    fn event(overrides: Value) -> Event {
+    fn event_text(overrides: Value) -> String {
         let mut base = json!({
             "client_id": "c1",
             "event_datetime": "2025-04-10T12:34:56Z",
@@ -178,11 +176,15 @@ mod tests {
                 base[k] = v.clone();
             }
         }
-        validate_value(base).unwrap()
+        base.to_string()
     }
 
     fn key_of(spec: &KeySpec, overrides: Value) -> DedupKey {
-        spec.key(&event(overrides))
+        key_of_text(spec, &event_text(overrides))
+    }
+
+    fn key_of_text(spec: &KeySpec, text: &str) -> DedupKey {
+        spec.key_of_raw(&parse_raw(text.as_bytes()).expect("a valid event"))
     }
 
     /// The collisions the original's `"|".join(str(v))` had are gone.
@@ -273,20 +275,37 @@ mod tests {
     }
     const STABLE_KEY: &str = "0579366e86ee3a1a92dbcb649e4a8bbc";
 
-    /// The raw reader and the full parser give every event the same key.
+    /// Numbers are keyed by their exact text, in required and other key fields alike: no
+    /// float rounding merges two big integers, and a number equals the string of its text.
     #[test]
-    fn raw_and_full_parsing_agree_on_keys() {
-        let spec = KeySpec::new(&["sid", "platform", "r", "extra"]).unwrap();
-        for overrides in [
-            json!({}),
-            json!({"platform": null, "extra": [1, {"b": 2, "a": 1}]}),
-            json!({"r": 7, "sid": " s "}),
-        ] {
-            let event = event(overrides);
-            let text = serde_json::to_string(&event.payload).unwrap();
-            let raw = crate::event::parse_raw(text.as_bytes()).unwrap();
-            assert_eq!(spec.key_of_raw(&raw), spec.key(&event), "{text}");
-        }
+    fn numbers_are_keyed_by_their_exact_text() {
+        let spec = KeySpec::new(&["r", "extra"]).unwrap();
+        let with = |r: &str, extra: &str| {
+            key_of_text(
+                &spec,
+                &event_text(json!({}))
+                    .replacen('{', &format!(r#"{{"extra":{extra},"#), 1)
+                    .replace(r#""r":"r1""#, &format!(r#""r":{r}"#)),
+            )
+        };
+        assert_ne!(
+            with("18446744073709551616", "1"),
+            with("18446744073709551617", "1")
+        );
+        assert_ne!(
+            with("1", "18446744073709551616"),
+            with("1", "18446744073709551617")
+        );
+        assert_eq!(
+            with("18446744073709551617", "1"),
+            with(r#""18446744073709551617""#, "1")
+        );
+        assert_eq!(with("1", "5"), with("1", r#""5""#));
+        // Nested values are keyed by their canonical JSON (members sorted).
+        assert_eq!(
+            with("1", r#"{"b":2,"a":1}"#),
+            with("1", r#"{"a":1, "b":2}"#)
+        );
     }
 
     #[test]

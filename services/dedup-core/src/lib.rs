@@ -5,6 +5,7 @@
 //! - [`event`]: the HTTP contract for one product event: required fields, limits and the
 //!   original service's error messages.
 //! - [`datetime`]: the ISO 8601 date-times the original accepted.
+//! - [`storable`]: what PostgreSQL's `jsonb` and `text` accept, checked before an event is.
 //! - [`key`]: the dedup key, a 128-bit hash over an unambiguous encoding of the key fields.
 //! - [`message`]: how events travel on the queue (NDJSON body, received time and trace headers).
 //! - [`queue_depth`]: ready and unacknowledged messages from the management API.
@@ -25,9 +26,10 @@ pub mod key;
 pub mod message;
 pub mod queue_depth;
 pub mod shutdown;
+pub mod storable;
 pub mod telemetry;
 pub mod topology;
 pub mod trace_context;
 
-pub use event::{Event, FieldErrors};
+pub use event::FieldErrors;
 pub use key::{DedupKey, KeySpec};

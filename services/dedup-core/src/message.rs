@@ -27,9 +27,13 @@ pub const HEADER_EVENT_COUNT: &str = "x-event-count";
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-dedup-error";
 /// Content encoding of lz4-compressed bodies.
 pub const ENCODING_LZ4: &str = "lz4";
-/// Largest body a compressed message may expand to; a message claiming more is refused
-/// rather than allocated.
-pub const MAX_DECODED_BYTES: usize = 256 << 20;
+/// Most bytes of events ingest packs into one message: a pack takes another event only while
+/// it stays under this.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest body a message may have or expand to: a full pack, or one event up to ingest's body
+/// limit alone. The worker refuses larger messages (dead-lettered unread) rather than
+/// allocate them, so its memory is bounded by prefetch × this.
+pub const MAX_DECODED_BYTES: usize = 2 << 20;
 /// AMQP delivery mode that makes the broker write the message to disk.
 const PERSISTENT: u8 = 2;
 
@@ -112,6 +116,10 @@ pub fn encode(body: &[u8], compression: Compression) -> (Cow<'_, [u8]>, Option<&
 /// why it cannot be read (the message then goes to the dead-letter queue whole).
 pub fn decode<'a>(data: &'a [u8], properties: &BasicProperties) -> Result<Cow<'a, [u8]>, String> {
     match properties.content_encoding().as_ref().map(|e| e.as_str()) {
+        None | Some("") | Some("identity") if data.len() > MAX_DECODED_BYTES => Err(format!(
+            "body of {} bytes, more than the {MAX_DECODED_BYTES} allowed",
+            data.len()
+        )),
         None | Some("") | Some("identity") => Ok(Cow::Borrowed(data)),
         Some(ENCODING_LZ4) => {
             let (size, packed) = lz4_flex::block::uncompressed_size(data)

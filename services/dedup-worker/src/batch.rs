@@ -65,6 +65,11 @@ pub enum DeadLetterReason {
     /// A message whose body cannot be decoded (corrupt compression, unknown content encoding);
     /// it goes to the dead-letter queue whole, as it arrived.
     InvalidEncoding,
+    /// An `event_datetime` day outside the partitions the worker keeps (older than the
+    /// retention, or further ahead than the partitions it creates).
+    OutsideWindow,
+    /// PostgreSQL refused the row for its data; isolated from the rest of its batch.
+    RefusedByPostgres,
 }
 
 impl DeadLetterReason {
@@ -73,6 +78,8 @@ impl DeadLetterReason {
             DeadLetterReason::InvalidJson => "invalid_json",
             DeadLetterReason::InvalidEvent => "invalid_event",
             DeadLetterReason::InvalidEncoding => "invalid_encoding",
+            DeadLetterReason::OutsideWindow => "outside_window",
+            DeadLetterReason::RefusedByPostgres => "refused_by_postgres",
         }
     }
 }
@@ -97,10 +104,13 @@ pub struct Decoded<'a> {
     pub consumed: u64,
 }
 
-/// Decodes message bodies (each with the time ingest received it) into a batch.
+/// Decodes message bodies (each with the time ingest received it) into a batch. Events whose
+/// day is outside `days` are set aside: no event may make PostgreSQL create a partition
+/// the maintenance step would not keep.
 pub fn decode<'a>(
     messages: impl IntoIterator<Item = (&'a [u8], Option<DateTime<Utc>>)>,
     spec: &KeySpec,
+    days: &std::ops::RangeInclusive<NaiveDate>,
     now: DateTime<Utc>,
 ) -> Decoded<'a> {
     let mut out = Decoded::default();
@@ -141,6 +151,19 @@ pub fn decode<'a>(
                     continue;
                 }
             };
+            if !days.contains(&event.fields.event_date()) {
+                out.dead_letters.push(DeadLetter {
+                    body: line.to_vec(),
+                    reason: DeadLetterReason::OutsideWindow,
+                    detail: format!(
+                        "event day {} is outside the kept partitions {} to {}",
+                        event.fields.event_date(),
+                        days.start(),
+                        days.end()
+                    ),
+                });
+                continue;
+            }
             let key = spec.key_of_raw(&event);
             if seen.insert((event.fields.event_date(), key)) {
                 out.candidates.push(Candidate {
@@ -171,6 +194,10 @@ mod tests {
         .to_string()
     }
 
+    fn any_day() -> std::ops::RangeInclusive<NaiveDate> {
+        NaiveDate::MIN..=NaiveDate::MAX
+    }
+
     fn body(lines: &[String]) -> Vec<u8> {
         let mut b = lines.join("\n").into_bytes();
         b.push(b'\n');
@@ -189,6 +216,7 @@ mod tests {
         let decoded = decode(
             [(&a[..], None), (&b[..], None)],
             &KeySpec::default(),
+            &any_day(),
             Utc::now(),
         );
         assert_eq!(decoded.consumed, 4);
@@ -202,7 +230,12 @@ mod tests {
     #[test]
     fn same_key_on_another_day_is_not_an_in_batch_duplicate() {
         let a = body(&[line("1", "2025-04-10"), line("1", "2025-04-11")]);
-        let decoded = decode([(&a[..], None)], &KeySpec::default(), Utc::now());
+        let decoded = decode(
+            [(&a[..], None)],
+            &KeySpec::default(),
+            &any_day(),
+            Utc::now(),
+        );
         assert_eq!(decoded.candidates.len(), 2);
         assert_eq!(decoded.in_batch_duplicates, 0);
     }
@@ -215,7 +248,12 @@ mod tests {
         a.extend_from_slice(b"{\"sid\": \"only\"}\n");
         a.extend_from_slice(&[0xff, 0xfe, b'\n']);
         a.extend_from_slice(body(&[line("2", "2025-04-10")]).as_slice());
-        let decoded = decode([(&a[..], None)], &KeySpec::default(), Utc::now());
+        let decoded = decode(
+            [(&a[..], None)],
+            &KeySpec::default(),
+            &any_day(),
+            Utc::now(),
+        );
         assert_eq!(decoded.consumed, 5);
         assert_eq!(decoded.candidates.len(), 2);
         let reasons: Vec<_> = decoded.dead_letters.iter().map(|d| d.reason).collect();
@@ -235,6 +273,24 @@ mod tests {
         );
     }
 
+    /// Events on days outside the kept partitions are dead-lettered, the rest go on.
+    #[test]
+    fn days_outside_the_partitions_are_dead_lettered() {
+        let a = body(&[
+            line("1", "2025-04-09"),
+            line("2", "2025-04-10"),
+            line("3", "2025-04-12"),
+        ]);
+        let days = NaiveDate::from_ymd_opt(2025, 4, 10).unwrap()
+            ..=NaiveDate::from_ymd_opt(2025, 4, 11).unwrap();
+        let decoded = decode([(&a[..], None)], &KeySpec::default(), &days, Utc::now());
+        assert_eq!(decoded.candidates.len(), 1);
+        assert_eq!(decoded.candidates[0].fields.r, "2");
+        let reasons: Vec<_> = decoded.dead_letters.iter().map(|d| d.reason).collect();
+        assert_eq!(reasons, [DeadLetterReason::OutsideWindow; 2]);
+        assert!(decoded.dead_letters[0].detail.contains("2025-04-09"));
+    }
+
     /// A message without the received-time header gets the processing time.
     #[test]
     fn missing_received_time_falls_back_to_now() {
@@ -245,6 +301,7 @@ mod tests {
         let decoded = decode(
             [(&a[..], Some(at)), (&b[..], None)],
             &KeySpec::default(),
+            &any_day(),
             now,
         );
         assert_eq!(decoded.candidates[0].received_at, at);

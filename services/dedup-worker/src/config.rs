@@ -69,10 +69,31 @@ pub struct Config {
     /// Length of one Bloom generation (the window is cut into these slices).
     #[arg(long, env = "BLOOM_SLICE", value_parser = parse_duration, default_value = "1d")]
     pub bloom_slice: Duration,
-    /// Unacknowledged messages the broker may send ahead (AMQP prefetch). A message holds up
-    /// to ingest's EVENTS_PER_MESSAGE events, so this also bounds the worker's memory.
+    /// Unacknowledged messages the broker may send ahead (AMQP prefetch); lowered at start so
+    /// that PREFETCH full-size messages fit MAX_UNACKED_BYTES.
     #[arg(long, env = "PREFETCH", default_value_t = 300)]
     pub prefetch: u16,
+    /// Most bytes of unacknowledged messages the worker may hold. A message is at most 2 MiB
+    /// (larger ones are dead-lettered unread), so the prefetch is capped at this / 2 MiB.
+    #[arg(long, env = "MAX_UNACKED_BYTES", default_value_t = DEFAULT_MAX_UNACKED_BYTES)]
+    pub max_unacked_bytes: usize,
+    /// How long daily partitions are kept: older ones are dropped by the maintenance step, and
+    /// events older than this are dead-lettered. At least DEDUP_WINDOW, or Redis would drop
+    /// repeats whose first copy is gone.
+    #[arg(long, env = "RETENTION", value_parser = parse_duration, default_value = "400d")]
+    pub retention: Duration,
+    /// Days of partitions created ahead of today; events further in the future are
+    /// dead-lettered. Keep it above ingest's EVENT_MAX_FUTURE.
+    #[arg(long, env = "PARTITIONS_AHEAD", default_value_t = 3)]
+    pub partitions_ahead: u32,
+    /// How often a worker runs the partition maintenance (create ahead, drop past retention);
+    /// 0 leaves it to `dedup-worker maintain` (e.g. a CronJob).
+    #[arg(long, env = "MAINTAIN_INTERVAL", value_parser = parse_duration, default_value = "1h")]
+    pub maintain_interval: Duration,
+    /// How long the worker may hold deliveries without committing any before it reports
+    /// itself not ready (and sets dedup_worker_stalled).
+    #[arg(long, env = "STALL_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
+    pub stall_timeout: Duration,
     /// Events per batch: one Redis round trip and one PostgreSQL statement each.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
@@ -103,10 +124,39 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// The default bound on unacknowledged message bytes.
+pub const DEFAULT_MAX_UNACKED_BYTES: usize = 256 << 20;
+
+impl Config {
+    /// The prefetch actually asked for: PREFETCH, lowered so that as many largest messages
+    /// fit MAX_UNACKED_BYTES.
+    pub fn effective_prefetch(&self) -> u16 {
+        let fit = self.max_unacked_bytes / dedup_core::message::MAX_DECODED_BYTES;
+        self.prefetch
+            .min(u16::try_from(fit).unwrap_or(u16::MAX))
+            .max(1)
+    }
+
+    /// Refuses settings that break the exactly-once guarantee.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.retention >= self.dedup_window,
+            "RETENTION ({}) is shorter than DEDUP_WINDOW ({}): Redis would drop repeats whose \
+             first copy was deleted. Lengthen RETENTION or shorten DEDUP_WINDOW.",
+            humantime::format_duration(self.retention),
+            humantime::format_duration(self.dedup_window)
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Apply the database migrations and exit.
     Migrate,
+    /// Create the partitions PARTITIONS_AHEAD days ahead, drop those older than RETENTION,
+    /// and exit.
+    Maintain,
     /// Ask the running worker (on ADMIN_LISTEN_ADDR) whether it is ready; exit 0 if so. For
     /// container health checks.
     Probe,

@@ -4,7 +4,7 @@
 //! reconnects with backoff; whatever was not acked is redelivered by the broker.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dedup_core::backoff::Backoff;
@@ -39,12 +39,76 @@ pub struct ConsumerSettings {
     pub batches_in_flight: usize,
 }
 
+/// Whether the worker gets anywhere with what it holds: deliveries in hand and when a batch
+/// last committed. A worker that holds deliveries and commits nothing for a while (a database
+/// refusing every statement, a bug) is stalled: it stops being ready and says so in a metric.
+#[derive(Debug)]
+pub struct Progress {
+    started: std::time::Instant,
+    /// Deliveries received and not yet acked.
+    holding: AtomicUsize,
+    /// Milliseconds after `started` of the last ack, or of the moment the worker began to
+    /// hold deliveries while it held none.
+    last_progress_ms: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            holding: AtomicUsize::new(0),
+            last_progress_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn received(&self) {
+        if self.holding.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.last_progress_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn acked(&self, deliveries: usize) {
+        self.last_progress_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+        let _ = self
+            .holding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(deliveries))
+            });
+    }
+
+    /// The session ended: the broker takes back whatever was held.
+    fn released(&self) {
+        self.holding.store(0, Ordering::Relaxed);
+    }
+
+    /// `Some((deliveries held, time without progress))` when the worker holds deliveries and
+    /// has committed nothing for longer than `limit`.
+    pub fn stalled(&self, limit: Duration) -> Option<(usize, Duration)> {
+        let holding = self.holding.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)),
+        );
+        (holding > 0 && idle > limit).then_some((holding, idle))
+    }
+}
+
 /// The consumer loop of one worker process.
 pub struct Consumer {
     settings: ConsumerSettings,
     pipeline: Arc<Pipeline>,
     /// True while a session is consuming: the worker's readiness.
     consuming: Arc<AtomicBool>,
+    /// What the worker holds and when it last committed: readiness and the stall metric.
+    progress: Arc<Progress>,
 }
 
 impl Consumer {
@@ -53,11 +117,16 @@ impl Consumer {
             settings,
             pipeline,
             consuming: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Progress::default()),
         }
     }
 
     pub fn consuming_flag(&self) -> Arc<AtomicBool> {
         self.consuming.clone()
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     /// Consumes until `stop` is cancelled, reconnecting after failures. Returns an error only
@@ -67,6 +136,7 @@ impl Consumer {
         while !stop.is_cancelled() {
             let outcome = self.session(&stop, &mut backoff).await;
             self.consuming.store(false, Ordering::Relaxed);
+            self.progress.released();
             match outcome {
                 Ok(()) => return Ok(()),
                 Err(e @ Error::InjectedCrash(_)) => return Err(e),
@@ -150,7 +220,10 @@ impl Consumer {
         // Batches being processed, oldest first, with the last delivery tag of each. Acks go
         // strictly in this order: a multiple-ack covers a batch only once every batch before it
         // has committed too.
-        let mut in_flight = InFlight::default();
+        let mut in_flight = InFlight {
+            batches: Default::default(),
+            progress: self.progress.clone(),
+        };
         let max_in_flight = s.batches_in_flight.max(1);
         let result: Result<()> = async {
             loop {
@@ -168,6 +241,7 @@ impl Consumer {
                         let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
                         let drained_by = Instant::now() + SHUTDOWN_DRAIN;
                         while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(drained_by, consumer.next()).await {
+                            self.progress.received();
                             pending.push(delivery);
                         }
                         // Finish the batches in hand; anything else goes back to the queue.
@@ -188,6 +262,7 @@ impl Consumer {
                     () = linger => true,
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
+                            self.progress.received();
                             pending_events += events_in(&delivery);
                             if deadline.is_none() {
                                 deadline = Some(Instant::now() + s.linger);
@@ -223,6 +298,7 @@ impl Consumer {
         stop: &CancellationToken,
     ) -> Batch {
         let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
+        let deliveries = batch.len();
         let (pipeline, channel, stop) = (
             self.pipeline.clone(),
             dead_letter_channel.clone(),
@@ -232,36 +308,43 @@ impl Consumer {
             tokio::spawn(
                 async move { pipeline.process(&batch, &channel, &stop).await.map(|_| ()) },
             );
-        Batch { last_tag, task }
+        Batch {
+            last_tag,
+            deliveries,
+            task,
+        }
     }
 }
 
 /// A batch being processed.
 struct Batch {
     last_tag: u64,
+    deliveries: usize,
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
 /// The batches in flight, in delivery order.
-#[derive(Default)]
-struct InFlight(std::collections::VecDeque<Batch>);
+struct InFlight {
+    batches: std::collections::VecDeque<Batch>,
+    progress: Arc<Progress>,
+}
 
 impl InFlight {
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.batches.is_empty()
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.batches.len()
     }
 
     fn push(&mut self, batch: Batch) {
-        self.0.push_back(batch);
+        self.batches.push_back(batch);
     }
 
     /// Resolves when the oldest batch is done (pending forever when there is none).
     async fn oldest(&mut self) -> Result<()> {
-        match self.0.front_mut() {
+        match self.batches.front_mut() {
             Some(batch) => (&mut batch.task).await.unwrap_or_else(|e| {
                 Err(Error::Amqp(lapin::Error::from(std::io::Error::other(
                     format!("batch task failed: {e}"),
@@ -274,10 +357,11 @@ impl InFlight {
     /// Acks the oldest batch after [`InFlight::oldest`] said it committed.
     async fn acknowledge(&mut self, done: Result<()>, channel: &lapin::Channel) -> Result<()> {
         done?;
-        if let Some(batch) = self.0.pop_front() {
+        if let Some(batch) = self.batches.pop_front() {
             channel
                 .basic_ack(batch.last_tag, BasicAckOptions { multiple: true })
                 .await?;
+            self.progress.acked(batch.deliveries);
         }
         Ok(())
     }
@@ -288,7 +372,7 @@ impl InFlight {
     }
 
     fn abort_all(&mut self) {
-        for batch in self.0.drain(..) {
+        for batch in self.batches.drain(..) {
             batch.task.abort();
         }
     }

@@ -43,7 +43,7 @@ use crate::bloom::BloomParams;
 pub use crate::config::Config;
 use crate::consume::{Consumer, ConsumerSettings};
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{PartitionWindow, Pipeline};
 use crate::redis_tier::{RedisSettings, RedisTier};
 use crate::store::Store;
 
@@ -75,6 +75,7 @@ pub struct Worker {
 impl Worker {
     /// Builds the worker from `config`. Nothing connects yet: the services may be down.
     pub fn new(config: Config, fault: Option<FaultHook>) -> anyhow::Result<Self> {
+        config.check()?;
         let metrics = Metrics::new();
         let spec = KeySpec::new(&config.dedup_key_fields)
             .map_err(anyhow::Error::msg)
@@ -117,13 +118,17 @@ impl Worker {
             store,
             metrics,
             retry_max_backoff: config.reconnect_max_backoff,
+            partitions: PartitionWindow {
+                retention: config.retention,
+                ahead_days: config.partitions_ahead,
+            },
             fault,
         });
         let consumer = Consumer::new(
             ConsumerSettings {
                 url: config.amqp.rabbitmq_url.clone(),
                 topology: config.amqp.topology.clone(),
-                prefetch: config.prefetch,
+                prefetch: config.effective_prefetch(),
                 batch_size: config.batch_size.max(1),
                 linger: config.batch_linger,
                 reconnect_max_backoff: config.reconnect_max_backoff,
@@ -146,14 +151,22 @@ impl Worker {
         &self.pipeline.store
     }
 
-    /// Whether the worker is consuming, and if not why.
+    /// Whether the worker is consuming and getting anywhere, and if not why.
     pub fn readiness(&self) -> Readiness {
         let consuming = self.consumer.consuming_flag();
+        let progress = self.consumer.progress();
+        let limit = self.config.stall_timeout;
         Arc::new(move || {
-            if consuming.load(Ordering::Relaxed) {
-                Ok(())
-            } else {
-                Err("not consuming from RabbitMQ".to_owned())
+            if !consuming.load(Ordering::Relaxed) {
+                return Err("not consuming from RabbitMQ".to_owned());
+            }
+            match progress.stalled(limit) {
+                Some((holding, idle)) => Err(format!(
+                    "stalled: {holding} deliveries held and no batch committed for {}s; see \
+                     the worker's warnings and dedup_worker_batch_errors_total",
+                    idle.as_secs()
+                )),
+                None => Ok(()),
             }
         })
     }
@@ -178,6 +191,17 @@ impl Worker {
             self.pipeline.metrics.clone(),
             stop.clone(),
         ));
+        let stall = tokio::spawn(report_stall(
+            self.consumer.progress(),
+            self.config.stall_timeout,
+            self.pipeline.metrics.clone(),
+            stop.clone(),
+        ));
+        let maintenance = tokio::spawn(maintain_every(
+            self.pipeline.clone(),
+            self.config.maintain_interval,
+            stop.clone(),
+        ));
         let consume = self.consumer.run(stop.clone());
         tokio::pin!(consume);
         let result = tokio::select! {
@@ -189,8 +213,80 @@ impl Worker {
         };
         signal.abort();
         depth.abort();
+        stall.abort();
+        maintenance.abort();
         result
     }
+}
+
+/// Sets `dedup_worker_stalled` from the consumer's progress every few seconds, warning once
+/// when the worker stalls.
+async fn report_stall(
+    progress: Arc<consume::Progress>,
+    limit: Duration,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let mut was_stalled = false;
+    loop {
+        let stalled = progress.stalled(limit);
+        metrics.stalled.set(i64::from(stalled.is_some()));
+        match stalled {
+            Some((holding, idle)) if !was_stalled => {
+                tracing::error!(
+                    holding,
+                    idle_seconds = idle.as_secs(),
+                    "Worker stalled: deliveries held and no batch committed; it reports not ready."
+                );
+            }
+            None if was_stalled => tracing::info!("Worker committing again."),
+            _ => {}
+        }
+        was_stalled = stalled.is_some();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(STALL_CHECK_INTERVAL.min(limit)) => {}
+        }
+    }
+}
+
+/// How often the stall gauge is brought up to date.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the partition maintenance at start and every `interval` (never when it is zero).
+/// Failures are logged and tried again at the next turn.
+async fn maintain_every(pipeline: Arc<Pipeline>, interval: Duration, stop: CancellationToken) {
+    if interval.is_zero() {
+        return;
+    }
+    loop {
+        if let Err(e) = maintain_partitions(&pipeline).await {
+            tracing::warn!(error = %e, retry_in = ?interval, "Partition maintenance failed; trying again later.");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Creates the partitions from yesterday to PARTITIONS_AHEAD days on, drops those past the
+/// retention, and counts both.
+async fn maintain_partitions(pipeline: &Pipeline) -> Result<(), error::Error> {
+    let days = pipeline.partitions.days(chrono::Utc::now());
+    let today = chrono::Utc::now().date_naive();
+    let first = today.pred_opt().unwrap_or(today);
+    let (created, dropped) = pipeline
+        .store
+        .maintain(first, *days.end(), *days.start())
+        .await?;
+    let m = &pipeline.metrics.partitions;
+    m.with_label_values(&["created"])
+        .inc_by(u64::try_from(created).unwrap_or(0));
+    m.with_label_values(&["dropped"])
+        .inc_by(u64::try_from(dropped).unwrap_or(0));
+    tracing::info!(created, dropped, keep_from = %days.start(), ahead_to = %days.end(), "Partitions maintained.");
+    Ok(())
 }
 
 /// Reads the depth of the main and dead-letter queues every `queue_depth_interval` into the
@@ -258,6 +354,15 @@ pub async fn run(
     let _ = admin_task.await;
     result.context("the worker stopped on an error")?;
     tracing::info!("dedup-worker stopped.");
+    Ok(())
+}
+
+/// `dedup-worker maintain`: the partition maintenance once, for a CronJob or by hand.
+pub async fn maintain(config: Config) -> anyhow::Result<()> {
+    let worker = Worker::new(config, None)?;
+    maintain_partitions(&worker.pipeline)
+        .await
+        .context("partition maintenance failed; check DATABASE_URL and that migrations ran")?;
     Ok(())
 }
 

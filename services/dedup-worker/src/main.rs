@@ -10,6 +10,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&config.log, "dedup-worker")?;
     match config.command {
         Some(Command::Migrate) => dedup_worker::migrate(&config).await,
+        Some(Command::Maintain) => dedup_worker::maintain(config).await,
         Some(Command::Probe) => dedup_core::admin::probe(config.admin_listen_addr).await,
         None => dedup_worker::run(config, shutdown::shutdown_signal()).await,
     }

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub redis_degraded: IntGauge,
     pub end_to_end_lag_seconds: Histogram,
     pub batch_errors: IntCounterVec,
+    /// 1 while the worker holds deliveries and has committed nothing for STALL_TIMEOUT.
+    pub stalled: IntGauge,
+    /// Partitions the maintenance step created and dropped.
+    pub partitions: IntCounterVec,
     /// Ready and unacknowledged messages per queue, read from the broker.
     pub queue_messages: IntGaugeVec,
 }
@@ -118,6 +122,16 @@ impl Metrics {
                 "Failures while processing batches, by stage.",
                 &["stage"],
             ),
+            stalled: IntGauge::new(
+                "dedup_worker_stalled",
+                "1 while the worker holds deliveries and has committed no batch for STALL_TIMEOUT.",
+            )
+            .expect("valid metric"),
+            partitions: counter_vec(
+                "dedup_worker_partitions_total",
+                "Daily partitions the maintenance step created or dropped, by action.",
+                &["action"],
+            ),
             queue_messages: IntGaugeVec::new(
                 Opts::new(
                     "dedup_queue_messages",
@@ -140,6 +154,8 @@ impl Metrics {
             Box::new(m.redis_degraded.clone()),
             Box::new(m.end_to_end_lag_seconds.clone()),
             Box::new(m.batch_errors.clone()),
+            Box::new(m.stalled.clone()),
+            Box::new(m.partitions.clone()),
             Box::new(m.queue_messages.clone()),
         ];
         for c in collectors {
@@ -152,7 +168,16 @@ impl Metrics {
         for result in ["miss", "hit_confirmed", "hit_unconfirmed"] {
             m.bloom_lookups.with_label_values(&[result]);
         }
-        for reason in ["invalid_json", "invalid_event", "invalid_encoding"] {
+        for action in ["created", "dropped"] {
+            m.partitions.with_label_values(&[action]);
+        }
+        for reason in [
+            "invalid_json",
+            "invalid_event",
+            "invalid_encoding",
+            "outside_window",
+            "refused_by_postgres",
+        ] {
             m.dead_lettered.with_label_values(&[reason]);
         }
         for stage in ["redis", "postgres", "amqp"] {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{NaiveDate, Utc};
 use dedup_core::backoff::Backoff;
 use dedup_core::topology::Topology;
 use dedup_core::{KeySpec, trace_context};
@@ -14,6 +14,7 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
 
 use crate::batch::{self, Candidate};
 use crate::error::{Error, Result};
@@ -33,6 +34,28 @@ pub struct Outcome {
     pub dead_lettered: u64,
 }
 
+/// Which days' partitions the worker keeps, relative to today.
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionWindow {
+    pub retention: std::time::Duration,
+    pub ahead_days: u32,
+}
+
+impl PartitionWindow {
+    /// The kept days around `now`: the first is the oldest the retention keeps.
+    pub fn days(&self, now: chrono::DateTime<Utc>) -> std::ops::RangeInclusive<NaiveDate> {
+        let today = now.date_naive();
+        let back = i64::try_from(self.retention.as_secs() / 86_400).unwrap_or(i64::MAX);
+        let first = today
+            .checked_sub_signed(chrono::Duration::days(back))
+            .unwrap_or(NaiveDate::MIN);
+        let last = today
+            .checked_add_signed(chrono::Duration::days(i64::from(self.ahead_days)))
+            .unwrap_or(NaiveDate::MAX);
+        first..=last
+    }
+}
+
 /// Everything a batch needs, shared by the consumer sessions of one worker.
 pub struct Pipeline {
     pub spec: KeySpec,
@@ -41,6 +64,8 @@ pub struct Pipeline {
     pub store: Store,
     pub metrics: Metrics,
     pub retry_max_backoff: std::time::Duration,
+    /// The days whose partitions are kept, around today: RETENTION back, PARTITIONS_AHEAD on.
+    pub partitions: PartitionWindow,
     /// Test-only fault injection; `None` in production.
     pub fault: Option<FaultHook>,
 }
@@ -117,31 +142,18 @@ impl Pipeline {
                 },
             )
             .collect();
+        let now = Utc::now();
         let mut decoded = batch::decode(
             bodies.iter().map(|(body, at)| (body.as_ref(), *at)),
             &self.spec,
-            Utc::now(),
+            &self.partitions.days(now),
+            now,
         );
         decoded.consumed += unreadable.len() as u64;
         decoded.dead_letters.extend(unreadable);
         self.checkpoint(Stage::Decoded, deliveries)?;
-        if !decoded.dead_letters.is_empty() {
-            self.retrying(stop, || {
-                crate::dead_letter::publish(
-                    dead_letter_channel,
-                    &self.topology,
-                    &decoded.dead_letters,
-                )
-            })
+        self.dead_letter(&decoded.dead_letters, dead_letter_channel, stop)
             .await?;
-            for letter in &decoded.dead_letters {
-                tracing::warn!(reason = letter.reason.label(), detail = %letter.detail, "Event dead-lettered.");
-                self.metrics
-                    .dead_lettered
-                    .with_label_values(&[letter.reason.label()])
-                    .inc();
-            }
-        }
 
         let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
         let known = self.redis.check(&items).await;
@@ -166,12 +178,36 @@ impl Pipeline {
         let mut rows: Vec<Row<'_>> = fresh.iter().map(|c| c.row()).collect();
         let insert_started = Instant::now();
         crate::store::lock_order(&mut rows);
-        let stored = self.retrying(stop, || self.store.insert(&rows)).await?;
+        let inserted = self
+            .retrying(stop, || self.store.insert_isolating(&rows))
+            .await?;
         let committed = Utc::now();
         self.metrics
             .postgres_seconds
             .with_label_values(&["insert"])
             .observe(insert_started.elapsed().as_secs_f64());
+        // Rows PostgreSQL refused go to the dead-letter queue alone; they are neither stored
+        // nor remembered in Redis.
+        let refused_keys: Vec<(NaiveDate, Uuid)> = inserted
+            .refused
+            .iter()
+            .map(|(i, _)| (rows[*i].event_date, rows[*i].dedup_key))
+            .collect();
+        let refused: Vec<batch::DeadLetter> = inserted
+            .refused
+            .iter()
+            .map(|(i, reason)| batch::DeadLetter {
+                body: rows[*i].payload.as_bytes().to_vec(),
+                reason: batch::DeadLetterReason::RefusedByPostgres,
+                detail: reason.clone(),
+            })
+            .collect();
+        self.dead_letter(&refused, dead_letter_channel, stop)
+            .await?;
+        if !refused_keys.is_empty() {
+            fresh_items.retain(|item| !refused_keys.contains(&(item.day, item.key.as_uuid())));
+        }
+        let stored = inserted.stored;
         self.checkpoint(Stage::AfterCommit, deliveries)?;
 
         self.redis.record(&fresh_items).await;
@@ -182,8 +218,8 @@ impl Pipeline {
             stored,
             in_batch_duplicates: decoded.in_batch_duplicates,
             recent_key_duplicates: recent,
-            postgres_duplicates: fresh.len() as u64 - stored,
-            dead_lettered: decoded.dead_letters.len() as u64,
+            postgres_duplicates: (fresh.len() - refused.len()) as u64 - stored,
+            dead_lettered: (decoded.dead_letters.len() + refused.len()) as u64,
         };
         let m = &self.metrics;
         m.consumed.inc_by(outcome.consumed);
@@ -219,6 +255,31 @@ impl Pipeline {
         }
         tracing::debug!(?outcome, "Batch processed.");
         Ok(outcome)
+    }
+
+    /// Publishes `letters` to the dead-letter queue (retried until confirmed), then logs and
+    /// counts them.
+    async fn dead_letter(
+        &self,
+        letters: &[batch::DeadLetter],
+        channel: &Channel,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        self.retrying(stop, || {
+            crate::dead_letter::publish(channel, &self.topology, letters)
+        })
+        .await?;
+        for letter in letters {
+            tracing::warn!(reason = letter.reason.label(), detail = %letter.detail, "Event dead-lettered.");
+            self.metrics
+                .dead_lettered
+                .with_label_values(&[letter.reason.label()])
+                .inc();
+        }
+        Ok(())
     }
 
     /// Runs `op` until it succeeds, retrying retryable errors with backoff; gives up with the

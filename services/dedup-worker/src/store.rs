@@ -47,6 +47,28 @@ WITH inserted AS (
 )
 SELECT count(*) FROM inserted";
 
+/// What [`Store::insert_isolating`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Inserted {
+    /// Rows that were new.
+    pub stored: u64,
+    /// Each row PostgreSQL refused for its data: its index in the input and the reason.
+    pub refused: Vec<(usize, String)>,
+}
+
+/// Whether PostgreSQL refused the statement for the data in it, so that the same rows would
+/// be refused again: data exceptions (class 22: bad text, numbers out of range, …),
+/// integrity violations (class 23: a row no partition takes, …) and program limits (class 54:
+/// a value too large to index, …). Anything else — connections, timeouts, locks, a server
+/// shutting down — may pass on a retry.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    let Some(db) = error.as_database_error() else {
+        return false;
+    };
+    db.code()
+        .is_some_and(|code| matches!(code.get(..2), Some("22" | "23" | "54")))
+}
+
 /// Sorts rows by `(event_date, dedup_key)`: concurrent workers then take the unique index's
 /// locks in the same order and cannot deadlock on overlapping batches.
 pub fn lock_order(rows: &mut [Row<'_>]) {
@@ -92,6 +114,61 @@ impl Store {
             .run(&self.pool)
             .await
             .map_err(|e| Error::Migrate(e.to_string()))
+    }
+
+    /// Inserts `rows` like [`Store::insert`], and isolates the rows PostgreSQL refuses for
+    /// their data: a refused statement is split in halves, each inserted on its own, until a
+    /// refused row stands alone. Returns how many rows were new and the index and reason of
+    /// each refused row; every other row is stored (exactly once) when this returns. Any
+    /// other failure (connection, timeout, server) is returned for the caller to retry.
+    pub async fn insert_isolating(&self, rows: &[Row<'_>]) -> Result<Inserted> {
+        let mut inserted = Inserted::default();
+        // Ranges still to insert, first ones first; a refused range comes back as two halves.
+        // A row alone is tried twice before it counts as refused: the first failure may have
+        // been a partition dropped since it was cached (the cache is cleared on any failure).
+        let mut todo = vec![(0..rows.len(), false)];
+        while let Some((range, retried)) = todo.pop() {
+            match self.insert(&rows[range.clone()]).await {
+                Ok(n) => inserted.stored += n,
+                Err(Error::Postgres(e)) if is_data_error(&e) => {
+                    if range.len() == 1 && retried {
+                        inserted.refused.push((range.start, e.to_string()));
+                    } else if range.len() == 1 {
+                        todo.push((range, true));
+                    } else {
+                        let mid = range.start + range.len() / 2;
+                        todo.push((mid..range.end, false));
+                        todo.push((range.start..mid, false));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Creates the partitions of `first..=last` where missing and drops those of days before
+    /// `drop_before`; returns how many it created and dropped.
+    pub async fn maintain(
+        &self,
+        first: NaiveDate,
+        last: NaiveDate,
+        drop_before: NaiveDate,
+    ) -> Result<(i32, i32)> {
+        let counts: (i32, i32) =
+            sqlx::query_as("SELECT created, dropped FROM dedup_maintain_partitions($1, $2, $3)")
+                .bind(first)
+                .bind(last)
+                .bind(drop_before)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(Error::Postgres)?;
+        // Dropped partitions must be created again if an event for them still comes.
+        self.partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(counts)
     }
 
     /// Inserts `rows` in one statement; returns how many were new. Rows must not repeat a

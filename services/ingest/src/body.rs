@@ -53,29 +53,53 @@ pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes>
     })
 }
 
+/// Reads a body up to `limit` bytes; a longer one is 413 as soon as it passes the limit.
+pub async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if e.to_string().contains("length limit") {
+            Error::BodyTooLarge { limit }
+        } else {
+            Error::MalformedJson(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
 /// The items of a batch body, each the text of one event, judged later on its own. A JSON
 /// array that does not parse fails as a whole (no item boundaries can be trusted); an NDJSON
 /// line that is not JSON fails alone, when it is validated.
+/// Stops counting at `max_events + 1`, so a body of a million tiny items costs no more than
+/// one at the limit.
 pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<&[u8]>> {
     let items: Vec<&[u8]> = match kind {
-        BodyKind::Json => match serde_json::from_slice::<Vec<&RawValue>>(bytes) {
-            Ok(items) => items
-                .into_iter()
-                .map(|item| item.get().as_bytes())
-                .collect(),
-            // Say why: not JSON at all, or JSON but not an array.
-            Err(_) => {
-                return Err(match serde_json::from_slice::<IgnoredAny>(bytes) {
-                    Err(e) => Error::MalformedJson(e.to_string()),
-                    Ok(_) => Error::MalformedJson(
-                        "a batch must be a JSON array of events, or NDJSON with Content-Type: \
-                         application/x-ndjson"
-                            .to_owned(),
-                    ),
-                });
+        BodyKind::Json => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let items =
+                serde::de::DeserializeSeed::deserialize(Items { limit: max_events }, &mut de)
+                    .and_then(|items| de.end().map(|()| items));
+            match items {
+                Ok(items) => items,
+                Err(e) if e.to_string().starts_with(TOO_MANY) => {
+                    return Err(Error::TooManyEvents {
+                        count: max_events + 1,
+                        limit: max_events,
+                    });
+                }
+                // Say why: not JSON at all, or JSON but not an array.
+                Err(_) => {
+                    return Err(match serde_json::from_slice::<IgnoredAny>(bytes) {
+                        Err(e) => Error::MalformedJson(e.to_string()),
+                        Ok(_) => Error::MalformedJson(
+                            "a batch must be a JSON array of events, or NDJSON with \
+                             Content-Type: application/x-ndjson"
+                                .to_owned(),
+                        ),
+                    });
+                }
             }
-        },
-        BodyKind::NdJson => dedup_core::message::lines(bytes).collect(),
+        }
+        BodyKind::NdJson => dedup_core::message::lines(bytes)
+            .take(max_events.saturating_add(1))
+            .collect(),
     };
     if items.len() > max_events {
         return Err(Error::TooManyEvents {
@@ -87,6 +111,41 @@ pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<&[u8
         return Err(Error::EmptyBatch);
     }
     Ok(items)
+}
+
+/// The start of the error a JSON array with too many items stops with.
+const TOO_MANY: &str = "more items than the batch limit";
+
+/// A JSON array's items as their own text, refused past `limit` items.
+struct Items {
+    limit: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items {
+    type Value = Vec<&'de [u8]>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items {
+    type Value = Vec<&'de [u8]>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if items.len() == self.limit {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            items.push(item.get().as_bytes());
+        }
+        Ok(items)
+    }
 }
 
 #[cfg(test)]

@@ -11,15 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dedup_core::message::MAX_MESSAGE_BYTES;
 use dedup_core::{message, trace_context};
 use lapin::types::{AMQPValue, FieldArray};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::{PublishError, Publisher};
-
-/// Most bytes of events in one packed message.
-const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Settings of the coalescer.
 #[derive(Debug, Clone)]
@@ -113,18 +111,38 @@ async fn flush_loop(
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(max_events);
     let mut body: Vec<u8> = Vec::new();
+    // An event that would have taken the last pack past MAX_MESSAGE_BYTES starts the next.
+    let mut carried: Option<Pending> = None;
     loop {
         {
-            let mut receiver = receiver.lock().await;
-            let first = tokio::select! {
-                () = stop.cancelled() => None,
-                first = receiver.recv() => first,
+            // The lock is held from the first event to the last taken: the flusher that
+            // waits for events is the one that packs them. A carried event is in hand
+            // already: it goes with whatever waits now, never waiting for the lock itself.
+            let mut receiver = match carried.take() {
+                Some(first) => {
+                    batch.push(first);
+                    receiver.try_lock().ok()
+                }
+                None => {
+                    let mut receiver = receiver.lock().await;
+                    let first = tokio::select! {
+                        () = stop.cancelled() => None,
+                        first = receiver.recv() => first,
+                    };
+                    let Some(first) = first else { return };
+                    batch.push(first);
+                    Some(receiver)
+                }
             };
-            let Some(first) = first else { return };
-            let mut bytes = first.line.len();
-            batch.push(first);
-            while batch.len() < max_events && bytes < MAX_MESSAGE_BYTES {
+            let mut bytes = batch[0].line.len();
+            while let Some(receiver) = receiver.as_mut()
+                && batch.len() < max_events
+            {
                 match receiver.try_recv() {
+                    Ok(next) if bytes + next.line.len() > MAX_MESSAGE_BYTES => {
+                        carried = Some(next);
+                        break;
+                    }
                     Ok(next) => {
                         bytes += next.line.len();
                         batch.push(next);

@@ -9,8 +9,9 @@ use dedup_core::telemetry::LogArgs;
 
 /// Largest single-event body accepted by default (the original's limit was similar).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Largest batch request body accepted by default.
-pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Largest batch request body accepted by default. With the bound on batch bodies in flight
+/// it keeps ingest's memory near its target whatever clients send.
+pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Most events in one batch request by default.
 pub const DEFAULT_MAX_BATCH_EVENTS: usize = 10_000;
 
@@ -37,6 +38,18 @@ pub struct Config {
     /// Largest body of a batch request, in bytes; larger ones get 413.
     #[arg(long, env = "MAX_BATCH_BODY_BYTES", default_value_t = DEFAULT_MAX_BATCH_BODY_BYTES)]
     pub max_batch_body_bytes: usize,
+    /// Most bytes of batch request bodies read and processed at once; further batch requests
+    /// wait their turn (single events are not held up by them). At least MAX_BATCH_BODY_BYTES.
+    #[arg(long, env = "MAX_BATCH_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_BATCH_BODY_BYTES)]
+    pub max_batch_bytes_in_flight: usize,
+    /// Oldest event_datetime accepted, as an age (older events get 400). Each accepted day is
+    /// a partition; keep it within the worker's RETENTION.
+    #[arg(long, env = "EVENT_MAX_AGE", value_parser = parse_duration, default_value = "30d")]
+    pub event_max_age: Duration,
+    /// Furthest event_datetime accepted ahead of the clock (later events get 400). Keep it
+    /// below the worker's PARTITIONS_AHEAD.
+    #[arg(long, env = "EVENT_MAX_FUTURE", value_parser = parse_duration, default_value = "1d")]
+    pub event_max_future: Duration,
     /// Most events in one batch request; more get 413.
     #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = DEFAULT_MAX_BATCH_EVENTS)]
     pub max_batch_events: usize,
@@ -79,6 +92,26 @@ pub struct Config {
     pub shutdown_grace: Duration,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl Config {
+    /// Refuses settings that would break the limits' promises.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let most = dedup_core::message::MAX_DECODED_BYTES - 1;
+        anyhow::ensure!(
+            self.max_body_bytes <= most,
+            "MAX_BODY_BYTES is {}; at most {most} fit one message (the worker refuses larger ones)",
+            self.max_body_bytes
+        );
+        anyhow::ensure!(
+            self.max_batch_bytes_in_flight >= self.max_batch_body_bytes,
+            "MAX_BATCH_BYTES_IN_FLIGHT ({}) must be at least MAX_BATCH_BODY_BYTES ({}), or a batch \
+             at the limit could never be read",
+            self.max_batch_bytes_in_flight,
+            self.max_batch_body_bytes
+        );
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]

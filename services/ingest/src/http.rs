@@ -35,6 +35,8 @@ pub struct Limits {
     pub max_batch_body_bytes: usize,
     pub max_batch_events: usize,
     pub events_per_message: usize,
+    /// The accepted range of `event_datetime`.
+    pub window: event::Window,
     pub request_timeout: Duration,
     pub retry_after: Duration,
 }
@@ -50,6 +52,15 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     pub metrics: Metrics,
     pub ready: Readiness,
+    /// Bytes of batch bodies being read or processed, in KiB permits: a batch waits for its
+    /// body's share before reading it, so big bodies in flight are bounded together while
+    /// single events never wait on them.
+    pub batch_bytes: Arc<tokio::sync::Semaphore>,
+}
+
+/// Permits of [`AppState::batch_bytes`] for a body of `bytes`.
+pub fn kib_permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 /// The public router.
@@ -91,8 +102,8 @@ async fn post_event(
     body::kind(&headers, false)?;
     let bytes = body::bytes(body, state.limits.max_body_bytes)?;
     // Only the required fields are parsed; the client's own text travels on as the event.
-    match event::validate_raw(&bytes) {
-        Ok(_) => {}
+    match judge(&state.limits, &bytes, Utc::now()) {
+        Ok(()) => {}
         Err(RawError::Malformed(detail)) => return Err(Error::MalformedJson(detail)),
         Err(RawError::Invalid(errors)) => {
             state.metrics.hot.events_rejected.inc();
@@ -138,50 +149,41 @@ struct BatchAnswer {
     errors: Vec<ItemErrors>,
 }
 
+/// Whether ingest accepts one event's text: valid, storable, inside the accepted window.
+fn judge(limits: &Limits, text: &[u8], now: chrono::DateTime<Utc>) -> Result<(), RawError> {
+    let fields = event::validate_raw(text)?;
+    limits
+        .window
+        .check_fields(&fields, now)
+        .map_err(RawError::Invalid)
+}
+
 /// Many events (JSON array or NDJSON): every valid one queued and confirmed, every invalid one
-/// reported by its index. Valid events are packed several to a message.
+/// reported by its index. The body is read only once its bytes fit the batch bytes in flight.
 #[tracing::instrument(skip_all, fields(events))]
 async fn post_batch(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response> {
     let kind = body::kind(&headers, true)?;
-    let bytes = body::bytes(body, state.limits.max_batch_body_bytes)?;
+    let limit = state.limits.max_batch_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    // A body of unknown length may grow to the limit: it takes the limit's share.
+    let _permit = state
+        .batch_bytes
+        .acquire_many(kib_permits(declared.unwrap_or(limit)))
+        .await
+        .map_err(|_| Error::Internal(anyhow::anyhow!("the batch gate is closed")))?;
+    let bytes = body::read_limited(body, limit).await?;
     let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
     tracing::Span::current().record("events", items.len());
-    let received_at = Utc::now();
-    let per_message = state.limits.events_per_message.max(1);
-    let mut errors = Vec::new();
-    let mut messages: Vec<(Vec<u8>, usize)> = Vec::new();
-    for (index, text) in items.into_iter().enumerate() {
-        // As a single event: only the required fields are parsed, the text travels on as is.
-        let outcome = match event::validate_raw(text) {
-            Ok(_) => Ok(()),
-            Err(RawError::Malformed(detail)) => Err(event::non_field_error(&format!(
-                "JSON parse error - {detail}"
-            ))),
-            Err(RawError::Invalid(errors)) => Err(errors),
-        };
-        if outcome.is_ok() && messages.last().is_none_or(|(_, n)| *n >= per_message) {
-            messages.push((Vec::with_capacity(bytes.len().min(1 << 20)), 0));
-        }
-        // Text that validated is JSON: a multi-line item re-serialises; nothing is written
-        // to the message when it would not.
-        let outcome = outcome.and_then(|()| match messages.last_mut() {
-            Some((buf, n)) => message::push_text(buf, text)
-                .map(|()| *n += 1)
-                .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
-            None => Err(event::non_field_error("Invalid data.")),
-        });
-        if let Err(field_errors) = outcome {
-            errors.push(ItemErrors {
-                index,
-                errors: field_errors,
-            });
-        }
-    }
-    messages.retain(|(_, n)| *n > 0);
+    let (messages, errors) = pack(&state.limits, items);
     let rejected = errors.len();
     state.metrics.hot.events_rejected.inc_by(rejected as u64);
     if messages.is_empty() {
@@ -193,6 +195,7 @@ async fn post_batch(
         };
         return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
     }
+    let received_at = Utc::now();
     let publishes = messages.iter().map(|(buf, n)| {
         state
             .publisher
@@ -227,6 +230,56 @@ async fn post_batch(
         errors,
     };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// Judges every item of a batch as a single event and packs the accepted ones into message
+/// bodies of at most `events_per_message` events and [`message::MAX_MESSAGE_BYTES`] (an
+/// event alone may be up to the single-event limit). Returns the bodies with their event
+/// counts, and each refused item's errors by index.
+fn pack(limits: &Limits, items: Vec<&[u8]>) -> (Vec<(Vec<u8>, usize)>, Vec<ItemErrors>) {
+    let now = Utc::now();
+    let per_message = limits.events_per_message.max(1);
+    let mut errors = Vec::new();
+    let mut messages: Vec<(Vec<u8>, usize)> = Vec::new();
+    for (index, text) in items.into_iter().enumerate() {
+        let outcome = if text.len() > limits.max_body_bytes {
+            Err(event::non_field_error(&format!(
+                "Event larger than the {}-byte limit of a single event.",
+                limits.max_body_bytes
+            )))
+        } else {
+            judge(limits, text, now).map_err(|e| match e {
+                RawError::Malformed(detail) => {
+                    event::non_field_error(&format!("JSON parse error - {detail}"))
+                }
+                RawError::Invalid(errors) => errors,
+            })
+        };
+        // Text that validated is JSON: a multi-line item re-serialises; nothing is written
+        // to the message when it would not.
+        let outcome = outcome.and_then(|()| {
+            let line = message::ndjson_line(text)
+                .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}")))?;
+            let full = messages.last().is_none_or(|(buf, n)| {
+                *n >= per_message || buf.len() + line.len() > message::MAX_MESSAGE_BYTES
+            });
+            if full {
+                messages.push((Vec::with_capacity(line.len()), 0));
+            }
+            if let Some((buf, n)) = messages.last_mut() {
+                buf.extend_from_slice(&line);
+                *n += 1;
+            }
+            Ok(())
+        });
+        if let Err(field_errors) = outcome {
+            errors.push(ItemErrors {
+                index,
+                errors: field_errors,
+            });
+        }
+    }
+    (messages, errors)
 }
 
 /// One span per request; its trace id (when tracing is on) goes on every log line of the request.

@@ -52,6 +52,7 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.check()?;
     let metrics = Metrics::new();
     let publisher = Publisher::new(publisher_config(&config), metrics.clone());
     let stop_publisher = CancellationToken::new();
@@ -68,6 +69,7 @@ pub async fn serve(
         limits: Arc::new(limits(&config)),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        batch_bytes: batch_gate(&config),
     };
 
     let stop = CancellationToken::new();
@@ -130,6 +132,13 @@ pub fn coalesce_settings(config: &Config) -> CoalesceSettings {
     }
 }
 
+/// The gate on batch bodies in flight.
+pub fn batch_gate(config: &Config) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        http::kib_permits(config.max_batch_bytes_in_flight) as usize,
+    ))
+}
+
 /// The request limits in `config`.
 pub fn limits(config: &Config) -> Limits {
     Limits {
@@ -137,6 +146,10 @@ pub fn limits(config: &Config) -> Limits {
         max_batch_body_bytes: config.max_batch_body_bytes,
         max_batch_events: config.max_batch_events,
         events_per_message: config.events_per_message,
+        window: dedup_core::event::Window {
+            max_age: config.event_max_age,
+            max_future: config.event_max_future,
+        },
         request_timeout: config.request_timeout,
         retry_after: config.retry_after,
     }

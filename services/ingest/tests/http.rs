@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use test_support::events::{event, ndjson, sample_app_list, shared_samples};
+use test_support::events::{event, ndjson, sample_app_list, samples};
 use test_support::harness::{IngestUnderTest, amqp_url_via, ingest_config};
 use test_support::{Proxy, TestEnv, eventually};
 use tower::ServiceExt;
@@ -111,10 +111,10 @@ async fn valid_event_is_queued_and_answered_202() {
 
 /// The real samples are accepted as they are.
 #[tokio::test]
-async fn shared_samples_are_accepted() {
+async fn repository_samples_are_accepted() {
     let env = TestEnv::new("samples").await;
     let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
-    for (name, text) in shared_samples() {
+    for (name, text) in samples() {
         let answer = send(
             &ingest,
             "POST",

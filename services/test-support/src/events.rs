@@ -1,12 +1,24 @@
-//! Events for tests: valid ones with a chosen key, and the real samples from `shared/samples`.
+//! Events for tests: valid ones with a chosen key, and the real samples from `samples/`.
 
+use chrono::{Duration, NaiveDate, Utc};
 use serde_json::{Value, json};
+
+/// The day test events happen on: yesterday (UTC), inside ingest's accepted window and never
+/// in the future, so the events are accepted whatever day the tests run.
+pub fn test_day() -> NaiveDate {
+    (Utc::now() - Duration::days(1)).date_naive()
+}
+
+/// Noon of [`test_day`], as events carry it.
+pub fn test_datetime() -> String {
+    format!("{}T12:34:56.000Z", test_day())
+}
 
 /// A valid event whose key is decided by `r` (all other key fields fixed).
 pub fn event(r: &str) -> Value {
     json!({
         "event_name": "app_list",
-        "event_datetime": "2025-04-10T12:34:56.000Z",
+        "event_datetime": test_datetime(),
         "client_id": "abc123def456",
         "product_id": "prod-001",
         "sid": "session-123",
@@ -16,12 +28,11 @@ pub fn event(r: &str) -> Value {
     })
 }
 
-/// The sample `app_list.json`, as clients send it (a copy lives here so a clone without the
-/// shared folder still tests against the real shape).
+/// The sample `app_list.json`, as clients send it, dated [`test_day`].
 pub fn sample_app_list() -> Value {
     json!({
         "event_name": "app_list",
-        "event_datetime": "2025-04-10T12:34:56.000Z",
+        "event_datetime": test_datetime(),
         "event_date": "2025-04-10",
         "client_id": "abc123def456",
         "product_id": "prod-001",
@@ -37,23 +48,27 @@ pub fn sample_app_list() -> Value {
     })
 }
 
-/// The real samples from the shared folder beside the checkout, by file name; empty when the
-/// folder is not there.
-pub fn shared_samples() -> Vec<(String, String)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/samples");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
+/// The real samples in the repository's `samples/` folder, by file name, each dated
+/// [`test_day`] (their own dates lie outside ingest's accepted window). Fails loudly when the
+/// folder is missing or empty: the samples are part of the repository.
+pub fn samples() -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples");
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("the samples folder {} is missing: {e}", dir.display()));
     let mut out: Vec<(String, String)> = entries
         .filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| {
-            Some((
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).expect("a readable sample");
+            let mut value: Value = serde_json::from_str(&text).expect("a JSON sample");
+            value["event_datetime"] = json!(test_datetime());
+            (
                 e.file_name().to_string_lossy().into_owned(),
-                std::fs::read_to_string(e.path()).ok()?,
-            ))
+                value.to_string(),
+            )
         })
         .collect();
+    assert!(!out.is_empty(), "no samples in {}", dir.display());
     out.sort();
     out
 }

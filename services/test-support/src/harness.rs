@@ -79,6 +79,7 @@ impl IngestUnderTest {
             limits: Arc::new(ingest::limits(config)),
             metrics: metrics.clone(),
             ready,
+            batch_bytes: ingest::batch_gate(config),
         };
         Self {
             router: ingest::http::app(state),
