@@ -308,6 +308,54 @@ mod tests {
         );
     }
 
+    /// One key field's JSON text, drawn from a small pool so that collisions happen: strings
+    /// with and without padding, numbers with the same text, null.
+    fn field_text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::sample::select(vec!["a", "b", "a|b", "None", "7", "1.50", "é"])
+                .prop_map(|s| serde_json::to_string(s).unwrap()),
+            proptest::sample::select(vec!["a", "7", "1.50"])
+                .prop_map(|s| serde_json::to_string(&format!(" {s}  ")).unwrap()),
+            proptest::sample::select(vec!["7", "1.50", "18446744073709551617", "-0"])
+                .prop_map(String::from),
+        ]
+    }
+
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        /// Two events share a key exactly when their normalised key fields are equal.
+        #[test]
+        fn keys_are_equal_exactly_when_normalised_fields_are(
+            a in proptest::collection::vec(field_text(), 5),
+            b in proptest::collection::vec(field_text(), 5),
+            a_null in proptest::bool::ANY,
+            b_null in proptest::bool::ANY,
+        ) {
+            let spec = KeySpec::default();
+            let text = |fields: &[String], null: bool| {
+                let client = if null { "null" } else { &fields[0] };
+                format!(
+                    r#"{{"client_id":{client},"event_name":{},"product_id":{},"sid":{},"r":{},"event_datetime":"2025-04-10T12:00:00Z"}}"#,
+                    fields[1], fields[2], fields[3], fields[4]
+                )
+            };
+            let (ta, tb) = (text(&a, a_null), text(&b, b_null));
+            let (ea, eb) = (parse_raw(ta.as_bytes()).unwrap(), parse_raw(tb.as_bytes()).unwrap());
+            let normalised = |e: &crate::event::RawEvent<'_>| -> Vec<Option<String>> {
+                DEFAULT_KEY_FIELDS
+                    .iter()
+                    .map(|f| e.fields.required_field(f).flatten().map(str::to_owned))
+                    .collect()
+            };
+            proptest::prop_assert_eq!(
+                spec.key_of_raw(&ea) == spec.key_of_raw(&eb),
+                normalised(&ea) == normalised(&eb),
+                "{} vs {}", ta, tb
+            );
+        }
+    }
+
     #[test]
     fn spec_rejects_empty_and_repeated_fields() {
         assert!(KeySpec::new::<&str>(&[]).is_err());

@@ -523,3 +523,124 @@ async fn unreachable_broker_from_the_start_gives_503() {
     assert!(answer.headers.contains_key(header::RETRY_AFTER));
     assert_eq!(ingest.metrics.broker_connected.get(), 0);
 }
+
+/// Batches are bounded in bytes at every step: a body of tiny items stops being split at the
+/// event limit (413 without building a million items), an item over the single-event limit
+/// is refused alone, accepted events are packed into messages under the message byte cap,
+/// and a batch waits for its share of MAX_BATCH_BYTES_IN_FLIGHT while single events do not.
+#[tokio::test]
+async fn batches_are_bounded_in_bytes() {
+    use dedup_core::message::{MAX_MESSAGE_BYTES, decode};
+    let env = TestEnv::new("batchbytes").await;
+    let mut config = ingest_config(&env, RABBITMQ);
+    config.max_body_bytes = 64 * 1024;
+    config.events_per_message = 1000;
+    let ingest = IngestUnderTest::start(&config, true).await;
+
+    // The hostile NDJSON of the issue, at the body limit: a 413 naming the event limit.
+    let tiny = b"1\n".repeat(config.max_batch_body_bytes / 2);
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/x-ndjson"),
+        tiny,
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("at most 10000"))
+    );
+    let array = format!("[{}1]", "1,".repeat(config.max_batch_body_bytes / 2 - 2));
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/json"),
+        array.into_bytes(),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        answer.body
+    );
+    // Past the body limit: 413 before anything is parsed.
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/x-ndjson"),
+        vec![b'\n'; config.max_batch_body_bytes + 1],
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // 40 events of ~50 KB: one too large alone, the rest packed under the message cap.
+    let mut items: Vec<Value> = (0..40)
+        .map(|i| {
+            let mut e = event(&format!("big-{i}"));
+            e["padding"] = "x".repeat(50_000).into();
+            e
+        })
+        .collect();
+    items[5]["padding"] = "x".repeat(70_000).into();
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/batch",
+        Some("application/x-ndjson"),
+        ndjson(&items),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(answer.body["queued"], 39);
+    assert_eq!(answer.body["errors"][0]["index"], 5);
+    let messages = env.drain_raw(&env.topology.queue).await;
+    assert!(messages.len() >= 2, "39 × 50 KB cannot fit one message");
+    let mut events = 0;
+    for (body, properties) in &messages {
+        let plain = decode(body, properties).expect("decodable");
+        assert!(plain.len() <= MAX_MESSAGE_BYTES, "{} bytes", plain.len());
+        events += dedup_core::message::lines(&plain).count();
+    }
+    assert_eq!(events, 39);
+
+    // The gate: with the batch bytes in flight taken, a batch waits; a single event does not.
+    let held = ingest
+        .batch_bytes
+        .clone()
+        .acquire_many_owned(ingest.batch_bytes.available_permits() as u32)
+        .await
+        .expect("permits");
+    let waiting = tokio::spawn({
+        let router = ingest.router.clone();
+        let body = ndjson(&[event("gated")]);
+        async move {
+            router
+                .oneshot(
+                    Request::post("/product_events/batch")
+                        .header(header::CONTENT_TYPE, "application/x-ndjson")
+                        .body(Body::from(body))
+                        .expect("request"),
+                )
+                .await
+                .expect("response")
+                .status()
+        }
+    });
+    let single = post_json(&ingest, "/product_events/", &event("single")).await;
+    assert_eq!(single.status, StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the batch waits for its bytes");
+    drop(held);
+    assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
+}

@@ -36,6 +36,8 @@ pub struct IngestUnderTest {
     pub router: axum::Router,
     pub publisher: Arc<Publisher>,
     pub metrics: Metrics,
+    /// The gate on batch bodies in flight, to hold in tests.
+    pub batch_bytes: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 }
 
@@ -73,18 +75,20 @@ impl IngestUnderTest {
             &ingest::coalesce_settings(config),
             &stop,
         );
+        let batch_bytes = ingest::batch_gate(config);
         let state = AppState {
             publisher: publisher.clone(),
             coalescer,
             limits: Arc::new(ingest::limits(config)),
             metrics: metrics.clone(),
             ready,
-            batch_bytes: ingest::batch_gate(config),
+            batch_bytes: batch_bytes.clone(),
         };
         Self {
             router: ingest::http::app(state),
             publisher,
             metrics,
+            batch_bytes,
             stop,
         }
     }
