@@ -39,7 +39,9 @@ kubectl -n dedup rollout status deployment/events-worker --timeout=5m
 
 sample=${SAMPLE:-samples/app_list.json}
 for _ in 1 2; do
-  curl -fsS -H 'Content-Type: application/json' --data-binary @"$sample" http://127.0.0.1:8000/product_events/; echo
+  # Dated now: ingest accepts event dates inside its window only.
+  jq -c --arg now "$(date -u +%FT%TZ)" '.event_datetime = $now' "$sample" |
+    curl -fsS -H 'Content-Type: application/json' --data-binary @- http://127.0.0.1:8000/product_events/; echo
 done
 sleep 2
 kubectl -n dedup exec statefulset/dedup-dedup-postgresql -- \

@@ -34,7 +34,8 @@ cat <<MSG
 Pipeline running: ingest on http://127.0.0.1:8000, metrics on :9100 (ingest) and :9101 (worker).
 Logs: $logs/ingest.log, $logs/worker.log. Try:
 
-  curl -i -H 'Content-Type: application/json' --data-binary @samples/app_list.json http://127.0.0.1:8000/product_events/
+  jq -c --arg now "\$(date -u +%FT%TZ)" '.event_datetime = \$now' samples/app_list.json |
+    curl -i -H 'Content-Type: application/json' --data-binary @- http://127.0.0.1:8000/product_events/
   psql $DATABASE_URL -c 'SELECT event_date, event_name, r, received_at FROM product_events'
 
 Ctrl-C stops both.

@@ -272,7 +272,9 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         duplicates_dropped,
         dead_lettered,
         failed_requests,
-        ok: rows == unique_sent
+        // A run that sent nothing proves nothing.
+        ok: unique_sent > 0
+            && rows == unique_sent
             && twice == 0
             && duplicates_dropped == duplicates_sent
             && dead_lettered == 0

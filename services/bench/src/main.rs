@@ -247,6 +247,12 @@ async fn main() -> anyhow::Result<()> {
             if !run.correctness.ok {
                 anyhow::bail!("correctness check failed in run {i}: {:?}", run.correctness);
             }
+            if c.smoke && run.correctness.duplicates_sent == 0 {
+                anyhow::bail!(
+                    "the smoke run sent no duplicates, so it proved nothing about dedup: {:?}",
+                    run.correctness
+                );
+            }
             if let (Some(duration), None, false) = (args.half_rate_latency, args.rate, c.smoke) {
                 let mut half = options.clone();
                 half.load.rate = Some(run.end_to_end_events_per_s / 2.0);

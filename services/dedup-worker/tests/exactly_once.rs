@@ -119,8 +119,9 @@ async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
     worker.stop().await.expect("clean stop");
 }
 
-/// Three workers on one queue, each event published three times, all racing to store the
-/// same keys: the unique constraint lets exactly one insert win per event.
+/// Three workers on one queue, each event published three times as messages of their own,
+/// the copies spread over the workers: every key is stored once and every copy is counted
+/// as a duplicate by one tier or another.
 #[tokio::test]
 async fn racing_workers_store_each_key_once() {
     let env = TestEnv::new("race").await;
@@ -131,34 +132,118 @@ async fn racing_workers_store_each_key_once() {
     config.migrate_on_start = false;
     let second = WorkerUnderTest::start(config.clone(), None).await;
     let third = WorkerUnderTest::start(config, None).await;
-    let originals = unique(150, "race");
-    let sent: Vec<Value> = originals
-        .iter()
-        .flat_map(|e| [e.clone(), e.clone(), e.clone()])
-        .collect();
-    // Three copies in one message each time so every worker sees copies of the same keys.
-    for chunk in sent.chunks(3) {
-        env.publish_raw(&ndjson(chunk), message::properties(Utc::now(), 1))
-            .await;
+    let workers = [&first, &second, &third];
+    for w in workers {
+        let ready = w.worker.readiness();
+        eventually(WAIT, "every worker consuming", || async { ready().ok() }).await;
     }
-    env.publish_raw(&ndjson(&sent), message::properties(Utc::now(), 1))
-        .await;
+    let originals = unique(150, "race");
+    // Copy 1 of every event, then copy 2 of every event, then copy 3: each its own message,
+    // so the broker hands the copies of one key to different workers.
+    for _ in 0..3 {
+        publish_each(&env, &originals).await;
+    }
     settle(&env, 150).await;
-    assert_each_once(&env, (0..150).map(|i| format!("race-{i}"))).await;
-    // Every copy is consumed by some worker (the last, large message may still be in hand
-    // when the rows are complete) and none of them adds a row.
-    eventually(WAIT, "all 900 copies consumed", || async {
-        let consumed: u64 = [&first, &second, &third]
+    eventually(WAIT, "all 450 copies consumed", || async {
+        let consumed: u64 = workers
             .iter()
             .map(|w| w.worker.metrics().consumed.get())
             .sum();
-        (consumed == 900).then_some(())
+        (consumed == 450).then_some(())
     })
     .await;
     assert_each_once(&env, (0..150).map(|i| format!("race-{i}"))).await;
+    let duplicates: u64 = workers
+        .iter()
+        .flat_map(|w| {
+            let m = w.worker.metrics().clone();
+            ["in_batch", "recent_keys", "postgres"]
+                .map(move |tier| m.duplicates.with_label_values(&[tier]).get())
+        })
+        .sum();
+    assert_eq!(
+        duplicates, 300,
+        "every copy after the first is a counted duplicate"
+    );
+    let busy = workers
+        .iter()
+        .filter(|w| w.worker.metrics().consumed.get() > 0)
+        .count();
+    assert!(busy >= 2, "the copies were spread over the workers");
     for w in [first, second, third] {
         w.stop().await.expect("clean stop");
     }
+}
+
+/// Two workers each hold a copy of one key, and both have asked Redis (which knows neither)
+/// before either inserts: PostgreSQL's unique constraint lets one insert win and the other
+/// worker counts the copy as a duplicate caught by PostgreSQL.
+// Several threads: each worker's hook blocks its thread until the other arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_holding_one_key_store_it_once_through_postgres() {
+    let env = TestEnv::new("racepg").await;
+    let mut config = worker_config(&env);
+    config.batch_size = 1;
+    config.prefetch = 1;
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook = || -> dedup_worker::FaultHook {
+        let arrived = arrived.clone();
+        let waited = AtomicBool::new(false);
+        Arc::new(move |at: Stage, _| {
+            if at == Stage::AfterRedisCheck && !waited.swap(true, Ordering::SeqCst) {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let until = std::time::Instant::now() + Duration::from_secs(10);
+                while arrived.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+                    #[allow(
+                        clippy::disallowed_methods,
+                        reason = "the hook is synchronous; holding its thread is the point"
+                    )]
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            false
+        })
+    };
+    let first = WorkerUnderTest::start(config.clone(), Some(hook())).await;
+    config.migrate_on_start = false;
+    let second = WorkerUnderTest::start(config, Some(hook())).await;
+    for w in [&first, &second] {
+        let ready = w.worker.readiness();
+        eventually(WAIT, "both workers consuming", || async { ready().ok() }).await;
+    }
+    let copy = event("race-pg");
+    publish_each(&env, &[copy.clone(), copy]).await;
+    settle(&env, 1).await;
+    eventually(WAIT, "both copies consumed", || async {
+        let consumed =
+            first.worker.metrics().consumed.get() + second.worker.metrics().consumed.get();
+        (consumed == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        arrived.load(Ordering::SeqCst),
+        2,
+        "each worker held one copy"
+    );
+    let tier = |t: &str| {
+        first
+            .worker
+            .metrics()
+            .duplicates
+            .with_label_values(&[t])
+            .get()
+            + second
+                .worker
+                .metrics()
+                .duplicates
+                .with_label_values(&[t])
+                .get()
+    };
+    assert_eq!(tier("postgres"), 1, "PostgreSQL caught the second copy");
+    assert_eq!(tier("recent_keys") + tier("in_batch"), 0);
+    assert_each_once(&env, ["race-pg".to_owned()]).await;
+    first.stop().await.expect("clean stop");
+    second.stop().await.expect("clean stop");
 }
 
 /// A worker that dies between any two steps of a batch loses nothing and stores nothing twice:
@@ -312,6 +397,16 @@ async fn postgres_outage_holds_the_batch_until_it_returns() {
         10,
         "nothing new can be stored while PostgreSQL is away"
     );
+    // The management API refreshes its numbers every few seconds.
+    eventually(
+        WAIT,
+        "the 40 new messages held or waiting, none acked",
+        || async {
+            let depth = env.queue_depth(&env.topology.queue).await;
+            (depth.unacked > 0 && depth.ready + depth.unacked == 40).then_some(())
+        },
+    )
+    .await;
 
     proxy.restore();
     settle(&env, 50).await;
@@ -319,25 +414,67 @@ async fn postgres_outage_holds_the_batch_until_it_returns() {
     worker.stop().await.expect("clean stop");
 }
 
-/// RabbitMQ going away mid-stream: the worker reconnects, the broker redelivers what was not
-/// acked, and every event is stored once.
-#[tokio::test]
+/// RabbitMQ going away while a batch is committed but not yet acked: the ack is lost with
+/// the link, the worker reconnects, the broker redelivers that batch, and the redelivered
+/// copies are recognised as duplicates — every event stored once.
+// Several threads: the hook holds its batch's thread while the link is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_outage_reconnects_and_loses_nothing() {
     let env = TestEnv::new("mqdown").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
     let mut config = worker_config(&env);
     config.amqp.rabbitmq_url = amqp_url_via(proxy.addr());
-    let worker = WorkerUnderTest::start(config, None).await;
+    config.batch_size = 10;
+    // The first batch after `hold` is set waits after its commit until `held` is cleared.
+    let hold = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicBool::new(false));
+    let hook: dedup_worker::FaultHook = {
+        let (hold, held) = (hold.clone(), held.clone());
+        Arc::new(move |at: Stage, _| {
+            if at == Stage::AfterCommit && hold.swap(false, Ordering::SeqCst) {
+                held.store(true, Ordering::SeqCst);
+                let until = std::time::Instant::now() + Duration::from_secs(10);
+                while held.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    #[allow(
+                        clippy::disallowed_methods,
+                        reason = "the hook is synchronous; holding its thread is the point"
+                    )]
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            false
+        })
+    };
+    let worker = WorkerUnderTest::start(config, Some(hook)).await;
     let originals = unique(80, "mq");
     publish_each(&env, &originals[..40]).await;
     settle(&env, 40).await;
 
+    hold.store(true, Ordering::SeqCst);
+    publish_each(&env, &originals[40..60]).await;
+    eventually(WAIT, "a committed batch held before its ack", || async {
+        held.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    let committed = env.stored_rows().await;
+    assert!(committed > 40, "the held batch committed");
     proxy.cut();
-    publish_each(&env, &originals[..60]).await;
+    held.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.restore();
     publish_each(&env, &originals[60..]).await;
     settle(&env, 80).await;
+    let m = worker.worker.metrics().clone();
+    eventually(
+        WAIT,
+        "the unacked batch redelivered and seen again",
+        || async {
+            let seen_again = m.duplicates.with_label_values(&["recent_keys"]).get()
+                + m.duplicates.with_label_values(&["postgres"]).get();
+            (seen_again > 0 && m.consumed.get() > 80).then_some(())
+        },
+    )
+    .await;
     assert_each_once(&env, (0..80).map(|i| format!("mq-{i}"))).await;
     worker.stop().await.expect("clean stop");
 }

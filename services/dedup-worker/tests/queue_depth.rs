@@ -16,8 +16,9 @@ use test_support::{TestEnv, eventually};
 
 const MANAGEMENT: &str = "http://guest:guest@127.0.0.1:15672";
 
-/// 10 messages, 4 of them delivered and held unacked: the reader sees 6 ready and 4 unacked,
-/// and the worker's gauges say the same once it is running.
+/// 10 messages, 4 of them delivered and held unacked: the reader sees 6 ready and 4 unacked;
+/// the worker's gauges show the 4 held by someone else and 3 dead letters while it drains
+/// the rest, then the main queue at zero once the held ones are released and stored.
 #[tokio::test]
 async fn depth_counts_ready_and_unacknowledged_messages() {
     let env = TestEnv::new("depth").await;
@@ -82,14 +83,23 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
         Err(DepthError::Unreachable(_))
     ));
 
-    let _ = holder.close(200, "done".into()).await;
-    drop(held);
-    // With the messages released and a worker draining them, the gauges settle at zero.
+    // Three dead letters, which no worker consumes.
+    for i in 0..3 {
+        holder
+            .basic_publish(
+                "".into(),
+                env.topology.dead_letter_queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("letter {i}").as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish a dead letter");
+    }
     let mut config = worker_config(&env);
     config.queue_depth_interval = Duration::from_millis(500);
     let worker = WorkerUnderTest::start(config, None).await;
     let registry = worker.worker.metrics().registry.clone();
-    // Only the reporter creates series for the dead-letter queue: seeing one proves it ran.
     let reported = |queue: &str, state: &str| -> Option<f64> {
         registry
             .gather()
@@ -106,10 +116,25 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
     };
     eventually(
         Duration::from_secs(30),
+        "the gauges to show 4 held elsewhere and 3 dead letters",
+        || async {
+            let seen = env.stored_rows().await == 6
+                && reported(&env.topology.queue, "ready") == Some(0.0)
+                && reported(&env.topology.queue, "unacked") == Some(4.0)
+                && reported(&env.topology.dead_letter_queue, "ready") == Some(3.0);
+            seen.then_some(())
+        },
+    )
+    .await;
+    // Released, the 4 go to the worker.
+    let _ = holder.close(200, "done".into()).await;
+    drop(held);
+    eventually(
+        Duration::from_secs(30),
         "the gauges to read an empty queue",
         || async {
             let settled = env.stored_rows().await == 10
-                && reported(&env.topology.dead_letter_queue, "ready") == Some(0.0)
+                && reported(&env.topology.dead_letter_queue, "ready") == Some(3.0)
                 && reported(&env.topology.queue, "ready") == Some(0.0)
                 && reported(&env.topology.queue, "unacked") == Some(0.0);
             settled.then_some(())

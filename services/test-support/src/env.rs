@@ -20,6 +20,8 @@ pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// RabbitMQ of this machine.
 pub const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// RabbitMQ's management API on this machine.
+pub const RABBITMQ_MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
 /// How to start the services when they are down.
 const START_HINT: &str = "start the local services with scripts/ensure-services.sh";
 
@@ -142,6 +144,20 @@ impl TestEnv {
         let count = result.map(|q| q.message_count()).unwrap_or(0);
         let _ = channel.close(200, "done".into()).await;
         count
+    }
+
+    /// Ready and unacknowledged messages of `queue` from the management API (which refreshes
+    /// its numbers every few seconds: poll it).
+    pub async fn queue_depth(&self, queue: &str) -> dedup_core::queue_depth::QueueDepth {
+        let reader = dedup_core::queue_depth::DepthReader::new(
+            RABBITMQ_MANAGEMENT_URL,
+            Duration::from_secs(5),
+        )
+        .expect("management URL");
+        reader
+            .read("/", queue)
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ's management API: {e}; {START_HINT}"))
     }
 
     /// Takes every message from `queue`, acking them; returns bodies (decompressed as the
