@@ -14,6 +14,9 @@ target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench
 DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
   "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
+# The fuzz targets over their committed seeds (the hostile inputs that once stalled the
+# pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
+scripts/fuzz.sh --replay
 scripts/check-monitoring.sh
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py

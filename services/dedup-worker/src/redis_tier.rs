@@ -276,14 +276,22 @@ impl RedisTier {
                 Some(value)
             }
             Ok(Err(e)) => {
+                self.forget_connection().await;
                 self.degrade(op, &e.to_string());
                 None
             }
             Err(_) => {
+                self.forget_connection().await;
                 self.degrade(op, &format!("no answer within {:?}", self.settings.timeout));
                 None
             }
         }
+    }
+
+    /// Drops the connection after a failure: one that hangs without a reset would otherwise
+    /// be used again (and time out again) after Redis is back; the next call connects anew.
+    async fn forget_connection(&self) {
+        self.connection.lock().await.take();
     }
 
     async fn connection(&self) -> Result<ConnectionManager, RedisError> {

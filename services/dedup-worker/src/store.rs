@@ -82,7 +82,15 @@ pub struct Store {
     pool: PgPool,
     /// Days whose partition is known to exist, so the common batch needs no extra round trip.
     partitions: Mutex<HashSet<NaiveDate>>,
+    /// Client-side bound on one statement: the server's statement_timeout plus a margin. A
+    /// connection that hangs without a reset never answers, so the server's own timeout
+    /// cannot end the wait; this does, and the batch is retried on a new connection.
+    deadline: Duration,
 }
+
+/// How long past the server's statement_timeout the client waits before giving up on a
+/// statement whose connection went silent.
+const STATEMENT_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
 impl Store {
     /// Connects lazily: the pool opens connections on first use, so the worker starts (and
@@ -101,6 +109,7 @@ impl Store {
         Ok(Self {
             pool,
             partitions: Mutex::new(HashSet::new()),
+            deadline: statement_timeout + STATEMENT_DEADLINE_MARGIN,
         })
     }
 
@@ -147,6 +156,21 @@ impl Store {
         Ok(inserted)
     }
 
+    /// `statement` within the client-side deadline; past it, an I/O timeout error (the
+    /// connection is dropped with the future, never reused).
+    async fn bounded<T>(
+        &self,
+        statement: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        match tokio::time::timeout(self.deadline, statement).await {
+            Ok(result) => result,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("PostgreSQL did not answer within {:?}", self.deadline),
+            ))),
+        }
+    }
+
     /// Creates the partitions of `first..=last` where missing and drops those of days before
     /// `drop_before`; returns how many it created and dropped.
     pub async fn maintain(
@@ -155,14 +179,18 @@ impl Store {
         last: NaiveDate,
         drop_before: NaiveDate,
     ) -> Result<(i32, i32)> {
-        let counts: (i32, i32) =
-            sqlx::query_as("SELECT created, dropped FROM dedup_maintain_partitions($1, $2, $3)")
+        let counts: (i32, i32) = self
+            .bounded(
+                sqlx::query_as(
+                    "SELECT created, dropped FROM dedup_maintain_partitions($1, $2, $3)",
+                )
                 .bind(first)
                 .bind(last)
                 .bind(drop_before)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(Error::Postgres)?;
+                .fetch_one(&self.pool),
+            )
+            .await
+            .map_err(Error::Postgres)?;
         // Dropped partitions must be created again if an event for them still comes.
         self.partitions
             .lock()
@@ -182,7 +210,7 @@ impl Store {
             "rows must be in lock order"
         );
         self.ensure_partitions(rows).await?;
-        let count: i64 = sqlx::query_scalar(INSERT)
+        let insert = sqlx::query_scalar::<_, i64>(INSERT)
             .bind(rows.iter().map(|r| r.event_date).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.dedup_key).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.event_datetime).collect::<Vec<_>>())
@@ -193,16 +221,15 @@ impl Store {
             .bind(rows.iter().map(|r| r.r).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| {
-                // A partition may have been dropped (retention) since it was cached.
-                self.partitions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-                Error::Postgres(e)
-            })?;
+            .fetch_one(&self.pool);
+        let count = self.bounded(insert).await.map_err(|e| {
+            // A partition may have been dropped (retention) since it was cached.
+            self.partitions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            Error::Postgres(e)
+        })?;
         Ok(u64::try_from(count).unwrap_or_default())
     }
 
@@ -220,9 +247,12 @@ impl Store {
         if missing.is_empty() {
             return Ok(());
         }
-        let created: i32 = sqlx::query_scalar("SELECT dedup_ensure_partitions($1::date[])")
-            .bind(&missing)
-            .fetch_one(&self.pool)
+        let created: i32 = self
+            .bounded(
+                sqlx::query_scalar("SELECT dedup_ensure_partitions($1::date[])")
+                    .bind(&missing)
+                    .fetch_one(&self.pool),
+            )
             .await
             .map_err(Error::Postgres)?;
         if created > 0 {

@@ -1,6 +1,7 @@
 //! A TCP proxy in front of a real service. Code under test connects through it; the test
-//! cuts it to make the service "go away" (live connections reset, new ones refused) and
-//! restores it — without touching the shared service other tests use.
+//! cuts it to make the service "go away" (live connections reset, new ones refused), or hangs
+//! it (connections stay open and nothing passes, as behind a dead router), and restores it —
+//! without touching the shared service other tests use.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,10 @@ pub struct Proxy {
 struct State {
     upstream: SocketAddr,
     open: AtomicBool,
+    /// While set, connections are held open and silent instead of forwarded.
+    hanging: AtomicBool,
+    /// Sockets held silent while hanging; dropped (closed) by `restore`.
+    held: Mutex<Vec<TcpStream>>,
     /// Cancelled by `cut` to end every live connection; replaced by `restore`.
     live: Mutex<CancellationToken>,
 }
@@ -33,6 +38,8 @@ impl Proxy {
         let state = Arc::new(State {
             upstream,
             open: AtomicBool::new(true),
+            hanging: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
             live: Mutex::new(CancellationToken::new()),
         });
         let stop = CancellationToken::new();
@@ -47,12 +54,25 @@ impl Proxy {
     /// Resets every live connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
         self.state.open.store(false, Ordering::SeqCst);
+        self.state.hanging.store(false, Ordering::SeqCst);
+        self.state.live.lock().expect("proxy lock").cancel();
+        for socket in self.state.held.lock().expect("proxy lock").drain(..) {
+            let _ = socket.set_zero_linger();
+        }
+    }
+
+    /// Stops forwarding without closing anything: live connections stay open and silent,
+    /// new ones are accepted and never answered, until [`Proxy::restore`].
+    pub fn hang(&self) {
+        self.state.hanging.store(true, Ordering::SeqCst);
         self.state.live.lock().expect("proxy lock").cancel();
     }
 
-    /// Accepts and forwards connections again.
+    /// Accepts and forwards connections again; connections held by [`Proxy::hang`] are closed.
     pub fn restore(&self) {
         *self.state.live.lock().expect("proxy lock") = CancellationToken::new();
+        self.state.hanging.store(false, Ordering::SeqCst);
+        self.state.held.lock().expect("proxy lock").clear();
         self.state.open.store(true, Ordering::SeqCst);
     }
 }
@@ -77,8 +97,13 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
             drop(client);
             continue;
         }
+        if state.hanging.load(Ordering::SeqCst) {
+            state.held.lock().expect("proxy lock").push(client);
+            continue;
+        }
         let live = state.live.lock().expect("proxy lock").clone();
         let upstream = state.upstream;
+        let state = state.clone();
         tokio::spawn(async move {
             let Ok(mut server) = TcpStream::connect(upstream).await else {
                 return;
@@ -88,8 +113,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
             let _ = server.set_nodelay(true);
             tokio::select! {
                 () = live.cancelled() => {
-                    let _ = client.set_zero_linger();
-                    let _ = server.set_zero_linger();
+                    if state.hanging.load(Ordering::SeqCst) {
+                        state.held.lock().expect("proxy lock").extend([client, server]);
+                    } else {
+                        let _ = client.set_zero_linger();
+                        let _ = server.set_zero_linger();
+                    }
                 }
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
             }

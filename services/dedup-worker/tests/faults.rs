@@ -1,0 +1,221 @@
+//! The worker when a service hangs without a reset (through a proxy that stops forwarding and
+//! keeps the sockets open), and the broker's own delivery limit: nothing is lost, nothing
+//! stored twice, and the worker carries on by itself once the service answers again.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use dedup_core::message;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+use test_support::events::{event, ndjson};
+use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
+use test_support::{Proxy, TestEnv, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn unique(n: usize, tag: &str) -> Vec<Value> {
+    (0..n).map(|i| event(&format!("{tag}-{i}"))).collect()
+}
+
+async fn publish_each(env: &TestEnv, events: &[Value]) {
+    for e in events {
+        env.publish_raw(
+            &ndjson(std::slice::from_ref(e)),
+            message::properties(Utc::now(), 1),
+        )
+        .await;
+    }
+}
+
+async fn settle(env: &TestEnv, rows: i64) {
+    eventually(
+        WAIT,
+        &format!("{rows} stored rows, queue empty"),
+        || async {
+            (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let counts = env.stored_r_counts().await;
+    assert!(counts.iter().all(|(_, n)| *n == 1), "a key stored twice");
+}
+
+/// PostgreSQL hangs mid-stream: the statement never returns, so the client-side deadline
+/// (statement timeout plus a margin) ends it, the batch stays unacked and is retried on a new
+/// connection once PostgreSQL answers again.
+#[tokio::test]
+async fn a_hung_postgres_is_timed_out_and_the_batch_retried() {
+    let env = TestEnv::new("pghang").await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.database_url = env
+        .database_url
+        .replace("127.0.0.1:5432", &proxy.addr().to_string());
+    config.db_statement_timeout = Duration::from_secs(1);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let originals = unique(30, "pghang");
+    publish_each(&env, &originals[..10]).await;
+    settle(&env, 10).await;
+
+    proxy.hang();
+    publish_each(&env, &originals[10..]).await;
+    let m = worker.worker.metrics().clone();
+    eventually(WAIT, "a statement to time out", || async {
+        (m.batch_errors.with_label_values(&["postgres"]).get() > 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.stored_rows().await, 10);
+    proxy.restore();
+    settle(&env, 30).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// Redis hangs: each call ends at REDIS_TIMEOUT, the worker deduplicates through PostgreSQL
+/// alone (degraded gauge set), and uses Redis again once it answers.
+#[tokio::test]
+async fn a_hung_redis_degrades_to_postgres_and_recovers() {
+    let env = TestEnv::new("redishang").await;
+    let proxy = Proxy::start("127.0.0.1:6379".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.redis_url = format!("redis://{}", proxy.addr());
+    let worker = WorkerUnderTest::start(config, None).await;
+    let originals = unique(40, "redishang");
+    publish_each(&env, &originals[..10]).await;
+    settle(&env, 10).await;
+
+    proxy.hang();
+    // New events and repeats of stored ones: PostgreSQL alone must catch the repeats.
+    publish_each(&env, &originals[10..20]).await;
+    publish_each(&env, &originals[..10]).await;
+    let m = worker.worker.metrics().clone();
+    eventually(WAIT, "the worker to degrade", || async {
+        (m.redis_degraded.get() == 1).then_some(())
+    })
+    .await;
+    settle(&env, 20).await;
+    eventually(WAIT, "the repeats caught by PostgreSQL", || async {
+        (m.duplicates.with_label_values(&["postgres"]).get() >= 10).then_some(())
+    })
+    .await;
+    proxy.restore();
+    // The worker tries Redis again with the next batch after REDIS_RETRY_INTERVAL: keep
+    // events coming until one finds it back.
+    let next = std::sync::atomic::AtomicUsize::new(20);
+    eventually(WAIT, "Redis in use again", || async {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if i < originals.len() {
+            publish_each(&env, &originals[i..=i]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (m.redis_degraded.get() == 0).then_some(())
+    })
+    .await;
+    publish_each(&env, &originals[next.into_inner().min(40)..]).await;
+    settle(&env, 40).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// The broker link hangs: missed heartbeats end the session, the worker reconnects when the
+/// broker answers, gets back what it had not acked, and stores every event once.
+#[tokio::test]
+async fn a_hung_broker_link_is_ended_by_heartbeats_and_nothing_is_lost() {
+    let env = TestEnv::new("mqhang").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.amqp.rabbitmq_url = format!("{}?heartbeat=1", amqp_url_via(proxy.addr()));
+    let worker = WorkerUnderTest::start(config, None).await;
+    let ready = worker.worker.readiness();
+    eventually(WAIT, "the worker consuming", || async { ready().ok() }).await;
+    let originals = unique(40, "mqhang");
+    publish_each(&env, &originals[..20]).await;
+    settle(&env, 20).await;
+
+    proxy.hang();
+    eventually(WAIT, "missed heartbeats to end the session", || async {
+        ready().err()
+    })
+    .await;
+    publish_each(&env, &originals[20..]).await;
+    proxy.restore();
+    settle(&env, 40).await;
+    eventually(WAIT, "the worker consuming again", || async {
+        ready().ok()
+    })
+    .await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// A message that keeps coming back (here: a consumer rejects it with requeue, as a worker
+/// crashing on it would) is moved by the quorum queue to the dead-letter queue after
+/// AMQP_DELIVERY_LIMIT returns, instead of blocking the queue forever.
+#[tokio::test]
+async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
+    let mut env = TestEnv::new("deliverylimit").await;
+    // The test's queue, declared again with a delivery limit of 2.
+    let channel = env.amqp.create_channel().await.expect("channel");
+    channel
+        .queue_delete(
+            env.topology.queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the queue");
+    env.topology.delivery_limit = 2;
+    env.declare().await;
+    env.publish_raw(
+        &ndjson(&[event("cursed")]),
+        message::properties(Utc::now(), 1),
+    )
+    .await;
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            env.topology.queue.as_str().into(),
+            "rejecter".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    while env.ready_messages(&env.topology.dead_letter_queue).await == 0 {
+        let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+        else {
+            continue;
+        };
+        deliveries += 1;
+        assert!(
+            deliveries <= 5,
+            "still redelivered after {deliveries} deliveries"
+        );
+        delivery
+            .expect("delivery")
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+    }
+    assert_eq!(deliveries, 3, "delivered once, then returned twice");
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 0);
+    let letters = env.drain(&env.topology.dead_letter_queue).await;
+    assert_eq!(letters.len(), 1);
+    let reason = letters[0]
+        .1
+        .as_ref()
+        .and_then(|h| h.inner().get("x-first-death-reason").cloned());
+    assert!(
+        matches!(&reason, Some(AMQPValue::LongString(r)) if r.as_bytes() == b"delivery_limit"),
+        "{reason:?}"
+    );
+    let _ = channel.close(200, "done".into()).await;
+}

@@ -1,0 +1,252 @@
+//! ingest when the broker misbehaves, against the real RabbitMQ (through a proxy the test
+//! cuts or hangs): every event that is not confirmed gets 503 with Retry-After — never 202 —
+//! and ingest recovers by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use lapin::options::QueueBindOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+use test_support::events::event;
+use test_support::harness::{IngestUnderTest, amqp_url_via, ingest_config};
+use test_support::{Proxy, TestEnv, eventually};
+use tower::ServiceExt;
+
+const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Posts one event; the status, the Retry-After header and the body's detail.
+async fn post(router: &axum::Router, r: &str) -> (StatusCode, Option<String>, String) {
+    let request = Request::post("/product_events/")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(event(r).to_string()))
+        .expect("request");
+    let response = router.clone().oneshot(request).await.expect("response");
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let detail = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["detail"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (status, retry_after, detail)
+}
+
+/// A 503 that tells the client when to come back.
+fn assert_retry_later(answer: &(StatusCode, Option<String>, String), reason: &str) {
+    assert_eq!(answer.0, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.2);
+    assert_eq!(answer.1.as_deref(), Some("2"), "Retry-After");
+    assert!(
+        answer.2.contains(reason),
+        "{:?} does not say {reason:?}",
+        answer.2
+    );
+}
+
+/// A link that hangs without a reset: requests get 503 after CONFIRM_TIMEOUT; missed
+/// heartbeats end the link, and ingest reconnects once the broker answers again.
+#[tokio::test]
+async fn a_hung_broker_link_gives_503_after_the_confirm_timeout_and_is_replaced() {
+    let env = TestEnv::new("hung").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(&env, &format!("{}?heartbeat=1", amqp_url_via(proxy.addr())));
+    config.confirm_timeout = Duration::from_secs(1);
+    let ingest = IngestUnderTest::start(&config, true).await;
+    assert_eq!(post(&ingest.router, "before").await.0, StatusCode::ACCEPTED);
+
+    proxy.hang();
+    let answer = post(&ingest.router, "hung").await;
+    assert_retry_later(&answer, "did not confirm within 1s");
+    let publisher = ingest.publisher.clone();
+    eventually(WAIT, "missed heartbeats to end the hung link", || async {
+        (!publisher.is_connected()).then_some(())
+    })
+    .await;
+    proxy.restore();
+    eventually(WAIT, "ingest to reconnect", || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    // Only the confirmed events are on the queue; the 503'd one may or may not be (the client
+    // resends it, and the worker drops the copy).
+    let queued: Vec<String> = env
+        .drain(&env.topology.queue)
+        .await
+        .iter()
+        .flat_map(|(body, _)| {
+            dedup_core::message::lines(body)
+                .map(|l| serde_json::from_slice::<Value>(l).expect("JSON")["r"].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(queued.contains(&"\"before\"".to_owned()) && queued.contains(&"\"after\"".to_owned()));
+}
+
+/// The link is reset while a confirm is pending: that request gets 503 (not a confirm it
+/// never had), and the next requests are confirmed on a new link.
+#[tokio::test]
+async fn a_link_cut_while_a_confirm_is_pending_gives_503() {
+    let env = TestEnv::new("cutpending").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
+    config.confirm_timeout = Duration::from_secs(20);
+    let ingest = IngestUnderTest::start(&config, true).await;
+    proxy.hang();
+    let pending = tokio::spawn({
+        let router = ingest.router.clone();
+        async move { post(&router, "pending").await }
+    });
+    let metrics = ingest.metrics.clone();
+    eventually(WAIT, "the publish to await its confirm", || async {
+        (metrics.publishes_in_flight.get() > 0).then_some(())
+    })
+    .await;
+    proxy.cut();
+    let answer = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("answered long before the confirm timeout")
+        .expect("task");
+    assert_eq!(answer.0, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.2);
+    assert_eq!(answer.1.as_deref(), Some("2"));
+    proxy.restore();
+    let publisher = ingest.publisher.clone();
+    eventually(WAIT, "ingest to reconnect", || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+}
+
+/// The broker nacks (a full queue that rejects publishes): 503, never 202.
+#[tokio::test]
+async fn a_broker_nack_gives_503() {
+    let env = TestEnv::new("nack").await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    let policy = format!("{}-full", env.name);
+    let set = std::process::Command::new("rabbitmqctl")
+        .args([
+            "set_policy",
+            &policy,
+            &format!("^{}$", env.topology.queue),
+            r#"{"max-length":1,"overflow":"reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ])
+        .output()
+        .expect("rabbitmqctl runs (RabbitMQ is installed on this machine)");
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let _clear = PolicyGuard(policy.clone());
+    // Policies take effect asynchronously: fill the queue until a publish is refused.
+    let accepted = std::sync::atomic::AtomicU32::new(0);
+    let nacked = eventually(WAIT, "the full queue to refuse a publish", || async {
+        let answer = post(&ingest.router, "fill").await;
+        if answer.0 == StatusCode::ACCEPTED {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        (answer.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
+    })
+    .await;
+    assert_retry_later(&nacked, "refused the message");
+    assert_eq!(
+        env.ready_messages(&env.topology.queue).await,
+        accepted.into_inner(),
+        "exactly the confirmed events are on the queue"
+    );
+}
+
+/// Removes a RabbitMQ policy when dropped.
+struct PolicyGuard(String);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+/// The queue is unbound from the exchange: the mandatory publish comes back unroutable and
+/// the client gets 503; bound again, events are confirmed.
+#[tokio::test]
+async fn an_unroutable_publish_gives_503() {
+    let env = TestEnv::new("unroutable").await;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    let channel = env.amqp.create_channel().await.expect("channel");
+    let t = &env.topology;
+    channel
+        .queue_unbind(
+            t.queue.as_str().into(),
+            t.exchange.as_str().into(),
+            t.routing_key(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind");
+    let answer = post(&ingest.router, "lost").await;
+    assert_retry_later(&answer, "could not route the message");
+    channel
+        .queue_bind(
+            t.queue.as_str().into(),
+            t.exchange.as_str().into(),
+            t.routing_key(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    assert_eq!(post(&ingest.router, "found").await.0, StatusCode::ACCEPTED);
+    assert_eq!(env.ready_messages(&t.queue).await, 1);
+}
+
+/// With MAX_IN_FLIGHT_PUBLISHES awaiting confirms, the next request gets 503 at once
+/// (back-pressure) instead of queueing in memory.
+#[tokio::test]
+async fn requests_past_max_in_flight_publishes_get_503_at_once() {
+    let env = TestEnv::new("inflight").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
+    config.max_in_flight_publishes = 2;
+    config.confirm_timeout = Duration::from_secs(20);
+    let ingest = Arc::new(IngestUnderTest::start(&config, true).await);
+    proxy.hang();
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let router = ingest.router.clone();
+            tokio::spawn(async move { post(&router, &format!("waiting-{i}")).await })
+        })
+        .collect();
+    let metrics = ingest.metrics.clone();
+    eventually(WAIT, "two publishes awaiting confirms", || async {
+        (metrics.publishes_in_flight.get() >= 1 && ingest.publisher.acquire().is_err())
+            .then_some(())
+    })
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), post(&ingest.router, "third"))
+        .await
+        .expect("answered at once, not after the confirm timeout");
+    assert_retry_later(
+        &answer,
+        "too many events are waiting for the broker (2 in flight)",
+    );
+    proxy.cut();
+    for task in waiting {
+        assert_eq!(task.await.expect("task").0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
