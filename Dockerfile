@@ -21,7 +21,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 # distroless "nonroot" is uid/gid 65532; numeric so Kubernetes can check runAsNonRoot.
 USER 65532:65532
-ENV LOG_FORMAT=json
+# glibc returns large buffers (batch bodies up to 8 MiB) to the system at once instead of
+# keeping them in per-thread arenas after raising its mmap threshold: ingest's peak RSS under
+# hostile batch bodies beside full load fell from ~66 to ~43 MiB in the benchmark.
+ENV LOG_FORMAT=json MALLOC_MMAP_THRESHOLD_=1048576
 
 FROM runtime AS ingest
 COPY --from=build /out/ingest /usr/local/bin/ingest

@@ -3,6 +3,8 @@
 #   scripts/bench.sh                          # ceilings, then 60 s closed-loop single events
 #   scripts/bench.sh run --batch 100          # batch requests only
 #   scripts/bench.sh run --rate 3000          # open loop at a fixed arrival rate
+#   scripts/bench.sh run --hostile 2          # hostile requests beside the load, all refused
+#   scripts/bench.sh chaos                    # worker killed, services restarted under load
 #   scripts/bench.sh --smoke                  # a few seconds, correctness only (CI)
 # All flags: scripts/bench.sh --help
 set -euo pipefail

@@ -21,7 +21,8 @@ mkdir -p "$logs"
 
 "$bin/dedup-worker" >"$logs/worker.log" 2>&1 &
 worker=$!
-"$bin/ingest" >"$logs/ingest.log" 2>&1 &
+# As the image sets it: large buffers go back to the system at once (README, Memory bounds).
+MALLOC_MMAP_THRESHOLD_=1048576 "$bin/ingest" >"$logs/ingest.log" 2>&1 &
 ingest=$!
 trap 'kill -TERM $ingest $worker 2>/dev/null; wait $ingest $worker 2>/dev/null; echo stopped' EXIT INT TERM
 

@@ -5,11 +5,16 @@
 //!
 //! - [`workload`]: the events sent (the 2 KB TV sample, unique keys, timed exact repeats).
 //! - [`load`]: keep-alive HTTP/1.1 load, closed or open loop, latency histograms.
+//! - [`hostile`]: hostile requests beside the load, each of which must be refused.
 //! - [`services`]: the binaries under test, their isolated names, their CPU and memory.
 //! - [`ceilings`]: RabbitMQ, PostgreSQL and Redis measured with the pipeline's own code.
+//! - [`chaos`]: load while the worker is killed and the services restarted; exactly-once
+//!   proved afterwards.
 //! - [`report`]: the printed table, JSON and markdown.
 
 pub mod ceilings;
+pub mod chaos;
+pub mod hostile;
 pub mod load;
 pub mod report;
 pub mod services;
@@ -82,6 +87,17 @@ pub struct RunOptions {
     pub worker_env: Vec<(String, String)>,
     pub ingest_env: Vec<(String, String)>,
     pub quiet: bool,
+    /// Connections sending hostile requests beside the load (0: none).
+    pub hostile_connections: usize,
+}
+
+/// ingest's default MAX_BATCH_BODY_BYTES, unless the run sets it.
+fn max_batch_body_bytes(ingest_env: &[(String, String)]) -> usize {
+    ingest_env
+        .iter()
+        .find(|(k, _)| k == "MAX_BATCH_BODY_BYTES")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(8 << 20)
 }
 
 /// One stored-count sample of the progress loop.
@@ -174,7 +190,22 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     });
 
     let servers_before = services::ServerSnapshot::take();
+    let hostile = (opts.hostile_connections > 0).then(|| {
+        let mut event = Vec::new();
+        workload.body(u64::MAX, &mut event);
+        tokio::spawn(hostile::run(
+            pipeline.ingest_addr,
+            String::from_utf8_lossy(&event).into_owned(),
+            max_batch_body_bytes(&opts.ingest_env),
+            opts.hostile_connections,
+            opts.load.duration,
+        ))
+    });
     let outcome = load::run(&opts.load, workload.clone(), counters.clone()).await?;
+    let hostile = match hostile {
+        Some(task) => Some(task.await.context("hostile sender")?),
+        None => None,
+    };
     let load_end = Instant::now();
     let load_start = load_end - outcome.elapsed;
     let unique_sent = counters.unique_accepted.load(Ordering::Relaxed);
@@ -278,7 +309,8 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
             && twice == 0
             && duplicates_dropped == duplicates_sent
             && dead_lettered == 0
-            && failed_requests == 0,
+            && failed_requests == 0
+            && hostile.as_ref().is_none_or(hostile::HostileOutcome::ok),
     };
     Ok(RunFigures {
         mode: match opts.load.rate {
@@ -303,6 +335,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         worker: worker_usage,
         servers_cpu,
         duplicates_by_tier,
+        hostile,
         correctness,
     })
 }

@@ -25,7 +25,14 @@ pub struct LoadSettings {
     pub duration: Duration,
     /// Events per request: 1 posts single events, more posts JSON arrays to the batch endpoint.
     pub batch: usize,
+    /// Resend a request that was not accepted (503, a broken connection) as a client should:
+    /// after Retry-After, until it is accepted or `RESEND_GIVE_UP` after the load's end. A
+    /// chaos run uses it; a measuring run counts failures instead.
+    pub resend: bool,
 }
+
+/// How long after the load's end a resending client keeps trying one request.
+pub const RESEND_GIVE_UP: Duration = Duration::from_secs(180);
 
 /// Counters shared by the connections, read by the progress line.
 #[derive(Default)]
@@ -35,6 +42,12 @@ pub struct Counters {
     pub failed_requests: AtomicU64,
     pub unique_accepted: AtomicU64,
     pub duplicates_accepted: AtomicU64,
+    /// Requests sent again after a 503 or a broken connection.
+    pub resends: AtomicU64,
+    /// Requests a resending client gave up on (never accepted).
+    pub abandoned: AtomicU64,
+    /// The numbers of the unique events accepted, kept by resending (chaos) runs only.
+    pub accepted_unique: std::sync::Mutex<Vec<u64>>,
 }
 
 /// The resolution of tokio's timer.
@@ -128,16 +141,6 @@ async fn connection(
                 now
             }
         };
-        if sender.is_none() {
-            let stream = tokio::net::TcpStream::connect(settings.addr).await?;
-            stream.set_nodelay(true)?;
-            let (s, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            sender = Some(s);
-        }
-        let Some(client) = sender.as_mut() else {
-            continue;
-        };
         body.clear();
         picks.clear();
         let now = Instant::now();
@@ -158,20 +161,18 @@ async fn connection(
         if settings.batch > 1 {
             body.push(b']');
         }
-        let request = hyper::Request::post(path)
-            .header("host", "bench")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::copy_from_slice(&body)))?;
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let intended = intended.min(Instant::now());
-        let status = match client.send_request(request).await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let _ = response.into_body().collect().await;
-                status
-            }
-            Err(_) => 0,
-        };
+        let mut status = send(&mut sender, settings.addr, path, &body).await;
+        while settings.resend && status.0 != 202 && Instant::now() < deadline + RESEND_GIVE_UP {
+            counters.resends.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(status.1.unwrap_or(Duration::from_millis(500))).await;
+            status = send(&mut sender, settings.addr, path, &body).await;
+        }
+        let status = status.0;
+        if settings.resend && status != 202 {
+            counters.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
         let done = Instant::now();
         latency.saturating_record(
             u64::try_from(done.duration_since(intended).as_micros())
@@ -185,6 +186,13 @@ async fn connection(
                     Pick::Unique(n) => {
                         counters.unique_accepted.fetch_add(1, Ordering::Relaxed);
                         workload.accepted(n, done);
+                        if settings.resend {
+                            counters
+                                .accepted_unique
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(n);
+                        }
                     }
                     Pick::Duplicate(_) => {
                         counters.duplicates_accepted.fetch_add(1, Ordering::Relaxed);
@@ -194,10 +202,56 @@ async fn connection(
         } else {
             counters.failed_requests.fetch_add(1, Ordering::Relaxed);
             *failures.entry(status).or_insert(0) += 1;
-            if status == 0 {
-                sender = None;
-            }
         }
     }
     Ok((latency, failures))
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// Posts `body` on the connection in `sender` (opening one when there is none): the status
+/// (0 when the connection failed, which drops it) and the Retry-After of a 503.
+async fn send(
+    sender: &mut Option<Sender>,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+) -> (u16, Option<Duration>) {
+    if sender.is_none() {
+        *sender = connect(addr).await.ok();
+    }
+    let Some(client) = sender.as_mut() else {
+        return (0, None);
+    };
+    let request = hyper::Request::post(path)
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)));
+    let Ok(request) = request else {
+        return (0, None);
+    };
+    match client.send_request(request).await {
+        Ok(response) => {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            (status, retry_after)
+        }
+        Err(_) => {
+            *sender = None;
+            (0, None)
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }

@@ -32,6 +32,10 @@ enum Command {
     All(RunArgs),
     /// The pipeline under load only.
     Run(RunArgs),
+    /// Load while the worker is killed and RabbitMQ, Redis and PostgreSQL are restarted in
+    /// turn, then the proof that every accepted event is stored exactly once. It stops the
+    /// machine's shared services: run nothing else meanwhile.
+    Chaos(ChaosArgs),
     /// RabbitMQ, PostgreSQL and Redis ceilings only.
     Ceilings {
         /// Rounds of measurements; each figure is reported as its median.
@@ -135,10 +139,108 @@ struct RunArgs {
     /// Keep the run's schema, queues and Redis keys afterwards.
     #[arg(long)]
     keep: bool,
+    /// Connections sending hostile requests beside the load (NUL, lone surrogates, numbers
+    /// out of range, year 0, deep nesting, batch bodies of tiny items at and past the limit);
+    /// every one must be refused, and the report's peak RSS shows what they cost.
+    #[arg(long, default_value_t = 0)]
+    hostile: usize,
     /// Runs of the same load, one after another; the report shows every run's rates and the
     /// run with the median end-to-end rate (this machine is shared and noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
+}
+
+#[derive(Debug, Parser, Clone)]
+struct ChaosArgs {
+    /// How long to send.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    duration: Duration,
+    /// Concurrent keep-alive connections (each resends what was not accepted).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Events per second (open loop), so the queue does not grow without bound meanwhile.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Share of sends that repeat an earlier event's exact key.
+    #[arg(long, default_value_t = 0.3)]
+    duplicates: f64,
+    /// The faults, in the order they are injected (repeated until the load ends).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        dedup_bench::chaos::Fault::KillWorker,
+        dedup_bench::chaos::Fault::RestartRabbitmq,
+        dedup_bench::chaos::Fault::KillWorker,
+        dedup_bench::chaos::Fault::RestartRedis,
+        dedup_bench::chaos::Fault::KillWorker,
+        dedup_bench::chaos::Fault::RestartPostgres,
+    ])]
+    faults: Vec<dedup_bench::chaos::Fault>,
+    /// Time between two faults.
+    #[arg(long, value_parser = parse_duration, default_value = "12s")]
+    interval: Duration,
+    /// How long a stopped service stays down.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    downtime: Duration,
+    /// Longest wait for every accepted event to be stored after the load.
+    #[arg(long, value_parser = parse_duration, default_value = "300s")]
+    settle_timeout: Duration,
+    /// The script that starts the services that are down.
+    #[arg(long, default_value = "scripts/ensure-services.sh")]
+    services_script: PathBuf,
+    #[arg(
+        long,
+        env = "DEDUP_BENCH_INGEST_BIN",
+        default_value = "target/release/ingest"
+    )]
+    ingest_bin: PathBuf,
+    #[arg(
+        long,
+        env = "DEDUP_BENCH_WORKER_BIN",
+        default_value = "target/release/dedup-worker"
+    )]
+    worker_bin: PathBuf,
+}
+
+/// The chaos subcommand: runs it, prints and writes its report, fails when the proof fails.
+async fn chaos(args: ChaosArgs, backends: Backends, out: &std::path::Path) -> anyhow::Result<()> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let options = dedup_bench::chaos::ChaosOptions {
+        load: LoadSettings {
+            addr: "127.0.0.1:0".parse()?,
+            connections: args.connections,
+            rate: Some(args.rate),
+            duration: args.duration,
+            batch: 1,
+            resend: true,
+        },
+        duplicates: args.duplicates,
+        faults: args.faults,
+        interval: args.interval,
+        downtime: args.downtime,
+        settle_timeout: args.settle_timeout,
+        binaries: Binaries {
+            ingest: args.ingest_bin,
+            worker: args.worker_bin,
+        },
+        backends,
+        logs: out.join(format!("logs-chaos-{stamp}")),
+        services_script: args.services_script,
+    };
+    let name = format!("bench_chaos_{}", std::process::id());
+    let report = dedup_bench::chaos::run(options, &name).await?;
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join(format!("chaos-{stamp}.json")), &json)?;
+    anyhow::ensure!(
+        report.ok,
+        "the chaos run's proof failed: see the report above"
+    );
+    eprintln!(
+        "chaos: every one of {} accepted events stored exactly once through {} faults",
+        report.unique_accepted,
+        report.faults.len()
+    );
+    Ok(())
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -166,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::All(args)) => (u32::from(!c.smoke), Some(args)),
         Some(Command::Run(args)) => (0, Some(args)),
         Some(Command::Ceilings { rounds }) => (rounds, None),
+        Some(Command::Chaos(args)) => return chaos(args, backends, &c.out).await,
     };
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let name = |what: &str| {
@@ -219,6 +322,7 @@ async fn main() -> anyhow::Result<()> {
                 rate: args.rate,
                 duration: args.duration,
                 batch: args.batch.max(1),
+                resend: false,
             },
             duplicates: args.duplicates,
             duplicate_delay: args.duplicate_delay,
@@ -233,6 +337,7 @@ async fn main() -> anyhow::Result<()> {
             worker_env: args.worker_env.clone(),
             ingest_env: args.ingest_env.clone(),
             quiet: false,
+            hostile_connections: args.hostile,
         };
         let repeat = if c.smoke { 1 } else { args.repeat };
         let mut runs = Vec::new();
@@ -245,7 +350,11 @@ async fn main() -> anyhow::Result<()> {
             }
             let run = run_pipeline(options.clone(), &name("run")).await?;
             if !run.correctness.ok {
-                anyhow::bail!("correctness check failed in run {i}: {:?}", run.correctness);
+                anyhow::bail!(
+                    "correctness check failed in run {i}: {:?}; hostile requests: {:?}",
+                    run.correctness,
+                    run.hostile
+                );
             }
             if c.smoke && run.correctness.duplicates_sent == 0 {
                 anyhow::bail!(

@@ -122,6 +122,8 @@ pub struct RunFigures {
     pub servers_cpu: Option<ServerCpu>,
     /// Duplicates caught per tier (in_batch, recent_keys, postgres).
     pub duplicates_by_tier: Vec<(String, u64)>,
+    /// The hostile requests sent beside the load, when the run sent any.
+    pub hostile: Option<crate::hostile::HostileOutcome>,
     pub correctness: Correctness,
 }
 
@@ -280,6 +282,17 @@ impl Report {
                 c.dead_lettered,
                 c.failed_requests,
             );
+            if let Some(h) = &run.hostile {
+                md += &format!(
+                    "| Hostile requests beside the load | {} sent, {} |\n",
+                    h.sent,
+                    if h.not_refused.is_empty() {
+                        "every one refused with a 4xx".to_owned()
+                    } else {
+                        format!("NOT refused: {:?}", h.not_refused)
+                    }
+                );
+            }
             if self.repeats.len() > 1 {
                 let list = |f: fn(&(f64, f64)) -> f64| {
                     self.repeats
@@ -444,6 +457,7 @@ dedup_ingest_message_bytes_count 20
                 rabbitmq_s: 0.0,
             }),
             duplicates_by_tier: vec![("in_batch".into(), 1)],
+            hostile: None,
             correctness: Correctness {
                 unique_sent: 10,
                 duplicates_sent: 3,

@@ -135,6 +135,44 @@ pub struct Pipeline {
     pub ingest_addr: SocketAddr,
     pub ingest_admin: SocketAddr,
     pub worker_admin: SocketAddr,
+    /// How the worker was started, to start it again after a kill.
+    worker_spec: WorkerSpec,
+}
+
+/// Everything needed to start (or restart) the worker process.
+#[derive(Debug, Clone)]
+struct WorkerSpec {
+    bin: PathBuf,
+    backends: Backends,
+    iso: Isolation,
+    logs: PathBuf,
+    env: Vec<(String, String)>,
+    admin: SocketAddr,
+}
+
+impl WorkerSpec {
+    /// Starts the worker; its output is appended to the run's logs.
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let log = |name: &str| -> anyhow::Result<Stdio> {
+            let file = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(self.logs.join(name))?;
+            Ok(Stdio::from(file))
+        };
+        let mut worker = Command::new(&self.bin);
+        common_env(&mut worker, &self.backends, &self.iso);
+        worker
+            .env("DATABASE_URL", &self.iso.database_url)
+            .env("REDIS_URL", &self.backends.redis)
+            .env("REDIS_PREFIX", &self.iso.name)
+            .env("ADMIN_LISTEN_ADDR", self.admin.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log("worker.log")?)
+            .stderr(log("worker.err")?)
+            .kill_on_drop(true);
+        worker.spawn().context("starting dedup-worker")
+    }
 }
 
 /// Paths of the binaries under test.
@@ -197,25 +235,20 @@ impl Pipeline {
             Ok(Stdio::from(std::fs::File::create(logs.join(name))?))
         };
 
-        let mut worker = Command::new(&bins.worker);
-        common_env(&mut worker, backends, iso);
-        worker
-            .env("DATABASE_URL", &iso.database_url)
-            .env("REDIS_URL", &backends.redis)
-            .env("REDIS_PREFIX", &iso.name)
-            .env("ADMIN_LISTEN_ADDR", worker_admin.to_string())
-            .envs(
-                extra_worker_env
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .stdout(log("worker.log")?)
-            .stderr(log("worker.err")?)
-            .kill_on_drop(true);
-        let worker = worker.spawn().context("starting dedup-worker")?;
+        let worker_spec = WorkerSpec {
+            bin: bins.worker.clone(),
+            backends: backends.clone(),
+            iso: iso.clone(),
+            logs: logs.to_owned(),
+            env: extra_worker_env.to_vec(),
+            admin: worker_admin,
+        };
+        let worker = worker_spec.spawn()?;
         let mut ingest = Command::new(&bins.ingest);
         common_env(&mut ingest, backends, iso);
         ingest
+            // As the image sets it (Dockerfile): measure ingest as it is deployed.
+            .env("MALLOC_MMAP_THRESHOLD_", "1048576")
             .env("LISTEN_ADDR", ingest_addr.to_string())
             .env("ADMIN_LISTEN_ADDR", ingest_admin.to_string())
             .envs(
@@ -233,6 +266,7 @@ impl Pipeline {
             ingest_addr,
             ingest_admin,
             worker_admin,
+            worker_spec,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         for admin in [ingest_admin, worker_admin] {
@@ -246,6 +280,21 @@ impl Pipeline {
             }
         }
         Ok(pipeline)
+    }
+
+    /// Kills the worker with SIGKILL (no shutdown of any kind) and starts a new one, which
+    /// gets back from the broker whatever the dead one had not acked.
+    pub async fn kill_and_restart_worker(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.worker.id() {
+            Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status()
+                .await?;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.worker.wait()).await;
+        self.worker = self.worker_spec.spawn()?;
+        Ok(())
     }
 
     /// Sends SIGTERM to both and waits for them to exit.

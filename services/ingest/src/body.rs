@@ -53,15 +53,30 @@ pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes>
     })
 }
 
-/// Reads a body up to `limit` bytes; a longer one is 413 as soon as it passes the limit.
-pub async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if e.to_string().contains("length limit") {
-            Error::BodyTooLarge { limit }
-        } else {
-            Error::MalformedJson(format!("could not read the request body: {e}"))
+/// Reads a body of at most `limit` bytes into one buffer sized from its announced length, so
+/// a body costs its own size once (collecting chunks and joining them would hold it twice);
+/// a longer one is 413 as soon as it passes the limit.
+pub async fn read_limited(
+    body: axum::body::Body,
+    limit: usize,
+    announced: Option<usize>,
+) -> Result<Bytes> {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut out = Vec::with_capacity(announced.unwrap_or(0).min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Error::BodyTooLarge { limit }
+            } else {
+                Error::MalformedJson(format!("could not read the request body: {e}"))
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
         }
-    })
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The items of a batch body, each the text of one event, judged later on its own. A JSON

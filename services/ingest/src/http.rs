@@ -180,7 +180,7 @@ async fn post_batch(
         .acquire_many(kib_permits(declared.unwrap_or(limit)))
         .await
         .map_err(|_| Error::Internal(anyhow::anyhow!("the batch gate is closed")))?;
-    let bytes = body::read_limited(body, limit).await?;
+    let bytes = body::read_limited(body, limit, declared).await?;
     let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
     tracing::Span::current().record("events", items.len());
     let (messages, errors) = pack(&state.limits, items);
