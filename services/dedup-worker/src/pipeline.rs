@@ -186,26 +186,11 @@ impl Pipeline {
             .postgres_seconds
             .with_label_values(&["insert"])
             .observe(insert_started.elapsed().as_secs_f64());
-        // Rows PostgreSQL refused go to the dead-letter queue alone; they are neither stored
-        // nor remembered in Redis.
-        let refused_keys: Vec<(NaiveDate, Uuid)> = inserted
-            .refused
-            .iter()
-            .map(|(i, _)| (rows[*i].event_date, rows[*i].dedup_key))
-            .collect();
-        let refused: Vec<batch::DeadLetter> = inserted
-            .refused
-            .iter()
-            .map(|(i, reason)| batch::DeadLetter {
-                body: rows[*i].payload.as_bytes().to_vec(),
-                reason: batch::DeadLetterReason::RefusedByPostgres,
-                detail: reason.clone(),
-            })
-            .collect();
-        self.dead_letter(&refused, dead_letter_channel, stop)
+        let refused = self
+            .dead_letter_refused(&rows, &inserted, dead_letter_channel, stop)
             .await?;
-        if !refused_keys.is_empty() {
-            fresh_items.retain(|item| !refused_keys.contains(&(item.day, item.key.as_uuid())));
+        if !refused.is_empty() {
+            fresh_items.retain(|item| !refused.contains(&(item.day, item.key.as_uuid())));
         }
         let stored = inserted.stored;
         self.checkpoint(Stage::AfterCommit, deliveries)?;
@@ -255,6 +240,32 @@ impl Pipeline {
         }
         tracing::debug!(?outcome, "Batch processed.");
         Ok(outcome)
+    }
+
+    /// Sends the rows PostgreSQL refused to the dead-letter queue, each alone with the
+    /// database's reason; returns their keys (they are neither stored nor remembered in Redis).
+    async fn dead_letter_refused(
+        &self,
+        rows: &[Row<'_>],
+        inserted: &crate::store::Inserted,
+        channel: &Channel,
+        stop: &CancellationToken,
+    ) -> Result<Vec<(NaiveDate, Uuid)>> {
+        let letters: Vec<batch::DeadLetter> = inserted
+            .refused
+            .iter()
+            .map(|(i, reason)| batch::DeadLetter {
+                body: rows[*i].payload.as_bytes().to_vec(),
+                reason: batch::DeadLetterReason::RefusedByPostgres,
+                detail: reason.clone(),
+            })
+            .collect();
+        self.dead_letter(&letters, channel, stop).await?;
+        Ok(inserted
+            .refused
+            .iter()
+            .map(|(i, _)| (rows[*i].event_date, rows[*i].dedup_key))
+            .collect())
     }
 
     /// Publishes `letters` to the dead-letter queue (retried until confirmed), then logs and
