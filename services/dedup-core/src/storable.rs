@@ -90,10 +90,14 @@ pub fn check_name(name: &str) -> Result<(), Unstorable> {
     }
 }
 
-/// The index just past the string whose contents start at `i`, checking its escapes.
+/// The index just past the string whose contents start at `i`, checking its escapes. (An
+/// unterminated string cannot occur in parsed JSON; it would end the scan.)
 fn string_end(text: &[u8], mut i: usize) -> Result<usize, Unstorable> {
     loop {
-        let at = i + memchr2(b'"', b'\\', &text[i..]).ok_or(Unstorable::Nul)?;
+        let Some(offset) = memchr2(b'"', b'\\', text.get(i..).unwrap_or_default()) else {
+            return Ok(text.len());
+        };
+        let at = i + offset;
         if text[at] == b'"' {
             return Ok(at + 1);
         }

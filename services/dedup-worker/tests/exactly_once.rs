@@ -193,13 +193,17 @@ async fn two_workers_holding_one_key_store_it_once_through_postgres() {
             if at == Stage::AfterRedisCheck && !waited.swap(true, Ordering::SeqCst) {
                 arrived.fetch_add(1, Ordering::SeqCst);
                 let until = std::time::Instant::now() + Duration::from_secs(10);
-                while arrived.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
-                    #[allow(
-                        clippy::disallowed_methods,
-                        reason = "the hook is synchronous; holding its thread is the point"
-                    )]
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                // block_in_place: the runtime moves this thread's other tasks elsewhere, so
+                // the other worker can reach the barrier.
+                tokio::task::block_in_place(|| {
+                    while arrived.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+                        #[allow(
+                            clippy::disallowed_methods,
+                            reason = "the hook is synchronous; holding its thread is the point"
+                        )]
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                });
             }
             false
         })
@@ -434,13 +438,17 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
             if at == Stage::AfterCommit && hold.swap(false, Ordering::SeqCst) {
                 held.store(true, Ordering::SeqCst);
                 let until = std::time::Instant::now() + Duration::from_secs(10);
-                while held.load(Ordering::SeqCst) && std::time::Instant::now() < until {
-                    #[allow(
-                        clippy::disallowed_methods,
-                        reason = "the hook is synchronous; holding its thread is the point"
-                    )]
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                // block_in_place: the runtime moves this thread's other tasks elsewhere, so
+                // holding the batch holds nothing else (the test's own queries included).
+                tokio::task::block_in_place(|| {
+                    while held.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                        #[allow(
+                            clippy::disallowed_methods,
+                            reason = "the hook is synchronous; holding its thread is the point"
+                        )]
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                });
             }
             false
         })
@@ -465,13 +473,19 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
     publish_each(&env, &originals[60..]).await;
     settle(&env, 80).await;
     let m = worker.worker.metrics().clone();
+    // Every event was published once: a duplicate can only be a redelivered copy. (Whether
+    // the held batch's own count is in `consumed` depends on whether its task was aborted
+    // with the session before it finished, so that count proves nothing.)
+    // Every event was published once: a duplicate can only be a redelivered copy. (Whether
+    // the held batch's own count is in `consumed` depends on whether its task was aborted
+    // with the session before it finished, so that count proves nothing.)
     eventually(
         WAIT,
         "the unacked batch redelivered and seen again",
         || async {
             let seen_again = m.duplicates.with_label_values(&["recent_keys"]).get()
                 + m.duplicates.with_label_values(&["postgres"]).get();
-            (seen_again > 0 && m.consumed.get() > 80).then_some(())
+            (seen_again > 0).then_some(())
         },
     )
     .await;
@@ -612,7 +626,7 @@ async fn crash_in_the_oldest_batch_in_flight_leaves_later_batches_unacked() {
         Arc::new(move |at: Stage, first_tag: u64| {
             // Delivery tags start at 1 on the channel: tag 1 is in the oldest batch.
             if at == Stage::Decoded && first_tag == 1 && !crashed.swap(true, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(500));
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(500)));
                 return true;
             }
             false
