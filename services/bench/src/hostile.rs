@@ -64,6 +64,15 @@ fn requests(event: &str, max_batch_body_bytes: usize) -> Vec<Hostile> {
             altered(event, "event_datetime", r#""0001-01-01T00:30:00+01:00""#),
         ),
         single("nested_client_id", altered(event, "client_id", &nested)),
+        // Read whole (just under ingest's 1 MiB default limit), then refused for its NUL.
+        single(
+            "big_event_with_nul",
+            altered(
+                event,
+                "padding",
+                &format!("\"{}\\u0000\"", "x".repeat(1_000_000)),
+            ),
+        ),
         Hostile {
             name: "ndjson_of_tiny_items_at_the_limit",
             path: "/product_events/batch",
@@ -200,7 +209,7 @@ mod tests {
         let event = String::from_utf8(event).expect("UTF-8");
         assert!(dedup_core::event::validate_raw(event.as_bytes()).is_ok());
         let requests = requests(&event, 1 << 20);
-        assert_eq!(requests.len(), 9);
+        assert_eq!(requests.len(), 10);
         for request in requests.iter().filter(|r| r.path == "/product_events/") {
             match dedup_core::event::validate_raw(&request.body) {
                 Err(_) => {}

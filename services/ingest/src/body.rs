@@ -2,7 +2,6 @@
 //! NDJSON) into items, each judged on its own.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, header};
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -41,16 +40,6 @@ pub fn kind(headers: &HeaderMap, allow_ndjson: bool) -> Result<BodyKind> {
         }
         _ => Err(Error::UnsupportedMediaType(text.to_owned())),
     }
-}
-
-/// The body bytes, or 413 when the size limit cut it off.
-pub fn bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes> {
-    body.map_err(|rejection| match rejection {
-        BytesRejection::FailedToBufferBody(ref e) if e.to_string().contains("length limit") => {
-            Error::BodyTooLarge { limit }
-        }
-        other => Error::MalformedJson(format!("could not read the request body: {other}")),
-    })
 }
 
 /// Reads a body of at most `limit` bytes into one buffer sized from its announced length, so

@@ -9,6 +9,9 @@ use dedup_core::telemetry::LogArgs;
 
 /// Largest single-event body accepted by default (the original's limit was similar).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Bytes of single-event bodies in flight by default: thousands of ordinary events, a dozen
+/// of the largest.
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 16 * 1024 * 1024;
 /// Largest batch request body accepted by default. With the bound on batch bodies in flight
 /// it keeps ingest's memory near its target whatever clients send.
 pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -38,6 +41,10 @@ pub struct Config {
     /// Largest body of a batch request, in bytes; larger ones get 413.
     #[arg(long, env = "MAX_BATCH_BODY_BYTES", default_value_t = DEFAULT_MAX_BATCH_BODY_BYTES)]
     pub max_batch_body_bytes: usize,
+    /// Most bytes of single-event request bodies read and processed at once; further
+    /// requests wait their turn. At least MAX_BODY_BYTES.
+    #[arg(long, env = "MAX_BODY_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)]
+    pub max_body_bytes_in_flight: usize,
     /// Most bytes of batch request bodies read and processed at once; further batch requests
     /// wait their turn (single events are not held up by them). At least MAX_BATCH_BODY_BYTES.
     #[arg(long, env = "MAX_BATCH_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_BATCH_BODY_BYTES)]
@@ -101,6 +108,13 @@ impl Config {
         anyhow::ensure!(
             self.max_body_bytes <= most,
             "MAX_BODY_BYTES is {}; at most {most} fit one message (the worker refuses larger ones)",
+            self.max_body_bytes
+        );
+        anyhow::ensure!(
+            self.max_body_bytes_in_flight >= self.max_body_bytes,
+            "MAX_BODY_BYTES_IN_FLIGHT ({}) must be at least MAX_BODY_BYTES ({}), or an event at \
+             the limit could never be read",
+            self.max_body_bytes_in_flight,
             self.max_body_bytes
         );
         anyhow::ensure!(

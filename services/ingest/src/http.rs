@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -52,9 +51,10 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     pub metrics: Metrics,
     pub ready: Readiness,
-    /// Bytes of batch bodies being read or processed, in KiB permits: a batch waits for its
-    /// body's share before reading it, so big bodies in flight are bounded together while
-    /// single events never wait on them.
+    /// Bytes of single-event bodies being read or processed, in KiB permits: a request waits
+    /// for its body's share before reading it, so bodies in flight are bounded together.
+    pub body_bytes: Arc<tokio::sync::Semaphore>,
+    /// The same for batch bodies, apart: a flood of big batches never holds up single events.
     pub batch_bytes: Arc<tokio::sync::Semaphore>,
 }
 
@@ -97,10 +97,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn post_event(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response> {
     body::kind(&headers, false)?;
-    let bytes = body::bytes(body, state.limits.max_body_bytes)?;
+    let (bytes, _permit) = read_gated(
+        &state.body_bytes,
+        &headers,
+        body,
+        state.limits.max_body_bytes,
+    )
+    .await?;
     // Only the required fields are parsed; the client's own text travels on as the event.
     match judge(&state.limits, &bytes, Utc::now()) {
         Ok(()) => {}
@@ -149,6 +155,29 @@ struct BatchAnswer {
     errors: Vec<ItemErrors>,
 }
 
+/// Reads a body of at most `limit` bytes once its share of `gate` is free; the permit is
+/// held while the request is processed. A body announced over the limit is 413 unread; one
+/// of unknown length takes the limit's share.
+async fn read_gated<'a>(
+    gate: &'a tokio::sync::Semaphore,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<(Bytes, tokio::sync::SemaphorePermit<'a>)> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    let permit = gate
+        .acquire_many(kib_permits(declared.unwrap_or(limit)))
+        .await
+        .map_err(|_| Error::Internal(anyhow::anyhow!("the body gate is closed")))?;
+    let bytes = body::read_limited(body, limit, declared).await?;
+    Ok((bytes, permit))
+}
+
 /// Whether ingest accepts one event's text: valid, storable, inside the accepted window.
 fn judge(limits: &Limits, text: &[u8], now: chrono::DateTime<Utc>) -> Result<(), RawError> {
     let fields = event::validate_raw(text)?;
@@ -167,20 +196,13 @@ async fn post_batch(
     body: axum::body::Body,
 ) -> Result<Response> {
     let kind = body::kind(&headers, true)?;
-    let limit = state.limits.max_batch_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(Error::BodyTooLarge { limit });
-    }
-    // A body of unknown length may grow to the limit: it takes the limit's share.
-    let _permit = state
-        .batch_bytes
-        .acquire_many(kib_permits(declared.unwrap_or(limit)))
-        .await
-        .map_err(|_| Error::Internal(anyhow::anyhow!("the batch gate is closed")))?;
-    let bytes = body::read_limited(body, limit, declared).await?;
+    let (bytes, _permit) = read_gated(
+        &state.batch_bytes,
+        &headers,
+        body,
+        state.limits.max_batch_body_bytes,
+    )
+    .await?;
     let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
     tracing::Span::current().record("events", items.len());
     let (messages, errors) = pack(&state.limits, items);

@@ -69,6 +69,7 @@ pub async fn serve(
         limits: Arc::new(limits(&config)),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        body_bytes: body_gate(&config),
         batch_bytes: batch_gate(&config),
     };
 
@@ -130,6 +131,13 @@ pub fn coalesce_settings(config: &Config) -> CoalesceSettings {
         flushers: config.coalesce_flushers,
         timeout: config.confirm_timeout + std::time::Duration::from_secs(1),
     }
+}
+
+/// The gate on single-event bodies in flight.
+pub fn body_gate(config: &Config) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        http::kib_permits(config.max_body_bytes_in_flight) as usize,
+    ))
 }
 
 /// The gate on batch bodies in flight.

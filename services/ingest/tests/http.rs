@@ -643,4 +643,47 @@ async fn batches_are_bounded_in_bytes() {
     assert!(!waiting.is_finished(), "the batch waits for its bytes");
     drop(held);
     assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
+
+    // And the other way round: single events wait for their own gate, batches do not.
+    let held = ingest
+        .body_bytes
+        .clone()
+        .acquire_many_owned(ingest.body_bytes.available_permits() as u32)
+        .await
+        .expect("permits");
+    let waiting = tokio::spawn({
+        let router = ingest.router.clone();
+        let body = event("gated-single").to_string();
+        async move {
+            router
+                .oneshot(
+                    Request::post("/product_events/")
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(body))
+                        .expect("request"),
+                )
+                .await
+                .expect("response")
+                .status()
+        }
+    });
+    let batch = post_json(&ingest, "/product_events/batch", &json!([event("batch")])).await;
+    assert_eq!(batch.status, StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the single event waits for its bytes"
+    );
+    drop(held);
+    assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
+    // A single event announced past its limit is 413 without being read.
+    let answer = send(
+        &ingest,
+        "POST",
+        "/product_events/",
+        Some("application/json"),
+        vec![b' '; config.max_body_bytes + 1],
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
 }

@@ -36,7 +36,8 @@ pub struct IngestUnderTest {
     pub router: axum::Router,
     pub publisher: Arc<Publisher>,
     pub metrics: Metrics,
-    /// The gate on batch bodies in flight, to hold in tests.
+    /// The gates on single-event and batch bodies in flight, to hold in tests.
+    pub body_bytes: Arc<tokio::sync::Semaphore>,
     pub batch_bytes: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 }
@@ -76,18 +77,21 @@ impl IngestUnderTest {
             &stop,
         );
         let batch_bytes = ingest::batch_gate(config);
+        let body_bytes = ingest::body_gate(config);
         let state = AppState {
             publisher: publisher.clone(),
             coalescer,
             limits: Arc::new(ingest::limits(config)),
             metrics: metrics.clone(),
             ready,
+            body_bytes: body_bytes.clone(),
             batch_bytes: batch_bytes.clone(),
         };
         Self {
             router: ingest::http::app(state),
             publisher,
             metrics,
+            body_bytes,
             batch_bytes,
             stop,
         }
