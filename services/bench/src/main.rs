@@ -111,20 +111,8 @@ struct RunArgs {
     /// Longest wait for every event to be stored after the load.
     #[arg(long, value_parser = parse_duration, default_value = "180s")]
     settle_timeout: Duration,
-    /// The ingest binary under test.
-    #[arg(
-        long,
-        env = "DEDUP_BENCH_INGEST_BIN",
-        default_value = "target/release/ingest"
-    )]
-    ingest_bin: PathBuf,
-    /// The dedup-worker binary under test.
-    #[arg(
-        long,
-        env = "DEDUP_BENCH_WORKER_BIN",
-        default_value = "target/release/dedup-worker"
-    )]
-    worker_bin: PathBuf,
+    #[command(flatten)]
+    bins: BinArgs,
     /// Extra worker settings, KEY=VALUE (repeatable), e.g. BATCH_SIZE=1000.
     #[arg(long = "worker-env", value_parser = parse_key_value)]
     worker_env: Vec<(String, String)>,
@@ -186,18 +174,36 @@ struct ChaosArgs {
     /// The script that starts the services that are down.
     #[arg(long, default_value = "scripts/ensure-services.sh")]
     services_script: PathBuf,
+    #[command(flatten)]
+    bins: BinArgs,
+}
+
+/// The binaries under test.
+#[derive(Debug, Args, Clone)]
+struct BinArgs {
+    /// The ingest binary under test.
     #[arg(
         long,
         env = "DEDUP_BENCH_INGEST_BIN",
         default_value = "target/release/ingest"
     )]
     ingest_bin: PathBuf,
+    /// The dedup-worker binary under test.
     #[arg(
         long,
         env = "DEDUP_BENCH_WORKER_BIN",
         default_value = "target/release/dedup-worker"
     )]
     worker_bin: PathBuf,
+}
+
+impl BinArgs {
+    fn binaries(&self) -> Binaries {
+        Binaries {
+            ingest: self.ingest_bin.clone(),
+            worker: self.worker_bin.clone(),
+        }
+    }
 }
 
 /// The chaos subcommand: runs it, prints and writes its report, fails when the proof fails.
@@ -217,10 +223,7 @@ async fn chaos(args: ChaosArgs, backends: Backends, out: &std::path::Path) -> an
         interval: args.interval,
         downtime: args.downtime,
         settle_timeout: args.settle_timeout,
-        binaries: Binaries {
-            ingest: args.ingest_bin,
-            worker: args.worker_bin,
-        },
+        binaries: args.bins.binaries(),
         backends,
         logs: out.join(format!("logs-chaos-{stamp}")),
         services_script: args.services_script,
@@ -327,10 +330,7 @@ async fn main() -> anyhow::Result<()> {
             duplicates: args.duplicates,
             duplicate_delay: args.duplicate_delay,
             settle_timeout: args.settle_timeout,
-            binaries: Binaries {
-                ingest: args.ingest_bin.clone(),
-                worker: args.worker_bin.clone(),
-            },
+            binaries: args.bins.binaries(),
             backends: backends.clone(),
             logs: c.out.join(format!("logs-{stamp}")),
             keep: args.keep,

@@ -9,34 +9,18 @@ use chrono::Utc;
 use dedup_core::message;
 use dedup_worker::Stage;
 use serde_json::Value;
-use test_support::events::{event, ndjson};
+use test_support::events::{event, ndjson, unique};
 use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
 use test_support::{Proxy, TestEnv, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Publishes each event as its own message, the way ingest does for single requests.
 async fn publish_each(env: &TestEnv, events: &[Value]) {
-    for e in events {
-        env.publish_raw(
-            &ndjson(std::slice::from_ref(e)),
-            message::properties(Utc::now(), 1),
-        )
-        .await;
-    }
+    env.publish_each(events).await;
 }
 
-/// Waits until the test schema holds `rows` rows and the queue is empty.
 async fn settle(env: &TestEnv, rows: i64) {
-    eventually(
-        WAIT,
-        &format!("{rows} stored rows and an empty queue"),
-        || async {
-            (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    env.settle(rows, WAIT).await;
 }
 
 /// Waits until `worker` has consumed `n` events in all (so its counters are final).
@@ -65,10 +49,6 @@ async fn assert_each_once(env: &TestEnv, expected: impl IntoIterator<Item = Stri
         stored, expected,
         "stored events differ from the unique events sent"
     );
-}
-
-fn unique(n: usize, tag: &str) -> Vec<Value> {
-    (0..n).map(|i| event(&format!("{tag}-{i}"))).collect()
 }
 
 /// A mix of unique events and repeats (30% duplicates, some sent three times) stores each

@@ -10,36 +10,19 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
-use test_support::events::{event, ndjson};
+use test_support::events::{event, ndjson, unique};
 use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
 use test_support::{Proxy, TestEnv, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn unique(n: usize, tag: &str) -> Vec<Value> {
-    (0..n).map(|i| event(&format!("{tag}-{i}"))).collect()
-}
-
 async fn publish_each(env: &TestEnv, events: &[Value]) {
-    for e in events {
-        env.publish_raw(
-            &ndjson(std::slice::from_ref(e)),
-            message::properties(Utc::now(), 1),
-        )
-        .await;
-    }
+    env.publish_each(events).await;
 }
 
+/// Waits for `rows` rows and an empty queue; no key may be stored twice.
 async fn settle(env: &TestEnv, rows: i64) {
-    eventually(
-        WAIT,
-        &format!("{rows} stored rows, queue empty"),
-        || async {
-            (env.stored_rows().await == rows && env.ready_messages(&env.topology.queue).await == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    env.settle(rows, WAIT).await;
     let counts = env.stored_r_counts().await;
     assert!(counts.iter().all(|(_, n)| *n == 1), "a key stored twice");
 }

@@ -1,6 +1,7 @@
 //! ingest's HTTP contract, driven through its router against the real RabbitMQ: every status
 //! the design names, what lands on the queue, and what happens when the broker goes away.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -537,52 +538,54 @@ async fn batches_are_bounded_in_bytes() {
     config.events_per_message = 1000;
     let ingest = IngestUnderTest::start(&config, true).await;
 
-    // The hostile NDJSON of the issue, at the body limit: a 413 naming the event limit.
+    // The hostile NDJSON of the issue at the body limit, and the same as a JSON array: a 413
+    // naming the event limit (the splitting stops counting past it).
     let tiny = b"1\n".repeat(config.max_batch_body_bytes / 2);
-    let answer = send(
-        &ingest,
-        "POST",
-        "/product_events/batch",
-        Some("application/x-ndjson"),
-        tiny,
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "{}",
-        answer.body
-    );
-    assert!(
-        answer.body["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("at most 10000"))
-    );
     let array = format!("[{}1]", "1,".repeat(config.max_batch_body_bytes / 2 - 2));
-    let answer = send(
-        &ingest,
-        "POST",
-        "/product_events/batch",
-        Some("application/json"),
-        array.into_bytes(),
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "{}",
-        answer.body
-    );
-    // Past the body limit: 413 before anything is parsed.
-    let answer = send(
-        &ingest,
-        "POST",
-        "/product_events/batch",
-        Some("application/x-ndjson"),
-        vec![b'\n'; config.max_batch_body_bytes + 1],
-    )
-    .await;
-    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    for (content_type, body) in [
+        ("application/x-ndjson", tiny),
+        ("application/json", array.into_bytes()),
+    ] {
+        let answer = send(
+            &ingest,
+            "POST",
+            "/product_events/batch",
+            Some(content_type),
+            body,
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{}",
+            answer.body
+        );
+        let detail = answer.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("at most 10000"), "{detail}");
+    }
+    // Past the body limits: 413 before anything is parsed.
+    for (uri, content_type, limit) in [
+        (
+            "/product_events/batch",
+            "application/x-ndjson",
+            config.max_batch_body_bytes,
+        ),
+        (
+            "/product_events/",
+            "application/json",
+            config.max_body_bytes,
+        ),
+    ] {
+        let answer = send(
+            &ingest,
+            "POST",
+            uri,
+            Some(content_type),
+            vec![b'\n'; limit + 1],
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+    }
 
     // 40 events of ~50 KB: one too large alone, the rest packed under the message cap.
     let mut items: Vec<Value> = (0..40)
@@ -614,76 +617,54 @@ async fn batches_are_bounded_in_bytes() {
     }
     assert_eq!(events, 39);
 
-    // The gate: with the batch bytes in flight taken, a batch waits; a single event does not.
-    let held = ingest
-        .batch_bytes
-        .clone()
-        .acquire_many_owned(ingest.batch_bytes.available_permits() as u32)
-        .await
-        .expect("permits");
-    let waiting = tokio::spawn({
-        let router = ingest.router.clone();
-        let body = ndjson(&[event("gated")]);
-        async move {
-            router
-                .oneshot(
-                    Request::post("/product_events/batch")
-                        .header(header::CONTENT_TYPE, "application/x-ndjson")
-                        .body(Body::from(body))
-                        .expect("request"),
-                )
-                .await
-                .expect("response")
-                .status()
-        }
-    });
-    let single = post_json(&ingest, "/product_events/", &event("single")).await;
-    assert_eq!(single.status, StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "the batch waits for its bytes");
-    drop(held);
-    assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
-
-    // And the other way round: single events wait for their own gate, batches do not.
-    let held = ingest
-        .body_bytes
-        .clone()
-        .acquire_many_owned(ingest.body_bytes.available_permits() as u32)
-        .await
-        .expect("permits");
-    let waiting = tokio::spawn({
-        let router = ingest.router.clone();
-        let body = event("gated-single").to_string();
-        async move {
-            router
-                .oneshot(
-                    Request::post("/product_events/")
-                        .header(header::CONTENT_TYPE, "application/json")
-                        .body(Body::from(body))
-                        .expect("request"),
-                )
-                .await
-                .expect("response")
-                .status()
-        }
-    });
-    let batch = post_json(&ingest, "/product_events/batch", &json!([event("batch")])).await;
-    assert_eq!(batch.status, StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the single event waits for its bytes"
-    );
-    drop(held);
-    assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
-    // A single event announced past its limit is 413 without being read.
-    let answer = send(
-        &ingest,
-        "POST",
-        "/product_events/",
-        Some("application/json"),
-        vec![b' '; config.max_body_bytes + 1],
-    )
-    .await;
-    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // The gates: with one route's bytes in flight taken, its requests wait; the other
+    // route's do not.
+    let batch = ndjson(&[event("gated")]);
+    let single = event("gated-single").to_string().into_bytes();
+    let routes = [
+        (
+            "/product_events/batch",
+            "application/x-ndjson",
+            batch,
+            &ingest.batch_bytes,
+        ),
+        (
+            "/product_events/",
+            "application/json",
+            single,
+            &ingest.body_bytes,
+        ),
+    ];
+    for (i, (uri, content_type, body, gate)) in routes.iter().enumerate() {
+        let held = Arc::clone(gate)
+            .acquire_many_owned(gate.available_permits() as u32)
+            .await
+            .expect("permits");
+        let waiting = tokio::spawn({
+            let router = ingest.router.clone();
+            let request = Request::post(*uri)
+                .header(header::CONTENT_TYPE, *content_type)
+                .body(Body::from(body.clone()))
+                .expect("request");
+            async move { router.oneshot(request).await.expect("response").status() }
+        });
+        let (other_uri, other_type, other_body, _) = &routes[1 - i];
+        let other = send(
+            &ingest,
+            "POST",
+            other_uri,
+            Some(other_type),
+            other_body.clone(),
+        )
+        .await;
+        assert_eq!(
+            other.status,
+            StatusCode::ACCEPTED,
+            "{other_uri} does not wait"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "{uri} waits for its bytes");
+        drop(held);
+        assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
+    }
 }

@@ -146,6 +146,32 @@ impl TestEnv {
         count
     }
 
+    /// Publishes each event as its own message, the way ingest does for single requests.
+    pub async fn publish_each(&self, events: &[serde_json::Value]) {
+        for e in events {
+            self.publish_raw(
+                &crate::events::ndjson(std::slice::from_ref(e)),
+                dedup_core::message::properties(chrono::Utc::now(), 1),
+            )
+            .await;
+        }
+    }
+
+    /// Waits (up to `within`) until the test schema holds `rows` rows and the queue has no
+    /// ready message.
+    pub async fn settle(&self, rows: i64, within: Duration) {
+        crate::eventually(
+            within,
+            &format!("{rows} stored rows and an empty queue"),
+            || async {
+                (self.stored_rows().await == rows
+                    && self.ready_messages(&self.topology.queue).await == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Ready and unacknowledged messages of `queue` from the management API (which refreshes
     /// its numbers every few seconds: poll it).
     pub async fn queue_depth(&self, queue: &str) -> dedup_core::queue_depth::QueueDepth {

@@ -73,6 +73,11 @@ pub fn samples() -> Vec<(String, String)> {
     out
 }
 
+/// `n` valid events with the keys `{tag}-0` … `{tag}-{n-1}`.
+pub fn unique(n: usize, tag: &str) -> Vec<Value> {
+    (0..n).map(|i| event(&format!("{tag}-{i}"))).collect()
+}
+
 /// NDJSON body of `events`.
 pub fn ndjson(events: &[Value]) -> Vec<u8> {
     let mut body = Vec::new();
