@@ -277,22 +277,23 @@ fn pack(limits: &Limits, items: Vec<&[u8]>) -> (Vec<(Vec<u8>, usize)>, Vec<ItemE
                 RawError::Invalid(errors) => errors,
             })
         };
-        // Text that validated is JSON: a multi-line item re-serialises; nothing is written
-        // to the message when it would not.
+        // Written straight into the message. Its line is at most the trimmed text and a
+        // newline (a multi-line item re-serialises shorter), so the byte cap is checked first;
+        // nothing is written when the text would not re-serialise.
         let outcome = outcome.and_then(|()| {
-            let line = message::ndjson_line(text)
-                .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}")))?;
+            let line_len = text.trim_ascii().len() + 1;
             let full = messages.last().is_none_or(|(buf, n)| {
-                *n >= per_message || buf.len() + line.len() > message::MAX_MESSAGE_BYTES
+                *n >= per_message || buf.len() + line_len > message::MAX_MESSAGE_BYTES
             });
             if full {
-                messages.push((Vec::with_capacity(line.len()), 0));
+                messages.push((Vec::with_capacity(line_len), 0));
             }
-            if let Some((buf, n)) = messages.last_mut() {
-                buf.extend_from_slice(&line);
-                *n += 1;
+            match messages.last_mut() {
+                Some((buf, n)) => message::push_text(buf, text)
+                    .map(|()| *n += 1)
+                    .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
+                None => Err(event::non_field_error("Invalid data.")),
             }
-            Ok(())
         });
         if let Err(field_errors) = outcome {
             errors.push(ItemErrors {
@@ -301,6 +302,8 @@ fn pack(limits: &Limits, items: Vec<&[u8]>) -> (Vec<(Vec<u8>, usize)>, Vec<ItemE
             });
         }
     }
+    // A message opened for an item that then failed to re-serialise holds nothing.
+    messages.retain(|(_, n)| *n > 0);
     (messages, errors)
 }
 
