@@ -219,8 +219,8 @@ impl Worker {
     }
 }
 
-/// Sets `dedup_worker_stalled` from the consumer's progress every few seconds, warning once
-/// when the worker stalls.
+/// Sets `dedup_worker_stalled` from the consumer's progress every few seconds, logging once
+/// when the worker stalls and once when it commits again.
 async fn report_stall(
     progress: Arc<consume::Progress>,
     limit: Duration,
@@ -273,8 +273,9 @@ async fn maintain_every(pipeline: Arc<Pipeline>, interval: Duration, stop: Cance
 /// Creates the partitions from yesterday to PARTITIONS_AHEAD days on, drops those past the
 /// retention, and counts both.
 async fn maintain_partitions(pipeline: &Pipeline) -> Result<(), error::Error> {
-    let days = pipeline.partitions.days(chrono::Utc::now());
-    let today = chrono::Utc::now().date_naive();
+    let now = chrono::Utc::now();
+    let days = pipeline.partitions.days(now);
+    let today = now.date_naive();
     let first = today.pred_opt().unwrap_or(today);
     let (created, dropped) = pipeline
         .store

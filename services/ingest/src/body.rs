@@ -55,7 +55,7 @@ pub async fn read_limited(
     let mut out = Vec::with_capacity(announced.unwrap_or(0).min(limit));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            if is_length_limit(e.as_ref()) {
+            if e.is::<http_body_util::LengthLimitError>() {
                 Error::BodyTooLarge { limit }
             } else {
                 Error::MalformedJson(format!("could not read the request body: {e}"))
@@ -66,19 +66,6 @@ pub async fn read_limited(
         }
     }
     Ok(Bytes::from(out))
-}
-
-/// Whether a body error is a length limit's, ours or that of a limit layer in front of the
-/// handler (which arrives wrapped in axum's error).
-fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<http_body_util::LengthLimitError>() || e.to_string().contains("length limit") {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// The items of a batch body, each the text of one event, judged later on its own. A JSON

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,6 @@ use dedup_core::event::RawError;
 use dedup_core::{FieldErrors, event, message, trace_context};
 use serde::Serialize;
 use serde_json::json;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -58,7 +57,7 @@ pub struct AppState {
     pub batch_bytes: Arc<tokio::sync::Semaphore>,
 }
 
-/// Permits of [`AppState::batch_bytes`] for a body of `bytes`.
+/// Permits of [`AppState::body_bytes`] or [`AppState::batch_bytes`] for a body of `bytes`.
 pub fn kib_permits(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
@@ -67,8 +66,9 @@ pub fn kib_permits(bytes: usize) -> u32 {
 pub fn app(state: AppState) -> Router {
     let state = Arc::new(state);
     let limits = state.limits.clone();
-    let single = post(post_event).layer(RequestBodyLimitLayer::new(limits.max_body_bytes));
-    let batch = post(post_batch).layer(RequestBodyLimitLayer::new(limits.max_batch_body_bytes));
+    // The handlers read their bodies themselves, within their limits (`read_gated`).
+    let single = post(post_event);
+    let batch = post(post_batch);
     Router::new()
         .route("/product_events/", single.clone())
         .route("/product_events", single)
@@ -76,8 +76,6 @@ pub fn app(state: AppState) -> Router {
         .route("/product_events/batch/", batch)
         .route("/healthz", get(dedup_core::admin::healthz))
         .route("/readyz", get(readyz))
-        // tower-http's limit above replaces axum's default 2 MB one.
-        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -334,8 +332,8 @@ fn unavailable(error: PublishError, limits: &Limits) -> Error {
     }
 }
 
-/// Counts and times every request, and gives bare 413 and 503 answers from the layers (size
-/// limit, timeout) the JSON body and `Retry-After` the handlers' own answers have.
+/// Counts and times every request, and gives the bare 503 of the timeout layer the JSON body
+/// and `Retry-After` the handlers' own answers have.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let route = match request
         .extensions()
@@ -354,14 +352,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        let limit = if route == "batch" {
-            state.limits.max_batch_body_bytes
-        } else {
-            state.limits.max_body_bytes
-        };
-        response = Error::BodyTooLarge { limit }.into_response();
-    } else if status == StatusCode::SERVICE_UNAVAILABLE
+    if status == StatusCode::SERVICE_UNAVAILABLE
         && !response.headers().contains_key(header::RETRY_AFTER)
     {
         if !is_json {
