@@ -1,17 +1,13 @@
 //! The machine's own ceilings, measured with the pipeline's own code and data: RabbitMQ
 //! publish-with-confirms and consume-and-ack of the pipeline's messages on the same queue
-//! type, PostgreSQL inserts of the same rows through the worker's statement, and the worker's
-//! Redis scripts per batch.
+//! type, PostgreSQL inserts of the same rows through the worker's statement, and Redis'
+//! `MGET` + `SET` per batch.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use dedup_core::{KeySpec, message};
-use dedup_worker::batch::{self, Candidate};
-use dedup_worker::bloom::BloomParams;
-use dedup_worker::metrics::Metrics;
-use dedup_worker::redis_tier::{Item, RedisSettings, RedisTier};
+use dedup_worker::batch;
 use dedup_worker::store::{Row, Store, lock_order};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -65,7 +61,7 @@ impl Ceilings {
             ("RabbitMQ publish+confirm", self.rabbitmq_publish_per_s),
             ("RabbitMQ consume+ack", self.rabbitmq_consume_ack_per_s),
             ("PostgreSQL insert", self.postgres_insert_rows_per_s),
-            ("Redis scripts", self.redis_events_per_s),
+            ("Redis check+record", self.redis_events_per_s),
         ]
         .into_iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
@@ -97,7 +93,7 @@ pub async fn measure(
     eprintln!("ceilings: PostgreSQL ({events} rows in batches of {batch_size})…");
     let postgres = postgres(iso, &lines, batch_size).await?;
     eprintln!("ceilings: Redis ({events} keys in batches of {batch_size})…");
-    let redis = redis(backends, iso, &lines, batch_size).await?;
+    let redis = redis(backends, iso, events, batch_size).await?;
     Ok(Ceilings {
         rabbitmq_publish_per_s: publish,
         rabbitmq_confirm_p50_ms: confirm_p50,
@@ -215,40 +211,37 @@ async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyh
     Ok(lines.len() as f64 / elapsed.as_secs_f64())
 }
 
-/// Runs the worker's Redis check and record per batch.
+/// Runs what the worker asks of Redis per batch, with Redis' own commands: one `MGET` of the
+/// batch's recent keys, then one pipeline of `SET … PX` recording them.
 async fn redis(
     backends: &Backends,
     iso: &Isolation,
-    lines: &[Vec<u8>],
+    events: usize,
     batch_size: usize,
 ) -> anyhow::Result<f64> {
-    let day = Duration::from_secs(86_400);
-    let tier = Arc::new(RedisTier::new(
-        RedisSettings {
-            url: backends.redis.clone(),
-            prefix: iso.name.clone(),
-            bloom: BloomParams::size(100.0, 0.01, 7 * day, day).map_err(anyhow::Error::msg)?,
-            recent_ttl: Duration::from_secs(3600),
-            timeout: Duration::from_secs(5),
-            retry_interval: Duration::from_secs(1),
-        },
-        Metrics::new(),
-    )?);
-    let spec = KeySpec::default();
-    let now = Utc::now();
-    let body: Vec<u8> = lines.concat();
-    let decoded = batch::decode(
-        [(&body[..], Some(now))],
-        &spec,
-        &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
-        now,
-    );
-    let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
+    let client = redis::Client::open(backends.redis.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    // Keys shaped like the worker's: hash tag, day, 128-bit key in hex.
+    let keys: Vec<String> = (0..events as u128)
+        .map(|n| {
+            let key = n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+            format!("{{{}}}:k:20260101:{key:032x}", iso.name)
+        })
+        .collect();
     let started = Instant::now();
-    for chunk in items.chunks(batch_size.max(1)) {
-        anyhow::ensure!(tier.check(chunk).await.is_some(), "Redis check failed");
-        tier.record(chunk).await;
+    for chunk in keys.chunks(batch_size.max(1)) {
+        let known: Vec<Option<u8>> = redis::cmd("MGET").arg(chunk).query_async(&mut conn).await?;
+        anyhow::ensure!(known.len() == chunk.len(), "MGET answered the wrong count");
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(3_600_000)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await?;
     }
-    anyhow::ensure!(!tier.is_degraded(), "Redis failed during the measurement");
-    Ok(items.len() as f64 / started.elapsed().as_secs_f64())
+    Ok(keys.len() as f64 / started.elapsed().as_secs_f64())
 }

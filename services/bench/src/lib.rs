@@ -190,6 +190,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     });
 
     let servers_before = services::ServerSnapshot::take();
+    let redis_before = services::redis_memory(&opts.backends, iso).await?;
     let hostile = (opts.hostile_connections > 0).then(|| {
         let mut event = Vec::new();
         workload.body(u64::MAX, &mut event);
@@ -275,6 +276,11 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let dead_lettered = metric_sum(&scrape, "dedup_worker_dead_lettered_total") as u64;
     let failed_requests = counters.failed_requests.load(Ordering::Relaxed);
     let servers_cpu = services::ServerSnapshot::take().since(&servers_before);
+    let redis_after = services::redis_memory(&opts.backends, iso).await?;
+    let redis_bytes_per_key = (redis_after.1 > redis_before.1).then(|| {
+        redis_after.0.saturating_sub(redis_before.0) as f64
+            / (redis_after.1 - redis_before.1) as f64
+    });
     let ingest_usage = services::usage(pipeline.ingest.id());
     let worker_usage = services::usage(pipeline.worker.id());
     pipeline.stop().await?;
@@ -334,6 +340,8 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         ingest: ingest_usage,
         worker: worker_usage,
         servers_cpu,
+        redis_keys: redis_after.1,
+        redis_bytes_per_key,
         duplicates_by_tier,
         hostile,
         correctness,

@@ -120,6 +120,12 @@ pub struct RunFigures {
     /// CPU of the local PostgreSQL, Redis and RabbitMQ from the first request to the last
     /// event settled; `None` when they do not run on this machine.
     pub servers_cpu: Option<ServerCpu>,
+    /// Keys the worker left in Redis (one per remembered event).
+    #[serde(default)]
+    pub redis_keys: u64,
+    /// Growth of Redis' `used_memory` per key left (`None` when no key was written).
+    #[serde(default)]
+    pub redis_bytes_per_key: Option<f64>,
     /// Duplicates caught per tier (in_batch, recent_keys, postgres).
     pub duplicates_by_tier: Vec<(String, u64)>,
     /// The hostile requests sent beside the load, when the run sent any.
@@ -215,6 +221,17 @@ fn cpu_per_event_row(run: &RunFigures) -> String {
     }
 }
 
+/// The markdown row of Redis memory per remembered event; empty when nothing was remembered.
+fn redis_memory_row(run: &RunFigures) -> String {
+    match run.redis_bytes_per_key {
+        Some(bytes) => format!(
+            "| Redis memory per remembered event (used_memory growth / keys left) | {bytes:.0} B ({} keys) |\n",
+            run.redis_keys
+        ),
+        None => String::new(),
+    }
+}
+
 impl Report {
     /// The report as markdown, the same figures as the printed table.
     pub fn markdown(&self) -> String {
@@ -237,7 +254,7 @@ impl Report {
                  | Duplicates by tier | {} |\n\
                  | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
                  | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
-                 {}\
+                 {}{}\
                  | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
                 run.mode,
                 run.connections,
@@ -273,6 +290,7 @@ impl Report {
                 run.worker.peak_rss_mib,
                 run.worker.cpu_seconds,
                 cpu_per_event_row(run),
+                redis_memory_row(run),
                 if c.ok { "OK" } else { "FAILED" },
                 c.unique_sent,
                 c.rows_stored,
@@ -456,6 +474,8 @@ dedup_ingest_message_bytes_count 20
                 redis_s: 0.013,
                 rabbitmq_s: 0.0,
             }),
+            redis_keys: 10,
+            redis_bytes_per_key: Some(104.4),
             duplicates_by_tier: vec![("in_batch".into(), 1)],
             hostile: None,
             correctness: Correctness {
@@ -536,6 +556,10 @@ dedup_ingest_message_bytes_count 20
         // 13 events: 0.13 s of ingest is 10 ms each, 0.26 s of PostgreSQL 20 ms, …
         assert!(
             md.contains("RabbitMQ (the servers' every process, first request → last settled) | 10000.0 / 0.0 / 20000.0 / 1000.0 / 0.0 µs |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Redis memory per remembered event (used_memory growth / keys left) | 104 B (10 keys) |"),
             "{md}"
         );
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();

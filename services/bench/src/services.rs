@@ -128,6 +128,23 @@ impl Isolation {
     }
 }
 
+/// Redis' `used_memory` and this isolation's key count, for memory per remembered event.
+pub async fn redis_memory(backends: &Backends, iso: &Isolation) -> anyhow::Result<(u64, u64)> {
+    let client = redis::Client::open(backends.redis.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")?;
+    let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", iso.name)).await?;
+    Ok((used, keys.len() as u64))
+}
+
 /// The running binaries.
 pub struct Pipeline {
     pub ingest: Child,

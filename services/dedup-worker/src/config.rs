@@ -53,22 +53,11 @@ pub struct Config {
     /// Fields whose values identify an event (comma-separated, in order).
     #[arg(long, env = "DEDUP_KEY_FIELDS", value_delimiter = ',', default_values_t = DEFAULT_KEY_FIELDS.map(String::from))]
     pub dedup_key_fields: Vec<String>,
-    /// How long Redis remembers an event (Bloom generations and recent keys).
+    /// How long Redis remembers a stored event's key (about 100 bytes each), so that a
+    /// duplicate arriving within it costs no PostgreSQL work. Later duplicates are still
+    /// refused by PostgreSQL's unique constraint.
     #[arg(long, env = "DEDUP_WINDOW", value_parser = parse_duration, default_value = "7d")]
     pub dedup_window: Duration,
-    /// TTL of the exact recent-key entries; defaults to the dedup window. Shorten it to bound
-    /// Redis memory (about 100 bytes per event).
-    #[arg(long, env = "RECENT_KEYS_TTL", value_parser = parse_duration)]
-    pub recent_keys_ttl: Option<Duration>,
-    /// Expected unique events per second, for sizing the Bloom filter.
-    #[arg(long, env = "BLOOM_EXPECTED_RATE", default_value_t = 100.0)]
-    pub bloom_expected_rate: f64,
-    /// Target false-positive rate of the Bloom filter across all generations.
-    #[arg(long, env = "BLOOM_FALSE_POSITIVE_RATE", default_value_t = 0.01)]
-    pub bloom_false_positive_rate: f64,
-    /// Length of one Bloom generation (the window is cut into these slices).
-    #[arg(long, env = "BLOOM_SLICE", value_parser = parse_duration, default_value = "1d")]
-    pub bloom_slice: Duration,
     /// Unacknowledged messages the broker may send ahead (AMQP prefetch); lowered at start so
     /// that PREFETCH full-size messages fit MAX_UNACKED_BYTES.
     #[arg(long, env = "PREFETCH", default_value_t = 300)]
@@ -137,8 +126,15 @@ impl Config {
             .max(1)
     }
 
-    /// Refuses settings that break the exactly-once guarantee.
+    /// Refuses settings that break the exactly-once guarantee, and variables this version no
+    /// longer reads (a setting silently ignored would leave its operator believing it holds).
     pub fn check(&self) -> anyhow::Result<()> {
+        for (name, instead) in REMOVED_VARIABLES {
+            anyhow::ensure!(
+                std::env::var_os(name).is_none(),
+                "{name} is set but no longer read: {instead} Unset it."
+            );
+        }
         anyhow::ensure!(
             self.retention >= self.dedup_window,
             "RETENTION ({}) is shorter than DEDUP_WINDOW ({}): Redis would drop repeats whose \
@@ -149,6 +145,20 @@ impl Config {
         Ok(())
     }
 }
+
+/// Variables earlier versions read, with what replaced them.
+const REMOVED_VARIABLES: [(&str, &str); 4] = [
+    (
+        "RECENT_KEYS_TTL",
+        "DEDUP_WINDOW is the recent keys' TTL; set it instead.",
+    ),
+    ("BLOOM_EXPECTED_RATE", BLOOM_REMOVED),
+    ("BLOOM_FALSE_POSITIVE_RATE", BLOOM_REMOVED),
+    ("BLOOM_SLICE", BLOOM_REMOVED),
+];
+
+const BLOOM_REMOVED: &str = "the worker has no Bloom filter (it could not change a decision: \
+     only a recent key drops an event, everything else goes to PostgreSQL).";
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {

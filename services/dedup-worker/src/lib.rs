@@ -12,14 +12,12 @@
 //! - [`pipeline`]: the per-batch algorithm, steps 1–5.
 //! - [`batch`]: decoding, validation, keys and in-batch collapse (pure).
 //! - [`dead_letter`]: publishing refused events to the dead-letter queue.
-//! - [`redis_tier`]: the Bloom filter and recent keys in Redis, with degraded mode.
-//! - [`bloom`]: Bloom filter sizing and bit positions (pure).
+//! - [`redis_tier`]: the recent keys in Redis, with degraded mode.
 //! - [`store`]: PostgreSQL: migrations, partitions, the batch insert.
 //! - [`error`]: what can go wrong, and whether to retry.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod batch;
-pub mod bloom;
 pub mod config;
 pub mod consume;
 pub mod dead_letter;
@@ -39,7 +37,6 @@ use dedup_core::admin::{self, Readiness};
 use dedup_core::queue_depth::{DepthReader, vhost_of};
 use tokio_util::sync::CancellationToken;
 
-use crate::bloom::BloomParams;
 pub use crate::config::Config;
 use crate::consume::{Consumer, ConsumerSettings};
 use crate::metrics::Metrics;
@@ -80,26 +77,11 @@ impl Worker {
         let spec = KeySpec::new(&config.dedup_key_fields)
             .map_err(anyhow::Error::msg)
             .context("DEDUP_KEY_FIELDS")?;
-        let bloom = BloomParams::size(
-            config.bloom_expected_rate,
-            config.bloom_false_positive_rate,
-            config.dedup_window,
-            config.bloom_slice,
-        )
-        .map_err(anyhow::Error::msg)?;
-        tracing::info!(
-            bits = bloom.bits,
-            hashes = bloom.hashes,
-            generations = bloom.generations,
-            mib_per_generation = bloom.bytes_per_generation() / (1 << 20),
-            "Bloom filter sized."
-        );
         let redis = RedisTier::new(
             RedisSettings {
                 url: config.redis_url.clone(),
                 prefix: config.redis_prefix.clone(),
-                bloom,
-                recent_ttl: config.recent_keys_ttl.unwrap_or(config.dedup_window),
+                recent_ttl: config.dedup_window,
                 timeout: config.redis_timeout,
                 retry_interval: config.redis_retry_interval,
             },

@@ -8,6 +8,7 @@ use dedup_worker::config::Command;
 async fn main() -> anyhow::Result<()> {
     let config: Config = config::parse()?;
     let _telemetry = telemetry::init(&config.log, "dedup-worker")?;
+    config.check()?;
     match config.command {
         Some(Command::Migrate) => dedup_worker::migrate(&config).await,
         Some(Command::Maintain) => dedup_worker::maintain(config).await,

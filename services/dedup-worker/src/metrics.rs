@@ -27,8 +27,6 @@ pub struct Metrics {
     pub stored: IntCounter,
     /// Duplicates by the tier that caught them (see [`TIERS`]).
     pub duplicates: IntCounterVec,
-    /// Bloom answers: miss, hit confirmed by a recent key, hit PostgreSQL had to settle.
-    pub bloom_lookups: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
@@ -76,11 +74,6 @@ impl Metrics {
                 "dedup_worker_duplicates_total",
                 "Duplicate events dropped, by the tier that caught them.",
                 &["tier"],
-            ),
-            bloom_lookups: counter_vec(
-                "dedup_worker_bloom_lookups_total",
-                "Bloom filter answers: miss, hit_confirmed (recent key), hit_unconfirmed (PostgreSQL decided).",
-                &["result"],
             ),
             dead_lettered: counter_vec(
                 "dedup_worker_dead_lettered_total",
@@ -145,7 +138,6 @@ impl Metrics {
             Box::new(m.consumed.clone()),
             Box::new(m.stored.clone()),
             Box::new(m.duplicates.clone()),
-            Box::new(m.bloom_lookups.clone()),
             Box::new(m.dead_lettered.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.batch_seconds.clone()),
@@ -164,9 +156,6 @@ impl Metrics {
         // Pre-create the bounded label values so dashboards read 0, not "no data".
         for tier in TIERS {
             m.duplicates.with_label_values(&[tier]);
-        }
-        for result in ["miss", "hit_confirmed", "hit_unconfirmed"] {
-            m.bloom_lookups.with_label_values(&[result]);
         }
         for action in ["created", "dropped"] {
             m.partitions.with_label_values(&[action]);

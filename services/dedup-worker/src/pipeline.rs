@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::batch::{self, Candidate};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::redis_tier::{Item, Known, RedisTier};
+use crate::redis_tier::{Item, RedisTier};
 use crate::store::{Row, Store};
 use crate::{FaultHook, Stage};
 
@@ -160,16 +160,11 @@ impl Pipeline {
         self.checkpoint(Stage::AfterRedisCheck, deliveries)?;
         let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
         let mut fresh_items: Vec<Item> = Vec::with_capacity(items.len());
-        let (mut recent, mut bloom_miss, mut bloom_unconfirmed) = (0u64, 0u64, 0u64);
+        let mut recent = 0u64;
         for (i, candidate) in decoded.candidates.iter().enumerate() {
-            match known.as_ref().map(|k| k[i]) {
-                Some(Known::Recent) => {
-                    recent += 1;
-                    continue;
-                }
-                Some(Known::BloomMiss) => bloom_miss += 1,
-                Some(Known::BloomHitUnconfirmed) => bloom_unconfirmed += 1,
-                None => {}
+            if known.as_ref().is_some_and(|k| k[i]) {
+                recent += 1;
+                continue;
             }
             fresh.push(candidate);
             fresh_items.push(items[i]);
@@ -218,15 +213,6 @@ impl Pipeline {
         m.duplicates
             .with_label_values(&["postgres"])
             .inc_by(outcome.postgres_duplicates);
-        m.bloom_lookups
-            .with_label_values(&["miss"])
-            .inc_by(bloom_miss);
-        m.bloom_lookups
-            .with_label_values(&["hit_confirmed"])
-            .inc_by(recent);
-        m.bloom_lookups
-            .with_label_values(&["hit_unconfirmed"])
-            .inc_by(bloom_unconfirmed);
         m.batch_size.observe(outcome.consumed as f64);
         m.batch_seconds.observe(started.elapsed().as_secs_f64());
         for delivery in deliveries {

@@ -62,8 +62,8 @@ async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
     sent.extend(originals.iter().take(60).cloned());
     sent.extend(originals.iter().take(20).cloned());
     publish_each(&env, &sent[..230]).await;
-    // The rest arrive after the first ones were stored and recorded in Redis (200 recent keys
-    // plus Bloom generations), so Redis catches them.
+    // The rest arrive after the first ones were stored and recorded in Redis (200 recent
+    // keys), so Redis catches them.
     settle(&env, 200).await;
     eventually(WAIT, "the stored keys recorded in Redis", || async {
         (env.redis_keys()

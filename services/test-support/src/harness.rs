@@ -119,10 +119,7 @@ pub fn worker_config(env: &TestEnv) -> dedup_worker::Config {
     config.reconnect_max_backoff = Duration::from_millis(300);
     config.redis_timeout = Duration::from_millis(300);
     config.redis_retry_interval = Duration::from_millis(300);
-    // A small filter: tests write a few thousand keys at most.
-    config.bloom_expected_rate = 1.0;
     config.dedup_window = Duration::from_secs(3600);
-    config.bloom_slice = Duration::from_secs(600);
     config.shutdown_grace = Duration::from_secs(10);
     config
 }
