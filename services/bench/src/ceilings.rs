@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use dedup_core::{KeySpec, message};
+use dedup_event::KeySpec;
+use dedup_message::message;
 use dedup_worker::batch;
 use dedup_worker::store::{Row, Store, lock_order};
 use futures::StreamExt;

@@ -282,13 +282,13 @@ async fn stored_counts(iso: &Isolation) -> anyhow::Result<HashMap<String, i64>> 
 }
 
 async fn dead_letters(backends: &Backends, iso: &Isolation) -> u64 {
-    let Ok(reader) = dedup_core::queue_depth::DepthReader::new(
+    let Ok(reader) = dedup_runtime::queue_depth::DepthReader::new(
         &backends.rabbitmq_management,
         Duration::from_secs(5),
     ) else {
         return u64::MAX;
     };
-    let vhost = dedup_core::queue_depth::vhost_of(&backends.rabbitmq);
+    let vhost = dedup_runtime::queue_depth::vhost_of(&backends.rabbitmq);
     // The management API refreshes its figures every few seconds.
     tokio::time::sleep(Duration::from_secs(6)).await;
     reader

@@ -207,11 +207,11 @@ mod tests {
             .expect("workload")
             .body(1, &mut event);
         let event = String::from_utf8(event).expect("UTF-8");
-        assert!(dedup_core::event::validate_raw(event.as_bytes()).is_ok());
+        assert!(dedup_event::event::validate_raw(event.as_bytes()).is_ok());
         let requests = requests(&event, 1 << 20);
         assert_eq!(requests.len(), 10);
         for request in requests.iter().filter(|r| r.path == "/product_events/") {
-            match dedup_core::event::validate_raw(&request.body) {
+            match dedup_event::event::validate_raw(&request.body) {
                 Err(_) => {}
                 Ok(fields) => assert!(
                     fields.event_date() < chrono::NaiveDate::from_ymd_opt(2, 1, 1).expect("date"),

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use dedup_core::queue_depth::DepthReader;
+use dedup_runtime::queue_depth::DepthReader;
 use http_body_util::{BodyExt, Empty};
 use sqlx::postgres::PgPoolOptions;
 
@@ -138,7 +138,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let counters = Arc::new(Counters::default());
     let depth_reader =
         DepthReader::new(&opts.backends.rabbitmq_management, Duration::from_secs(2)).ok();
-    let vhost = dedup_core::queue_depth::vhost_of(&opts.backends.rabbitmq);
+    let vhost = dedup_runtime::queue_depth::vhost_of(&opts.backends.rabbitmq);
 
     // Progress: once a second, what was sent and what the worker settled.
     let stop_progress = tokio_util::sync::CancellationToken::new();

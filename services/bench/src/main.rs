@@ -8,7 +8,7 @@ use dedup_bench::load::LoadSettings;
 use dedup_bench::report::{self, Report};
 use dedup_bench::services::{Backends, Binaries, Isolation};
 use dedup_bench::{RunOptions, ceilings, run_pipeline};
-use dedup_core::config::parse_duration;
+use dedup_runtime::config::parse_duration;
 
 /// The load generator shares the cores with what it measures: mimalloc keeps its own
 /// allocation cost down.

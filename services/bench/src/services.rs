@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use dedup_core::topology::Topology;
+use dedup_message::topology::Topology;
 use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 

@@ -161,7 +161,7 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["r"], "run1-42");
         assert_eq!(value["event_name"], "app_list");
-        assert!(dedup_core::event::validate_raw(value.to_string().as_bytes()).is_ok());
+        assert!(dedup_event::event::validate_raw(value.to_string().as_bytes()).is_ok());
         assert!(body.len() > 1500, "about 2 KB: {}", body.len());
     }
 }

@@ -343,8 +343,8 @@ pub fn broker_depth() -> DepthSource {
             let amqp = read(pipeline.spec.secrets.rabbitmq_url.clone())
                 .await
                 .unwrap_or_default();
-            let vhost = dedup_core::queue_depth::vhost_of(&amqp);
-            let reader = match dedup_core::queue_depth::DepthReader::new(
+            let vhost = dedup_runtime::queue_depth::vhost_of(&amqp);
+            let reader = match dedup_runtime::queue_depth::DepthReader::new(
                 &management,
                 Duration::from_secs(5),
             ) {

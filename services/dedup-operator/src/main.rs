@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use dedup_core::admin;
-use dedup_core::telemetry::{self, LogArgs};
 use dedup_operator::controller::{self, Context};
 use dedup_operator::crd::DedupPipeline;
 use dedup_operator::metrics::Metrics;
+use dedup_runtime::admin;
+use dedup_runtime::telemetry::{self, LogArgs};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{Controller, watcher};
@@ -93,7 +93,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("Watching DedupPipelines.");
     Controller::new(pipelines, watcher::Config::default())
         .owns(Api::<Deployment>::all(client), watcher::Config::default())
-        .graceful_shutdown_on(async { dedup_core::shutdown::shutdown_signal().await })
+        .graceful_shutdown_on(async { dedup_runtime::shutdown::shutdown_signal().await })
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -6,11 +6,12 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use dedup_core::event::{Fields, RawError};
+use dedup_event::event::{Fields, RawError};
 
 use crate::redis_tier::Item;
 use crate::store::Row;
-use dedup_core::{DedupKey, KeySpec, event, message};
+use dedup_event::{DedupKey, KeySpec, event};
+use dedup_message::message;
 
 /// An event that passed validation, with its key.
 #[derive(Debug)]
@@ -168,7 +169,7 @@ pub fn decode<'a>(
             if seen.insert((event.fields.event_date(), key)) {
                 out.candidates.push(Candidate {
                     key,
-                    payload: event.jsonb_ordered(raw),
+                    payload: crate::jsonb::ordered(&event, raw),
                     fields: event.fields,
                     received_at,
                 });

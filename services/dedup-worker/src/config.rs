@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dedup_core::config::{AmqpArgs, ConfigFileArg, parse_duration};
-use dedup_core::key::DEFAULT_KEY_FIELDS;
-use dedup_core::telemetry::LogArgs;
+use dedup_event::key::DEFAULT_KEY_FIELDS;
+use dedup_message::topology::AmqpArgs;
+use dedup_runtime::config::{ConfigFileArg, parse_duration};
+use dedup_runtime::telemetry::LogArgs;
 
 /// dedup-worker: consumes product events, drops duplicates through Redis and PostgreSQL, and
 /// stores every unique event exactly once.
@@ -120,7 +121,7 @@ impl Config {
     /// The prefetch actually asked for: PREFETCH, lowered so that as many largest messages
     /// fit MAX_UNACKED_BYTES.
     pub fn effective_prefetch(&self) -> u16 {
-        let fit = self.max_unacked_bytes / dedup_core::message::MAX_DECODED_BYTES;
+        let fit = self.max_unacked_bytes / dedup_message::message::MAX_DECODED_BYTES;
         self.prefetch
             .min(u16::try_from(fit).unwrap_or(u16::MAX))
             .max(1)

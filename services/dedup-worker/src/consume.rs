@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dedup_core::backoff::Backoff;
-use dedup_core::topology::{Topology, describe_declare_error};
+use dedup_message::topology::{Topology, describe_declare_error};
+use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -382,7 +382,7 @@ impl InFlight {
 fn events_in(delivery: &Delivery) -> usize {
     let header = delivery.properties.headers().as_ref().and_then(|h| {
         h.inner()
-            .get(dedup_core::message::HEADER_EVENT_COUNT)
+            .get(dedup_message::message::HEADER_EVENT_COUNT)
             .cloned()
     });
     match header {

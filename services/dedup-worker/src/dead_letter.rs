@@ -2,8 +2,8 @@
 //! alone with the reason in a header, confirmed by the broker before the batch is acked. They
 //! are never dropped silently and never block the events behind them.
 
-use dedup_core::message::HEADER_DEAD_LETTER_REASON;
-use dedup_core::topology::Topology;
+use dedup_message::message::HEADER_DEAD_LETTER_REASON;
+use dedup_message::topology::Topology;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};

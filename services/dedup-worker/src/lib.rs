@@ -14,6 +14,7 @@
 //! - [`dead_letter`]: publishing refused events to the dead-letter queue.
 //! - [`redis_tier`]: the recent keys in Redis, with degraded mode.
 //! - [`store`]: PostgreSQL: migrations, partitions, the batch insert.
+//! - [`jsonb`]: an event's text in the member order `jsonb` keeps (pure).
 //! - [`error`]: what can go wrong, and whether to retry.
 //! - [`metrics`]: Prometheus metrics.
 
@@ -22,6 +23,7 @@ pub mod config;
 pub mod consume;
 pub mod dead_letter;
 pub mod error;
+pub mod jsonb;
 pub mod metrics;
 pub mod pipeline;
 pub mod redis_tier;
@@ -32,9 +34,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use dedup_core::KeySpec;
-use dedup_core::admin::{self, Readiness};
-use dedup_core::queue_depth::{DepthReader, vhost_of};
+use dedup_event::KeySpec;
+use dedup_runtime::admin::{self, Readiness};
+use dedup_runtime::queue_depth::{DepthReader, vhost_of};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::Config;

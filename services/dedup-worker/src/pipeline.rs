@@ -6,9 +6,10 @@
 use std::time::Instant;
 
 use chrono::{NaiveDate, Utc};
-use dedup_core::backoff::Backoff;
-use dedup_core::topology::Topology;
-use dedup_core::{KeySpec, trace_context};
+use dedup_event::KeySpec;
+use dedup_message::topology::Topology;
+use dedup_message::trace_context;
+use dedup_runtime::backoff::Backoff;
 use lapin::Channel;
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
@@ -129,8 +130,8 @@ impl Pipeline {
         let bodies: Vec<_> = deliveries
             .iter()
             .filter_map(
-                |d| match dedup_core::message::decode(&d.data, &d.properties) {
-                    Ok(body) => Some((body, dedup_core::message::received_at(&d.properties))),
+                |d| match dedup_message::message::decode(&d.data, &d.properties) {
+                    Ok(body) => Some((body, dedup_message::message::received_at(&d.properties))),
                     Err(detail) => {
                         unreadable.push(batch::DeadLetter {
                             body: d.data.clone(),
@@ -216,7 +217,7 @@ impl Pipeline {
         m.batch_size.observe(outcome.consumed as f64);
         m.batch_seconds.observe(started.elapsed().as_secs_f64());
         for delivery in deliveries {
-            if let Some(received) = dedup_core::message::received_at(&delivery.properties) {
+            if let Some(received) = dedup_message::message::received_at(&delivery.properties) {
                 let lag = (committed - received)
                     .num_microseconds()
                     .unwrap_or_default()

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
-use dedup_core::DedupKey;
+use dedup_event::DedupKey;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 

@@ -79,7 +79,7 @@ async fn sample_posted_twice_over_http_is_stored_once() {
     // The worker's /metrics tells the same story: 5 events in, 3 stored, 2 duplicates.
     let worker_admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let worker_admin_addr = worker_admin.local_addr().expect("addr");
-    let router = dedup_core::admin::router(
+    let router = dedup_runtime::admin::router(
         worker.worker.metrics().registry.clone(),
         worker.worker.readiness(),
     );

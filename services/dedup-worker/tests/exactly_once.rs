@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use dedup_core::message;
+use dedup_message::message;
 use dedup_worker::Stage;
 use serde_json::Value;
 use test_support::events::{event, ndjson, unique};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use dedup_core::message;
+use dedup_message::message;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};

@@ -78,7 +78,7 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
 
     let worker_admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let worker_addr = worker_admin.local_addr().expect("addr");
-    let router = dedup_core::admin::router(
+    let router = dedup_runtime::admin::router(
         worker.worker.metrics().registry.clone(),
         worker.worker.readiness(),
     );

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use dedup_core::message;
+use dedup_message::message;
 use serde_json::Value;
 use test_support::events::{event, ndjson, test_datetime};
 use test_support::harness::{

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{NaiveDate, Utc};
-use dedup_core::KeySpec;
+use dedup_event::KeySpec;
 use dedup_worker::store::{Store, lock_order};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -196,7 +196,7 @@ fn number_limits_match_postgres_exactly() {
             )
             .expect("ask PostgreSQL");
         for (number, postgres_ok) in numbers.iter().zip(postgres) {
-            let ours = dedup_core::storable::check(number.as_bytes(), 0).is_ok();
+            let ours = dedup_event::storable::check(number.as_bytes(), 0).is_ok();
             prop_assert_eq!(ours, postgres_ok, "{}", number);
         }
         Ok(())

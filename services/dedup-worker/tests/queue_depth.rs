@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use dedup_core::message;
-use dedup_core::queue_depth::{DepthError, DepthReader, QueueDepth, vhost_of};
+use dedup_message::message;
+use dedup_runtime::queue_depth::{DepthError, DepthReader, QueueDepth, vhost_of};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;

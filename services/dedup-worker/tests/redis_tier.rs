@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use dedup_core::DedupKey;
+use dedup_event::DedupKey;
 use dedup_worker::metrics::Metrics;
 use dedup_worker::redis_tier::{Item, RedisSettings, RedisTier};
 use test_support::TestEnv;

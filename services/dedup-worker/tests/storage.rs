@@ -57,11 +57,11 @@ async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
     );
     let mut body = Vec::new();
     for text in &texts {
-        body.extend_from_slice(&dedup_core::message::ndjson_line(text.as_bytes()).unwrap());
+        body.extend_from_slice(&dedup_message::message::ndjson_line(text.as_bytes()).unwrap());
     }
     let decoded = dedup_worker::batch::decode(
         [(&body[..], None)],
-        &dedup_core::KeySpec::default(),
+        &dedup_event::KeySpec::default(),
         &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
         chrono::Utc::now(),
     );

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Some(at) = dedup_core::datetime::parse(text) {
+    if let Some(at) = dedup_event::datetime::parse(text) {
         let year = at.year();
         // A year-1 date-time east of UTC is year 0 in UTC: the window refuses it later.
         assert!((0..=10_000).contains(&year), "{text} read as year {year}");

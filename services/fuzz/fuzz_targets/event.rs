@@ -3,19 +3,19 @@
 //! key.
 #![no_main]
 
-use dedup_core::KeySpec;
-use dedup_core::event::parse_raw;
+use dedup_event::KeySpec;
+use dedup_event::event::parse_raw;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(event) = parse_raw(data) else { return };
     assert!(
-        dedup_core::storable::check(data, 0).is_ok(),
+        dedup_event::storable::check(data, 0).is_ok(),
         "accepted but not storable"
     );
     let text = std::str::from_utf8(data).expect("accepted text is UTF-8");
-    let ordered = event.jsonb_ordered(text);
+    let ordered = dedup_worker::jsonb::ordered(&event, text);
     serde_json::from_str::<serde::de::IgnoredAny>(&ordered).expect("ordered text is JSON");
     // serde_json's tree holds no number past f64 (1e400): compare where it can hold both.
     // Ordering drops the earlier copies of a repeated name, so the ordered text may parse
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         (Err(_), _) => {}
     }
     let _ = KeySpec::default().key_of_raw(&event);
-    for (field, limit) in dedup_core::event::STRING_FIELDS {
+    for (field, limit) in dedup_event::event::STRING_FIELDS {
         if let Some(Some(value)) = event.fields.required_field(field) {
             assert!(value.chars().count() <= limit, "{field} over its limit");
             assert!(!value.contains('\0'), "{field} holds NUL");

@@ -2,7 +2,7 @@
 //! allocates past the decoded-size cap, and its lines are non-blank slices of the body.
 #![no_main]
 
-use dedup_core::message::{MAX_DECODED_BYTES, decode, lines};
+use dedup_message::message::{MAX_DECODED_BYTES, decode, lines};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
 

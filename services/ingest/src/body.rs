@@ -101,7 +101,7 @@ pub fn batch(bytes: &[u8], kind: BodyKind, max_events: usize) -> Result<Vec<&[u8
                 }
             }
         }
-        BodyKind::NdJson => dedup_core::message::lines(bytes)
+        BodyKind::NdJson => dedup_message::message::lines(bytes)
             .take(max_events.saturating_add(1))
             .collect(),
     };

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dedup_core::message::MAX_MESSAGE_BYTES;
-use dedup_core::{message, trace_context};
+use dedup_message::message::MAX_MESSAGE_BYTES;
+use dedup_message::{message, trace_context};
 use lapin::types::{AMQPValue, FieldArray};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;

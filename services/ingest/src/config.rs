@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dedup_core::config::{AmqpArgs, ConfigFileArg, parse_duration};
-use dedup_core::telemetry::LogArgs;
+use dedup_message::topology::AmqpArgs;
+use dedup_runtime::config::{ConfigFileArg, parse_duration};
+use dedup_runtime::telemetry::LogArgs;
 
 /// Largest single-event body accepted by default (the original's limit was similar).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -68,8 +69,8 @@ pub struct Config {
     #[arg(long, env = "COALESCE_MAX_EVENTS", default_value_t = 128)]
     pub coalesce_max_events: usize,
     /// How message bodies are compressed on the queue (the worker reads both).
-    #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_core::message::Compression::Lz4)]
-    pub message_compression: dedup_core::message::Compression,
+    #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_message::message::Compression::Lz4)]
+    pub message_compression: dedup_message::message::Compression,
     /// Packed messages that may await a confirm at once. Few is better: the broker's cost is
     /// mostly per message (a quorum queue spends ~0.3-1 ms of CPU on each), and while these
     /// await their confirms the next events gather into one message. 2 × COALESCE_MAX_EVENTS
@@ -104,7 +105,7 @@ pub struct Config {
 impl Config {
     /// Refuses settings that would break the limits' promises.
     pub fn check(&self) -> anyhow::Result<()> {
-        let most = dedup_core::message::MAX_DECODED_BYTES - 1;
+        let most = dedup_message::message::MAX_DECODED_BYTES - 1;
         anyhow::ensure!(
             self.max_body_bytes <= most,
             "MAX_BODY_BYTES is {}; at most {most} fit one message (the worker refuses larger ones)",

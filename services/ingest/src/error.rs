@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dedup_core::FieldErrors;
+use dedup_event::FieldErrors;
 use serde_json::json;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use dedup_core::admin::{Readiness, readiness_response};
-use dedup_core::event::RawError;
-use dedup_core::{FieldErrors, event, message, trace_context};
+use dedup_event::event::RawError;
+use dedup_event::{FieldErrors, event};
+use dedup_message::{message, trace_context};
+use dedup_runtime::admin::{Readiness, readiness_response};
 use serde::Serialize;
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
@@ -74,7 +75,7 @@ pub fn app(state: AppState) -> Router {
         .route("/product_events", single)
         .route("/product_events/batch", batch.clone())
         .route("/product_events/batch/", batch)
-        .route("/healthz", get(dedup_core::admin::healthz))
+        .route("/healthz", get(dedup_runtime::admin::healthz))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(TimeoutLayer::with_status_code(

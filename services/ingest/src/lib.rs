@@ -24,7 +24,7 @@ pub mod publish;
 use std::sync::Arc;
 
 use anyhow::Context;
-use dedup_core::admin::{self, Readiness};
+use dedup_runtime::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -154,7 +154,7 @@ pub fn limits(config: &Config) -> Limits {
         max_batch_body_bytes: config.max_batch_body_bytes,
         max_batch_events: config.max_batch_events,
         events_per_message: config.events_per_message,
-        window: dedup_core::event::Window {
+        window: dedup_event::event::Window {
             max_age: config.event_max_age,
             max_future: config.event_max_future,
         },

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use dedup_core::backoff::Backoff;
-use dedup_core::topology::{Topology, describe_declare_error};
+use dedup_message::topology::{Topology, describe_declare_error};
+use dedup_runtime::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -45,7 +45,7 @@ pub struct PublisherConfig {
     pub max_in_flight: usize,
     pub confirm_timeout: Duration,
     pub reconnect_max_backoff: Duration,
-    pub compression: dedup_core::message::Compression,
+    pub compression: dedup_message::message::Compression,
 }
 
 /// A live connection and its confirm-mode channels.
@@ -122,7 +122,7 @@ impl Publisher {
         mut properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let link = self.current_link().ok_or(PublishError::NotConnected)?;
-        let (body, encoding) = dedup_core::message::encode(body, self.config.compression);
+        let (body, encoding) = dedup_message::message::encode(body, self.config.compression);
         if let Some(encoding) = encoding {
             properties = properties.with_content_encoding(encoding.into());
         }

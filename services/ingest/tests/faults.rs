@@ -87,7 +87,7 @@ async fn a_hung_broker_link_gives_503_after_the_confirm_timeout_and_is_replaced(
         .await
         .iter()
         .flat_map(|(body, _)| {
-            dedup_core::message::lines(body)
+            dedup_message::message::lines(body)
                 .map(|l| serde_json::from_slice::<Value>(l).expect("JSON")["r"].to_string())
                 .collect::<Vec<_>>()
         })

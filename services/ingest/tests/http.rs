@@ -72,7 +72,7 @@ async fn queued_events(env: &TestEnv) -> Vec<Value> {
         .await
         .iter()
         .flat_map(|(body, _)| {
-            dedup_core::message::lines(body)
+            dedup_message::message::lines(body)
                 .map(|l| serde_json::from_slice(l).expect("JSON line"))
                 .collect::<Vec<Value>>()
         })
@@ -106,7 +106,7 @@ async fn valid_event_is_queued_and_answered_202() {
     assert!(
         headers
             .inner()
-            .contains_key(dedup_core::message::HEADER_RECEIVED_AT)
+            .contains_key(dedup_message::message::HEADER_RECEIVED_AT)
     );
 }
 
@@ -325,7 +325,7 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
 /// the NDJSON they carry) unless compression is turned off.
 #[tokio::test]
 async fn messages_are_lz4_compressed_unless_turned_off() {
-    use dedup_core::message::{Compression, ENCODING_LZ4, decode};
+    use dedup_message::message::{Compression, ENCODING_LZ4, decode};
     let env = TestEnv::new("lz4").await;
     let events: Vec<Value> = (0..50).map(|i| event(&format!("z-{i}"))).collect();
     for compression in [Compression::Lz4, Compression::None] {
@@ -390,7 +390,7 @@ async fn concurrent_requests_are_all_confirmed_and_packed() {
     let mut rs: Vec<String> = messages
         .iter()
         .flat_map(|(body, _)| {
-            dedup_core::message::lines(body)
+            dedup_message::message::lines(body)
                 .map(|l| {
                     serde_json::from_slice::<Value>(l).expect("JSON")["r"]
                         .as_str()
@@ -531,7 +531,7 @@ async fn unreachable_broker_from_the_start_gives_503() {
 /// and a batch waits for its share of MAX_BATCH_BYTES_IN_FLIGHT while single events do not.
 #[tokio::test]
 async fn batches_are_bounded_in_bytes() {
-    use dedup_core::message::{MAX_MESSAGE_BYTES, decode};
+    use dedup_message::message::{MAX_MESSAGE_BYTES, decode};
     let env = TestEnv::new("batchbytes").await;
     let mut config = ingest_config(&env, RABBITMQ);
     config.max_body_bytes = 64 * 1024;
@@ -613,7 +613,7 @@ async fn batches_are_bounded_in_bytes() {
     for (body, properties) in &messages {
         let plain = decode(body, properties).expect("decodable");
         assert!(plain.len() <= MAX_MESSAGE_BYTES, "{} bytes", plain.len());
-        events += dedup_core::message::lines(&plain).count();
+        events += dedup_message::message::lines(&plain).count();
     }
     assert_eq!(events, 39);
 

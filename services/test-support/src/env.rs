@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use dedup_core::topology::Topology;
+use dedup_message::topology::Topology;
 use lapin::options::{
     BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -151,7 +151,7 @@ impl TestEnv {
         for e in events {
             self.publish_raw(
                 &crate::events::ndjson(std::slice::from_ref(e)),
-                dedup_core::message::properties(chrono::Utc::now(), 1),
+                dedup_message::message::properties(chrono::Utc::now(), 1),
             )
             .await;
         }
@@ -174,8 +174,8 @@ impl TestEnv {
 
     /// Ready and unacknowledged messages of `queue` from the management API (which refreshes
     /// its numbers every few seconds: poll it).
-    pub async fn queue_depth(&self, queue: &str) -> dedup_core::queue_depth::QueueDepth {
-        let reader = dedup_core::queue_depth::DepthReader::new(
+    pub async fn queue_depth(&self, queue: &str) -> dedup_runtime::queue_depth::QueueDepth {
+        let reader = dedup_runtime::queue_depth::DepthReader::new(
             RABBITMQ_MANAGEMENT_URL,
             Duration::from_secs(5),
         )
@@ -193,7 +193,7 @@ impl TestEnv {
             .await
             .into_iter()
             .map(|(data, properties)| {
-                let body = dedup_core::message::decode(&data, &properties)
+                let body = dedup_message::message::decode(&data, &properties)
                     .unwrap_or_else(|e| panic!("a message on {queue} cannot be decoded: {e}"))
                     .into_owned();
                 (body, properties.headers().clone())

@@ -61,7 +61,7 @@ impl IngestUnderTest {
             )
             .await;
         }
-        let ready: dedup_core::admin::Readiness = {
+        let ready: dedup_runtime::admin::Readiness = {
             let p = publisher.clone();
             Arc::new(move || {
                 if p.is_connected() {

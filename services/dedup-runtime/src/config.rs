@@ -11,24 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, FromArgMatches};
 
-use crate::topology::Topology;
-
 /// Environment variable naming the YAML file.
 pub const CONFIG_ENV: &str = "DEDUP_CONFIG";
-
-/// The broker connection and queue names.
-#[derive(Debug, Clone, Args)]
-pub struct AmqpArgs {
-    /// RabbitMQ URL (`amqp://user:password@host:port/vhost`, the default vhost is `%2f`).
-    #[arg(
-        long,
-        env = "RABBITMQ_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub rabbitmq_url: String,
-    #[command(flatten)]
-    pub topology: Topology,
-}
 
 /// The optional YAML file with settings.
 #[derive(Debug, Clone, Args)]

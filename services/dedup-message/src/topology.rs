@@ -18,6 +18,20 @@ pub enum QueueType {
     Classic,
 }
 
+/// The broker connection and queue names.
+#[derive(Debug, Clone, Args)]
+pub struct AmqpArgs {
+    /// RabbitMQ URL (`amqp://user:password@host:port/vhost`, the default vhost is `%2f`).
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub rabbitmq_url: String,
+    #[command(flatten)]
+    pub topology: Topology,
+}
+
 /// Names and shape of the queues. Both binaries must agree on these.
 #[derive(Debug, Clone, Args)]
 pub struct Topology {

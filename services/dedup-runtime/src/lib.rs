@@ -1,0 +1,20 @@
+//! What every dedup process runs on: settings, logging and tracing, the admin server, signals
+//! and graceful shutdown, reconnection pacing and the queue depth read from RabbitMQ's
+//! management API.
+//!
+//! # Layout
+//!
+//! - [`config`]: the optional YAML settings file, its precedence and the duration syntax.
+//! - [`telemetry`]: logging and OpenTelemetry tracing setup.
+//! - [`admin`]: the /metrics, /healthz and /readyz server on the admin port, and the `probe`
+//!   health check.
+//! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
+//! - [`backoff`]: reconnection pacing.
+//! - [`queue_depth`]: ready and unacknowledged messages from the management API.
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod queue_depth;
+pub mod shutdown;
+pub mod telemetry;
