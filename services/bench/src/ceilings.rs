@@ -133,11 +133,9 @@ async fn rabbitmq(
         }
         let sent = Instant::now();
         // As ingest sends a message of one event: lz4-compressed when that makes it smaller.
-        let (body, encoding) = message::encode(line, message::Compression::Lz4);
-        let mut properties = message::properties(Utc::now(), 1);
-        if let Some(encoding) = encoding {
-            properties = properties.with_content_encoding(encoding.into());
-        }
+        let mut envelope = message::Envelope::new();
+        envelope.push_line(line, Utc::now(), None);
+        let (body, properties) = envelope.seal(message::Compression::Lz4);
         let confirm = channel
             .basic_publish(
                 iso.topology.exchange.as_str().into(),

@@ -1,5 +1,9 @@
 //! How events travel on the queue: one AMQP message carries one or more events as NDJSON
-//! (one compact JSON object per line), marked persistent, with the time ingest received them.
+//! (one compact JSON object per line), marked persistent, with the time ingest received them,
+//! their count and the trace context of every request they came from. [`Envelope`] is that
+//! message: ingest packs events into one and seals it; the worker reads the same headers back
+//! through its associated functions. Dead letters are the other message kind
+//! ([`dead_letter_properties`]).
 //!
 //! Packing several events into one confirmed message (a batch request) keeps the broker's
 //! message rate from capping the event rate; the worker still judges every line on its own.
@@ -46,7 +50,7 @@ pub fn ndjson_line(text: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
 }
 
 /// Appends one event's JSON text to `body` as one NDJSON line, as [`ndjson_line`] makes it.
-pub fn push_text(body: &mut Vec<u8>, text: &[u8]) -> Result<(), serde_json::Error> {
+fn push_text(body: &mut Vec<u8>, text: &[u8]) -> Result<(), serde_json::Error> {
     let trimmed = text.trim_ascii();
     if trimmed.contains(&b'\n') {
         let value: Value = serde_json::from_slice(trimmed)?;
@@ -58,32 +62,207 @@ pub fn push_text(body: &mut Vec<u8>, text: &[u8]) -> Result<(), serde_json::Erro
     Ok(())
 }
 
-/// Properties for a message of `count` events received at `received_at`.
-pub fn properties(received_at: DateTime<Utc>, count: usize) -> BasicProperties {
+/// One message of events on its way to the queue.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    body: Vec<u8>,
+    events: usize,
+    /// When ingest received the earliest of the events.
+    received_at: Option<DateTime<Utc>>,
+    /// The `traceparent` of every request whose events this carries, each once.
+    traceparents: Vec<String>,
+}
+
+impl Envelope {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether an event whose line is `line_len` bytes may join: the envelope holds fewer than
+    /// `max_events` events and stays within [`MAX_MESSAGE_BYTES`]. An empty envelope takes any
+    /// one event (its size is bounded by ingest's body limit, below [`MAX_DECODED_BYTES`]).
+    pub fn has_room(&self, line_len: usize, max_events: usize) -> bool {
+        self.events == 0
+            || (self.events < max_events.max(1) && self.body.len() + line_len <= MAX_MESSAGE_BYTES)
+    }
+
+    /// Adds one event's JSON text as an NDJSON line ([`ndjson_line`]); nothing is added when
+    /// the text does not re-serialise.
+    pub fn push(
+        &mut self,
+        text: &[u8],
+        received_at: DateTime<Utc>,
+        traceparent: Option<&str>,
+    ) -> Result<(), serde_json::Error> {
+        let len = self.body.len();
+        if let Err(e) = push_text(&mut self.body, text) {
+            self.body.truncate(len);
+            return Err(e);
+        }
+        self.count(received_at, traceparent);
+        Ok(())
+    }
+
+    /// Adds a line [`ndjson_line`] made (compact, newline-terminated) as it is.
+    pub fn push_line(
+        &mut self,
+        line: &[u8],
+        received_at: DateTime<Utc>,
+        traceparent: Option<&str>,
+    ) {
+        self.body.extend_from_slice(line);
+        self.count(received_at, traceparent);
+    }
+
+    /// Counts the event just written, its received time and its request's trace.
+    fn count(&mut self, received_at: DateTime<Utc>, traceparent: Option<&str>) {
+        self.events += 1;
+        self.received_at = Some(
+            self.received_at
+                .map_or(received_at, |at| at.min(received_at)),
+        );
+        if let Some(traceparent) = traceparent
+            && !self.traceparents.iter().any(|t| t == traceparent)
+        {
+            self.traceparents.push(traceparent.to_owned());
+        }
+    }
+
+    /// How many events it carries.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// The NDJSON body, uncompressed.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Empties it for the next pack, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.body.clear();
+        self.events = 0;
+        self.received_at = None;
+        self.traceparents.clear();
+    }
+
+    /// The bytes to publish and every property: persistent, content type and encoding, the
+    /// received time, the event count and the trace links.
+    pub fn seal(&self, compression: Compression) -> (Cow<'_, [u8]>, BasicProperties) {
+        let (bytes, encoding) = encode(&self.body, compression);
+        let mut properties =
+            Self::properties(self.received_at.unwrap_or_else(Utc::now), self.events);
+        if let Some(encoding) = encoding {
+            properties = properties.with_content_encoding(encoding.into());
+        }
+        if let Some(first) = self.traceparents.first() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                crate::trace_context::HEADER_TRACEPARENT.into(),
+                AMQPValue::LongString(first.as_str().into()),
+            );
+            if self.traceparents.len() > 1 {
+                let all: Vec<AMQPValue> = self
+                    .traceparents
+                    .iter()
+                    .map(|t| AMQPValue::LongString(t.as_str().into()))
+                    .collect();
+                headers.insert(
+                    crate::trace_context::HEADER_TRACEPARENTS.into(),
+                    AMQPValue::FieldArray(all.into()),
+                );
+            }
+            properties = properties.with_headers(headers);
+        }
+        (bytes, properties)
+    }
+
+    /// Properties for a message of `count` events received at `received_at`, without trace
+    /// links or content encoding (for a body built elsewhere, such as a test's hostile one).
+    pub fn properties(received_at: DateTime<Utc>, count: usize) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_RECEIVED_AT.into(),
+            AMQPValue::LongLongInt(received_at.timestamp_micros()),
+        );
+        headers.insert(
+            HEADER_EVENT_COUNT.into(),
+            AMQPValue::LongLongInt(count as i64),
+        );
+        BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type(ShortString::from(CONTENT_TYPE))
+            .with_timestamp(u64::try_from(received_at.timestamp()).unwrap_or_default())
+            .with_headers(headers)
+    }
+
+    /// When ingest received the message's events; `None` when the header is missing or garbled.
+    pub fn received_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
+        let headers = properties.headers().as_ref()?;
+        match headers.inner().get(HEADER_RECEIVED_AT)? {
+            AMQPValue::LongLongInt(us) => DateTime::from_timestamp_micros(*us),
+            AMQPValue::Timestamp(s) => DateTime::from_timestamp(i64::try_from(*s).ok()?, 0),
+            _ => None,
+        }
+    }
+
+    /// A delivered body as NDJSON, decompressed according to its content encoding. The error says
+    /// why it cannot be read (the message then goes to the dead-letter queue whole).
+    pub fn open<'a>(data: &'a [u8], properties: &BasicProperties) -> Result<Cow<'a, [u8]>, String> {
+        match properties.content_encoding().as_ref().map(|e| e.as_str()) {
+            None | Some("") | Some("identity") if data.len() > MAX_DECODED_BYTES => Err(format!(
+                "body of {} bytes, more than the {MAX_DECODED_BYTES} allowed",
+                data.len()
+            )),
+            None | Some("") | Some("identity") => Ok(Cow::Borrowed(data)),
+            Some(ENCODING_LZ4) => {
+                let (size, packed) = lz4_flex::block::uncompressed_size(data)
+                    .map_err(|e| format!("lz4 body without its length: {e}"))?;
+                if size > MAX_DECODED_BYTES {
+                    return Err(format!(
+                        "lz4 body claims {size} bytes, more than the {MAX_DECODED_BYTES} allowed"
+                    ));
+                }
+                let mut out = vec![0; size];
+                let written = lz4_flex::block::decompress_into(packed, &mut out)
+                    .map_err(|e| format!("corrupt lz4 body: {e}"))?;
+                if written != size {
+                    return Err(format!(
+                        "corrupt lz4 body: {written} bytes decoded, {size} announced"
+                    ));
+                }
+                Ok(Cow::Owned(out))
+            }
+            Some(other) => Err(format!(
+                "unsupported content encoding {other:?} (ingest sends lz4 or none)"
+            )),
+        }
+    }
+
+    /// How many events a delivered message says it carries (1 when it does not say).
+    pub fn event_count(properties: &BasicProperties) -> usize {
+        match properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_EVENT_COUNT))
+        {
+            Some(AMQPValue::LongLongInt(n)) => usize::try_from(*n).unwrap_or(1).max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// Properties of a dead letter: persistent, opaque bytes, and why the worker refused them.
+pub fn dead_letter_properties(reason: &str) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
-        HEADER_RECEIVED_AT.into(),
-        AMQPValue::LongLongInt(received_at.timestamp_micros()),
-    );
-    headers.insert(
-        HEADER_EVENT_COUNT.into(),
-        AMQPValue::LongLongInt(count as i64),
+        HEADER_DEAD_LETTER_REASON.into(),
+        AMQPValue::LongString(reason.into()),
     );
     BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
-        .with_content_type(ShortString::from(CONTENT_TYPE))
-        .with_timestamp(u64::try_from(received_at.timestamp()).unwrap_or_default())
+        .with_content_type(ShortString::from("application/octet-stream"))
         .with_headers(headers)
-}
-
-/// When ingest received the message's events; `None` when the header is missing or garbled.
-pub fn received_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
-    let headers = properties.headers().as_ref()?;
-    match headers.inner().get(HEADER_RECEIVED_AT)? {
-        AMQPValue::LongLongInt(us) => DateTime::from_timestamp_micros(*us),
-        AMQPValue::Timestamp(s) => DateTime::from_timestamp(i64::try_from(*s).ok()?, 0),
-        _ => None,
-    }
 }
 
 /// How ingest compresses message bodies.
@@ -98,7 +277,7 @@ pub enum Compression {
 
 /// The bytes to publish for `body` and their content encoding. A body compression would not
 /// shrink goes as it is.
-pub fn encode(body: &[u8], compression: Compression) -> (Cow<'_, [u8]>, Option<&'static str>) {
+fn encode(body: &[u8], compression: Compression) -> (Cow<'_, [u8]>, Option<&'static str>) {
     match compression {
         Compression::None => (Cow::Borrowed(body), None),
         Compression::Lz4 => {
@@ -109,39 +288,6 @@ pub fn encode(body: &[u8], compression: Compression) -> (Cow<'_, [u8]>, Option<&
                 (Cow::Borrowed(body), None)
             }
         }
-    }
-}
-
-/// A delivered body as NDJSON, decompressed according to its content encoding. The error says
-/// why it cannot be read (the message then goes to the dead-letter queue whole).
-pub fn decode<'a>(data: &'a [u8], properties: &BasicProperties) -> Result<Cow<'a, [u8]>, String> {
-    match properties.content_encoding().as_ref().map(|e| e.as_str()) {
-        None | Some("") | Some("identity") if data.len() > MAX_DECODED_BYTES => Err(format!(
-            "body of {} bytes, more than the {MAX_DECODED_BYTES} allowed",
-            data.len()
-        )),
-        None | Some("") | Some("identity") => Ok(Cow::Borrowed(data)),
-        Some(ENCODING_LZ4) => {
-            let (size, packed) = lz4_flex::block::uncompressed_size(data)
-                .map_err(|e| format!("lz4 body without its length: {e}"))?;
-            if size > MAX_DECODED_BYTES {
-                return Err(format!(
-                    "lz4 body claims {size} bytes, more than the {MAX_DECODED_BYTES} allowed"
-                ));
-            }
-            let mut out = vec![0; size];
-            let written = lz4_flex::block::decompress_into(packed, &mut out)
-                .map_err(|e| format!("corrupt lz4 body: {e}"))?;
-            if written != size {
-                return Err(format!(
-                    "corrupt lz4 body: {written} bytes decoded, {size} announced"
-                ));
-            }
-            Ok(Cow::Owned(out))
-        }
-        Some(other) => Err(format!(
-            "unsupported content encoding {other:?} (ingest sends lz4 or none)"
-        )),
     }
 }
 
@@ -195,10 +341,10 @@ mod tests {
     #[test]
     fn received_time_survives_the_headers() {
         let at = DateTime::from_timestamp_micros(1_744_287_299_123_456).unwrap();
-        let props = properties(at, 3);
-        assert_eq!(received_at(&props), Some(at));
+        let props = Envelope::properties(at, 3);
+        assert_eq!(Envelope::received_at(&props), Some(at));
         assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
-        assert_eq!(received_at(&BasicProperties::default()), None);
+        assert_eq!(Envelope::received_at(&BasicProperties::default()), None);
     }
 
     fn encoded(encoding: &str) -> BasicProperties {
@@ -222,12 +368,15 @@ mod tests {
             packed.len(),
             body.len()
         );
-        assert_eq!(decode(&packed, &encoded(ENCODING_LZ4)).unwrap(), &body[..]);
+        assert_eq!(
+            Envelope::open(&packed, &encoded(ENCODING_LZ4)).unwrap(),
+            &body[..]
+        );
 
         let (plain, encoding) = encode(&body, Compression::None);
         assert_eq!((&plain[..], encoding), (&body[..], None));
         assert_eq!(
-            decode(&plain, &BasicProperties::default()).unwrap(),
+            Envelope::open(&plain, &BasicProperties::default()).unwrap(),
             &body[..]
         );
 
@@ -245,22 +394,140 @@ mod tests {
         let mut corrupt = packed.to_vec();
         corrupt.truncate(corrupt.len() / 2);
         assert!(
-            decode(&corrupt, &lz4)
+            Envelope::open(&corrupt, &lz4)
                 .unwrap_err()
                 .contains("corrupt lz4 body")
         );
         assert!(
-            decode(b"ab", &lz4)
+            Envelope::open(b"ab", &lz4)
                 .unwrap_err()
                 .contains("without its length")
         );
         let mut huge = u32::MAX.to_le_bytes().to_vec();
         huge.extend_from_slice(b"xxxx");
-        assert!(decode(&huge, &lz4).unwrap_err().contains("more than"));
-        let gzip = decode(b"....", &encoded("gzip")).unwrap_err();
+        assert!(
+            Envelope::open(&huge, &lz4)
+                .unwrap_err()
+                .contains("more than")
+        );
+        let gzip = Envelope::open(b"....", &encoded("gzip")).unwrap_err();
         assert!(
             gzip.contains("unsupported content encoding \"gzip\""),
             "{gzip}"
+        );
+    }
+
+    /// An envelope takes events while under its event and byte caps; an empty one takes any
+    /// single event, however large.
+    #[test]
+    fn envelopes_have_room_within_both_caps() {
+        let mut envelope = Envelope::new();
+        assert!(
+            envelope.has_room(MAX_MESSAGE_BYTES * 2, 3),
+            "empty takes any event"
+        );
+        let at = Utc::now();
+        for _ in 0..2 {
+            envelope.push_line(b"{}\n", at, None);
+        }
+        assert!(envelope.has_room(10, 3));
+        assert!(
+            !envelope.has_room(MAX_MESSAGE_BYTES, 3),
+            "past the byte cap"
+        );
+        envelope.push_line(b"{}\n", at, None);
+        assert!(!envelope.has_room(3, 3), "at the event cap");
+        assert!(
+            !envelope.has_room(3, 0),
+            "a cap of 0 packs one event per message"
+        );
+        envelope.clear();
+        assert_eq!((envelope.events(), envelope.body()), (0, &b""[..]));
+    }
+
+    /// Text that does not re-serialise leaves the envelope as it was.
+    #[test]
+    fn a_refused_event_adds_nothing() {
+        let mut envelope = Envelope::new();
+        envelope.push(b"{\"a\":1}", Utc::now(), None).unwrap();
+        assert!(envelope.push(b"{\n\"a\": [}", Utc::now(), None).is_err());
+        assert_eq!(envelope.events(), 1);
+        assert_eq!(envelope.body(), b"{\"a\":1}\n");
+    }
+
+    /// Sealing writes every header: persistent, content type and encoding, the earliest
+    /// received time, the count, and each request's traceparent once; the worker's readers
+    /// get them back.
+    #[test]
+    fn sealed_envelopes_carry_every_header() {
+        let early = DateTime::from_timestamp_micros(1_744_287_299_000_001).unwrap();
+        let late = DateTime::from_timestamp_micros(1_744_287_299_500_000).unwrap();
+        let a = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let b = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut envelope = Envelope::new();
+        for (i, (at, trace)) in [
+            (late, Some(a)),
+            (early, Some(b)),
+            (late, Some(a)),
+            (late, None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let event = json!({"sid": format!("s{i}"), "event_name": "app_list", "r": "x"});
+            envelope
+                .push(event.to_string().as_bytes(), at, trace)
+                .unwrap();
+        }
+        let (bytes, properties) = envelope.seal(Compression::Lz4);
+        assert_eq!(properties.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            properties.content_type().as_ref().map(|t| t.as_str()),
+            Some(CONTENT_TYPE)
+        );
+        assert_eq!(Envelope::event_count(&properties), 4);
+        assert_eq!(Envelope::received_at(&properties), Some(early));
+        assert_eq!(
+            Envelope::open(&bytes, &properties).unwrap(),
+            envelope.body()
+        );
+        let links = crate::trace_context::extract(&properties);
+        let ids: Vec<String> = links.iter().map(|c| c.trace_id().to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "0af7651916cd43dd8448eb211c80319c"
+            ]
+        );
+        let headers = properties.headers().clone().unwrap();
+        match headers
+            .inner()
+            .get(crate::trace_context::HEADER_TRACEPARENTS)
+        {
+            Some(AMQPValue::FieldArray(all)) => assert_eq!(all.as_slice().len(), 2),
+            other => panic!("{other:?}"),
+        }
+        // One request, one traceparent: no list.
+        let mut single = Envelope::new();
+        single.push_line(b"{}\n", early, Some(a));
+        let (_, properties) = single.seal(Compression::None);
+        let headers = properties.headers().clone().unwrap();
+        assert!(!headers.contains_key(crate::trace_context::HEADER_TRACEPARENTS));
+        assert_eq!(Envelope::event_count(&BasicProperties::default()), 1);
+    }
+
+    /// A dead letter is persistent and says why.
+    #[test]
+    fn dead_letters_carry_their_reason() {
+        let properties = dead_letter_properties("invalid_json: expected value");
+        assert_eq!(properties.delivery_mode(), &Some(PERSISTENT));
+        let headers = properties.headers().clone().unwrap();
+        assert_eq!(
+            headers.inner().get(HEADER_DEAD_LETTER_REASON),
+            Some(&AMQPValue::LongString(
+                "invalid_json: expected value".into()
+            ))
         );
     }
 }

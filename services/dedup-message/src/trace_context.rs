@@ -1,6 +1,7 @@
-//! W3C trace context across the queue: ingest writes `traceparent`/`tracestate` into the AMQP
-//! message headers, the worker reads them back to link its batch span to the requests whose
-//! events it carries. With tracing off there is no valid context and nothing is written.
+//! W3C trace context across the queue: ingest writes each request's `traceparent` into the
+//! AMQP message headers (through [`crate::message::Envelope`]), the worker reads them back to
+//! link its batch span to the requests whose events it carries. With tracing off there is no
+//! valid context and nothing is written.
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -34,19 +35,7 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// `properties` with the trace context of `span` added to its headers (unchanged when the span
-/// is not traced).
-pub fn inject(span: &tracing::Span, properties: BasicProperties) -> BasicProperties {
-    let context = span.context();
-    if !context.span().span_context().is_valid() {
-        return properties;
-    }
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut headers));
-    properties.with_headers(headers)
-}
-
-/// The `traceparent` value of `span`, for a message packing several requests.
+/// The `traceparent` value of `span`, for the message carrying its events.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let context = span.context();
     if !context.span().span_context().is_valid() {
@@ -59,6 +48,9 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
         _ => None,
     }
 }
+
+/// Header with the W3C `traceparent` of the (first) request a message carries events of.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// Header listing the `traceparent` of every request whose events a packed message carries.
 pub const HEADER_TRACEPARENTS: &str = "x-traceparents";
@@ -135,7 +127,6 @@ mod tests {
             AMQPValue::LongString("garbage".into()),
         );
         assert!(extract(&BasicProperties::default().with_headers(headers)).is_empty());
-        let untouched = inject(&tracing::Span::none(), BasicProperties::default());
-        assert!(untouched.headers().is_none());
+        assert_eq!(traceparent(&tracing::Span::none()), None);
     }
 }

@@ -14,6 +14,17 @@ use clap::{Args, CommandFactory, FromArgMatches};
 /// Environment variable naming the YAML file.
 pub const CONFIG_ENV: &str = "DEDUP_CONFIG";
 
+/// Fails naming the first of `removed` (variable, what replaced it) that is set: a setting a
+/// binary silently ignores leaves its operator believing it holds.
+pub fn refuse_removed(removed: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (name, instead) in removed {
+        if std::env::var_os(name).is_some() {
+            bail!("{name} is set but no longer read: {instead} Unset it.");
+        }
+    }
+    Ok(())
+}
+
 /// The optional YAML file with settings.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigFileArg {

@@ -130,12 +130,7 @@ impl Config {
     /// Refuses settings that break the exactly-once guarantee, and variables this version no
     /// longer reads (a setting silently ignored would leave its operator believing it holds).
     pub fn check(&self) -> anyhow::Result<()> {
-        for (name, instead) in REMOVED_VARIABLES {
-            anyhow::ensure!(
-                std::env::var_os(name).is_none(),
-                "{name} is set but no longer read: {instead} Unset it."
-            );
-        }
+        dedup_runtime::config::refuse_removed(&REMOVED_VARIABLES)?;
         anyhow::ensure!(
             self.retention >= self.dedup_window,
             "RETENTION ({}) is shorter than DEDUP_WINDOW ({}): Redis would drop repeats whose \

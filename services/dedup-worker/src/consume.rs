@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use dedup_message::message::Envelope;
 use dedup_message::topology::{Topology, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
@@ -14,7 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -263,7 +264,7 @@ impl Consumer {
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             self.progress.received();
-                            pending_events += events_in(&delivery);
+                            pending_events += Envelope::event_count(&delivery.properties);
                             if deadline.is_none() {
                                 deadline = Some(Instant::now() + s.linger);
                             }
@@ -375,18 +376,5 @@ impl InFlight {
         for batch in self.batches.drain(..) {
             batch.task.abort();
         }
-    }
-}
-
-/// Events a message carries, from ingest's header (1 when absent).
-fn events_in(delivery: &Delivery) -> usize {
-    let header = delivery.properties.headers().as_ref().and_then(|h| {
-        h.inner()
-            .get(dedup_message::message::HEADER_EVENT_COUNT)
-            .cloned()
-    });
-    match header {
-        Some(AMQPValue::LongLongInt(n)) => usize::try_from(n).unwrap_or(1).max(1),
-        _ => 1,
     }
 }

@@ -2,11 +2,10 @@
 //! alone with the reason in a header, confirmed by the broker before the batch is acked. They
 //! are never dropped silently and never block the events behind them.
 
-use dedup_message::message::HEADER_DEAD_LETTER_REASON;
+use dedup_message::message::dead_letter_properties;
 use dedup_message::topology::Topology;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{Channel, Confirmation};
 
 use crate::batch::DeadLetter;
 use crate::error::{Error, Result};
@@ -15,15 +14,8 @@ use crate::error::{Error, Result};
 pub async fn publish(channel: &Channel, topology: &Topology, letters: &[DeadLetter]) -> Result<()> {
     let mut confirms = Vec::with_capacity(letters.len());
     for letter in letters {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            HEADER_DEAD_LETTER_REASON.into(),
-            AMQPValue::LongString(format!("{}: {}", letter.reason.label(), letter.detail).into()),
-        );
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/octet-stream".into())
-            .with_headers(headers);
+        let properties =
+            dead_letter_properties(&format!("{}: {}", letter.reason.label(), letter.detail));
         let confirm = channel
             .basic_publish(
                 topology.dead_letter_exchange.as_str().into(),

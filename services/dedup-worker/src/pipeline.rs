@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use chrono::{NaiveDate, Utc};
 use dedup_event::KeySpec;
+use dedup_message::message::Envelope;
 use dedup_message::topology::Topology;
 use dedup_message::trace_context;
 use dedup_runtime::backoff::Backoff;
@@ -129,19 +130,17 @@ impl Pipeline {
         let mut unreadable = Vec::new();
         let bodies: Vec<_> = deliveries
             .iter()
-            .filter_map(
-                |d| match dedup_message::message::decode(&d.data, &d.properties) {
-                    Ok(body) => Some((body, dedup_message::message::received_at(&d.properties))),
-                    Err(detail) => {
-                        unreadable.push(batch::DeadLetter {
-                            body: d.data.clone(),
-                            reason: batch::DeadLetterReason::InvalidEncoding,
-                            detail,
-                        });
-                        None
-                    }
-                },
-            )
+            .filter_map(|d| match Envelope::open(&d.data, &d.properties) {
+                Ok(body) => Some((body, Envelope::received_at(&d.properties))),
+                Err(detail) => {
+                    unreadable.push(batch::DeadLetter {
+                        body: d.data.clone(),
+                        reason: batch::DeadLetterReason::InvalidEncoding,
+                        detail,
+                    });
+                    None
+                }
+            })
             .collect();
         let now = Utc::now();
         let mut decoded = batch::decode(
@@ -217,7 +216,7 @@ impl Pipeline {
         m.batch_size.observe(outcome.consumed as f64);
         m.batch_seconds.observe(started.elapsed().as_secs_f64());
         for delivery in deliveries {
-            if let Some(received) = dedup_message::message::received_at(&delivery.properties) {
+            if let Some(received) = Envelope::received_at(&delivery.properties) {
                 let lag = (committed - received)
                     .num_microseconds()
                     .unwrap_or_default()

@@ -484,25 +484,27 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     body.extend_from_slice(b"{this is not json\n");
     body.extend_from_slice(b"{\"sid\": \"no other fields\"}\n");
     body.extend_from_slice(&ndjson(&[event("p-2")]));
-    env.publish_raw(&body, message::properties(Utc::now(), 4))
+    env.publish_raw(&body, message::Envelope::properties(Utc::now(), 4))
         .await;
     env.publish_raw(&[0xff, 0xfe, 0xfd], lapin::BasicProperties::default())
         .await;
     publish_each(&env, &[event("p-3")]).await;
     // lz4, as ingest sends by default: one good event and one bad line.
-    let mut body = ndjson(&[event("p-4")]);
-    body.extend_from_slice(b"{\"lz4\": \"bad line\"}\n");
-    let (packed, encoding) = message::encode(&body, message::Compression::Lz4);
-    let lz4 = || {
-        message::properties(Utc::now(), 2)
-            .with_content_encoding(encoding.expect("compressible").into())
-    };
+    let mut envelope = message::Envelope::new();
+    envelope.push_line(&ndjson(&[event("p-4")]), Utc::now(), None);
+    envelope.push_line(b"{\"lz4\": \"bad line\"}\n", Utc::now(), None);
+    let (packed, properties) = envelope.seal(message::Compression::Lz4);
+    assert_eq!(
+        properties.content_encoding().as_ref().map(|e| e.as_str()),
+        Some(message::ENCODING_LZ4)
+    );
+    let lz4 = || properties.clone();
     env.publish_raw(&packed, lz4()).await;
     // Corrupt lz4, and an encoding the worker does not know.
     env.publish_raw(&packed[..packed.len() / 2], lz4()).await;
     env.publish_raw(
         b"\x1f\x8b",
-        message::properties(Utc::now(), 1).with_content_encoding("gzip".into()),
+        message::Envelope::properties(Utc::now(), 1).with_content_encoding("gzip".into()),
     )
     .await;
     settle(&env, 4).await;

@@ -151,7 +151,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
     env.declare().await;
     env.publish_raw(
         &ndjson(&[event("cursed")]),
-        message::properties(Utc::now(), 1),
+        message::Envelope::properties(Utc::now(), 1),
     )
     .await;
     channel

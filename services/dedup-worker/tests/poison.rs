@@ -153,12 +153,12 @@ async fn rows_postgres_refuses_are_dead_lettered_alone_and_the_rest_stored() {
     // One message: the whole batch is one statement until it is split.
     env.publish_raw(
         &ndjson(&events),
-        message::properties(Utc::now(), events.len()),
+        message::Envelope::properties(Utc::now(), events.len()),
     )
     .await;
     env.publish_raw(
         &ndjson(&[event("later")]),
-        message::properties(Utc::now(), 1),
+        message::Envelope::properties(Utc::now(), 1),
     )
     .await;
     eventually(WAIT, "19 stored rows and two dead letters", || async {
@@ -231,7 +231,7 @@ async fn a_worker_that_commits_nothing_stops_being_ready() {
     .expect("trigger");
     env.publish_raw(
         &ndjson(&[event("stuck")]),
-        message::properties(Utc::now(), 1),
+        message::Envelope::properties(Utc::now(), 1),
     )
     .await;
     let reason = eventually(WAIT, "the worker to report a stall", || async {
@@ -308,7 +308,7 @@ async fn partitions_are_created_ahead_dropped_after_retention_and_never_made_by_
     ahead_event["event_datetime"] = format!("{}T12:00:00Z", days_ago(-5)).into();
     env.publish_raw(
         &ndjson(&[old, ahead_event, event("fine")]),
-        message::properties(Utc::now(), 3),
+        message::Envelope::properties(Utc::now(), 3),
     )
     .await;
     eventually(WAIT, "one row and two dead letters", || async {

@@ -25,7 +25,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
     for i in 0..10 {
         env.publish_raw(
             &ndjson(&[event(&format!("d-{i}"))]),
-            message::properties(Utc::now(), 1),
+            message::Envelope::properties(Utc::now(), 1),
         )
         .await;
     }

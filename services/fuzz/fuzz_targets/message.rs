@@ -2,7 +2,7 @@
 //! allocates past the decoded-size cap, and its lines are non-blank slices of the body.
 #![no_main]
 
-use dedup_message::message::{MAX_DECODED_BYTES, decode, lines};
+use dedup_message::message::{Envelope, MAX_DECODED_BYTES, lines};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         2 => BasicProperties::default().with_content_encoding("identity".into()),
         _ => BasicProperties::default().with_content_encoding("gzip".into()),
     };
-    if let Ok(decoded) = decode(body, &properties) {
+    if let Ok(decoded) = Envelope::open(body, &properties) {
         assert!(decoded.len() <= MAX_DECODED_BYTES);
         for line in lines(&decoded) {
             assert!(!line.trim_ascii().is_empty());

@@ -1,7 +1,7 @@
 //! Packing concurrent single-event requests into shared messages.
 //!
 //! Each request hands its event to a queue and waits. A few flusher tasks take whatever is
-//! waiting — at most [`CoalesceSettings::max_events`] — publish it as one confirmed message
+//! waiting — as much as one [`Envelope`] takes — publish it as one confirmed message
 //! and answer every request in it. Nothing waits for a batch to fill: under light load each
 //! event goes alone at once; under heavy load events naturally share messages, so the
 //! broker's message rate stops capping the event rate. The worker still judges every event
@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dedup_message::message::MAX_MESSAGE_BYTES;
-use dedup_message::{message, trace_context};
-use lapin::types::{AMQPValue, FieldArray};
+use dedup_message::message::Envelope;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -110,8 +108,8 @@ async fn flush_loop(
     stop: CancellationToken,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(max_events);
-    let mut body: Vec<u8> = Vec::new();
-    // An event that would have taken the last pack past MAX_MESSAGE_BYTES starts the next.
+    let mut envelope = Envelope::new();
+    // An event that found the last envelope full starts the next.
     let mut carried: Option<Pending> = None;
     loop {
         {
@@ -120,6 +118,11 @@ async fn flush_loop(
             // already: it goes with whatever waits now, never waiting for the lock itself.
             let mut receiver = match carried.take() {
                 Some(first) => {
+                    envelope.push_line(
+                        &first.line,
+                        first.received_at,
+                        first.traceparent.as_deref(),
+                    );
                     batch.push(first);
                     receiver.try_lock().ok()
                 }
@@ -130,60 +133,35 @@ async fn flush_loop(
                         first = receiver.recv() => first,
                     };
                     let Some(first) = first else { return };
+                    envelope.push_line(
+                        &first.line,
+                        first.received_at,
+                        first.traceparent.as_deref(),
+                    );
                     batch.push(first);
                     Some(receiver)
                 }
             };
-            let mut bytes = batch[0].line.len();
-            while let Some(receiver) = receiver.as_mut()
-                && batch.len() < max_events
-            {
+            while let Some(receiver) = receiver.as_mut() {
                 match receiver.try_recv() {
-                    Ok(next) if bytes + next.line.len() > MAX_MESSAGE_BYTES => {
+                    Ok(next) if !envelope.has_room(next.line.len(), max_events) => {
                         carried = Some(next);
                         break;
                     }
                     Ok(next) => {
-                        bytes += next.line.len();
+                        envelope.push_line(
+                            &next.line,
+                            next.received_at,
+                            next.traceparent.as_deref(),
+                        );
                         batch.push(next);
                     }
                     Err(_) => break,
                 }
             }
         }
-        body.clear();
-        for pending in &batch {
-            body.extend_from_slice(&pending.line);
-        }
-        let received_at = batch
-            .iter()
-            .map(|p| p.received_at)
-            .min()
-            .unwrap_or_else(Utc::now);
-        let mut properties = message::properties(received_at, batch.len());
-        let traceparents: Vec<&str> = batch
-            .iter()
-            .filter_map(|p| p.traceparent.as_deref())
-            .collect();
-        if !traceparents.is_empty() {
-            let mut headers = properties.headers().clone().unwrap_or_default();
-            headers.insert(
-                "traceparent".into(),
-                AMQPValue::LongString(traceparents[0].into()),
-            );
-            if traceparents.len() > 1 {
-                let all = traceparents
-                    .iter()
-                    .map(|t| AMQPValue::LongString((*t).into()))
-                    .collect::<Vec<_>>();
-                headers.insert(
-                    trace_context::HEADER_TRACEPARENTS.into(),
-                    AMQPValue::FieldArray(FieldArray::from(all)),
-                );
-            }
-            properties = properties.with_headers(headers);
-        }
-        let result = publisher.publish_unbounded(&body, properties).await;
+        let result = publisher.publish_unbounded(&envelope).await;
+        envelope.clear();
         for pending in batch.drain(..) {
             let _ = pending.done.send(result.clone());
         }

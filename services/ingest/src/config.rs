@@ -61,19 +61,17 @@ pub struct Config {
     /// Most events in one batch request; more get 413.
     #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = DEFAULT_MAX_BATCH_EVENTS)]
     pub max_batch_events: usize,
-    /// Most events packed into one AMQP message from a batch request.
-    #[arg(long, env = "EVENTS_PER_MESSAGE", default_value_t = 100)]
-    pub events_per_message: usize,
-    /// Most single-event requests packed into one AMQP message when they arrive together
-    /// (1 turns packing off). Nothing waits for a pack to fill.
-    #[arg(long, env = "COALESCE_MAX_EVENTS", default_value_t = 128)]
-    pub coalesce_max_events: usize,
+    /// Most events packed into one AMQP message, whether from single-event requests arriving
+    /// together or from one batch request (1 turns packing off). Nothing waits for a message
+    /// to fill; a message also stays within 1 MiB.
+    #[arg(long, env = "MAX_EVENTS_PER_MESSAGE", default_value_t = 128)]
+    pub max_events_per_message: usize,
     /// How message bodies are compressed on the queue (the worker reads both).
     #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_message::message::Compression::Lz4)]
     pub message_compression: dedup_message::message::Compression,
     /// Packed messages that may await a confirm at once. Few is better: the broker's cost is
     /// mostly per message (a quorum queue spends ~0.3-1 ms of CPU on each), and while these
-    /// await their confirms the next events gather into one message. 2 × COALESCE_MAX_EVENTS
+    /// await their confirms the next events gather into one message. 2 × MAX_EVENTS_PER_MESSAGE
     /// per confirm round trip is still several times the rate one machine can settle.
     #[arg(long, env = "COALESCE_FLUSHERS", default_value_t = 2)]
     pub coalesce_flushers: usize,
@@ -105,6 +103,10 @@ pub struct Config {
 impl Config {
     /// Refuses settings that would break the limits' promises.
     pub fn check(&self) -> anyhow::Result<()> {
+        dedup_runtime::config::refuse_removed(&[
+            ("EVENTS_PER_MESSAGE", PACKING_MERGED),
+            ("COALESCE_MAX_EVENTS", PACKING_MERGED),
+        ])?;
         let most = dedup_message::message::MAX_DECODED_BYTES - 1;
         anyhow::ensure!(
             self.max_body_bytes <= most,
@@ -135,3 +137,6 @@ pub enum Command {
     /// container health checks.
     Probe,
 }
+
+const PACKING_MERGED: &str = "MAX_EVENTS_PER_MESSAGE now bounds every message, from single-event \
+     and from batch requests alike; set it instead.";

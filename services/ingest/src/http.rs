@@ -11,10 +11,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use dedup_event::event::RawError;
 use dedup_event::{FieldErrors, event};
-use dedup_message::{message, trace_context};
+use dedup_message::message::{self, Envelope};
+use dedup_message::trace_context;
 use dedup_runtime::admin::{Readiness, readiness_response};
 use serde::Serialize;
 use serde_json::json;
@@ -33,7 +34,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub max_batch_events: usize,
-    pub events_per_message: usize,
+    /// Most events in one message (`MAX_EVENTS_PER_MESSAGE`).
+    pub max_events_per_message: usize,
     /// The accepted range of `event_datetime`.
     pub window: event::Window,
     pub request_timeout: Duration,
@@ -178,7 +180,7 @@ async fn read_gated<'a>(
 }
 
 /// Whether ingest accepts one event's text: valid, storable, inside the accepted window.
-fn judge(limits: &Limits, text: &[u8], now: chrono::DateTime<Utc>) -> Result<(), RawError> {
+fn judge(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<(), RawError> {
     let fields = event::validate_raw(text)?;
     limits
         .window
@@ -204,7 +206,8 @@ async fn post_batch(
     .await?;
     let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
     tracing::Span::current().record("events", items.len());
-    let (messages, errors) = pack(&state.limits, items);
+    let traceparent = trace_context::traceparent(&tracing::Span::current());
+    let (messages, errors) = pack(&state.limits, items, traceparent.as_deref());
     let rejected = errors.len();
     state.metrics.hot.events_rejected.inc_by(rejected as u64);
     if messages.is_empty() {
@@ -216,18 +219,13 @@ async fn post_batch(
         };
         return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
     }
-    let received_at = Utc::now();
-    let publishes = messages.iter().map(|(buf, n)| {
-        state
-            .publisher
-            .publish(buf, traced(message::properties(received_at, *n)))
-    });
-    let outcomes = futures::future::join_all(publishes).await;
+    let outcomes =
+        futures::future::join_all(messages.iter().map(|m| state.publisher.publish(m))).await;
     let mut queued = 0;
     let mut first_error = None;
-    for (outcome, (_, n)) in outcomes.into_iter().zip(&messages) {
+    for (outcome, message) in outcomes.into_iter().zip(&messages) {
         match outcome {
-            Ok(()) => queued += n,
+            Ok(()) => queued += message.events(),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -235,7 +233,7 @@ async fn post_batch(
     }
     state.metrics.hot.events_accepted.inc_by(queued as u64);
     if let Some(error) = first_error {
-        let total: usize = messages.iter().map(|(_, n)| n).sum();
+        let total: usize = messages.iter().map(Envelope::events).sum();
         let reason = format!(
             "{error} ({queued} of {total} valid events were queued; resend the whole batch)"
         );
@@ -253,43 +251,31 @@ async fn post_batch(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
-/// Judges every item of a batch as a single event and packs the accepted ones into message
-/// bodies of at most `events_per_message` events and [`message::MAX_MESSAGE_BYTES`] (an
-/// event alone may be up to the single-event limit). Returns the bodies with their event
-/// counts, and each refused item's errors by index.
-fn pack(limits: &Limits, items: Vec<&[u8]>) -> (Vec<(Vec<u8>, usize)>, Vec<ItemErrors>) {
+/// Judges every item of a batch as a single event and packs the accepted ones into
+/// envelopes (an event alone may be up to the single-event limit). Returns the envelopes and
+/// each refused item's errors by index.
+fn pack(
+    limits: &Limits,
+    items: Vec<&[u8]>,
+    traceparent: Option<&str>,
+) -> (Vec<Envelope>, Vec<ItemErrors>) {
     let now = Utc::now();
-    let per_message = limits.events_per_message.max(1);
     let mut errors = Vec::new();
-    let mut messages: Vec<(Vec<u8>, usize)> = Vec::new();
+    let mut messages: Vec<Envelope> = Vec::new();
     for (index, text) in items.into_iter().enumerate() {
-        let outcome = if text.len() > limits.max_body_bytes {
-            Err(event::non_field_error(&format!(
-                "Event larger than the {}-byte limit of a single event.",
-                limits.max_body_bytes
-            )))
-        } else {
-            judge(limits, text, now).map_err(|e| match e {
-                RawError::Malformed(detail) => {
-                    event::non_field_error(&format!("JSON parse error - {detail}"))
-                }
-                RawError::Invalid(errors) => errors,
-            })
-        };
-        // Written straight into the message. Its line is at most the trimmed text and a
-        // newline (a multi-line item re-serialises shorter), so the byte cap is checked first;
-        // nothing is written when the text would not re-serialise.
-        let outcome = outcome.and_then(|()| {
+        let outcome = judge_item(limits, text, now).and_then(|()| {
+            // A line is at most the trimmed text and a newline (a multi-line item
+            // re-serialises shorter), so room is checked against that.
             let line_len = text.trim_ascii().len() + 1;
-            let full = messages.last().is_none_or(|(buf, n)| {
-                *n >= per_message || buf.len() + line_len > message::MAX_MESSAGE_BYTES
-            });
-            if full {
-                messages.push((Vec::with_capacity(line_len), 0));
+            let open = messages
+                .last()
+                .is_some_and(|m| m.has_room(line_len, limits.max_events_per_message));
+            if !open {
+                messages.push(Envelope::new());
             }
             match messages.last_mut() {
-                Some((buf, n)) => message::push_text(buf, text)
-                    .map(|()| *n += 1)
+                Some(message) => message
+                    .push(text, now, traceparent)
                     .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
                 None => Err(event::non_field_error("Invalid data.")),
             }
@@ -301,9 +287,25 @@ fn pack(limits: &Limits, items: Vec<&[u8]>) -> (Vec<(Vec<u8>, usize)>, Vec<ItemE
             });
         }
     }
-    // A message opened for an item that then failed to re-serialise holds nothing.
-    messages.retain(|(_, n)| *n > 0);
+    // An envelope opened for an item that then failed to re-serialise holds nothing.
+    messages.retain(|m| m.events() > 0);
     (messages, errors)
+}
+
+/// One batch item judged as a single event would be, with its errors in the original's shape.
+fn judge_item(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<(), FieldErrors> {
+    if text.len() > limits.max_body_bytes {
+        return Err(event::non_field_error(&format!(
+            "Event larger than the {}-byte limit of a single event.",
+            limits.max_body_bytes
+        )));
+    }
+    judge(limits, text, now).map_err(|e| match e {
+        RawError::Malformed(detail) => {
+            event::non_field_error(&format!("JSON parse error - {detail}"))
+        }
+        RawError::Invalid(errors) => errors,
+    })
 }
 
 /// One span per request; its trace id (when tracing is on) goes on every log line of the request.
@@ -318,12 +320,6 @@ fn request_span(request: &Request) -> tracing::Span {
         span.record("trace_id", id);
     }
     span
-}
-
-/// Message properties carrying the current request's trace context, so the worker's batch
-/// span can link back to it.
-fn traced(properties: lapin::BasicProperties) -> lapin::BasicProperties {
-    trace_context::inject(&tracing::Span::current(), properties)
 }
 
 fn unavailable(error: PublishError, limits: &Limits) -> Error {

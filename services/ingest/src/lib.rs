@@ -127,7 +127,7 @@ pub fn publisher_config(config: &Config) -> PublisherConfig {
 /// The packing settings in `config`.
 pub fn coalesce_settings(config: &Config) -> CoalesceSettings {
     CoalesceSettings {
-        max_events: config.coalesce_max_events,
+        max_events: config.max_events_per_message,
         flushers: config.coalesce_flushers,
         timeout: config.confirm_timeout + std::time::Duration::from_secs(1),
     }
@@ -153,7 +153,7 @@ pub fn limits(config: &Config) -> Limits {
         max_body_bytes: config.max_body_bytes,
         max_batch_body_bytes: config.max_batch_body_bytes,
         max_batch_events: config.max_batch_events,
-        events_per_message: config.events_per_message,
+        max_events_per_message: config.max_events_per_message,
         window: dedup_event::event::Window {
             max_age: config.event_max_age,
             max_future: config.event_max_future,

@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use dedup_message::message::Envelope;
 use dedup_message::topology::{Topology, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -105,27 +106,16 @@ impl Publisher {
     }
 
     /// Publishes one message and waits for the broker's confirm.
-    pub async fn publish(
-        &self,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), PublishError> {
+    pub async fn publish(&self, message: &Envelope) -> Result<(), PublishError> {
         let _permit = self.acquire()?;
-        self.publish_unbounded(body, properties).await
+        self.publish_unbounded(message).await
     }
 
     /// [`Publisher::publish`] for a caller that already holds in-flight places.
-    #[tracing::instrument(level = "debug", skip_all, fields(bytes = body.len()))]
-    pub async fn publish_unbounded(
-        &self,
-        body: &[u8],
-        mut properties: BasicProperties,
-    ) -> Result<(), PublishError> {
+    #[tracing::instrument(level = "debug", skip_all, fields(events = message.events()))]
+    pub async fn publish_unbounded(&self, message: &Envelope) -> Result<(), PublishError> {
         let link = self.current_link().ok_or(PublishError::NotConnected)?;
-        let (body, encoding) = dedup_message::message::encode(body, self.config.compression);
-        if let Some(encoding) = encoding {
-            properties = properties.with_content_encoding(encoding.into());
-        }
+        let (body, properties) = message.seal(self.config.compression);
         self.metrics.message_bytes.observe(body.len() as f64);
         let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
         let channel = &link.channels[index];

@@ -232,7 +232,7 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
     let env = TestEnv::new("batch").await;
     let mut config = ingest_config(&env, RABBITMQ);
     config.max_batch_events = 500;
-    config.events_per_message = 100;
+    config.max_events_per_message = 100;
     let ingest = IngestUnderTest::start(&config, true).await;
 
     let mut items: Vec<Value> = (0..300).map(|i| event(&format!("b-{i}"))).collect();
@@ -325,7 +325,7 @@ async fn batch_queues_valid_events_and_reports_invalid_ones_by_index() {
 /// the NDJSON they carry) unless compression is turned off.
 #[tokio::test]
 async fn messages_are_lz4_compressed_unless_turned_off() {
-    use dedup_message::message::{Compression, ENCODING_LZ4, decode};
+    use dedup_message::message::{Compression, ENCODING_LZ4, Envelope};
     let env = TestEnv::new("lz4").await;
     let events: Vec<Value> = (0..50).map(|i| event(&format!("z-{i}"))).collect();
     for compression in [Compression::Lz4, Compression::None] {
@@ -342,7 +342,7 @@ async fn messages_are_lz4_compressed_unless_turned_off() {
         let messages = env.drain_raw(&env.topology.queue).await;
         assert_eq!(messages.len(), 1, "50 events fit one message");
         let (data, properties) = &messages[0];
-        let body = decode(data, properties).expect("decodable");
+        let body = Envelope::open(data, properties).expect("decodable");
         assert_eq!(
             body.as_ref(),
             ndjson(&events).as_slice(),
@@ -531,11 +531,11 @@ async fn unreachable_broker_from_the_start_gives_503() {
 /// and a batch waits for its share of MAX_BATCH_BYTES_IN_FLIGHT while single events do not.
 #[tokio::test]
 async fn batches_are_bounded_in_bytes() {
-    use dedup_message::message::{MAX_MESSAGE_BYTES, decode};
+    use dedup_message::message::{Envelope, MAX_MESSAGE_BYTES};
     let env = TestEnv::new("batchbytes").await;
     let mut config = ingest_config(&env, RABBITMQ);
     config.max_body_bytes = 64 * 1024;
-    config.events_per_message = 1000;
+    config.max_events_per_message = 1000;
     let ingest = IngestUnderTest::start(&config, true).await;
 
     // The hostile NDJSON of the issue at the body limit, and the same as a JSON array: a 413
@@ -611,7 +611,7 @@ async fn batches_are_bounded_in_bytes() {
     assert!(messages.len() >= 2, "39 × 50 KB cannot fit one message");
     let mut events = 0;
     for (body, properties) in &messages {
-        let plain = decode(body, properties).expect("decodable");
+        let plain = Envelope::open(body, properties).expect("decodable");
         assert!(plain.len() <= MAX_MESSAGE_BYTES, "{} bytes", plain.len());
         events += dedup_message::message::lines(&plain).count();
     }

@@ -151,7 +151,7 @@ impl TestEnv {
         for e in events {
             self.publish_raw(
                 &crate::events::ndjson(std::slice::from_ref(e)),
-                dedup_message::message::properties(chrono::Utc::now(), 1),
+                dedup_message::message::Envelope::properties(chrono::Utc::now(), 1),
             )
             .await;
         }
@@ -193,7 +193,7 @@ impl TestEnv {
             .await
             .into_iter()
             .map(|(data, properties)| {
-                let body = dedup_message::message::decode(&data, &properties)
+                let body = dedup_message::message::Envelope::open(&data, &properties)
                     .unwrap_or_else(|e| panic!("a message on {queue} cannot be decoded: {e}"))
                     .into_owned();
                 (body, properties.headers().clone())
