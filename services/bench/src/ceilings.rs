@@ -1,15 +1,12 @@
-//! The machine's own ceilings, measured with the pipeline's own code and data: RabbitMQ
-//! publish-with-confirms and consume-and-ack of the pipeline's messages on the same queue
-//! type, PostgreSQL inserts of the same rows through the worker's statement, and Redis'
-//! `MGET` + `SET` per batch.
+//! The machine's own ceilings, measured with the servers' own clients on the pipeline's data:
+//! RabbitMQ publish-with-confirms and consume-and-ack of one-event messages on the same queue
+//! type, PostgreSQL inserts of the same rows with the worker's statement into tables
+//! `dedup-worker migrate` made, and Redis' `MGET` + `SET` per batch.
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use dedup_event::KeySpec;
 use dedup_message::message;
-use dedup_worker::batch;
-use dedup_worker::store::{Row, Store, lock_order};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
@@ -19,8 +16,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use serde::Serialize;
+use sqlx::postgres::PgPoolOptions;
 
-use crate::services::{Backends, Isolation};
+use crate::services::{Backends, Binaries, Isolation};
 use crate::workload::Workload;
 
 /// Measured ceilings, in events per second (one event per message for RabbitMQ).
@@ -73,6 +71,7 @@ impl Ceilings {
 /// Measures all ceilings with `events` events each, in an isolation of their own.
 pub async fn measure(
     backends: &Backends,
+    binaries: &Binaries,
     iso: &Isolation,
     events: usize,
     batch_size: usize,
@@ -92,7 +91,7 @@ pub async fn measure(
     );
     let (publish, confirm_p50, confirm_p99, consume) = rabbitmq(backends, iso, &lines).await?;
     eprintln!("ceilings: PostgreSQL ({events} rows in batches of {batch_size})…");
-    let postgres = postgres(iso, &lines, batch_size).await?;
+    let postgres = postgres(backends, binaries, iso, &lines, batch_size).await?;
     eprintln!("ceilings: Redis ({events} keys in batches of {batch_size})…");
     let redis = redis(backends, iso, events, batch_size).await?;
     Ok(Ceilings {
@@ -185,28 +184,121 @@ async fn rabbitmq(
     Ok((publish_rate, ms(0.5), ms(0.99), consume_rate))
 }
 
-/// Inserts the rows through the worker's own statement, one batch after another.
-async fn postgres(iso: &Isolation, lines: &[Vec<u8>], batch_size: usize) -> anyhow::Result<f64> {
-    let store = Store::connect_lazy(&iso.database_url, 2, Duration::from_secs(60))?;
-    store.migrate().await?;
-    let spec = KeySpec::default();
-    let now = Utc::now();
-    let mut elapsed = Duration::ZERO;
-    for chunk in lines.chunks(batch_size.max(1)) {
-        let body: Vec<u8> = chunk.concat();
-        let decoded = batch::decode(
-            [(&body[..], Some(now))],
-            &spec,
-            &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
-            now,
-        );
-        let mut rows: Vec<Row<'_>> = decoded.candidates.iter().map(|c| c.row()).collect();
-        lock_order(&mut rows);
-        let started = Instant::now();
-        store.insert(&rows).await?;
-        elapsed += started.elapsed();
+/// The worker's insert, as SQL: one multi-row `INSERT … ON CONFLICT DO NOTHING` per batch.
+const INSERT: &str = "
+WITH inserted AS (
+    INSERT INTO product_events
+        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at)
+    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra
+    FROM UNNEST($1::date[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::timestamptz[])
+        AS t(d, k, dt, c, en, p, s, r, pl, ra)
+    ON CONFLICT (event_date, dedup_key) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted";
+
+/// One row as the worker sends it: the key fields, a 128-bit key, the payload with its
+/// members in `jsonb` order.
+struct Row {
+    date: chrono::NaiveDate,
+    key: uuid::Uuid,
+    at: chrono::DateTime<Utc>,
+    fields: [String; 5],
+    payload: String,
+}
+
+impl Row {
+    fn of(n: usize, line: &[u8]) -> anyhow::Result<Self> {
+        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line)?;
+        let text = |name: &str| {
+            value
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let at: chrono::DateTime<Utc> = text("event_datetime").parse()?;
+        // jsonb order: shorter names first, equal lengths bytewise.
+        let mut members: Vec<(&String, &serde_json::Value)> = value.iter().collect();
+        members.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then_with(|| a.0.cmp(b.0)));
+        let mut payload = String::from("{");
+        for (i, (name, member)) in members.into_iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(&serde_json::to_string(name)?);
+            payload.push(':');
+            payload.push_str(&serde_json::to_string(member)?);
+        }
+        payload.push('}');
+        Ok(Self {
+            date: at.date_naive(),
+            key: uuid::Uuid::from_u128(
+                (n as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+            ),
+            at,
+            fields: ["client_id", "event_name", "product_id", "sid", "r"].map(text),
+            payload,
+        })
     }
-    store.pool().close().await;
+}
+
+/// Inserts the rows with the worker's statement, one batch after another, into tables made by
+/// `dedup-worker migrate`.
+async fn postgres(
+    backends: &Backends,
+    binaries: &Binaries,
+    iso: &Isolation,
+    lines: &[Vec<u8>],
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    crate::services::migrate(&binaries.worker, backends, iso).await?;
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&iso.database_url)
+        .await?;
+    let mut rows = lines
+        .iter()
+        .enumerate()
+        .map(|(n, line)| Row::of(n, line))
+        .collect::<anyhow::Result<Vec<Row>>>()?;
+    let mut days: Vec<chrono::NaiveDate> = rows.iter().map(|r| r.date).collect();
+    days.sort_unstable();
+    days.dedup();
+    sqlx::query("SELECT dedup_ensure_partitions($1)")
+        .bind(days)
+        .execute(&db)
+        .await?;
+    let received_at = Utc::now();
+    let mut elapsed = Duration::ZERO;
+    for chunk in rows.chunks_mut(batch_size.max(1)) {
+        // The worker's lock order.
+        chunk.sort_unstable_by_key(|r| (r.date, r.key));
+        let column = |i: usize| {
+            chunk
+                .iter()
+                .map(|r| r.fields[i].as_str())
+                .collect::<Vec<_>>()
+        };
+        let started = Instant::now();
+        let inserted: i64 = sqlx::query_scalar(INSERT)
+            .bind(chunk.iter().map(|r| r.date).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|r| r.key).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|r| r.at).collect::<Vec<_>>())
+            .bind(column(0))
+            .bind(column(1))
+            .bind(column(2))
+            .bind(column(3))
+            .bind(column(4))
+            .bind(chunk.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>())
+            .bind(vec![received_at; chunk.len()])
+            .fetch_one(&db)
+            .await?;
+        elapsed += started.elapsed();
+        anyhow::ensure!(inserted as usize == chunk.len(), "rows were not all new");
+    }
+    db.close().await;
     Ok(lines.len() as f64 / elapsed.as_secs_f64())
 }
 

@@ -41,6 +41,9 @@ enum Command {
         /// Rounds of measurements; each figure is reported as its median.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
         rounds: u32,
+        /// The worker binary makes the ceilings' tables (`dedup-worker migrate`).
+        #[command(flatten)]
+        bins: BinArgs,
     },
 }
 
@@ -266,11 +269,14 @@ async fn main() -> anyhow::Result<()> {
     let default_run = || RunArgs::parse_from(["run"]);
     // Ceilings are measured in rounds: with a pipeline run, one round just before each run,
     // so every run is compared with the machine as it was at that moment.
-    let (ceiling_rounds, run_args) = match cli.command {
-        None => (u32::from(!c.smoke), Some(default_run())),
-        Some(Command::All(args)) => (u32::from(!c.smoke), Some(args)),
-        Some(Command::Run(args)) => (0, Some(args)),
-        Some(Command::Ceilings { rounds }) => (rounds, None),
+    let (ceiling_rounds, binaries, run_args) = match cli.command {
+        None => {
+            let args = default_run();
+            (u32::from(!c.smoke), args.bins.binaries(), Some(args))
+        }
+        Some(Command::All(args)) => (u32::from(!c.smoke), args.bins.binaries(), Some(args)),
+        Some(Command::Run(args)) => (0, args.bins.binaries(), Some(args)),
+        Some(Command::Ceilings { rounds, bins }) => (rounds, bins.binaries(), None),
         Some(Command::Chaos(args)) => return chaos(args, backends, &c.out).await,
     };
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
@@ -297,6 +303,7 @@ async fn main() -> anyhow::Result<()> {
         iso.create(&backends).await?;
         let measured = ceilings::measure(
             &backends,
+            &binaries,
             &iso,
             if c.smoke { 1000 } else { c.ceiling_events },
             c.ceiling_batch,

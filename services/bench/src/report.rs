@@ -336,8 +336,8 @@ impl Report {
                 "\n| Ceiling (same machine, same run; median of {} round(s)) | events/s |\n|---|---|\n\
                  | RabbitMQ publish + confirm (1 event/message, lz4 as ingest sends it; confirm p50 {:.2} ms, p99 {:.2} ms) | {:.0} |\n\
                  | RabbitMQ consume + ack | {:.0} |\n\
-                 | PostgreSQL insert, worker statement, batches of {} | {:.0} |\n\
-                 | Redis check script + record pipeline, batches of {} | {:.0} |\n\
+                 | PostgreSQL insert, the worker's statement, batches of {} | {:.0} |\n\
+                 | Redis MGET + SET PX pipeline, batches of {} | {:.0} |\n\
                  | **Lowest: {name}** | **{lowest:.0}** |\n",
                 self.ceiling_rounds.len(),
                 c.rabbitmq_confirm_p50_ms,

@@ -118,13 +118,51 @@ impl Isolation {
         if let Ok(client) = redis::Client::open(backends.redis.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
+            let keys = scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
                 .await
                 .unwrap_or_default();
             for chunk in keys.chunks(1000) {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
             }
         }
+    }
+}
+
+/// Creates the tables in the isolation's schema with `dedup-worker migrate`.
+pub async fn migrate(worker: &Path, backends: &Backends, iso: &Isolation) -> anyhow::Result<()> {
+    let mut migrate = Command::new(worker);
+    common_env(&mut migrate, backends, iso);
+    let status = migrate
+        .arg("migrate")
+        .env("DATABASE_URL", &iso.database_url)
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", worker.display()))?;
+    anyhow::ensure!(status.success(), "dedup-worker migrate failed");
+    Ok(())
+}
+
+/// Every key under `pattern`, by SCAN (never KEYS: Redis may be shared).
+pub async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
     }
 }
 
@@ -141,7 +179,7 @@ pub async fn redis_memory(backends: &Backends, iso: &Isolation) -> anyhow::Resul
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .context("INFO memory has no used_memory")?;
-    let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", iso.name)).await?;
+    let keys = scan_keys(&mut conn, &format!("{{{}}}:*", iso.name)).await?;
     Ok((used, keys.len() as u64))
 }
 
@@ -236,14 +274,7 @@ impl Pipeline {
                 );
             }
         }
-        let mut migrate = Command::new(&bins.worker);
-        common_env(&mut migrate, backends, iso);
-        let status = migrate
-            .arg("migrate")
-            .env("DATABASE_URL", &iso.database_url)
-            .status()
-            .await?;
-        anyhow::ensure!(status.success(), "dedup-worker migrate failed");
+        migrate(&bins.worker, backends, iso).await?;
 
         let (ingest_addr, ingest_admin, worker_admin) =
             (free_port().await?, free_port().await?, free_port().await?);

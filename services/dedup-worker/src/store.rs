@@ -265,3 +265,14 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The benchmark's PostgreSQL ceiling runs this statement on its own connection; it must
+    /// stay the statement the worker runs, or the ceiling measures something else.
+    #[test]
+    fn the_benchmark_ceiling_measures_this_statement() {
+        let bench = include_str!("../../bench/src/ceilings.rs");
+        assert!(bench.contains(super::INSERT), "update services/bench/src/ceilings.rs");
+    }
+}
