@@ -20,8 +20,9 @@ pub enum Error {
     #[error("the broker did not confirm a dead-lettered message: {0}")]
     DeadLetter(String),
     /// A fault injected by a test at the given stage: behaves like a crash.
+    #[cfg(feature = "test-util")]
     #[error("injected crash at {0:?}")]
-    InjectedCrash(crate::Stage),
+    InjectedCrash(crate::fault::Stage),
 }
 
 impl Error {
@@ -35,7 +36,9 @@ impl Error {
         match self {
             Error::Postgres(_) | Error::Migrate(_) => "postgres",
             Error::Amqp(_) | Error::DeadLetter(_) => "amqp",
-            Error::Config(_) | Error::InjectedCrash(_) => "other",
+            Error::Config(_) => "other",
+            #[cfg(feature = "test-util")]
+            Error::InjectedCrash(_) => "other",
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - [`store`]: PostgreSQL: migrations, partitions, the batch insert.
 //! - [`jsonb`]: an event's text in the member order `jsonb` keeps (pure).
 //! - [`error`]: what can go wrong, and whether to retry.
+//! - `fault`: crash injection between a batch's steps (`test-util` feature only).
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod batch;
@@ -23,6 +24,8 @@ pub mod config;
 pub mod consume;
 pub mod dead_letter;
 pub mod error;
+#[cfg(feature = "test-util")]
+pub mod fault;
 pub mod jsonb;
 pub mod metrics;
 pub mod pipeline;
@@ -46,24 +49,6 @@ use crate::pipeline::{PartitionWindow, Pipeline};
 use crate::redis_tier::{RedisSettings, RedisTier};
 use crate::store::Store;
 
-/// Points between the steps of a batch where a test can inject a crash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Deliveries decoded, nothing written anywhere yet.
-    Decoded,
-    /// Redis asked, PostgreSQL not yet written.
-    AfterRedisCheck,
-    /// Rows committed, Redis not yet updated, nothing acked.
-    AfterCommit,
-    /// Redis updated, nothing acked.
-    AfterRedisRecord,
-}
-
-/// Test-only fault injection, called with the stage and the first delivery tag of the batch:
-/// returning `true` makes the worker behave as if it crashed there (it drops its broker
-/// connection without acking).
-pub type FaultHook = Arc<dyn Fn(Stage, u64) -> bool + Send + Sync>;
-
 /// A configured worker, ready to run.
 pub struct Worker {
     consumer: Consumer,
@@ -73,7 +58,24 @@ pub struct Worker {
 
 impl Worker {
     /// Builds the worker from `config`. Nothing connects yet: the services may be down.
-    pub fn new(config: Config, fault: Option<FaultHook>) -> anyhow::Result<Self> {
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        Self::build(
+            config,
+            #[cfg(feature = "test-util")]
+            None,
+        )
+    }
+
+    /// [`Worker::new`] with a crash injected wherever `fault` says (`test-util` only).
+    #[cfg(feature = "test-util")]
+    pub fn with_fault(config: Config, fault: fault::FaultHook) -> anyhow::Result<Self> {
+        Self::build(config, Some(fault))
+    }
+
+    fn build(
+        config: Config,
+        #[cfg(feature = "test-util")] fault: Option<fault::FaultHook>,
+    ) -> anyhow::Result<Self> {
         config.check()?;
         let metrics = Metrics::new();
         let spec = KeySpec::new(&config.dedup_key_fields)
@@ -106,6 +108,7 @@ impl Worker {
                 retention: config.retention,
                 ahead_days: config.partitions_ahead,
             },
+            #[cfg(feature = "test-util")]
             fault,
         });
         let consumer = Consumer::new(
@@ -321,7 +324,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let worker = Worker::new(config.clone(), None)?;
+    let worker = Worker::new(config.clone())?;
     if config.migrate_on_start {
         worker
             .store()
@@ -344,7 +347,7 @@ pub async fn run(
 
 /// `dedup-worker maintain`: the partition maintenance once, for a CronJob or by hand.
 pub async fn maintain(config: Config) -> anyhow::Result<()> {
-    let worker = Worker::new(config, None)?;
+    let worker = Worker::new(config)?;
     maintain_partitions(&worker.pipeline)
         .await
         .context("partition maintenance failed; check DATABASE_URL and that migrations ran")?;

@@ -19,11 +19,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::batch::{self, Candidate};
-use crate::error::{Error, Result};
+use crate::error::Result;
+#[cfg(feature = "test-util")]
+use crate::fault::{FaultHook, Stage};
 use crate::metrics::Metrics;
 use crate::redis_tier::{Item, RedisTier};
 use crate::store::{Row, Store};
-use crate::{FaultHook, Stage};
 
 /// What one batch came to.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,18 +69,29 @@ pub struct Pipeline {
     pub retry_max_backoff: std::time::Duration,
     /// The days whose partitions are kept, around today: RETENTION back, PARTITIONS_AHEAD on.
     pub partitions: PartitionWindow,
-    /// Test-only fault injection; `None` in production.
+    /// Where a test injects crashes.
+    #[cfg(feature = "test-util")]
     pub fault: Option<FaultHook>,
 }
 
+/// A point between two steps of a batch where a test may inject a crash; nothing at all
+/// without the `test-util` feature.
+macro_rules! checkpoint {
+    ($pipeline:expr, $stage:ident, $deliveries:expr) => {
+        #[cfg(feature = "test-util")]
+        $pipeline.checkpoint(Stage::$stage, $deliveries)?;
+    };
+}
+
 impl Pipeline {
+    #[cfg(feature = "test-util")]
     fn checkpoint(&self, stage: Stage, deliveries: &[Delivery]) -> Result<()> {
         let first_tag = deliveries
             .first()
             .map(|d| d.delivery_tag)
             .unwrap_or_default();
         match &self.fault {
-            Some(hook) if hook(stage, first_tag) => Err(Error::InjectedCrash(stage)),
+            Some(hook) if hook(stage, first_tag) => Err(crate::error::Error::InjectedCrash(stage)),
             _ => Ok(()),
         }
     }
@@ -151,13 +163,13 @@ impl Pipeline {
         );
         decoded.consumed += unreadable.len() as u64;
         decoded.dead_letters.extend(unreadable);
-        self.checkpoint(Stage::Decoded, deliveries)?;
+        checkpoint!(self, Decoded, deliveries);
         self.dead_letter(&decoded.dead_letters, dead_letter_channel, stop)
             .await?;
 
         let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
         let known = self.redis.check(&items).await;
-        self.checkpoint(Stage::AfterRedisCheck, deliveries)?;
+        checkpoint!(self, AfterRedisCheck, deliveries);
         let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
         let mut fresh_items: Vec<Item> = Vec::with_capacity(items.len());
         let mut recent = 0u64;
@@ -188,10 +200,10 @@ impl Pipeline {
             fresh_items.retain(|item| !refused.contains(&(item.day, item.key.as_uuid())));
         }
         let stored = inserted.stored;
-        self.checkpoint(Stage::AfterCommit, deliveries)?;
+        checkpoint!(self, AfterCommit, deliveries);
 
         self.redis.record(&fresh_items).await;
-        self.checkpoint(Stage::AfterRedisRecord, deliveries)?;
+        checkpoint!(self, AfterRedisRecord, deliveries);
 
         let outcome = Outcome {
             consumed: decoded.consumed,

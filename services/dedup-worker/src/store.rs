@@ -273,6 +273,9 @@ mod tests {
     #[test]
     fn the_benchmark_ceiling_measures_this_statement() {
         let bench = include_str!("../../bench/src/ceilings.rs");
-        assert!(bench.contains(super::INSERT), "update services/bench/src/ceilings.rs");
+        assert!(
+            bench.contains(super::INSERT),
+            "update services/bench/src/ceilings.rs"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use dedup_message::message;
-use dedup_worker::Stage;
+use dedup_worker::fault::Stage;
 use serde_json::Value;
 use test_support::events::{event, ndjson, unique};
 use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
@@ -166,7 +166,7 @@ async fn two_workers_holding_one_key_store_it_once_through_postgres() {
     config.batch_size = 1;
     config.prefetch = 1;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let hook = || -> dedup_worker::FaultHook {
+    let hook = || -> dedup_worker::fault::FaultHook {
         let arrived = arrived.clone();
         let waited = AtomicBool::new(false);
         Arc::new(move |at: Stage, _| {
@@ -412,7 +412,7 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
     // The first batch after `hold` is set waits after its commit until `held` is cleared.
     let hold = Arc::new(AtomicBool::new(false));
     let held = Arc::new(AtomicBool::new(false));
-    let hook: dedup_worker::FaultHook = {
+    let hook: dedup_worker::fault::FaultHook = {
         let (hold, held) = (hold.clone(), held.clone());
         Arc::new(move |at: Stage, _| {
             if at == Stage::AfterCommit && hold.swap(false, Ordering::SeqCst) {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use dedup_worker::{FaultHook, Worker};
+use dedup_worker::Worker;
+use dedup_worker::fault::FaultHook;
 use ingest::http::AppState;
 use ingest::metrics::Metrics;
 use ingest::publish::Publisher;
@@ -134,7 +135,11 @@ pub struct WorkerUnderTest {
 impl WorkerUnderTest {
     /// Migrates (once) and starts consuming.
     pub async fn start(config: dedup_worker::Config, fault: Option<FaultHook>) -> Self {
-        let worker = Arc::new(Worker::new(config.clone(), fault).expect("worker config"));
+        let worker = match fault {
+            Some(fault) => Worker::with_fault(config.clone(), fault),
+            None => Worker::new(config.clone()),
+        };
+        let worker = Arc::new(worker.expect("worker config"));
         if config.migrate_on_start {
             migrate_once(&worker).await;
         }
