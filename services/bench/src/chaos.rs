@@ -292,7 +292,7 @@ async fn dead_letters(backends: &Backends, iso: &Isolation) -> u64 {
     // The management API refreshes its figures every few seconds.
     tokio::time::sleep(Duration::from_secs(6)).await;
     reader
-        .read(&vhost, &iso.topology.dead_letter_queue)
+        .read(&vhost, &iso.topology.dead_letter_queue())
         .await
         .map(|d| d.total())
         .unwrap_or(u64::MAX)

@@ -102,12 +102,12 @@ impl Isolation {
         {
             if let Ok(channel) = conn.create_channel().await {
                 let t = &self.topology;
-                for q in [&t.queue, &t.dead_letter_queue] {
+                for q in [&t.queue, &t.dead_letter_queue()] {
                     let _ = channel
                         .queue_delete(q.as_str().into(), Default::default())
                         .await;
                 }
-                for e in [&t.exchange, &t.dead_letter_exchange] {
+                for e in [&t.exchange, &t.dead_letter_exchange()] {
                     let _ = channel
                         .exchange_delete(e.as_str().into(), Default::default())
                         .await;
@@ -249,8 +249,6 @@ fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
         .env("RABBITMQ_MANAGEMENT_URL", &backends.rabbitmq_management)
         .env("AMQP_EXCHANGE", &t.exchange)
         .env("AMQP_QUEUE", &t.queue)
-        .env("AMQP_DEAD_LETTER_EXCHANGE", &t.dead_letter_exchange)
-        .env("AMQP_DEAD_LETTER_QUEUE", &t.dead_letter_queue)
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .env_remove("DEDUP_CONFIG");

@@ -41,20 +41,12 @@ pub struct Topology {
     /// Queue the workers consume from (bound to the exchange with its own name as routing key).
     #[arg(long, env = "AMQP_QUEUE", default_value = "product_events")]
     pub queue: String,
-    /// Exchange for messages the pipeline cannot process.
-    #[arg(
-        long,
-        env = "AMQP_DEAD_LETTER_EXCHANGE",
-        default_value = "product_events.dlx"
-    )]
-    pub dead_letter_exchange: String,
-    /// Queue that keeps dead-lettered messages for inspection.
-    #[arg(
-        long,
-        env = "AMQP_DEAD_LETTER_QUEUE",
-        default_value = "product_events.dlq"
-    )]
-    pub dead_letter_queue: String,
+    /// Exchange for messages the pipeline cannot process (default: AMQP_QUEUE + `.dlx`).
+    #[arg(long = "dead-letter-exchange", env = "AMQP_DEAD_LETTER_EXCHANGE")]
+    pub dead_letter_exchange_name: Option<String>,
+    /// Queue that keeps dead-lettered messages for inspection (default: AMQP_QUEUE + `.dlq`).
+    #[arg(long = "dead-letter-queue", env = "AMQP_DEAD_LETTER_QUEUE")]
+    pub dead_letter_queue_name: Option<String>,
     /// Queue type of both queues.
     #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "quorum")]
     pub queue_type: QueueType,
@@ -64,6 +56,21 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The dead-letter exchange: as configured, else the queue's name + `.dlx`. The one place
+    /// the naming rule lives; the operator and the chart rely on it.
+    pub fn dead_letter_exchange(&self) -> String {
+        self.dead_letter_exchange_name
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlx", self.queue))
+    }
+
+    /// The dead-letter queue: as configured, else the queue's name + `.dlq`.
+    pub fn dead_letter_queue(&self) -> String {
+        self.dead_letter_queue_name
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.queue))
+    }
+
     /// Routing key of the main queue.
     pub fn routing_key(&self) -> ShortString {
         ShortString::from(self.queue.as_str())
@@ -71,7 +78,7 @@ impl Topology {
 
     /// Routing key of the dead-letter queue.
     pub fn dead_letter_routing_key(&self) -> ShortString {
-        ShortString::from(self.dead_letter_queue.as_str())
+        ShortString::from(self.dead_letter_queue().as_str())
     }
 
     /// Declares both exchanges and queues and their bindings; idempotent.
@@ -83,7 +90,7 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
-        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+        for exchange in [&self.exchange, &self.dead_letter_exchange()] {
             channel
                 .exchange_declare(
                     exchange.as_str().into(),
@@ -97,15 +104,15 @@ impl Topology {
         dlq_args.insert("x-queue-type".into(), self.queue_type_value());
         channel
             .queue_declare(
-                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_queue().as_str().into(),
                 QueueDeclareOptions::durable(),
                 dlq_args,
             )
             .await?;
         channel
             .queue_bind(
-                self.dead_letter_queue.as_str().into(),
-                self.dead_letter_exchange.as_str().into(),
+                self.dead_letter_queue().as_str().into(),
+                self.dead_letter_exchange().as_str().into(),
                 self.dead_letter_routing_key(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -143,11 +150,11 @@ impl Topology {
         args.insert("x-queue-type".into(), self.queue_type_value());
         args.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+            AMQPValue::LongString(self.dead_letter_exchange().as_str().into()),
         );
         args.insert(
             "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(self.dead_letter_queue.as_str().into()),
+            AMQPValue::LongString(self.dead_letter_queue().as_str().into()),
         );
         if self.queue_type == QueueType::Quorum {
             args.insert(
@@ -163,8 +170,8 @@ impl Topology {
         Self {
             exchange: format!("{prefix}.events"),
             queue: format!("{prefix}.events"),
-            dead_letter_exchange: format!("{prefix}.dlx"),
-            dead_letter_queue: format!("{prefix}.dlq"),
+            dead_letter_exchange_name: None,
+            dead_letter_queue_name: None,
             queue_type: QueueType::Quorum,
             delivery_limit: 20,
         }
@@ -178,7 +185,8 @@ pub fn describe_declare_error(topology: &Topology, error: &lapin::Error) -> Stri
         format!(
             "queue {:?} or {:?} already exists with different arguments ({text}); make \
              AMQP_QUEUE_TYPE / AMQP_DELIVERY_LIMIT match it, or delete the queue",
-            topology.queue, topology.dead_letter_queue
+            topology.queue,
+            topology.dead_letter_queue()
         )
     } else {
         format!("could not declare the AMQP topology: {text}")

@@ -20,8 +20,10 @@ use crate::crd::{DedupPipeline, SecretKey};
 pub const INGEST_PORT: i32 = 8000;
 pub const INGEST_ADMIN_PORT: i32 = 9100;
 pub const WORKER_ADMIN_PORT: i32 = 9101;
-/// Seconds a worker has to finish and ack its batch on SIGTERM (SHUTDOWN_GRACE is 25 s).
+/// Seconds Kubernetes gives a worker pod between SIGTERM and SIGKILL.
 pub const WORKER_TERMINATION_GRACE_SECONDS: i64 = 30;
+/// The binaries' SHUTDOWN_GRACE: finish and ack the batch in hand 5 s before the SIGKILL.
+pub const SHUTDOWN_GRACE_SECONDS: i64 = WORKER_TERMINATION_GRACE_SECONDS - 5;
 
 /// Names and labels derived from the pipeline's name.
 pub struct Names {
@@ -101,14 +103,6 @@ pub fn config_map(pipeline: &DedupPipeline) -> ConfigMap {
         ("AMQP_QUEUE".to_owned(), spec.dedup.queue.clone()),
         ("AMQP_EXCHANGE".to_owned(), spec.dedup.queue.clone()),
         (
-            "AMQP_DEAD_LETTER_EXCHANGE".to_owned(),
-            format!("{}.dlx", spec.dedup.queue),
-        ),
-        (
-            "AMQP_DEAD_LETTER_QUEUE".to_owned(),
-            format!("{}.dlq", spec.dedup.queue),
-        ),
-        (
             "DEDUP_KEY_FIELDS".to_owned(),
             spec.dedup.key_fields.join(","),
         ),
@@ -120,10 +114,16 @@ pub fn config_map(pipeline: &DedupPipeline) -> ConfigMap {
                 .clone()
                 .unwrap_or_else(|| "json".into()),
         ),
-        ("SHUTDOWN_GRACE".to_owned(), "25s".to_owned()),
+        (
+            "SHUTDOWN_GRACE".to_owned(),
+            format!("{SHUTDOWN_GRACE_SECONDS}s"),
+        ),
     ]);
     if let Some(endpoint) = &spec.observability.otlp_endpoint {
-        data.insert("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone());
+        data.insert(
+            dedup_runtime::telemetry::OTLP_ENDPOINT.to_owned(),
+            endpoint.clone(),
+        );
     }
     ConfigMap {
         metadata: names.meta(names.config(), "config", &owner(pipeline)),

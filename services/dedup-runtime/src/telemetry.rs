@@ -20,6 +20,18 @@ pub enum LogFormat {
     Text,
 }
 
+/// Where OTLP traces go; tracing is on when it (or the traces-only variant) is set.
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// The OpenTelemetry SDK's own variables every binary reads from the environment (they are
+/// not flags).
+pub const SDK_VARIABLES: [&str; 4] = [
+    OTLP_ENDPOINT,
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_SDK_DISABLED",
+];
+
 /// Logging settings shared by every binary. Tracing follows the standard OpenTelemetry
 /// variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`).
 #[derive(Debug, Clone, Args)]
@@ -55,7 +67,7 @@ impl Drop for Telemetry {
 pub fn otlp_requested() -> bool {
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    !disabled && (set(OTLP_ENDPOINT) || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
 /// Installs the global subscriber. Call once, first thing in `main`, inside the runtime.

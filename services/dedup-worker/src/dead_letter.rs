@@ -18,7 +18,7 @@ pub async fn publish(channel: &Channel, topology: &Topology, letters: &[DeadLett
             dead_letter_properties(&format!("{}: {}", letter.reason.label(), letter.detail));
         let confirm = channel
             .basic_publish(
-                topology.dead_letter_exchange.as_str().into(),
+                topology.dead_letter_exchange().as_str().into(),
                 topology.dead_letter_routing_key(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -36,7 +36,8 @@ pub async fn publish(channel: &Channel, topology: &Topology, letters: &[DeadLett
             Confirmation::Ack(Some(_)) => {
                 return Err(Error::DeadLetter(format!(
                     "queue {:?} is not bound to exchange {:?}",
-                    topology.dead_letter_queue, topology.dead_letter_exchange
+                    topology.dead_letter_queue(),
+                    topology.dead_letter_exchange()
                 )));
             }
             Confirmation::Nack(_) => {

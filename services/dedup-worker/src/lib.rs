@@ -291,7 +291,7 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     let topology = &config.amqp.topology;
     let mut failing = false;
     loop {
-        for queue in [&topology.queue, &topology.dead_letter_queue] {
+        for queue in [&topology.queue, &topology.dead_letter_queue()] {
             match reader.read(&vhost, queue).await {
                 Ok(depth) => {
                     if std::mem::take(&mut failing) {

@@ -510,11 +510,11 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     settle(&env, 4).await;
     assert_each_once(&env, ["p-1", "p-2", "p-3", "p-4"].map(String::from)).await;
     eventually(WAIT, "six dead letters", || async {
-        (env.ready_messages(&env.topology.dead_letter_queue).await == 6).then_some(())
+        (env.ready_messages(&env.topology.dead_letter_queue()).await == 6).then_some(())
     })
     .await;
     consumed(&worker, 10).await;
-    let letters = env.drain(&env.topology.dead_letter_queue).await;
+    let letters = env.drain(&env.topology.dead_letter_queue()).await;
     let bodies: Vec<Vec<u8>> = letters.iter().map(|(b, _)| b.clone()).collect();
     assert!(bodies.contains(&b"{this is not json".to_vec()));
     assert!(bodies.contains(&b"{\"sid\": \"no other fields\"}".to_vec()));

@@ -168,7 +168,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
         .await
         .expect("consume");
     let mut deliveries = 0;
-    while env.ready_messages(&env.topology.dead_letter_queue).await == 0 {
+    while env.ready_messages(&env.topology.dead_letter_queue()).await == 0 {
         let Ok(Some(delivery)) =
             tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
         else {
@@ -190,7 +190,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
     }
     assert_eq!(deliveries, 3, "delivered once, then returned twice");
     assert_eq!(env.ready_messages(&env.topology.queue).await, 0);
-    let letters = env.drain(&env.topology.dead_letter_queue).await;
+    let letters = env.drain(&env.topology.dead_letter_queue()).await;
     assert_eq!(letters.len(), 1);
     let reason = letters[0]
         .1

@@ -163,11 +163,11 @@ async fn rows_postgres_refuses_are_dead_lettered_alone_and_the_rest_stored() {
     .await;
     eventually(WAIT, "19 stored rows and two dead letters", || async {
         (env.stored_rows().await == 19
-            && env.ready_messages(&env.topology.dead_letter_queue).await == 2)
+            && env.ready_messages(&env.topology.dead_letter_queue()).await == 2)
             .then_some(())
     })
     .await;
-    let letters = env.drain(&env.topology.dead_letter_queue).await;
+    let letters = env.drain(&env.topology.dead_letter_queue()).await;
     let mut refused_rs: Vec<String> = letters
         .iter()
         .map(|(body, headers)| {
@@ -313,7 +313,7 @@ async fn partitions_are_created_ahead_dropped_after_retention_and_never_made_by_
     .await;
     eventually(WAIT, "one row and two dead letters", || async {
         (env.stored_rows().await == 1
-            && env.ready_messages(&env.topology.dead_letter_queue).await == 2)
+            && env.ready_messages(&env.topology.dead_letter_queue()).await == 2)
             .then_some(())
     })
     .await;

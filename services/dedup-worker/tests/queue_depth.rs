@@ -88,7 +88,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
         holder
             .basic_publish(
                 "".into(),
-                env.topology.dead_letter_queue.as_str().into(),
+                env.topology.dead_letter_queue().as_str().into(),
                 lapin::options::BasicPublishOptions::default(),
                 format!("letter {i}").as_bytes(),
                 lapin::BasicProperties::default(),
@@ -121,7 +121,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
             let seen = env.stored_rows().await == 6
                 && reported(&env.topology.queue, "ready") == Some(0.0)
                 && reported(&env.topology.queue, "unacked") == Some(4.0)
-                && reported(&env.topology.dead_letter_queue, "ready") == Some(3.0);
+                && reported(&env.topology.dead_letter_queue(), "ready") == Some(3.0);
             seen.then_some(())
         },
     )
@@ -134,7 +134,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
         "the gauges to read an empty queue",
         || async {
             let settled = env.stored_rows().await == 10
-                && reported(&env.topology.dead_letter_queue, "ready") == Some(3.0)
+                && reported(&env.topology.dead_letter_queue(), "ready") == Some(3.0)
                 && reported(&env.topology.queue, "ready") == Some(0.0)
                 && reported(&env.topology.queue, "unacked") == Some(0.0);
             settled.then_some(())

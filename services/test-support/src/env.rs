@@ -348,12 +348,12 @@ async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
     }
     if let Ok(conn) = Connection::connect(RABBITMQ_URL, ConnectionProperties::default()).await {
         if let Ok(channel) = conn.create_channel().await {
-            for queue in [&topology.queue, &topology.dead_letter_queue] {
+            for queue in [&topology.queue, &topology.dead_letter_queue()] {
                 let _ = channel
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
-            for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+            for exchange in [&topology.exchange, &topology.dead_letter_exchange()] {
                 let _ = channel
                     .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                     .await;
