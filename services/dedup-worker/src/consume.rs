@@ -192,6 +192,68 @@ impl Consumer {
         backoff: &mut Backoff,
     ) -> Result<()> {
         let s = &self.settings;
+        let (channel, dead_letter_channel, mut consumer) = self.open(connection).await?;
+        self.consuming.store(true, Ordering::Relaxed);
+        backoff.reset();
+
+        let mut pending = Pending::default();
+        // Batches being processed, oldest first, with the last delivery tag of each. Acks go
+        // strictly in this order: a multiple-ack covers a batch only once every batch before it
+        // has committed too.
+        let mut in_flight = InFlight {
+            batches: Default::default(),
+            progress: self.progress.clone(),
+        };
+        let max_in_flight = s.batches_in_flight.max(1);
+        let result: Result<()> = async {
+            loop {
+                let linger = async {
+                    match pending.deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let full = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {
+                        let batch = pending.take();
+                        return self.finish(&channel, &dead_letter_channel, consumer, batch, &mut in_flight, stop).await;
+                    }
+                    done = in_flight.oldest(), if !in_flight.is_empty() => {
+                        in_flight.acknowledge(done, &channel).await?;
+                        false
+                    }
+                    () = linger => true,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            self.progress.received();
+                            pending.push(delivery, s)
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
+                    },
+                };
+                if full && !pending.deliveries.is_empty() {
+                    while in_flight.len() >= max_in_flight {
+                        in_flight.complete_oldest(&channel).await?;
+                    }
+                    in_flight.push(self.spawn(pending.take(), &dead_letter_channel, stop));
+                }
+            }
+        }
+        .await;
+        // On failure nothing more is acked: stop the other batches; the broker redelivers.
+        in_flight.abort_all();
+        result
+    }
+
+    /// Declares the topology and opens the consuming channel (with its prefetch) and the
+    /// confirmed channel dead letters go out on.
+    async fn open(
+        &self,
+        connection: &Connection,
+    ) -> Result<(lapin::Channel, lapin::Channel, lapin::Consumer)> {
+        let s = &self.settings;
         let channel = connection.create_channel().await?;
         if let Err(e) = s.topology.declare(&channel).await {
             tracing::error!(error = %describe_declare_error(&s.topology, &e), "Cannot declare the queues.");
@@ -204,7 +266,7 @@ impl Consumer {
         channel
             .basic_qos(s.prefetch, BasicQosOptions::default())
             .await?;
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 s.topology.queue.as_str().into(),
                 "".into(),
@@ -213,86 +275,44 @@ impl Consumer {
             )
             .await?;
         tracing::info!(queue = %s.topology.queue, prefetch = s.prefetch, batch_size = s.batch_size, "Consuming.");
-        self.consuming.store(true, Ordering::Relaxed);
-        backoff.reset();
-
-        let mut pending: Vec<Delivery> = Vec::new();
-        let mut pending_events = 0usize;
-        let mut deadline: Option<Instant> = None;
-        // Batches being processed, oldest first, with the last delivery tag of each. Acks go
-        // strictly in this order: a multiple-ack covers a batch only once every batch before it
-        // has committed too.
-        let mut in_flight = InFlight {
-            batches: Default::default(),
-            progress: self.progress.clone(),
-        };
-        let max_in_flight = s.batches_in_flight.max(1);
-        let result: Result<()> = async {
-            loop {
-                let linger = async {
-                    match deadline {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let full = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => {
-                        // No new deliveries; those the broker sent before the cancel are in
-                        // hand too (they arrive before its answer), so they join the last batch.
-                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                        let drained_by = Instant::now() + SHUTDOWN_DRAIN;
-                        while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(drained_by, consumer.next()).await {
-                            self.progress.received();
-                            pending.push(delivery);
-                        }
-                        // Finish the batches in hand; anything else goes back to the queue.
-                        if !pending.is_empty() {
-                            in_flight.push(self.spawn(std::mem::take(&mut pending), &dead_letter_channel, stop));
-                        }
-                        while !in_flight.is_empty() {
-                            in_flight.complete_oldest(&channel).await?;
-                        }
-                        let _ = dead_letter_channel.close(200, "worker stopping".into()).await;
-                        let _ = channel.close(200, "worker stopping".into()).await;
-                        return Ok(());
-                    }
-                    done = in_flight.oldest(), if !in_flight.is_empty() => {
-                        in_flight.acknowledge(done, &channel).await?;
-                        false
-                    }
-                    () = linger => true,
-                    next = consumer.next() => match next {
-                        Some(Ok(delivery)) => {
-                            self.progress.received();
-                            pending_events += Envelope::event_count(&delivery.properties);
-                            if deadline.is_none() {
-                                deadline = Some(Instant::now() + s.linger);
-                            }
-                            pending.push(delivery);
-                            pending_events >= s.batch_size || pending.len() >= usize::from(s.prefetch.max(1))
-                        }
-                        Some(Err(e)) => return Err(e.into()),
-                        None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
-                    },
-                };
-                if full && !pending.is_empty() {
-                    while in_flight.len() >= max_in_flight {
-                        in_flight.complete_oldest(&channel).await?;
-                    }
-                    in_flight.push(self.spawn(std::mem::take(&mut pending), &dead_letter_channel, stop));
-                    pending_events = 0;
-                    deadline = None;
-                }
-            }
-        }
-        .await;
-        // On failure nothing more is acked: stop the other batches; the broker redelivers.
-        in_flight.abort_all();
-        result
+        Ok((channel, dead_letter_channel, consumer))
     }
 
-    /// Starts processing `batch` on its own task.
+    /// Stops consuming and finishes the batches in hand. Deliveries the broker sent before the
+    /// cancel are in hand too (they arrive before its answer), so they join the last batch;
+    /// anything else goes back to the queue.
+    async fn finish(
+        &self,
+        channel: &lapin::Channel,
+        dead_letter_channel: &lapin::Channel,
+        mut consumer: lapin::Consumer,
+        mut pending: Vec<Delivery>,
+        in_flight: &mut InFlight,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        let drained_by = Instant::now() + SHUTDOWN_DRAIN;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout_at(drained_by, consumer.next()).await
+        {
+            self.progress.received();
+            pending.push(delivery);
+        }
+        if !pending.is_empty() {
+            in_flight.push(self.spawn(pending, dead_letter_channel, stop));
+        }
+        while !in_flight.is_empty() {
+            in_flight.complete_oldest(channel).await?;
+        }
+        let _ = dead_letter_channel
+            .close(200, "worker stopping".into())
+            .await;
+        let _ = channel.close(200, "worker stopping".into()).await;
+        Ok(())
+    }
+
     fn spawn(
         &self,
         batch: Vec<Delivery>,
@@ -315,6 +335,35 @@ impl Consumer {
             deliveries,
             task,
         }
+    }
+}
+
+/// Deliveries gathering into the next batch.
+#[derive(Default)]
+struct Pending {
+    deliveries: Vec<Delivery>,
+    /// Events they carry (a message may carry many).
+    events: usize,
+    /// When the batch goes even if not full: the first delivery's arrival + the linger.
+    deadline: Option<Instant>,
+}
+
+impl Pending {
+    /// Adds `delivery`; true when the batch is full (BATCH_SIZE events or a prefetch's worth
+    /// of messages).
+    fn push(&mut self, delivery: Delivery, s: &ConsumerSettings) -> bool {
+        self.events += Envelope::event_count(&delivery.properties);
+        self.deadline
+            .get_or_insert_with(|| Instant::now() + s.linger);
+        self.deliveries.push(delivery);
+        self.events >= s.batch_size || self.deliveries.len() >= usize::from(s.prefetch.max(1))
+    }
+
+    /// The deliveries gathered, leaving it empty.
+    fn take(&mut self) -> Vec<Delivery> {
+        self.events = 0;
+        self.deadline = None;
+        std::mem::take(&mut self.deliveries)
     }
 }
 

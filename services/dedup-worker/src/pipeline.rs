@@ -3,9 +3,10 @@
 //! so a crash between any two steps loses nothing and, thanks to the unique constraint,
 //! stores nothing twice.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use chrono::{NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use dedup_event::KeySpec;
 use dedup_message::message::Envelope;
 use dedup_message::topology::Topology;
@@ -137,54 +138,26 @@ impl Pipeline {
         stop: &CancellationToken,
     ) -> Result<Outcome> {
         let started = Instant::now();
-        // Bodies decompressed per their content encoding; one that cannot be read goes to the
-        // dead-letter queue whole and the rest of the batch carries on.
-        let mut unreadable = Vec::new();
-        let bodies: Vec<_> = deliveries
-            .iter()
-            .filter_map(|d| match Envelope::open(&d.data, &d.properties) {
-                Ok(body) => Some((body, Envelope::received_at(&d.properties))),
-                Err(detail) => {
-                    unreadable.push(batch::DeadLetter {
-                        body: d.data.clone(),
-                        reason: batch::DeadLetterReason::InvalidEncoding,
-                        detail,
-                    });
-                    None
-                }
-            })
-            .collect();
-        let now = Utc::now();
-        let mut decoded = batch::decode(
-            bodies.iter().map(|(body, at)| (body.as_ref(), *at)),
-            &self.spec,
-            &self.partitions.days(now),
-            now,
-        );
-        decoded.consumed += unreadable.len() as u64;
-        decoded.dead_letters.extend(unreadable);
+        // Step 1: decode and validate; what cannot be accepted is dead-lettered now.
+        let Bodies {
+            readable,
+            unreadable,
+        } = Bodies::open(deliveries);
+        let decoded = self.decode(&readable, unreadable);
         checkpoint!(self, Decoded, deliveries);
         self.dead_letter(&decoded.dead_letters, dead_letter_channel, stop)
             .await?;
 
+        // Steps 2-3: drop what Redis remembers.
         let items: Vec<Item> = decoded.candidates.iter().map(Candidate::item).collect();
         let known = self.redis.check(&items).await;
         checkpoint!(self, AfterRedisCheck, deliveries);
-        let mut fresh: Vec<&Candidate<'_>> = Vec::with_capacity(items.len());
-        let mut fresh_items: Vec<Item> = Vec::with_capacity(items.len());
-        let mut recent = 0u64;
-        for (i, candidate) in decoded.candidates.iter().enumerate() {
-            if known.as_ref().is_some_and(|k| k[i]) {
-                recent += 1;
-                continue;
-            }
-            fresh.push(candidate);
-            fresh_items.push(items[i]);
-        }
+        let (fresh, mut fresh_items) = unknown(&decoded.candidates, &items, known.as_deref());
 
+        // Step 4: PostgreSQL decides the rest.
         let mut rows: Vec<Row<'_>> = fresh.iter().map(|c| c.row()).collect();
-        let insert_started = Instant::now();
         crate::store::lock_order(&mut rows);
+        let insert_started = Instant::now();
         let inserted = self
             .retrying(stop, || self.store.insert_isolating(&rows))
             .await?;
@@ -196,35 +169,62 @@ impl Pipeline {
         let refused = self
             .dead_letter_refused(&rows, &inserted, dead_letter_channel, stop)
             .await?;
-        if !refused.is_empty() {
-            fresh_items.retain(|item| !refused.contains(&(item.day, item.key.as_uuid())));
-        }
-        let stored = inserted.stored;
+        fresh_items.retain(|item| !refused.contains(&(item.day, item.key.as_uuid())));
         checkpoint!(self, AfterCommit, deliveries);
 
+        // Step 5: remember what PostgreSQL now holds.
         self.redis.record(&fresh_items).await;
         checkpoint!(self, AfterRedisRecord, deliveries);
 
         let outcome = Outcome {
             consumed: decoded.consumed,
-            stored,
+            stored: inserted.stored,
             in_batch_duplicates: decoded.in_batch_duplicates,
-            recent_key_duplicates: recent,
-            postgres_duplicates: (fresh.len() - refused.len()) as u64 - stored,
+            recent_key_duplicates: (items.len() - fresh.len()) as u64,
+            postgres_duplicates: (fresh.len() - refused.len()) as u64 - inserted.stored,
             dead_lettered: (decoded.dead_letters.len() + refused.len()) as u64,
         };
+        self.count(&outcome, deliveries, started, committed);
+        tracing::debug!(?outcome, "Batch processed.");
+        Ok(outcome)
+    }
+
+    /// Decodes and validates every readable body; unreadable ones join the dead letters.
+    fn decode<'b>(
+        &self,
+        readable: &'b [Body<'_>],
+        unreadable: Vec<batch::DeadLetter>,
+    ) -> batch::Decoded<'b> {
+        let now = Utc::now();
+        let mut decoded = batch::decode(
+            readable.iter().map(|(body, at)| (body.as_ref(), *at)),
+            &self.spec,
+            &self.partitions.days(now),
+            now,
+        );
+        decoded.consumed += unreadable.len() as u64;
+        decoded.dead_letters.extend(unreadable);
+        decoded
+    }
+
+    /// Counts a processed batch in the metrics.
+    fn count(
+        &self,
+        outcome: &Outcome,
+        deliveries: &[Delivery],
+        started: Instant,
+        committed: DateTime<Utc>,
+    ) {
         let m = &self.metrics;
         m.consumed.inc_by(outcome.consumed);
         m.stored.inc_by(outcome.stored);
-        m.duplicates
-            .with_label_values(&["in_batch"])
-            .inc_by(outcome.in_batch_duplicates);
-        m.duplicates
-            .with_label_values(&["recent_keys"])
-            .inc_by(outcome.recent_key_duplicates);
-        m.duplicates
-            .with_label_values(&["postgres"])
-            .inc_by(outcome.postgres_duplicates);
+        for (tier, n) in [
+            ("in_batch", outcome.in_batch_duplicates),
+            ("recent_keys", outcome.recent_key_duplicates),
+            ("postgres", outcome.postgres_duplicates),
+        ] {
+            m.duplicates.with_label_values(&[tier]).inc_by(n);
+        }
         m.batch_size.observe(outcome.consumed as f64);
         m.batch_seconds.observe(started.elapsed().as_secs_f64());
         for delivery in deliveries {
@@ -236,12 +236,8 @@ impl Pipeline {
                 m.end_to_end_lag_seconds.observe(lag as f64 / 1e6);
             }
         }
-        tracing::debug!(?outcome, "Batch processed.");
-        Ok(outcome)
     }
 
-    /// Sends the rows PostgreSQL refused to the dead-letter queue, each alone with the
-    /// database's reason; returns their keys (they are neither stored nor remembered in Redis).
     async fn dead_letter_refused(
         &self,
         rows: &[Row<'_>],
@@ -324,4 +320,54 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// A readable message body with the time ingest received its events.
+type Body<'a> = (Cow<'a, [u8]>, Option<DateTime<Utc>>);
+
+/// A batch's message bodies, decompressed per their content encoding; one that cannot be read
+/// goes to the dead-letter queue whole and the rest of the batch carries on.
+struct Bodies<'a> {
+    readable: Vec<Body<'a>>,
+    unreadable: Vec<batch::DeadLetter>,
+}
+
+impl<'a> Bodies<'a> {
+    fn open(deliveries: &'a [Delivery]) -> Self {
+        let mut bodies = Self {
+            readable: Vec::with_capacity(deliveries.len()),
+            unreadable: Vec::new(),
+        };
+        for d in deliveries {
+            match Envelope::open(&d.data, &d.properties) {
+                Ok(body) => bodies
+                    .readable
+                    .push((body, Envelope::received_at(&d.properties))),
+                Err(detail) => bodies.unreadable.push(batch::DeadLetter {
+                    body: d.data.clone(),
+                    reason: batch::DeadLetterReason::InvalidEncoding,
+                    detail,
+                }),
+            }
+        }
+        bodies
+    }
+}
+
+/// The candidates Redis does not know (all of them when Redis did not answer), with their
+/// items.
+fn unknown<'c, 'a>(
+    candidates: &'c [Candidate<'a>],
+    items: &[Item],
+    known: Option<&[bool]>,
+) -> (Vec<&'c Candidate<'a>>, Vec<Item>) {
+    let mut fresh = Vec::with_capacity(items.len());
+    let mut fresh_items = Vec::with_capacity(items.len());
+    for (i, candidate) in candidates.iter().enumerate() {
+        if !known.is_some_and(|k| k[i]) {
+            fresh.push(candidate);
+            fresh_items.push(items[i]);
+        }
+    }
+    (fresh, fresh_items)
 }
