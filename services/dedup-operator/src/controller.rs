@@ -164,29 +164,14 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         )
         .await?;
 
-    let worker_now = deployments.get_opt(&names.worker()).await?;
-    let spec = &pipeline.spec.worker;
-    let current = worker_now
-        .as_ref()
-        .and_then(|d| d.spec.as_ref()?.replicas)
-        .unwrap_or(spec.min_replicas);
+    let current = deployments
+        .get_opt(&names.worker())
+        .await?
+        .and_then(|d| d.spec?.replicas)
+        .unwrap_or(pipeline.spec.worker.min_replicas);
     let observation = (ctx.depth)(ctx.client.clone(), pipeline.clone()).await;
-    let policy = Policy {
-        min: spec.min_replicas,
-        max: spec.max_replicas,
-        target_per_worker: spec.target_messages_per_worker,
-        scale_up_window: chrono::Duration::seconds(spec.scale_up_stabilization_seconds),
-        scale_down_window: chrono::Duration::seconds(spec.scale_down_stabilization_seconds),
-    };
     let now = (ctx.now)();
-    let key = format!("{namespace}/{}", names.pipeline);
-    let decision = ctx
-        .scalers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(key)
-        .or_default()
-        .decide(now, current, &observation, &policy);
+    let decision = decide(ctx, &pipeline, &namespace, current, &observation, now);
     let worker = deployments
         .patch(
             &names.worker(),
@@ -201,36 +186,22 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
     if decision.replicas != current {
         tracing::info!(pipeline = %names.pipeline, from = current, to = decision.replicas, reason = ?decision.reason, "Scaling workers.");
     }
-
-    let available = |d: &Deployment| {
-        d.status
-            .as_ref()
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0)
-    };
-    let labels = [namespace.as_str(), names.pipeline.as_str()];
-    ctx.metrics
-        .workers_desired
-        .with_label_values(&labels)
-        .set(i64::from(decision.replicas));
-    ctx.metrics
-        .workers_current
-        .with_label_values(&labels)
-        .set(i64::from(available(&worker)));
-    ctx.metrics
-        .queue_depth
-        .with_label_values(&labels)
-        .set(match &observation {
-            Observation::Depth(d) => *d,
-            Observation::Unavailable(_) => -1,
-        });
+    let (ingest_available, workers_available) = (available(&ingest), available(&worker));
+    record_metrics(
+        ctx,
+        &namespace,
+        &names,
+        &decision,
+        workers_available,
+        &observation,
+    );
     let status = status_patch(
         &pipeline,
         &observation,
         decision,
         current,
-        available(&ingest),
-        available(&worker),
+        ingest_available,
+        workers_available,
         now,
     );
     Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
@@ -241,6 +212,67 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         )
         .await?;
     Ok(Action::requeue(REQUEUE))
+}
+
+/// The pipeline's worker count now, through its scaler (which keeps the stabilization
+/// history between reconciles).
+fn decide(
+    ctx: &Context,
+    pipeline: &DedupPipeline,
+    namespace: &str,
+    current: i32,
+    observation: &Observation,
+    now: DateTime<Utc>,
+) -> Decision {
+    let spec = &pipeline.spec.worker;
+    let policy = Policy {
+        min: spec.min_replicas,
+        max: spec.max_replicas,
+        target_per_worker: spec.target_messages_per_worker,
+        scale_up_window: chrono::Duration::seconds(spec.scale_up_stabilization_seconds),
+        scale_down_window: chrono::Duration::seconds(spec.scale_down_stabilization_seconds),
+    };
+    let key = format!("{namespace}/{}", Names::of(pipeline).pipeline);
+    ctx.scalers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .decide(now, current, observation, &policy)
+}
+
+/// Available replicas of a deployment as its status reports them.
+fn available(deployment: &Deployment) -> i32 {
+    deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+}
+
+/// The operator's gauges for one pipeline.
+fn record_metrics(
+    ctx: &Context,
+    namespace: &str,
+    names: &Names,
+    decision: &Decision,
+    workers_available: i32,
+    observation: &Observation,
+) {
+    let labels = [namespace, names.pipeline.as_str()];
+    let m = &ctx.metrics;
+    m.workers_desired
+        .with_label_values(&labels)
+        .set(i64::from(decision.replicas));
+    m.workers_current
+        .with_label_values(&labels)
+        .set(i64::from(workers_available));
+    m.queue_depth
+        .with_label_values(&labels)
+        .set(match observation {
+            Observation::Depth(d) => *d,
+            Observation::Unavailable(_) => -1,
+        });
 }
 
 /// What to do after a failed reconcile: log it and try again soon.
