@@ -15,7 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::process::Command;
 
 use crate::load::{self, Counters, LoadSettings};
-use crate::services::{Backends, Binaries, Isolation, Pipeline};
+use crate::services::{Backends, Binaries, Isolation, Processes};
 use crate::workload::Workload;
 
 /// One thing that goes wrong.
@@ -83,9 +83,9 @@ pub struct ChaosReport {
 pub async fn run(mut opts: ChaosOptions, name: &str) -> anyhow::Result<ChaosReport> {
     let iso = Isolation::new(&opts.backends, name);
     iso.create(&opts.backends).await?;
-    let mut pipeline =
-        Pipeline::start(&opts.binaries, &opts.backends, &iso, &opts.logs, &[], &[]).await?;
-    opts.load.addr = pipeline.ingest_addr;
+    let mut processes =
+        Processes::start(&opts.binaries, &opts.backends, &iso, &opts.logs, &[], &[]).await?;
+    opts.load.addr = processes.ingest_addr;
     opts.load.resend = true;
     let workload = Arc::new(Workload::new(
         &iso.name,
@@ -97,7 +97,7 @@ pub async fn run(mut opts: ChaosOptions, name: &str) -> anyhow::Result<ChaosRepo
     let progress = tokio::spawn(progress(counters.clone(), started));
     let (outcome, faults) = tokio::join!(
         load::run(&opts.load, workload.clone(), counters.clone()),
-        inject(&mut pipeline, &opts, started)
+        inject(&mut processes, &opts, started)
     );
     progress.abort();
     outcome?;
@@ -112,7 +112,7 @@ pub async fn run(mut opts: ChaosOptions, name: &str) -> anyhow::Result<ChaosRepo
         .collect();
     let stored = settle(&iso, &accepted, opts.settle_timeout).await?;
     let dead_lettered = dead_letters(&opts.backends, &iso).await;
-    let _ = pipeline.stop().await;
+    let _ = processes.stop().await;
     iso.remove(&opts.backends).await;
 
     let missing = accepted.iter().filter(|r| !stored.contains_key(*r)).count() as u64;
@@ -147,7 +147,7 @@ async fn progress(counters: Arc<Counters>, started: Instant) {
 }
 
 /// Injects the faults in turn, one every `interval`, until the load's duration is over.
-async fn inject(pipeline: &mut Pipeline, opts: &ChaosOptions, started: Instant) -> Vec<Injected> {
+async fn inject(processes: &mut Processes, opts: &ChaosOptions, started: Instant) -> Vec<Injected> {
     let mut done = Vec::new();
     let end = started + opts.load.duration;
     for fault in opts.faults.iter().cycle() {
@@ -157,7 +157,7 @@ async fn inject(pipeline: &mut Pipeline, opts: &ChaosOptions, started: Instant) 
         }
         let at_seconds = started.elapsed().as_secs_f64();
         eprintln!("[{at_seconds:>4.0}s] chaos: {fault:?}");
-        let error = apply(*fault, pipeline, opts)
+        let error = apply(*fault, processes, opts)
             .await
             .err()
             .map(|e| format!("{e:#}"));
@@ -173,9 +173,9 @@ async fn inject(pipeline: &mut Pipeline, opts: &ChaosOptions, started: Instant) 
     done
 }
 
-async fn apply(fault: Fault, pipeline: &mut Pipeline, opts: &ChaosOptions) -> anyhow::Result<()> {
+async fn apply(fault: Fault, processes: &mut Processes, opts: &ChaosOptions) -> anyhow::Result<()> {
     match fault {
-        Fault::KillWorker => return pipeline.kill_and_restart_worker().await,
+        Fault::KillWorker => return processes.kill_and_restart_worker().await,
         Fault::RestartRabbitmq => run_command("rabbitmqctl", &["stop"]).await?,
         Fault::RestartRedis => {
             run_command("redis-cli", &["-p", "6379", "shutdown", "nosave"]).await?;

@@ -33,7 +33,7 @@ use sqlx::postgres::PgPoolOptions;
 
 use crate::load::{Counters, LoadSettings};
 use crate::report::{Correctness, Latency, RunFigures};
-use crate::services::{Backends, Binaries, Isolation, Pipeline};
+use crate::services::{Backends, Binaries, Isolation, Processes};
 use crate::workload::Workload;
 
 /// One GET over a fresh connection: status and body.
@@ -120,7 +120,7 @@ pub async fn run_pipeline(mut opts: RunOptions, name: &str) -> anyhow::Result<Ru
 }
 
 async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<RunFigures> {
-    let pipeline = Pipeline::start(
+    let processes = Processes::start(
         &opts.binaries,
         &opts.backends,
         iso,
@@ -129,65 +129,25 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         &opts.ingest_env,
     )
     .await?;
-    opts.load.addr = pipeline.ingest_addr;
+    opts.load.addr = processes.ingest_addr;
     let workload = Arc::new(Workload::new(
         &iso.name,
         opts.duplicates,
         opts.duplicate_delay,
     )?);
     let counters = Arc::new(Counters::default());
-    let depth_reader =
-        DepthReader::new(&opts.backends.rabbitmq_management, Duration::from_secs(2)).ok();
-    let vhost = dedup_runtime::queue_depth::vhost_of(&opts.backends.rabbitmq);
 
     // Progress: once a second, what was sent and what the worker settled.
     let stop_progress = tokio_util::sync::CancellationToken::new();
-    let progress = tokio::spawn({
-        let (counters, stop, quiet) = (counters.clone(), stop_progress.clone(), opts.quiet);
-        let (worker_admin, queue) = (pipeline.worker_admin, iso.topology.queue.clone());
-        let (reader, vhost) = (depth_reader.clone(), vhost.clone());
-        async move {
-            let started = Instant::now();
-            let mut samples = Vec::new();
-            let mut last_requests = 0;
-            loop {
-                let scrape = http_get(worker_admin, "/metrics")
-                    .await
-                    .map(|(_, b)| b)
-                    .unwrap_or_default();
-                let settled = metric_sum(&scrape, "dedup_worker_events_consumed_total");
-                let stored = metric_sum(&scrape, "dedup_worker_events_stored_total");
-                let depth = match &reader {
-                    Some(r) => r
-                        .read(&vhost, &queue)
-                        .await
-                        .map(|d| d.total() as i64)
-                        .unwrap_or(-1),
-                    None => -1,
-                };
-                samples.push(Sample {
-                    at: Instant::now(),
-                    settled,
-                    depth,
-                });
-                let requests = counters.requests.load(Ordering::Relaxed);
-                if !quiet {
-                    eprintln!(
-                        "[{:>4.0}s] requests {requests} ({} req/s), accepted {}, failed {}, stored {stored:.0}, queue {depth}",
-                        started.elapsed().as_secs_f64(),
-                        requests - last_requests,
-                        counters.accepted_requests.load(Ordering::Relaxed),
-                        counters.failed_requests.load(Ordering::Relaxed),
-                    );
-                }
-                last_requests = requests;
-                tokio::select! {
-                    () = stop.cancelled() => return samples,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    });
+    let progress = tokio::spawn(progress(
+        counters.clone(),
+        stop_progress.clone(),
+        opts.quiet,
+        processes.worker_admin,
+        iso.topology.queue.clone(),
+        DepthReader::new(&opts.backends.rabbitmq_management, Duration::from_secs(2)).ok(),
+        dedup_runtime::queue_depth::vhost_of(&opts.backends.rabbitmq),
+    ));
 
     let servers_before = services::ServerSnapshot::take();
     let redis_before = services::redis_memory(&opts.backends, iso).await?;
@@ -195,7 +155,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         let mut event = Vec::new();
         workload.body(u64::MAX, &mut event);
         tokio::spawn(hostile::run(
-            pipeline.ingest_addr,
+            processes.ingest_addr,
             String::from_utf8_lossy(&event).into_owned(),
             max_batch_body_bytes(&opts.ingest_env),
             opts.hostile_connections,
@@ -212,36 +172,22 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let unique_sent = counters.unique_accepted.load(Ordering::Relaxed);
     let duplicates_sent = counters.duplicates_accepted.load(Ordering::Relaxed);
 
-    // Settle: wait until every unique event is stored.
+    // Settle: wait until every unique event is stored and every duplicate counted.
     let db = PgPoolOptions::new()
         .max_connections(1)
         .connect(&iso.database_url)
         .await?;
-    let rows = loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM product_events")
-            .fetch_one(&db)
-            .await?;
-        if rows as u64 >= unique_sent || load_end.elapsed() > opts.settle_timeout {
-            break rows as u64;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let settled_at = Instant::now();
-    // Let the last duplicates be counted too.
-    let scrape = loop {
-        let scrape = http_get(pipeline.worker_admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        let consumed = metric_sum(&scrape, "dedup_worker_events_consumed_total") as u64;
-        if consumed >= unique_sent + duplicates_sent || load_end.elapsed() > opts.settle_timeout {
-            break scrape;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let deadline = load_end + opts.settle_timeout;
+    let (rows, settled_at, scrape) = settle(
+        &db,
+        processes.worker_admin,
+        (unique_sent, duplicates_sent),
+        deadline,
+    )
+    .await?;
     stop_progress.cancel();
     let samples = progress.await.context("progress task")?;
-    let ingest_scrape = http_get(pipeline.ingest_admin, "/metrics")
+    let ingest_scrape = http_get(processes.ingest_admin, "/metrics")
         .await
         .map(|(_, b)| b)
         .unwrap_or_default();
@@ -259,65 +205,24 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     .fetch_one(&db)
     .await?;
     db.close().await;
-    let tiers = ["in_batch", "recent_keys", "postgres"];
-    let duplicates_by_tier: Vec<(String, u64)> = tiers
-        .iter()
-        .map(|t| {
-            (
-                t.to_string(),
-                metric_sum(
-                    &scrape,
-                    &format!("dedup_worker_duplicates_total{{tier=\"{t}\"}}"),
-                ) as u64,
-            )
-        })
-        .collect();
-    let duplicates_dropped = metric_sum(&scrape, "dedup_worker_duplicates_total") as u64;
-    let dead_lettered = metric_sum(&scrape, "dedup_worker_dead_lettered_total") as u64;
-    let failed_requests = counters.failed_requests.load(Ordering::Relaxed);
+    let duplicates_by_tier = duplicates_by_tier(&scrape);
     let servers_cpu = services::ServerSnapshot::take().since(&servers_before);
     let redis_after = services::redis_memory(&opts.backends, iso).await?;
-    let redis_bytes_per_key = (redis_after.1 > redis_before.1).then(|| {
-        redis_after.0.saturating_sub(redis_before.0) as f64
-            / (redis_after.1 - redis_before.1) as f64
-    });
-    let ingest_usage = services::usage(pipeline.ingest.id());
-    let worker_usage = services::usage(pipeline.worker.id());
-    pipeline.stop().await?;
+    let ingest_usage = services::usage(processes.ingest.id());
+    let worker_usage = services::usage(processes.worker.id());
+    processes.stop().await?;
 
-    // Steady state: the middle half of the load.
-    let (a, b) = (
-        load_start + outcome.elapsed / 4,
-        load_start + outcome.elapsed * 3 / 4,
-    );
-    let first = samples.iter().find(|s| s.at >= a).copied();
-    let last = samples.iter().rev().find(|s| s.at <= b).copied();
-    let (steady, depth) = match (first, last) {
-        (Some(f), Some(l)) if l.at > f.at => (
-            (l.settled - f.settled) / l.at.duration_since(f.at).as_secs_f64(),
-            (f.depth, l.depth),
-        ),
-        _ => (0.0, (-1, -1)),
-    };
+    let (steady, depth) = steady_state(&samples, load_start, outcome.elapsed);
     let events_accepted = unique_sent + duplicates_sent;
     let secs = outcome.elapsed.as_secs_f64();
-    let correctness = Correctness {
-        unique_sent,
-        duplicates_sent,
-        rows_stored: rows,
-        keys_stored_twice: twice as u64,
-        duplicates_dropped,
-        dead_lettered,
-        failed_requests,
-        // A run that sent nothing proves nothing.
-        ok: unique_sent > 0
-            && rows == unique_sent
-            && twice == 0
-            && duplicates_dropped == duplicates_sent
-            && dead_lettered == 0
-            && failed_requests == 0
-            && hostile.as_ref().is_none_or(hostile::HostileOutcome::ok),
-    };
+    let correctness = Correctness::judge(
+        (unique_sent, duplicates_sent),
+        rows,
+        twice as u64,
+        &scrape,
+        counters.failed_requests.load(Ordering::Relaxed),
+        hostile.as_ref(),
+    );
     Ok(RunFigures {
         mode: match opts.load.rate {
             Some(r) => format!("open loop at {r:.0} events/s"),
@@ -341,11 +246,154 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         worker: worker_usage,
         servers_cpu,
         redis_keys: redis_after.1,
-        redis_bytes_per_key,
+        redis_bytes_per_key: services::bytes_per_key(redis_before, redis_after),
         duplicates_by_tier,
         hostile,
         correctness,
     })
+}
+
+/// Once a second until `stop`: samples the worker's settled count and the queue depth, and
+/// prints the progress unless `quiet`.
+async fn progress(
+    counters: Arc<Counters>,
+    stop: tokio_util::sync::CancellationToken,
+    quiet: bool,
+    worker_admin: SocketAddr,
+    queue: String,
+    reader: Option<DepthReader>,
+    vhost: String,
+) -> Vec<Sample> {
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut last_requests = 0;
+    loop {
+        let scrape = http_get(worker_admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let settled = metric_sum(&scrape, "dedup_worker_events_consumed_total");
+        let stored = metric_sum(&scrape, "dedup_worker_events_stored_total");
+        let depth = match &reader {
+            Some(r) => r
+                .read(&vhost, &queue)
+                .await
+                .map(|d| d.total() as i64)
+                .unwrap_or(-1),
+            None => -1,
+        };
+        samples.push(Sample {
+            at: Instant::now(),
+            settled,
+            depth,
+        });
+        let requests = counters.requests.load(Ordering::Relaxed);
+        if !quiet {
+            eprintln!(
+                "[{:>4.0}s] requests {requests} ({} req/s), accepted {}, failed {}, stored {stored:.0}, queue {depth}",
+                started.elapsed().as_secs_f64(),
+                requests - last_requests,
+                counters.accepted_requests.load(Ordering::Relaxed),
+                counters.failed_requests.load(Ordering::Relaxed),
+            );
+        }
+        last_requests = requests;
+        tokio::select! {
+            () = stop.cancelled() => return samples,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Waits until every one of `sent.0` unique events is stored and all `sent.0 + sent.1`
+/// events are consumed, or `deadline`. Returns the rows stored, when, and the worker's last
+/// scrape.
+async fn settle(
+    db: &sqlx::PgPool,
+    worker_admin: SocketAddr,
+    (unique, duplicates): (u64, u64),
+    deadline: Instant,
+) -> anyhow::Result<(u64, Instant, String)> {
+    let rows = loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM product_events")
+            .fetch_one(db)
+            .await?;
+        if rows as u64 >= unique || Instant::now() > deadline {
+            break rows as u64;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let settled_at = Instant::now();
+    // Let the last duplicates be counted too.
+    loop {
+        let scrape = http_get(worker_admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let consumed = metric_sum(&scrape, "dedup_worker_events_consumed_total") as u64;
+        if consumed >= unique + duplicates || Instant::now() > deadline {
+            return Ok((rows, settled_at, scrape));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The settled rate and the queue depth at both ends over the middle half of the load.
+fn steady_state(samples: &[Sample], load_start: Instant, elapsed: Duration) -> (f64, (i64, i64)) {
+    let (a, b) = (load_start + elapsed / 4, load_start + elapsed * 3 / 4);
+    let first = samples.iter().find(|s| s.at >= a).copied();
+    let last = samples.iter().rev().find(|s| s.at <= b).copied();
+    match (first, last) {
+        (Some(f), Some(l)) if l.at > f.at => (
+            (l.settled - f.settled) / l.at.duration_since(f.at).as_secs_f64(),
+            (f.depth, l.depth),
+        ),
+        _ => (0.0, (-1, -1)),
+    }
+}
+
+impl Correctness {
+    /// The run's proof: every unique event sent stored once, every duplicate dropped, nothing
+    /// dead-lettered or failed, and every hostile request answered as it should be.
+    fn judge(
+        (unique_sent, duplicates_sent): (u64, u64),
+        rows_stored: u64,
+        keys_stored_twice: u64,
+        worker_scrape: &str,
+        failed_requests: u64,
+        hostile: Option<&hostile::HostileOutcome>,
+    ) -> Self {
+        let duplicates_dropped = metric_sum(worker_scrape, "dedup_worker_duplicates_total") as u64;
+        let dead_lettered = metric_sum(worker_scrape, "dedup_worker_dead_lettered_total") as u64;
+        Self {
+            unique_sent,
+            duplicates_sent,
+            rows_stored,
+            keys_stored_twice,
+            duplicates_dropped,
+            dead_lettered,
+            failed_requests,
+            // A run that sent nothing proves nothing.
+            ok: unique_sent > 0
+                && rows_stored == unique_sent
+                && keys_stored_twice == 0
+                && duplicates_dropped == duplicates_sent
+                && dead_lettered == 0
+                && failed_requests == 0
+                && hostile.is_none_or(hostile::HostileOutcome::ok),
+        }
+    }
+}
+
+/// Duplicates the worker dropped, by tier, from its scrape.
+fn duplicates_by_tier(scrape: &str) -> Vec<(String, u64)> {
+    ["in_batch", "recent_keys", "postgres"]
+        .iter()
+        .map(|t| {
+            let name = format!("dedup_worker_duplicates_total{{tier=\"{t}\"}}");
+            (t.to_string(), metric_sum(scrape, &name) as u64)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -183,8 +183,14 @@ pub async fn redis_memory(backends: &Backends, iso: &Isolation) -> anyhow::Resul
     Ok((used, keys.len() as u64))
 }
 
+/// Growth of Redis' `used_memory` per key added between two [`redis_memory`] readings.
+pub fn bytes_per_key(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    (after.1 > before.1)
+        .then(|| after.0.saturating_sub(before.0) as f64 / (after.1 - before.1) as f64)
+}
+
 /// The running binaries.
-pub struct Pipeline {
+pub struct Processes {
     pub ingest: Child,
     pub worker: Child,
     pub ingest_addr: SocketAddr,
@@ -254,7 +260,7 @@ fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
         .env_remove("DEDUP_CONFIG");
 }
 
-impl Pipeline {
+impl Processes {
     /// Migrates, starts the worker and ingest, and waits until both are ready.
     pub async fn start(
         bins: &Binaries,
@@ -306,7 +312,7 @@ impl Pipeline {
             .stderr(log("ingest.err")?)
             .kill_on_drop(true);
         let ingest = ingest.spawn().context("starting ingest")?;
-        let pipeline = Self {
+        let processes = Self {
             ingest,
             worker,
             ingest_addr,
@@ -325,7 +331,7 @@ impl Pipeline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Ok(pipeline)
+        Ok(processes)
     }
 
     /// Kills the worker with SIGKILL (no shutdown of any kind) and starts a new one, which

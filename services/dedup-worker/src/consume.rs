@@ -1,6 +1,6 @@
 //! The AMQP side: a competing consumer with manual acks. It sets prefetch before consuming,
 //! gathers deliveries into batches (by event count or linger time), hands each batch to the
-//! [`Pipeline`] and acks it with one multiple-ack after the commit. On connection loss it
+//! [`Processor`] and acks it with one multiple-ack after the commit. On connection loss it
 //! reconnects with backoff; whatever was not acked is redelivered by the broker.
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
+use crate::processor::Processor;
 
 /// On shutdown, the longest wait for deliveries the broker sent before the consumer was
 /// cancelled (normally they are already here: the cancel's answer comes after them).
@@ -105,7 +105,7 @@ impl Progress {
 /// The consumer loop of one worker process.
 pub struct Consumer {
     settings: ConsumerSettings,
-    pipeline: Arc<Pipeline>,
+    processor: Arc<Processor>,
     /// True while a session is consuming: the worker's readiness.
     consuming: Arc<AtomicBool>,
     /// What the worker holds and when it last committed: readiness and the stall metric.
@@ -113,10 +113,10 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub fn new(settings: ConsumerSettings, pipeline: Arc<Pipeline>) -> Self {
+    pub fn new(settings: ConsumerSettings, processor: Arc<Processor>) -> Self {
         Self {
             settings,
-            pipeline,
+            processor,
             consuming: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(Progress::default()),
         }
@@ -143,7 +143,7 @@ impl Consumer {
                 #[cfg(feature = "test-util")]
                 Err(e @ Error::InjectedCrash(_)) => return Err(e),
                 Err(e) => {
-                    self.pipeline
+                    self.processor
                         .metrics
                         .batch_errors
                         .with_label_values(&[e.stage()])
@@ -321,14 +321,14 @@ impl Consumer {
     ) -> Batch {
         let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
         let deliveries = batch.len();
-        let (pipeline, channel, stop) = (
-            self.pipeline.clone(),
+        let (processor, channel, stop) = (
+            self.processor.clone(),
             dead_letter_channel.clone(),
             stop.clone(),
         );
         let task =
             tokio::spawn(
-                async move { pipeline.process(&batch, &channel, &stop).await.map(|_| ()) },
+                async move { processor.process(&batch, &channel, &stop).await.map(|_| ()) },
             );
         Batch {
             last_tag,

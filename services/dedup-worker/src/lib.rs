@@ -9,7 +9,7 @@
 //!
 //! - [`config`]: settings (flags, environment, YAML) and the `migrate` command.
 //! - [`consume`]: AMQP session, prefetch, batching, multiple-ack, reconnection.
-//! - [`pipeline`]: the per-batch algorithm, steps 1–5.
+//! - [`processor`]: the per-batch algorithm, steps 1–5.
 //! - [`batch`]: decoding, validation, keys and in-batch collapse (pure).
 //! - [`dead_letter`]: publishing refused events to the dead-letter queue.
 //! - [`redis_tier`]: the recent keys in Redis, with degraded mode.
@@ -28,7 +28,7 @@ pub mod error;
 pub mod fault;
 pub mod jsonb;
 pub mod metrics;
-pub mod pipeline;
+pub mod processor;
 pub mod redis_tier;
 pub mod store;
 
@@ -45,14 +45,14 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::Config;
 use crate::consume::{Consumer, ConsumerSettings};
 use crate::metrics::Metrics;
-use crate::pipeline::{PartitionWindow, Pipeline};
+use crate::processor::{PartitionWindow, Processor};
 use crate::redis_tier::{RedisSettings, RedisTier};
 use crate::store::Store;
 
 /// A configured worker, ready to run.
 pub struct Worker {
     consumer: Consumer,
-    pipeline: Arc<Pipeline>,
+    processor: Arc<Processor>,
     config: Config,
 }
 
@@ -97,7 +97,7 @@ impl Worker {
             config.db_pool_size,
             config.db_statement_timeout,
         )?;
-        let pipeline = Arc::new(Pipeline {
+        let processor = Arc::new(Processor {
             spec,
             topology: config.amqp.topology.clone(),
             redis,
@@ -121,21 +121,21 @@ impl Worker {
                 reconnect_max_backoff: config.reconnect_max_backoff,
                 batches_in_flight: config.batches_in_flight,
             },
-            pipeline.clone(),
+            processor.clone(),
         );
         Ok(Self {
             consumer,
-            pipeline,
+            processor,
             config,
         })
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.pipeline.metrics
+        &self.processor.metrics
     }
 
     pub fn store(&self) -> &Store {
-        &self.pipeline.store
+        &self.processor.store
     }
 
     /// Whether the worker is consuming and getting anywhere, and if not why.
@@ -175,17 +175,17 @@ impl Worker {
         });
         let depth = tokio::spawn(report_queue_depth(
             self.config.clone(),
-            self.pipeline.metrics.clone(),
+            self.processor.metrics.clone(),
             stop.clone(),
         ));
         let stall = tokio::spawn(report_stall(
             self.consumer.progress(),
             self.config.stall_timeout,
-            self.pipeline.metrics.clone(),
+            self.processor.metrics.clone(),
             stop.clone(),
         ));
         let maintenance = tokio::spawn(maintain_every(
-            self.pipeline.clone(),
+            self.processor.clone(),
             self.config.maintain_interval,
             stop.clone(),
         ));
@@ -242,12 +242,12 @@ const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the partition maintenance at start and every `interval` (never when it is zero).
 /// Failures are logged and tried again at the next turn.
-async fn maintain_every(pipeline: Arc<Pipeline>, interval: Duration, stop: CancellationToken) {
+async fn maintain_every(processor: Arc<Processor>, interval: Duration, stop: CancellationToken) {
     if interval.is_zero() {
         return;
     }
     loop {
-        if let Err(e) = maintain_partitions(&pipeline).await {
+        if let Err(e) = maintain_partitions(&processor).await {
             tracing::warn!(error = %e, retry_in = ?interval, "Partition maintenance failed; trying again later.");
         }
         tokio::select! {
@@ -259,16 +259,16 @@ async fn maintain_every(pipeline: Arc<Pipeline>, interval: Duration, stop: Cance
 
 /// Creates the partitions from yesterday to PARTITIONS_AHEAD days on, drops those past the
 /// retention, and counts both.
-async fn maintain_partitions(pipeline: &Pipeline) -> Result<(), error::Error> {
+async fn maintain_partitions(processor: &Processor) -> Result<(), error::Error> {
     let now = chrono::Utc::now();
-    let days = pipeline.partitions.days(now);
+    let days = processor.partitions.days(now);
     let today = now.date_naive();
     let first = today.pred_opt().unwrap_or(today);
-    let (created, dropped) = pipeline
+    let (created, dropped) = processor
         .store
         .maintain(first, *days.end(), *days.start())
         .await?;
-    let m = &pipeline.metrics.partitions;
+    let m = &processor.metrics.partitions;
     m.with_label_values(&["created"])
         .inc_by(u64::try_from(created).unwrap_or(0));
     m.with_label_values(&["dropped"])
@@ -348,7 +348,7 @@ pub async fn run(
 /// `dedup-worker maintain`: the partition maintenance once, for a CronJob or by hand.
 pub async fn maintain(config: Config) -> anyhow::Result<()> {
     let worker = Worker::new(config)?;
-    maintain_partitions(&worker.pipeline)
+    maintain_partitions(&worker.processor)
         .await
         .context("partition maintenance failed; check DATABASE_URL and that migrations ran")?;
     Ok(())

@@ -61,7 +61,7 @@ impl PartitionWindow {
 }
 
 /// Everything a batch needs, shared by the consumer sessions of one worker.
-pub struct Pipeline {
+pub struct Processor {
     pub spec: KeySpec,
     pub topology: Topology,
     pub redis: RedisTier,
@@ -78,13 +78,13 @@ pub struct Pipeline {
 /// A point between two steps of a batch where a test may inject a crash; nothing at all
 /// without the `test-util` feature.
 macro_rules! checkpoint {
-    ($pipeline:expr, $stage:ident, $deliveries:expr) => {
+    ($processor:expr, $stage:ident, $deliveries:expr) => {
         #[cfg(feature = "test-util")]
-        $pipeline.checkpoint(Stage::$stage, $deliveries)?;
+        $processor.checkpoint(Stage::$stage, $deliveries)?;
     };
 }
 
-impl Pipeline {
+impl Processor {
     #[cfg(feature = "test-util")]
     fn checkpoint(&self, stage: Stage, deliveries: &[Delivery]) -> Result<()> {
         let first_tag = deliveries
