@@ -7,7 +7,8 @@
 //! - [`load`]: keep-alive HTTP/1.1 load, closed or open loop, latency histograms.
 //! - [`hostile`]: hostile requests beside the load, each of which must be refused.
 //! - [`services`]: the binaries under test, their isolated names, their CPU and memory.
-//! - [`ceilings`]: RabbitMQ, PostgreSQL and Redis measured with the pipeline's own code.
+//! - [`ceilings`]: RabbitMQ, PostgreSQL and Redis measured with their own clients on the
+//!   pipeline's data and statements.
 //! - [`chaos`]: load while the worker is killed and the services restarted; exactly-once
 //!   proved afterwards.
 //! - [`report`]: the printed table, JSON and markdown.

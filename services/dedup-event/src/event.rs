@@ -122,7 +122,7 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
 }
 
 /// A member name borrowed from the text when it has no escapes (serde's own `Cow<str>` always
-/// allocates: that was one allocation per member of every event).
+/// allocates, which would cost one allocation per member of every event).
 struct Name<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for Name<'a> {
