@@ -255,6 +255,57 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
+/// The options of a pipeline run from its command-line arguments.
+fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Result<RunOptions> {
+    Ok(RunOptions {
+        load: LoadSettings {
+            addr: "127.0.0.1:0".parse()?,
+            connections: args.connections,
+            rate: args.rate,
+            duration: args.duration,
+            batch: args.batch.max(1),
+            resend: false,
+        },
+        duplicates: args.duplicates,
+        duplicate_delay: args.duplicate_delay,
+        settle_timeout: args.settle_timeout,
+        binaries: args.bins.binaries(),
+        backends,
+        logs,
+        keep: args.keep,
+        worker_env: args.worker_env.clone(),
+        ingest_env: args.ingest_env.clone(),
+        quiet: false,
+        hostile_connections: args.hostile,
+    })
+}
+
+/// An open-loop run at half of `run`'s end-to-end rate, for latency below saturation.
+async fn half_rate(
+    options: &RunOptions,
+    run: &report::RunFigures,
+    duration: Duration,
+    name: &str,
+) -> anyhow::Result<report::HalfRate> {
+    let mut half = options.clone();
+    half.load.rate = Some(run.end_to_end_events_per_s / 2.0);
+    half.load.duration = duration;
+    eprintln!(
+        "open loop at half of {:.0} events/s for {duration:?}",
+        run.end_to_end_events_per_s
+    );
+    let figures = run_pipeline(half, name).await?;
+    anyhow::ensure!(
+        figures.correctness.ok,
+        "correctness check failed at half rate: {:?}",
+        figures.correctness
+    );
+    Ok(report::HalfRate {
+        maximum_events_per_s: run.end_to_end_events_per_s,
+        figures,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -325,27 +376,7 @@ async fn main() -> anyhow::Result<()> {
             args.duplicate_delay = Duration::from_millis(200);
             args.settle_timeout = Duration::from_secs(60);
         }
-        let options = RunOptions {
-            load: LoadSettings {
-                addr: "127.0.0.1:0".parse()?,
-                connections: args.connections,
-                rate: args.rate,
-                duration: args.duration,
-                batch: args.batch.max(1),
-                resend: false,
-            },
-            duplicates: args.duplicates,
-            duplicate_delay: args.duplicate_delay,
-            settle_timeout: args.settle_timeout,
-            binaries: args.bins.binaries(),
-            backends: backends.clone(),
-            logs: c.out.join(format!("logs-{stamp}")),
-            keep: args.keep,
-            worker_env: args.worker_env.clone(),
-            ingest_env: args.ingest_env.clone(),
-            quiet: false,
-            hostile_connections: args.hostile,
-        };
+        let options = run_options(&args, backends.clone(), c.out.join(format!("logs-{stamp}")))?;
         let repeat = if c.smoke { 1 } else { args.repeat };
         let mut runs = Vec::new();
         for i in 1..=repeat {
@@ -370,41 +401,12 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             if let (Some(duration), None, false) = (args.half_rate_latency, args.rate, c.smoke) {
-                let mut half = options.clone();
-                half.load.rate = Some(run.end_to_end_events_per_s / 2.0);
-                half.load.duration = duration;
-                eprintln!(
-                    "open loop at half of {:.0} events/s for {duration:?}",
-                    run.end_to_end_events_per_s
-                );
-                let figures = run_pipeline(half, &name("half")).await?;
-                if !figures.correctness.ok {
-                    anyhow::bail!(
-                        "correctness check failed at half rate after run {i}: {:?}",
-                        figures.correctness
-                    );
-                }
-                report.half_rate.push(report::HalfRate {
-                    maximum_events_per_s: run.end_to_end_events_per_s,
-                    figures,
-                });
+                let half = half_rate(&options, &run, duration, &name("half")).await?;
+                report.half_rate.push(half);
             }
             runs.push(run);
         }
-        report.repeats = runs
-            .iter()
-            .map(|r| (r.end_to_end_events_per_s, r.steady_events_per_s))
-            .collect();
-        report.ratios = runs
-            .iter()
-            .zip(&report.ceiling_rounds)
-            .map(|(r, c)| r.end_to_end_events_per_s / c.lowest().1)
-            .collect();
-        runs.sort_by(|a, b| {
-            a.end_to_end_events_per_s
-                .total_cmp(&b.end_to_end_events_per_s)
-        });
-        report.run = Some(runs.swap_remove(runs.len() / 2));
+        report.add_runs(runs);
     }
     report.ceilings = ceilings::Ceilings::median(&report.ceiling_rounds);
     println!("{}", report.markdown());

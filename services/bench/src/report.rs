@@ -233,6 +233,27 @@ fn redis_memory_row(run: &RunFigures) -> String {
 }
 
 impl Report {
+    /// Takes the repeated runs: each one's rates, its ratio to the ceiling round measured just
+    /// before it, and the run with the median end-to-end rate as the headline.
+    pub fn add_runs(&mut self, mut runs: Vec<RunFigures>) {
+        self.repeats = runs
+            .iter()
+            .map(|r| (r.end_to_end_events_per_s, r.steady_events_per_s))
+            .collect();
+        self.ratios = runs
+            .iter()
+            .zip(&self.ceiling_rounds)
+            .map(|(r, c)| r.end_to_end_events_per_s / c.lowest().1)
+            .collect();
+        runs.sort_by(|a, b| {
+            a.end_to_end_events_per_s
+                .total_cmp(&b.end_to_end_events_per_s)
+        });
+        if !runs.is_empty() {
+            self.run = Some(runs.swap_remove(runs.len() / 2));
+        }
+    }
+
     /// The report as markdown, the same figures as the printed table.
     pub fn markdown(&self) -> String {
         let mut md = format!(
@@ -240,131 +261,145 @@ impl Report {
             self.date, self.commit, self.machine
         );
         if let Some(run) = &self.run {
-            let c = &run.correctness;
-            md += &format!(
-                "| Figure | Value |\n|---|---|\n\
-                 | Load | {} , {} connections, {} event(s)/request, {:.0} s |\n\
-                 | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
-                 | Events/s accepted | {:.0} |\n\
-                 | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
-                 | Latency means: client / inside ingest / of which broker publish→confirm | {:.2} / {:.2} / {:.2} ms ({:.1} events per message) |\n\
-                 | End-to-end events/s (first request → last settled) | {:.0} |\n\
-                 | End-to-end unique events stored/s | {:.0} ({:.0}× the original's {:.0}) |\n\
-                 | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
-                 | Duplicates by tier | {} |\n\
-                 | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
-                 | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
-                 {}{}\
-                 | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
-                run.mode,
-                run.connections,
-                run.batch,
-                run.duration_s,
-                run.requests_per_s,
-                run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
-                ORIGINAL_REQUESTS_PER_S,
-                run.events_accepted_per_s,
-                run.latency.p50_ms,
-                run.latency.p90_ms,
-                run.latency.p99_ms,
-                run.latency.p999_ms,
-                run.latency.max_ms,
-                run.latency_breakdown.client_mean_ms,
-                run.latency_breakdown.ingest_mean_ms,
-                run.latency_breakdown.confirm_mean_ms,
-                run.latency_breakdown.events_per_message,
-                run.end_to_end_events_per_s,
-                run.end_to_end_stored_per_s,
-                run.end_to_end_stored_per_s / ORIGINAL_STORED_PER_S,
-                ORIGINAL_STORED_PER_S,
-                run.steady_events_per_s,
-                run.queue_depth_steady.0,
-                run.queue_depth_steady.1,
-                run.duplicates_by_tier
-                    .iter()
-                    .map(|(t, n)| format!("{t} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                run.ingest.peak_rss_mib,
-                run.ingest.cpu_seconds,
-                run.worker.peak_rss_mib,
-                run.worker.cpu_seconds,
-                cpu_per_event_row(run),
-                redis_memory_row(run),
-                if c.ok { "OK" } else { "FAILED" },
-                c.unique_sent,
-                c.rows_stored,
-                c.keys_stored_twice,
-                c.duplicates_dropped,
-                c.duplicates_sent,
-                c.dead_lettered,
-                c.failed_requests,
-            );
-            if let Some(h) = &run.hostile {
-                md += &format!(
-                    "| Hostile requests beside the load | {} sent, {} |\n",
-                    h.sent,
-                    if h.not_refused.is_empty() {
-                        "every one refused with a 4xx".to_owned()
-                    } else {
-                        format!("NOT refused: {:?}", h.not_refused)
-                    }
-                );
-            }
-            if self.repeats.len() > 1 {
-                let list = |f: fn(&(f64, f64)) -> f64| {
-                    self.repeats
-                        .iter()
-                        .map(|r| format!("{:.0}", f(r)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                md += &format!(
-                    "\n{} runs; the table shows the median one. End-to-end events/s: {}; steady state: {}.\n",
-                    self.repeats.len(),
-                    list(|r| r.0),
-                    list(|r| r.1),
-                );
-            }
+            md += &self.run_markdown(run);
         }
         if !self.half_rate.is_empty() {
             md += &HalfRate::markdown(&self.half_rate);
         }
         if let Some(c) = &self.ceilings {
-            let (name, lowest) = c.lowest();
+            md += &self.ceilings_markdown(c);
+        }
+        md
+    }
+
+    /// The headline run's table, its hostile requests and the repeats.
+    fn run_markdown(&self, run: &RunFigures) -> String {
+        let mut md = String::new();
+        let c = &run.correctness;
+        md += &format!(
+            "| Figure | Value |\n|---|---|\n\
+             | Load | {} , {} connections, {} event(s)/request, {:.0} s |\n\
+             | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
+             | Events/s accepted | {:.0} |\n\
+             | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
+             | Latency means: client / inside ingest / of which broker publish→confirm | {:.2} / {:.2} / {:.2} ms ({:.1} events per message) |\n\
+             | End-to-end events/s (first request → last settled) | {:.0} |\n\
+             | End-to-end unique events stored/s | {:.0} ({:.0}× the original's {:.0}) |\n\
+             | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
+             | Duplicates by tier | {} |\n\
+             | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+             | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+             {}{}\
+             | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
+            run.mode,
+            run.connections,
+            run.batch,
+            run.duration_s,
+            run.requests_per_s,
+            run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
+            ORIGINAL_REQUESTS_PER_S,
+            run.events_accepted_per_s,
+            run.latency.p50_ms,
+            run.latency.p90_ms,
+            run.latency.p99_ms,
+            run.latency.p999_ms,
+            run.latency.max_ms,
+            run.latency_breakdown.client_mean_ms,
+            run.latency_breakdown.ingest_mean_ms,
+            run.latency_breakdown.confirm_mean_ms,
+            run.latency_breakdown.events_per_message,
+            run.end_to_end_events_per_s,
+            run.end_to_end_stored_per_s,
+            run.end_to_end_stored_per_s / ORIGINAL_STORED_PER_S,
+            ORIGINAL_STORED_PER_S,
+            run.steady_events_per_s,
+            run.queue_depth_steady.0,
+            run.queue_depth_steady.1,
+            run.duplicates_by_tier
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            run.ingest.peak_rss_mib,
+            run.ingest.cpu_seconds,
+            run.worker.peak_rss_mib,
+            run.worker.cpu_seconds,
+            cpu_per_event_row(run),
+            redis_memory_row(run),
+            if c.ok { "OK" } else { "FAILED" },
+            c.unique_sent,
+            c.rows_stored,
+            c.keys_stored_twice,
+            c.duplicates_dropped,
+            c.duplicates_sent,
+            c.dead_lettered,
+            c.failed_requests,
+        );
+        if let Some(h) = &run.hostile {
             md += &format!(
-                "\n| Ceiling (same machine, same run; median of {} round(s)) | events/s |\n|---|---|\n\
-                 | RabbitMQ publish + confirm (1 event/message, lz4 as ingest sends it; confirm p50 {:.2} ms, p99 {:.2} ms) | {:.0} |\n\
-                 | RabbitMQ consume + ack | {:.0} |\n\
-                 | PostgreSQL insert, the worker's statement, batches of {} | {:.0} |\n\
-                 | Redis MGET + SET PX pipeline, batches of {} | {:.0} |\n\
-                 | **Lowest: {name}** | **{lowest:.0}** |\n",
-                self.ceiling_rounds.len(),
-                c.rabbitmq_confirm_p50_ms,
-                c.rabbitmq_confirm_p99_ms,
-                c.rabbitmq_publish_per_s,
-                c.rabbitmq_consume_ack_per_s,
-                c.batch,
-                c.postgres_insert_rows_per_s,
-                c.batch,
-                c.redis_events_per_s,
-            );
-            if let Some(run) = &self.run {
-                md += &format!(
-                    "\nPipeline end-to-end rate as a share of the lowest ceiling: **{:.0} %** (steady state: {:.0} %).\n",
-                    100.0 * run.end_to_end_events_per_s / lowest,
-                    100.0 * run.steady_events_per_s / lowest
-                );
-                if self.ratios.len() > 1 {
-                    md += &format!(
-                        "Each run against the lowest ceiling measured just before it: {}.\n",
-                        self.ratios
-                            .iter()
-                            .map(|r| format!("{:.0} %", 100.0 * r))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
+                "| Hostile requests beside the load | {} sent, {} |\n",
+                h.sent,
+                if h.not_refused.is_empty() {
+                    "every one refused with a 4xx".to_owned()
+                } else {
+                    format!("NOT refused: {:?}", h.not_refused)
                 }
+            );
+        }
+        if self.repeats.len() > 1 {
+            let list = |f: fn(&(f64, f64)) -> f64| {
+                self.repeats
+                    .iter()
+                    .map(|r| format!("{:.0}", f(r)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            md += &format!(
+                "\n{} runs; the table shows the median one. End-to-end events/s: {}; steady state: {}.\n",
+                self.repeats.len(),
+                list(|r| r.0),
+                list(|r| r.1),
+            );
+        }
+        md
+    }
+
+    /// The ceilings' table and the run's share of the lowest.
+    fn ceilings_markdown(&self, c: &Ceilings) -> String {
+        let mut md = String::new();
+        let (name, lowest) = c.lowest();
+        md += &format!(
+            "\n| Ceiling (same machine, same run; median of {} round(s)) | events/s |\n|---|---|\n\
+             | RabbitMQ publish + confirm (1 event/message, lz4 as ingest sends it; confirm p50 {:.2} ms, p99 {:.2} ms) | {:.0} |\n\
+             | RabbitMQ consume + ack | {:.0} |\n\
+             | PostgreSQL insert, the worker's statement, batches of {} | {:.0} |\n\
+             | Redis MGET + SET PX pipeline, batches of {} | {:.0} |\n\
+             | **Lowest: {name}** | **{lowest:.0}** |\n",
+            self.ceiling_rounds.len(),
+            c.rabbitmq_confirm_p50_ms,
+            c.rabbitmq_confirm_p99_ms,
+            c.rabbitmq_publish_per_s,
+            c.rabbitmq_consume_ack_per_s,
+            c.batch,
+            c.postgres_insert_rows_per_s,
+            c.batch,
+            c.redis_events_per_s,
+        );
+        if let Some(run) = &self.run {
+            md += &format!(
+                "\nPipeline end-to-end rate as a share of the lowest ceiling: **{:.0} %** (steady state: {:.0} %).\n",
+                100.0 * run.end_to_end_events_per_s / lowest,
+                100.0 * run.steady_events_per_s / lowest
+            );
+            if self.ratios.len() > 1 {
+                md += &format!(
+                    "Each run against the lowest ceiling measured just before it: {}.\n",
+                    self.ratios
+                        .iter()
+                        .map(|r| format!("{:.0} %", 100.0 * r))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
         md
