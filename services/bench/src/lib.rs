@@ -9,12 +9,14 @@
 //! - [`services`]: the binaries under test, their isolated names, their CPU and memory.
 //! - [`ceilings`]: RabbitMQ, PostgreSQL and Redis measured with their own clients on the
 //!   pipeline's data and statements.
+//! - [`compare`]: A/B runs of two builds, alternately, as ratios per pair.
 //! - [`chaos`]: load while the worker is killed and the services restarted; exactly-once
 //!   proved afterwards.
 //! - [`report`]: the printed table, JSON and markdown.
 
 pub mod ceilings;
 pub mod chaos;
+pub mod compare;
 pub mod hostile;
 pub mod load;
 pub mod report;

@@ -36,6 +36,9 @@ enum Command {
     /// turn, then the proof that every accepted event is stored exactly once. It stops the
     /// machine's shared services: run nothing else meanwhile.
     Chaos(ChaosArgs),
+    /// A/B: the same load against a baseline build and the candidate (--ingest-bin,
+    /// --worker-bin), alternately, reporting each figure's ratio per pair, median and range.
+    Compare(CompareArgs),
     /// RabbitMQ, PostgreSQL and Redis ceilings only.
     Ceilings {
         /// Rounds of measurements; each figure is reported as its median.
@@ -139,6 +142,65 @@ struct RunArgs {
     /// run with the median end-to-end rate (this machine is shared and noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// The candidate's run: load, settings and binaries (--ingest-bin, --worker-bin).
+    #[command(flatten)]
+    run: RunArgs,
+    /// The baseline's ingest binary.
+    #[arg(long)]
+    baseline_ingest_bin: PathBuf,
+    /// The baseline's dedup-worker binary.
+    #[arg(long)]
+    baseline_worker_bin: PathBuf,
+    /// Pairs of runs (baseline, candidate).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pairs: u32,
+}
+
+/// The compare subcommand: runs the pairs, prints and writes the table, fails when a run's
+/// correctness check failed.
+async fn compare(
+    args: CompareArgs,
+    backends: Backends,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let candidate = run_options(
+        &args.run,
+        backends,
+        out.join(format!("logs-compare-{stamp}")),
+    )?;
+    let mut baseline = candidate.clone();
+    baseline.binaries = Binaries {
+        ingest: args.baseline_ingest_bin.clone(),
+        worker: args.baseline_worker_bin.clone(),
+    };
+    let name = format!("bench_compare_{}", std::process::id());
+    let comparison =
+        dedup_bench::compare::run(baseline, candidate, args.pairs as usize, &name).await?;
+    let md = format!(
+        "## dedup A/B — {} — {}\n\nMachine: {}\n\nBaseline: `{}`, `{}`; candidate: `{}`, `{}`.\n\n{}",
+        chrono::Utc::now().to_rfc3339(),
+        git_commit(),
+        report::machine(),
+        args.baseline_ingest_bin.display(),
+        args.baseline_worker_bin.display(),
+        args.run.bins.ingest_bin.display(),
+        args.run.bins.worker_bin.display(),
+        comparison.markdown()
+    );
+    println!("{md}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join(format!("compare-{stamp}.md")), &md)?;
+    std::fs::write(
+        out.join(format!("compare-{stamp}.json")),
+        serde_json::to_string_pretty(&comparison)?,
+    )?;
+    anyhow::ensure!(comparison.ok, "a run failed its correctness check");
+    Ok(())
 }
 
 #[derive(Debug, Parser, Clone)]
@@ -329,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Run(args)) => (0, args.bins.binaries(), Some(args)),
         Some(Command::Ceilings { rounds, bins }) => (rounds, bins.binaries(), None),
         Some(Command::Chaos(args)) => return chaos(args, backends, &c.out).await,
+        Some(Command::Compare(args)) => return compare(args, backends, &c.out).await,
     };
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let name = |what: &str| {

@@ -1,0 +1,193 @@
+//! A/B comparison of two builds: the same load against the baseline's binaries and the
+//! candidate's, alternately (A B A B …) so the machine's drift falls on both, and every
+//! figure reported as the candidate's ratio to the baseline per pair, with the median and the
+//! spread. CPU per event and ratios measured this way are what compare across builds; absolute
+//! rates from different hours do not.
+
+use serde::Serialize;
+
+use crate::report::RunFigures;
+use crate::{RunOptions, run_pipeline};
+
+/// One figure of both builds over every pair.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub name: &'static str,
+    /// Whether a smaller value is better (CPU, latency, memory).
+    pub lower_is_better: bool,
+    pub baseline: Vec<f64>,
+    pub candidate: Vec<f64>,
+}
+
+impl Figure {
+    /// Candidate / baseline, pair by pair (`NaN` where the baseline is 0).
+    pub fn ratios(&self) -> Vec<f64> {
+        self.baseline
+            .iter()
+            .zip(&self.candidate)
+            .map(|(a, b)| if *a == 0.0 { f64::NAN } else { b / a })
+            .collect()
+    }
+}
+
+/// The comparison's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub pairs: usize,
+    pub figures: Vec<Figure>,
+    /// Every run's correctness held.
+    pub ok: bool,
+}
+
+/// The figures compared, from one run. CPU per event counts every event sent (unique and
+/// repeats); "whole box" is ingest + worker + the three servers (not the load generator).
+fn figures(run: &RunFigures) -> Vec<(&'static str, bool, f64)> {
+    let events = (run.correctness.unique_sent + run.correctness.duplicates_sent).max(1) as f64;
+    let us = |seconds: f64| seconds * 1e6 / events;
+    let servers = run.servers_cpu.as_ref();
+    let server = |f: fn(&crate::services::ServerCpu) -> f64| servers.map_or(f64::NAN, |c| us(f(c)));
+    let whole = us(run.ingest.cpu_seconds + run.worker.cpu_seconds)
+        + server(|c| c.postgresql_s + c.redis_s + c.rabbitmq_s);
+    vec![
+        ("end-to-end events/s", false, run.end_to_end_events_per_s),
+        ("CPU µs/event, whole box", true, whole),
+        ("CPU µs/event, ingest", true, us(run.ingest.cpu_seconds)),
+        ("CPU µs/event, worker", true, us(run.worker.cpu_seconds)),
+        ("CPU µs/event, PostgreSQL", true, server(|c| c.postgresql_s)),
+        ("CPU µs/event, Redis", true, server(|c| c.redis_s)),
+        ("CPU µs/event, RabbitMQ", true, server(|c| c.rabbitmq_s)),
+        ("latency p50 ms", true, run.latency.p50_ms),
+        ("latency p99 ms", true, run.latency.p99_ms),
+        ("ingest peak RSS MiB", true, run.ingest.peak_rss_mib),
+        ("worker peak RSS MiB", true, run.worker.peak_rss_mib),
+        (
+            "Redis bytes per remembered event",
+            true,
+            run.redis_bytes_per_key.unwrap_or(f64::NAN),
+        ),
+    ]
+}
+
+/// Runs `pairs` pairs, baseline first in each, and collects every figure.
+pub async fn run(
+    baseline: RunOptions,
+    candidate: RunOptions,
+    pairs: usize,
+    name: &str,
+) -> anyhow::Result<Comparison> {
+    let mut comparison = Comparison {
+        pairs,
+        figures: Vec::new(),
+        ok: true,
+    };
+    for pair in 1..=pairs {
+        for (side, options) in [("baseline", &baseline), ("candidate", &candidate)] {
+            eprintln!("compare: pair {pair} of {pairs}, {side}");
+            let run = run_pipeline(options.clone(), &format!("{name}_{side}_{pair}")).await?;
+            comparison.ok &= run.correctness.ok;
+            if !run.correctness.ok {
+                eprintln!(
+                    "compare: {side} failed its correctness check: {:?}",
+                    run.correctness
+                );
+            }
+            comparison.add(side == "candidate", &run);
+        }
+    }
+    Ok(comparison)
+}
+
+impl Comparison {
+    fn add(&mut self, candidate: bool, run: &RunFigures) {
+        for (i, (name, lower_is_better, value)) in figures(run).into_iter().enumerate() {
+            if self.figures.len() <= i {
+                self.figures.push(Figure {
+                    name,
+                    lower_is_better,
+                    baseline: Vec::new(),
+                    candidate: Vec::new(),
+                });
+            }
+            let figure = &mut self.figures[i];
+            if candidate {
+                figure.candidate.push(value);
+            } else {
+                figure.baseline.push(value);
+            }
+        }
+    }
+
+    /// The table: each figure's values per pair, and the ratio's median and range.
+    pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "| Figure ({} pairs, baseline → candidate per pair) | Values | Candidate / baseline: median (range) |\n|---|---|---|\n",
+            self.pairs
+        );
+        for f in &self.figures {
+            let values: Vec<String> = f
+                .baseline
+                .iter()
+                .zip(&f.candidate)
+                .map(|(a, b)| format!("{} → {}", short(*a), short(*b)))
+                .collect();
+            let mut ratios: Vec<f64> = f.ratios().into_iter().filter(|r| r.is_finite()).collect();
+            ratios.sort_by(f64::total_cmp);
+            let summary = match (ratios.first(), ratios.last()) {
+                (Some(low), Some(high)) => format!(
+                    "**{:.3}** ({low:.3}–{high:.3}){}",
+                    ratios[ratios.len() / 2],
+                    if f.lower_is_better {
+                        ", lower is better"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => "—".to_owned(),
+            };
+            md += &format!("| {} | {} | {summary} |\n", f.name, values.join(", "));
+        }
+        if !self.ok {
+            md += "\n**A run failed its correctness check: the comparison proves nothing.**\n";
+        }
+        md
+    }
+}
+
+fn short(value: f64) -> String {
+    if !value.is_finite() {
+        "—".to_owned()
+    } else if value >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ratios are candidate over baseline per pair; the table shows their median and range,
+    /// and a failed run is called out.
+    #[test]
+    fn ratios_median_and_range() {
+        let mut c = Comparison {
+            pairs: 3,
+            figures: vec![Figure {
+                name: "CPU µs/event, ingest",
+                lower_is_better: true,
+                baseline: vec![40.0, 50.0, 44.0],
+                candidate: vec![20.0, 30.0, 22.0],
+            }],
+            ok: true,
+        };
+        assert_eq!(c.figures[0].ratios(), [0.5, 0.6, 0.5]);
+        let md = c.markdown();
+        assert!(
+            md.contains("| CPU µs/event, ingest | 40.0 → 20.0, 50.0 → 30.0, 44.0 → 22.0 | **0.500** (0.500–0.600), lower is better |"),
+            "{md}"
+        );
+        c.ok = false;
+        assert!(c.markdown().contains("proves nothing"));
+    }
+}
