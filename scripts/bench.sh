@@ -5,6 +5,8 @@
 #   scripts/bench.sh run --rate 3000          # open loop at a fixed arrival rate
 #   scripts/bench.sh run --hostile 2          # hostile requests beside the load, all refused
 #   scripts/bench.sh chaos                    # worker killed, services restarted under load
+#   scripts/bench.sh compare --baseline-ingest-bin A/ingest --baseline-worker-bin A/dedup-worker
+#                                             # A/B: that build against this one, alternately
 #   scripts/bench.sh --smoke                  # a few seconds, correctness only (CI)
 # All flags: scripts/bench.sh --help
 set -euo pipefail
