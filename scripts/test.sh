@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 # A hung test fails loudly after 20 minutes instead of running into CI's limit (the suite takes
 # about a minute once built).
-cargo build --workspace --locked --tests
+# The binaries first: services/system-tests runs them as processes (target/debug/ingest, …).
+cargo build --workspace --locked --bins --tests
 timeout --signal=KILL 20m cargo test --workspace --locked "$@"
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
 target=${CARGO_TARGET_DIR:-target}

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
@@ -121,8 +122,13 @@ fn otlp_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service);
     }
+    // The batch processor runs as a task on the process's tokio runtime: the hyper-based
+    // exporter needs a tokio reactor for its timeouts, which the SDK's default processor (a
+    // plain thread) does not have — it panics on its first export and every span is lost.
+    let processor =
+        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_span_processor(processor)
         .with_resource(resource.build())
         .build())
 }

@@ -1,14 +1,12 @@
-//! The whole pipeline over real sockets: ingest's HTTP server → RabbitMQ → dedup-worker →
-//! PostgreSQL, as a newcomer would run it.
+//! The whole pipeline as a newcomer runs it: the real `ingest` and `dedup-worker` binaries,
+//! HTTP → RabbitMQ → worker → PostgreSQL, observed only through HTTP, SQL and `/metrics`.
 
 use std::time::Duration;
 
 use test_support::events::{event, sample_app_list};
-use test_support::harness::{
-    IngestServer, WorkerUnderTest, http_request, ingest_config, worker_config,
-};
+use test_support::harness::http_request;
+use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
-use tokio::net::TcpListener;
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -17,9 +15,9 @@ const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[tokio::test]
 async fn sample_posted_twice_over_http_is_stored_once() {
     let env = TestEnv::new("e2e").await;
-    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
-    let server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
-    let (addr, admin_addr) = (server.addr, server.admin_addr);
+    let worker = Launch::worker(&env).start().await;
+    let ingest = Launch::ingest(&env, RABBITMQ).start().await;
+    let addr = ingest.addr();
 
     let sample = sample_app_list().to_string();
     for _ in 0..2 {
@@ -69,51 +67,30 @@ async fn sample_posted_twice_over_http_is_stored_once() {
         "the whole event is stored as sent"
     );
 
-    let (status, metrics) = http_request(admin_addr, "GET", "/metrics", "text/plain", b"").await;
-    assert_eq!(status, 200);
+    let metrics = ingest.metrics().await;
     assert!(
         metrics.contains("dedup_ingest_events_total{outcome=\"accepted\"} 5"),
         "{metrics}"
     );
 
     // The worker's /metrics tells the same story: 5 events in, 3 stored, 2 duplicates.
-    let worker_admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let worker_admin_addr = worker_admin.local_addr().expect("addr");
-    let router = dedup_runtime::admin::router(
-        worker.worker.metrics().registry.clone(),
-        worker.worker.readiness(),
-    );
-    tokio::spawn(async move { axum::serve(worker_admin, router).await });
-    let metrics = eventually(
+    eventually(
         Duration::from_secs(10),
         "the worker to consume all 5 events",
         || async {
-            let (status, metrics) =
-                http_request(worker_admin_addr, "GET", "/metrics", "text/plain", b"").await;
-            assert_eq!(status, 200);
-            metrics
-                .contains("dedup_worker_events_consumed_total 5")
-                .then_some(metrics)
+            (worker.metric("dedup_worker_events_consumed_total").await == 5.0).then_some(())
         },
     )
     .await;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    assert_eq!(
-        value("dedup_worker_events_consumed_total"),
-        5.0,
-        "{metrics}"
-    );
-    assert_eq!(value("dedup_worker_events_stored_total"), 3.0);
-    assert_eq!(value("dedup_worker_duplicates_total"), 2.0);
-    assert_eq!(value("dedup_worker_dead_lettered_total"), 0.0);
-    assert_eq!(value("dedup_worker_redis_degraded"), 0.0);
+    for (name, expected) in [
+        ("dedup_worker_events_stored_total", 3.0),
+        ("dedup_worker_duplicates_total", 2.0),
+        ("dedup_worker_dead_lettered_total", 0.0),
+        ("dedup_worker_redis_degraded", 0.0),
+    ] {
+        assert_eq!(worker.metric(name).await, expected, "{name}");
+    }
 
-    server.stop().await;
-    worker.stop().await.expect("worker stops cleanly");
+    assert!(ingest.stop().await, "ingest stops cleanly on SIGTERM");
+    assert!(worker.stop().await, "the worker stops cleanly on SIGTERM");
 }

@@ -1,15 +1,13 @@
 //! The dashboard and the alert rules only use metrics the services really expose: after a
-//! small run of the real pipeline, every `dedup_*` name they query is in a /metrics scrape.
+//! small run of the real binaries, every `dedup_*` name they query is in a /metrics scrape.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use test_support::events::event;
-use test_support::harness::{
-    IngestServer, WorkerUnderTest, http_request, ingest_config, worker_config,
-};
+use test_support::harness::http_request;
+use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
-use tokio::net::TcpListener;
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -52,9 +50,9 @@ fn exposed(scrape: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn dashboard_and_alerts_use_only_exposed_metrics() {
     let env = TestEnv::new("monitoring").await;
-    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
-    let server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
-    let (addr, admin_addr) = (server.addr, server.admin_addr);
+    let worker = Launch::worker(&env).start().await;
+    let ingest = Launch::ingest(&env, RABBITMQ).start().await;
+    let addr = ingest.addr();
     for body in [
         event("m-1").to_string(),
         event("m-1").to_string(),
@@ -76,27 +74,12 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
     )
     .await;
 
-    let worker_admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let worker_addr = worker_admin.local_addr().expect("addr");
-    let router = dedup_runtime::admin::router(
-        worker.worker.metrics().registry.clone(),
-        worker.worker.readiness(),
-    );
-    tokio::spawn(async move { axum::serve(worker_admin, router).await });
-    let mut names = exposed(
-        &http_request(admin_addr, "GET", "/metrics", "text/plain", b"")
-            .await
-            .1,
-    );
+    let mut names = exposed(&ingest.metrics().await);
     let worker_names = eventually(
         Duration::from_secs(15),
         "the queue depth gauges",
         || async {
-            let names = exposed(
-                &http_request(worker_addr, "GET", "/metrics", "text/plain", b"")
-                    .await
-                    .1,
-            );
+            let names = exposed(&worker.metrics().await);
             names.contains("dedup_queue_messages").then_some(names)
         },
     )
@@ -115,6 +98,6 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
             "{file} uses metrics no service exposes: {missing:?}\nexposed: {names:?}"
         );
     }
-    server.stop().await;
-    worker.stop().await.expect("worker stops");
+    assert!(ingest.stop().await, "ingest stops cleanly");
+    assert!(worker.stop().await, "the worker stops cleanly");
 }

@@ -1,4 +1,4 @@
-//! Hostile and careless input through the real services: whatever ingest accepts is stored,
+//! Hostile and careless input through the real binaries: whatever ingest accepts is stored,
 //! whatever PostgreSQL still refuses is dead-lettered alone, and no event blocks the queue.
 
 use std::time::Duration;
@@ -7,9 +7,8 @@ use chrono::Utc;
 use dedup_message::message;
 use serde_json::Value;
 use test_support::events::{event, ndjson, test_datetime};
-use test_support::harness::{
-    IngestServer, WorkerUnderTest, http_request, ingest_config, worker_config,
-};
+use test_support::harness::http_request;
+use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -28,11 +27,12 @@ fn hostile(r: &str, from: &str, to: &str) -> String {
 #[tokio::test]
 async fn hostile_events_get_400_and_the_queue_keeps_flowing() {
     let env = TestEnv::new("hostile").await;
-    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
-    let server = IngestServer::start(ingest_config(&env, RABBITMQ)).await;
+    let worker = Launch::worker(&env).start().await;
+    let ingest = Launch::ingest(&env, RABBITMQ).start().await;
+    let addr = ingest.addr();
     let post = |body: String| async move {
         http_request(
-            server.addr,
+            addr,
             "POST",
             "/product_events/",
             "application/json",
@@ -130,7 +130,8 @@ async fn hostile_events_get_400_and_the_queue_keeps_flowing() {
         payload_r, "18446744073709551617",
         "jsonb keeps the exact number"
     );
-    worker.stop().await.expect("clean stop");
+    assert!(ingest.stop().await, "ingest stops cleanly");
+    assert!(worker.stop().await, "the worker stops cleanly");
 }
 
 /// A batch whose rows PostgreSQL partly refuses (here a CHECK constraint the test adds) is
@@ -139,7 +140,7 @@ async fn hostile_events_get_400_and_the_queue_keeps_flowing() {
 #[tokio::test]
 async fn rows_postgres_refuses_are_dead_lettered_alone_and_the_rest_stored() {
     let env = TestEnv::new("refused").await;
-    let worker = WorkerUnderTest::start(worker_config(&env), None).await;
+    let worker = Launch::worker(&env).start().await;
     sqlx::query(
         "ALTER TABLE product_events ADD CONSTRAINT test_refuse_poison CHECK (sid <> 'poison')",
     )
@@ -193,15 +194,17 @@ async fn rows_postgres_refuses_are_dead_lettered_alone_and_the_rest_stored() {
     let counts = env.stored_r_counts().await;
     assert!(counts.iter().all(|(_, n)| *n == 1));
     assert!(counts.iter().any(|(r, _)| r == "later"));
-    let m = worker.worker.metrics();
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["refused_by_postgres"])
-            .get(),
-        2
+        worker
+            .metric("dedup_worker_dead_lettered_total{reason=\"refused_by_postgres\"}")
+            .await,
+        2.0
     );
-    assert_eq!(m.stored.get(), 19);
-    worker.stop().await.expect("clean stop");
+    assert_eq!(
+        worker.metric("dedup_worker_events_stored_total").await,
+        19.0
+    );
+    assert!(worker.stop().await, "the worker stops cleanly");
 }
 
 /// A worker whose every insert fails with an error a retry might fix (here a trigger that
@@ -210,11 +213,10 @@ async fn rows_postgres_refuses_are_dead_lettered_alone_and_the_rest_stored() {
 #[tokio::test]
 async fn a_worker_that_commits_nothing_stops_being_ready() {
     let env = TestEnv::new("stall").await;
-    let mut config = worker_config(&env);
-    config.stall_timeout = Duration::from_secs(1);
-    let worker = WorkerUnderTest::start(config, None).await;
-    let ready = worker.worker.readiness();
-    eventually(WAIT, "the worker to be ready", || async { ready().ok() }).await;
+    let worker = Launch::worker(&env)
+        .set("STALL_TIMEOUT", "1s")
+        .start()
+        .await;
     sqlx::query(
         "CREATE FUNCTION test_stall() RETURNS trigger LANGUAGE plpgsql AS
          $$ BEGIN RAISE EXCEPTION 'test stall'; END $$",
@@ -235,13 +237,12 @@ async fn a_worker_that_commits_nothing_stops_being_ready() {
     )
     .await;
     let reason = eventually(WAIT, "the worker to report a stall", || async {
-        ready().err()
+        worker.ready().await.err()
     })
     .await;
     assert!(reason.contains("stalled"), "{reason}");
-    let m = worker.worker.metrics().clone();
     eventually(WAIT, "dedup_worker_stalled = 1", || async {
-        (m.stalled.get() == 1).then_some(())
+        (worker.metric("dedup_worker_stalled").await == 1.0).then_some(())
     })
     .await;
     assert_eq!(env.stored_rows().await, 0);
@@ -252,14 +253,14 @@ async fn a_worker_that_commits_nothing_stops_being_ready() {
     eventually(
         WAIT,
         "the row stored and the worker ready again",
-        || async { (env.stored_rows().await == 1 && ready().is_ok()).then_some(()) },
+        || async { (env.stored_rows().await == 1 && worker.ready().await.is_ok()).then_some(()) },
     )
     .await;
     eventually(WAIT, "dedup_worker_stalled = 0", || async {
-        (m.stalled.get() == 0).then_some(())
+        (worker.metric("dedup_worker_stalled").await == 0.0).then_some(())
     })
     .await;
-    worker.stop().await.expect("clean stop");
+    assert!(worker.stop().await, "the worker stops cleanly");
 }
 
 /// Partition maintenance creates the days ahead and drops the days past the retention; an
@@ -267,13 +268,15 @@ async fn a_worker_that_commits_nothing_stops_being_ready() {
 #[tokio::test]
 async fn partitions_are_created_ahead_dropped_after_retention_and_never_made_by_old_events() {
     let env = TestEnv::new("partitions").await;
-    let mut config = worker_config(&env);
-    config.retention = Duration::from_secs(30 * 86_400);
-    config.partitions_ahead = 2;
+    let launch = || {
+        Launch::worker(&env)
+            .set("RETENTION", "30d")
+            .set("PARTITIONS_AHEAD", 2)
+    };
     let today = Utc::now().date_naive();
     let days_ago = |n: i64| today - chrono::Duration::days(n);
     let name = |day: chrono::NaiveDate| format!("product_events_p{}", day.format("%Y%m%d"));
-    let worker = WorkerUnderTest::start(config.clone(), None).await;
+    let worker = launch().start().await;
     // Worker start ran the maintenance: yesterday to two days ahead exist.
     let partitions = || async {
         sqlx::query_scalar::<_, String>(
@@ -297,7 +300,12 @@ async fn partitions_are_created_ahead_dropped_after_retention_and_never_made_by_
         .execute(&env.pg)
         .await
         .expect("old partitions");
-    dedup_worker::maintain(config).await.expect("maintain");
+    let maintain = launch().run(&["maintain"]).await;
+    assert!(
+        maintain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&maintain.stderr)
+    );
     let have = partitions().await;
     assert!(!have.contains(&name(days_ago(40))), "{have:?}");
     assert!(have.contains(&name(days_ago(29))), "{have:?}");
@@ -322,12 +330,9 @@ async fn partitions_are_created_ahead_dropped_after_retention_and_never_made_by_
     assert!(!have.contains(&name(days_ago(-5))), "{have:?}");
     assert_eq!(
         worker
-            .worker
-            .metrics()
-            .dead_lettered
-            .with_label_values(&["outside_window"])
-            .get(),
-        2
+            .metric("dedup_worker_dead_lettered_total{reason=\"outside_window\"}")
+            .await,
+        2.0
     );
-    worker.stop().await.expect("clean stop");
+    assert!(worker.stop().await, "the worker stops cleanly");
 }

@@ -1,0 +1,229 @@
+//! The real `ingest` and `dedup-worker` binaries as child processes, wired to a [`TestEnv`]
+//! through their environment variables, the way an operator runs them. Tests that use this
+//! are clients: they talk HTTP, AMQP and SQL and read `/metrics`, never the crates' internals.
+//!
+//! The binaries are the ones `cargo build --workspace` left beside the test executable
+//! (`target/<profile>/`), or in `DEDUP_TEST_BIN_DIR`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::env::{RABBITMQ_URL, REDIS_URL, TestEnv};
+use crate::harness::http_request;
+
+/// Where the binaries under test are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DEDUP_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test executable>
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in target/<profile>/deps")
+        .to_owned()
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A binary about to start, with its environment.
+pub struct Launch {
+    binary: &'static str,
+    env: Vec<(String, String)>,
+    listen: Option<SocketAddr>,
+    admin: SocketAddr,
+}
+
+impl Launch {
+    /// `ingest` publishing to `amqp_url` with `env`'s queues and test-friendly timings.
+    pub fn ingest(env: &TestEnv, amqp_url: &str) -> Self {
+        let listen = free_port();
+        Self::new("ingest", env, amqp_url)
+            .set("LISTEN_ADDR", listen)
+            .set("CONFIRM_TIMEOUT", "3s")
+            .set("RECONNECT_MAX_BACKOFF", "300ms")
+            .set("RETRY_AFTER", "2s")
+            .listening(listen)
+    }
+
+    /// `dedup-worker` on `env`'s queues, schema and Redis prefix, migrating at start, with
+    /// small batches and short timings.
+    pub fn worker(env: &TestEnv) -> Self {
+        Self::new("dedup-worker", env, RABBITMQ_URL)
+            .set("DATABASE_URL", &env.database_url)
+            .set("REDIS_URL", REDIS_URL)
+            .set("REDIS_PREFIX", &env.redis_prefix)
+            .set("MIGRATE_ON_START", "true")
+            .set("BATCH_SIZE", 50)
+            .set("PREFETCH", 200)
+            .set("BATCH_LINGER", "20ms")
+            .set("RECONNECT_MAX_BACKOFF", "300ms")
+            .set("REDIS_TIMEOUT", "300ms")
+            .set("REDIS_RETRY_INTERVAL", "300ms")
+            .set("DEDUP_WINDOW", "1h")
+            .set("SHUTDOWN_GRACE", "10s")
+    }
+
+    fn new(binary: &'static str, env: &TestEnv, amqp_url: &str) -> Self {
+        let admin = free_port();
+        let t = &env.topology;
+        Self {
+            binary,
+            env: Vec::new(),
+            listen: None,
+            admin,
+        }
+        .set("ADMIN_LISTEN_ADDR", admin)
+        .set("RABBITMQ_URL", amqp_url)
+        .set("AMQP_EXCHANGE", &t.exchange)
+        .set("AMQP_QUEUE", &t.queue)
+        .set("LOG_FORMAT", "text")
+        .set("QUEUE_DEPTH_INTERVAL", "500ms")
+    }
+
+    fn listening(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Sets (or overrides) one variable.
+    pub fn set(mut self, name: &str, value: impl ToString) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// Starts the binary and waits (20 s at most) until its `/readyz` answers 200.
+    pub async fn start(self) -> Service {
+        let service = self.spawn();
+        let admin = service.admin;
+        crate::eventually(
+            Duration::from_secs(20),
+            &format!("{} to be ready", service.binary),
+            || async {
+                // Refused until the admin server listens.
+                tokio::net::TcpStream::connect(admin).await.ok()?;
+                (http_request(admin, "GET", "/readyz", "text/plain", b"")
+                    .await
+                    .0
+                    == 200)
+                    .then_some(())
+            },
+        )
+        .await;
+        service
+    }
+
+    /// Runs a subcommand (`migrate`, `maintain`, `probe`) to its end; returns its output.
+    pub async fn run(self, args: &[&str]) -> std::process::Output {
+        let mut command = self.command();
+        command.args(args).stderr(Stdio::piped());
+        command
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", self.binary))
+    }
+
+    fn command(&self) -> Command {
+        let path = bin_dir().join(self.binary);
+        assert!(
+            path.exists(),
+            "{} is missing: build the binaries first (cargo build --workspace)",
+            path.display()
+        );
+        let mut command = Command::new(&path);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts the binary without waiting for it to be ready.
+    pub fn spawn(self) -> Service {
+        let child = self
+            .command()
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary));
+        Service {
+            binary: self.binary,
+            child,
+            addr: self.listen,
+            admin: self.admin,
+        }
+    }
+}
+
+/// A running binary; killed when dropped.
+pub struct Service {
+    binary: &'static str,
+    child: Child,
+    /// The public listener (ingest only).
+    pub addr: Option<SocketAddr>,
+    /// The admin server: /metrics, /healthz, /readyz.
+    pub admin: SocketAddr,
+}
+
+impl Service {
+    /// ingest's public address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("a binary with a public listener")
+    }
+
+    /// What its `/readyz` says: ready, or the reason it is not.
+    pub async fn ready(&self) -> Result<(), String> {
+        match http_request(self.admin, "GET", "/readyz", "text/plain", b"").await {
+            (200, _) => Ok(()),
+            (_, reason) => Err(reason),
+        }
+    }
+
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_request(self.admin, "GET", "/metrics", "text/plain", b"").await;
+        assert_eq!(status, 200, "{} /metrics: {body}", self.binary);
+        body
+    }
+
+    /// The sum of every series of `name` in its metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// SIGTERM, then waits (30 s at most) for the exit; returns whether it exited cleanly.
+    pub async fn stop(mut self) -> bool {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => false,
+        }
+    }
+
+    /// SIGKILL, as a crashed process.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
