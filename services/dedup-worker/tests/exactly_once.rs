@@ -1,6 +1,8 @@
 //! The worker against the real PostgreSQL, Redis and RabbitMQ: every unique event is stored
 //! exactly once, whatever the mix of duplicates, racing workers, crashes and outages.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -9,8 +11,9 @@ use chrono::Utc;
 use dedup_message::message;
 use dedup_worker::fault::Stage;
 use serde_json::Value;
+use support::{WorkerUnderTest, worker_config};
+use test_support::client::amqp_url_via;
 use test_support::events::{event, ndjson, unique};
-use test_support::harness::{WorkerUnderTest, amqp_url_via, worker_config};
 use test_support::{Proxy, TestEnv, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);

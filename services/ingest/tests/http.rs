@@ -1,6 +1,8 @@
 //! ingest's HTTP contract, driven through its router against the real RabbitMQ: every status
 //! the design names, what lands on the queue, and what happens when the broker goes away.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +10,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use support::{IngestUnderTest, ingest_config};
+use test_support::client::amqp_url_via;
 use test_support::events::{event, ndjson, sample_app_list, samples};
-use test_support::harness::{IngestUnderTest, amqp_url_via, ingest_config};
 use test_support::{Proxy, TestEnv, eventually};
 use tower::ServiceExt;
 

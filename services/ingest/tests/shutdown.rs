@@ -1,10 +1,12 @@
 //! On SIGTERM ingest stops taking new connections but finishes the requests in flight.
 
+mod support;
+
 use std::time::Duration;
 
+use support::{IngestServer, ingest_config};
 use test_support::TestEnv;
 use test_support::events::event;
-use test_support::harness::{IngestServer, ingest_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use test_support::client::http_request;
 use test_support::events::{event, sample_app_list};
-use test_support::harness::http_request;
 use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
 

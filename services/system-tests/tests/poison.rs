@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::Utc;
 use dedup_message::message;
 use serde_json::Value;
+use test_support::client::http_request;
 use test_support::events::{event, ndjson, test_datetime};
-use test_support::harness::http_request;
 use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
 

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use test_support::client::http_request;
 use test_support::events::event;
-use test_support::harness::http_request;
 use test_support::otlp::OtlpReceiver;
 use test_support::process::Launch;
 use test_support::{TestEnv, eventually};

@@ -6,15 +6,14 @@
 //!
 //! - [`env`]: [`TestEnv`], the isolated slice of PostgreSQL, Redis and RabbitMQ.
 //! - [`proxy`]: [`Proxy`], a cuttable TCP proxy.
-//! - [`harness`]: ingest and workers built in-process from their crates, wired to a test
-//!   environment (for tests that need their internals or inject crashes).
+//! - [`client`]: one HTTP/1.1 request; a broker URL through a proxy.
 //! - [`process`]: the real binaries as child processes, for tests that are clients.
 //! - [`otlp`]: a real OTLP/HTTP trace receiver the binaries export to.
 //! - [`events`]: valid events with chosen keys, and the real samples.
 
+pub mod client;
 pub mod env;
 pub mod events;
-pub mod harness;
 pub mod otlp;
 pub mod process;
 pub mod proxy;

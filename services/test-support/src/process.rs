@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use crate::client::http_request;
 use crate::env::{RABBITMQ_URL, REDIS_URL, TestEnv};
-use crate::harness::http_request;
 
 /// Where the binaries under test are.
 pub fn bin_dir() -> PathBuf {

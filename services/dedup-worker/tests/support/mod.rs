@@ -1,0 +1,95 @@
+//! The worker built in-process from its crate and wired to a test environment, with short
+//! timings and, for the exactly-once tests, crashes injected between a batch's steps (the
+//! `test-util` feature). The whole-system tests run the binary instead
+//! (`test_support::process`).
+
+// Each test binary compiles this module and uses part of it.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use dedup_worker::Worker;
+use dedup_worker::fault::FaultHook;
+use test_support::TestEnv;
+use test_support::env::{RABBITMQ_URL, REDIS_URL};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A worker config for `env` with test-friendly timings, through the given URLs.
+pub fn worker_config(env: &TestEnv) -> dedup_worker::Config {
+    let mut config = dedup_worker::Config::parse_from(["dedup-worker"]);
+    config.amqp.rabbitmq_url = RABBITMQ_URL.to_owned();
+    config.amqp.topology = env.topology.clone();
+    config.database_url = env.database_url.clone();
+    config.redis_url = REDIS_URL.to_owned();
+    config.redis_prefix = env.redis_prefix.clone();
+    config.migrate_on_start = true;
+    config.batch_size = 50;
+    config.prefetch = 200;
+    config.batch_linger = Duration::from_millis(20);
+    config.reconnect_max_backoff = Duration::from_millis(300);
+    config.redis_timeout = Duration::from_millis(300);
+    config.redis_retry_interval = Duration::from_millis(300);
+    config.dedup_window = Duration::from_secs(3600);
+    config.shutdown_grace = Duration::from_secs(10);
+    config
+}
+
+/// A worker running as a task; `stop` asks it to shut down gracefully.
+pub struct WorkerUnderTest {
+    pub worker: Arc<Worker>,
+    stop: CancellationToken,
+    pub task: JoinHandle<Result<(), dedup_worker::error::Error>>,
+}
+
+impl WorkerUnderTest {
+    /// Migrates (once) and starts consuming.
+    pub async fn start(config: dedup_worker::Config, fault: Option<FaultHook>) -> Self {
+        let worker = match fault {
+            Some(fault) => Worker::with_fault(config.clone(), fault),
+            None => Worker::new(config.clone()),
+        };
+        let worker = Arc::new(worker.expect("worker config"));
+        if config.migrate_on_start {
+            migrate_once(&worker).await;
+        }
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let worker = worker.clone();
+            let stop = stop.clone();
+            async move { worker.run(stop.cancelled_owned()).await }
+        });
+        Self { worker, stop, task }
+    }
+
+    /// Signals shutdown and waits for the worker to finish.
+    pub async fn stop(mut self) -> Result<(), dedup_worker::error::Error> {
+        self.stop.cancel();
+        (&mut self.task).await.expect("worker task")
+    }
+
+    /// Waits for the worker to end by itself (an injected crash), with a bound.
+    pub async fn finished(mut self, within: Duration) -> Result<(), dedup_worker::error::Error> {
+        tokio::time::timeout(within, &mut self.task)
+            .await
+            .expect("the worker should have stopped by now")
+            .expect("worker task")
+    }
+}
+
+impl Drop for WorkerUnderTest {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Applies migrations; concurrent callers on one schema take turns (sqlx locks the schema).
+async fn migrate_once(worker: &Worker) {
+    worker
+        .store()
+        .migrate()
+        .await
+        .expect("migrations apply to the test schema");
+}
