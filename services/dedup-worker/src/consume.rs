@@ -140,7 +140,7 @@ impl Consumer {
             self.progress.released();
             match outcome {
                 Ok(()) => return Ok(()),
-                #[cfg(feature = "test-util")]
+                #[cfg(test)]
                 Err(e @ Error::InjectedCrash(_)) => return Err(e),
                 Err(e) => {
                     self.processor

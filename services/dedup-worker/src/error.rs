@@ -20,7 +20,7 @@ pub enum Error {
     #[error("the broker did not confirm a dead-lettered message: {0}")]
     DeadLetter(String),
     /// A fault injected by a test at the given stage: behaves like a crash.
-    #[cfg(feature = "test-util")]
+    #[cfg(test)]
     #[error("injected crash at {0:?}")]
     InjectedCrash(crate::fault::Stage),
 }
@@ -37,7 +37,7 @@ impl Error {
             Error::Postgres(_) | Error::Migrate(_) => "postgres",
             Error::Amqp(_) | Error::DeadLetter(_) => "amqp",
             Error::Config(_) => "other",
-            #[cfg(feature = "test-util")]
+            #[cfg(test)]
             Error::InjectedCrash(_) => "other",
         }
     }

@@ -1,5 +1,5 @@
 //! Crash injection between the steps of a batch, for the exactly-once tests. Compiled only
-//! with the `test-util` feature: the production binary has no hook and no checkpoint.
+//! for tests: the production binary has no hook and no checkpoint.
 
 use std::sync::Arc;
 

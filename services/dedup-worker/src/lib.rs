@@ -16,21 +16,26 @@
 //! - [`store`]: PostgreSQL: migrations, partitions, the batch insert.
 //! - [`jsonb`]: an event's text in the member order `jsonb` keeps (pure).
 //! - [`error`]: what can go wrong, and whether to retry.
-//! - `fault`: crash injection between a batch's steps (`test-util` feature only).
+//! - `fault`: crash injection between a batch's steps (tests only).
+//! - `tests`: the worker's tests against the real services.
 //! - [`metrics`]: Prometheus metrics.
 
-pub mod batch;
+mod batch;
 pub mod config;
-pub mod consume;
-pub mod dead_letter;
-pub mod error;
-#[cfg(feature = "test-util")]
-pub mod fault;
+mod consume;
+mod dead_letter;
+mod error;
+#[cfg(test)]
+mod fault;
+// The fuzz targets (cargo-fuzz builds with `--cfg fuzzing`) check the jsonb ordering.
+#[cfg(fuzzing)]
 pub mod jsonb;
-pub mod metrics;
-pub mod processor;
-pub mod redis_tier;
-pub mod store;
+#[cfg(not(fuzzing))]
+mod jsonb;
+mod metrics;
+mod processor;
+mod redis_tier;
+mod store;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,7 +55,7 @@ use crate::redis_tier::{RedisSettings, RedisTier};
 use crate::store::Store;
 
 /// A configured worker, ready to run.
-pub struct Worker {
+pub(crate) struct Worker {
     consumer: Consumer,
     processor: Arc<Processor>,
     config: Config,
@@ -61,21 +66,18 @@ impl Worker {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         Self::build(
             config,
-            #[cfg(feature = "test-util")]
+            #[cfg(test)]
             None,
         )
     }
 
-    /// [`Worker::new`] with a crash injected wherever `fault` says (`test-util` only).
-    #[cfg(feature = "test-util")]
+    /// [`Worker::new`] with a crash injected wherever `fault` says (tests only).
+    #[cfg(test)]
     pub fn with_fault(config: Config, fault: fault::FaultHook) -> anyhow::Result<Self> {
         Self::build(config, Some(fault))
     }
 
-    fn build(
-        config: Config,
-        #[cfg(feature = "test-util")] fault: Option<fault::FaultHook>,
-    ) -> anyhow::Result<Self> {
+    fn build(config: Config, #[cfg(test)] fault: Option<fault::FaultHook>) -> anyhow::Result<Self> {
         config.check()?;
         let metrics = Metrics::new();
         let spec = KeySpec::new(&config.dedup_key_fields)
@@ -108,7 +110,7 @@ impl Worker {
                 retention: config.retention,
                 ahead_days: config.partitions_ahead,
             },
-            #[cfg(feature = "test-util")]
+            #[cfg(test)]
             fault,
         });
         let consumer = Consumer::new(
@@ -364,3 +366,6 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     tracing::info!("Migrations applied.");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::batch::{self, Candidate};
 use crate::error::Result;
-#[cfg(feature = "test-util")]
+#[cfg(test)]
 use crate::fault::{FaultHook, Stage};
 use crate::metrics::Metrics;
 use crate::redis_tier::{Item, RedisTier};
@@ -71,21 +71,21 @@ pub struct Processor {
     /// The days whose partitions are kept, around today: RETENTION back, PARTITIONS_AHEAD on.
     pub partitions: PartitionWindow,
     /// Where a test injects crashes.
-    #[cfg(feature = "test-util")]
+    #[cfg(test)]
     pub fault: Option<FaultHook>,
 }
 
 /// A point between two steps of a batch where a test may inject a crash; nothing at all
-/// without the `test-util` feature.
+/// outside tests.
 macro_rules! checkpoint {
     ($processor:expr, $stage:ident, $deliveries:expr) => {
-        #[cfg(feature = "test-util")]
+        #[cfg(test)]
         $processor.checkpoint(Stage::$stage, $deliveries)?;
     };
 }
 
 impl Processor {
-    #[cfg(feature = "test-util")]
+    #[cfg(test)]
     fn checkpoint(&self, stage: Stage, deliveries: &[Delivery]) -> Result<()> {
         let first_tag = deliveries
             .first()

@@ -72,6 +72,7 @@ impl RedisTier {
     }
 
     /// True while the tier is skipped after a failure.
+    #[cfg(test)]
     pub fn is_degraded(&self) -> bool {
         self.skip_until
             .lock()

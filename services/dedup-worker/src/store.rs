@@ -113,10 +113,6 @@ impl Store {
         })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR

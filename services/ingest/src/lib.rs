@@ -12,14 +12,19 @@
 //! - [`publish`]: the broker connection, confirm-mode channels, reconnection.
 //! - [`error`]: every outcome a client can see, as HTTP answers.
 //! - [`metrics`]: Prometheus metrics.
+//! - `tests`: ingest's tests against the real broker.
 
+// The fuzz targets (cargo-fuzz builds with `--cfg fuzzing`) split batch bodies.
+#[cfg(fuzzing)]
 pub mod body;
-pub mod coalesce;
+#[cfg(not(fuzzing))]
+mod body;
+mod coalesce;
 pub mod config;
-pub mod error;
-pub mod http;
-pub mod metrics;
-pub mod publish;
+mod error;
+mod http;
+mod metrics;
+mod publish;
 
 use std::sync::Arc;
 
@@ -162,3 +167,6 @@ pub fn limits(config: &Config) -> Limits {
         retry_after: config.retry_after,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use crate::store::{Store, lock_order};
 use chrono::{NaiveDate, Utc};
 use dedup_event::KeySpec;
-use dedup_worker::store::{Store, lock_order};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use test_support::TestEnv;
@@ -135,7 +135,7 @@ fn accepted_events_are_inserted_by_postgres() {
             body.push(b'\n');
         }
         let days = NaiveDate::MIN..=NaiveDate::MAX;
-        let decoded = dedup_worker::batch::decode([(&body[..], None)], &spec, &days, Utc::now());
+        let decoded = crate::batch::decode([(&body[..], None)], &spec, &days, Utc::now());
         let mut rows: Vec<_> = decoded.candidates.iter().map(|c| c.row()).collect();
         lock_order(&mut rows);
         let inserted = runtime

@@ -3,25 +3,22 @@
 //! tests that hold ingest's internals (its body gates, its publisher); the whole-system tests
 //! run the binary instead (`test_support::process`).
 
-// Each test binary compiles this module and uses part of it.
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
 use clap::Parser;
-use ingest::http::AppState;
-use ingest::metrics::Metrics;
-use ingest::publish::Publisher;
 use test_support::TestEnv;
 use test_support::client::http_request;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// An ingest config for `env`, publishing to `amqp_url`.
-pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> ingest::Config {
-    let mut config = ingest::Config::parse_from(["ingest"]);
+pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> crate::Config {
+    let mut config = crate::Config::parse_from(["ingest"]);
     config.amqp.rabbitmq_url = amqp_url.to_owned();
     config.amqp.topology = env.topology.clone();
     config.confirm_timeout = Duration::from_secs(3);
@@ -43,9 +40,9 @@ pub struct IngestUnderTest {
 
 impl IngestUnderTest {
     /// Builds the router and waits (up to 10 s) for the broker connection when `wait` is set.
-    pub async fn start(config: &ingest::Config, wait: bool) -> Self {
+    pub async fn start(config: &crate::Config, wait: bool) -> Self {
         let metrics = Metrics::new();
-        let publisher = Publisher::new(ingest::publisher_config(config), metrics.clone());
+        let publisher = Publisher::new(crate::publisher_config(config), metrics.clone());
         let stop = CancellationToken::new();
         tokio::spawn(publisher.clone().supervise(stop.clone()));
         if wait {
@@ -70,24 +67,24 @@ impl IngestUnderTest {
                 }
             })
         };
-        let coalescer = ingest::coalesce::Coalescer::start(
+        let coalescer = crate::coalesce::Coalescer::start(
             publisher.clone(),
-            &ingest::coalesce_settings(config),
+            &crate::coalesce_settings(config),
             &stop,
         );
-        let batch_bytes = ingest::batch_gate(config);
-        let body_bytes = ingest::body_gate(config);
+        let batch_bytes = crate::batch_gate(config);
+        let body_bytes = crate::body_gate(config);
         let state = AppState {
             publisher: publisher.clone(),
             coalescer,
-            limits: Arc::new(ingest::limits(config)),
+            limits: Arc::new(crate::limits(config)),
             metrics: metrics.clone(),
             ready,
             body_bytes: body_bytes.clone(),
             batch_bytes: batch_bytes.clone(),
         };
         Self {
-            router: ingest::http::app(state),
+            router: crate::http::app(state),
             publisher,
             metrics,
             body_bytes,
@@ -106,14 +103,13 @@ impl Drop for IngestUnderTest {
 /// A real ingest server on loopback ports, serving until [`IngestServer::shutdown`].
 pub struct IngestServer {
     pub addr: SocketAddr,
-    pub admin_addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl IngestServer {
-    /// Binds ephemeral ports, starts `ingest::serve` and waits (10 s at most) until ready.
-    pub async fn start(config: ingest::Config) -> Self {
+    /// Binds ephemeral ports, starts `crate::serve` and waits (10 s at most) until ready.
+    pub async fn start(config: crate::Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -125,7 +121,7 @@ impl IngestServer {
             admin.local_addr().expect("addr"),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::serve(config, listener, admin, async {
+        let task = tokio::spawn(crate::serve(config, listener, admin, async {
             let _ = stopped.await;
         }));
         test_support::eventually(Duration::from_secs(10), "ingest to be ready", || async {
@@ -138,7 +134,6 @@ impl IngestServer {
         .await;
         Self {
             addr,
-            admin_addr,
             stop: Some(stop),
             task,
         }
@@ -149,14 +144,5 @@ impl IngestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-    }
-
-    /// Shuts down and waits for the server to exit cleanly.
-    pub async fn stop(mut self) {
-        self.shutdown();
-        (&mut self.task)
-            .await
-            .expect("ingest task")
-            .expect("ingest stops cleanly");
     }
 }

@@ -1,10 +1,8 @@
 //! On SIGTERM ingest stops taking new connections but finishes the requests in flight.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{IngestServer, ingest_config};
+use super::support::{IngestServer, ingest_config};
 use test_support::TestEnv;
 use test_support::events::event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,7 +8,7 @@ use test_support::events::event;
 #[tokio::test]
 async fn stored_payloads_are_lz4_compressed() {
     let env = TestEnv::new("lz4").await;
-    dedup_worker::store::MIGRATOR
+    crate::store::MIGRATOR
         .run(&env.pg)
         .await
         .expect("migrations apply");
@@ -40,12 +40,9 @@ async fn stored_payloads_are_lz4_compressed() {
 #[tokio::test]
 async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
     let env = TestEnv::new("jsonborder").await;
-    let store = dedup_worker::store::Store::connect_lazy(
-        &env.database_url,
-        1,
-        std::time::Duration::from_secs(30),
-    )
-    .expect("store");
+    let store =
+        crate::store::Store::connect_lazy(&env.database_url, 1, std::time::Duration::from_secs(30))
+            .expect("store");
     store.migrate().await.expect("migrations apply");
     let mut texts: Vec<String> = test_support::events::samples()
         .into_iter()
@@ -59,7 +56,7 @@ async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
     for text in &texts {
         body.extend_from_slice(&dedup_message::message::ndjson_line(text.as_bytes()).unwrap());
     }
-    let decoded = dedup_worker::batch::decode(
+    let decoded = crate::batch::decode(
         [(&body[..], None)],
         &dedup_event::KeySpec::default(),
         &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
@@ -79,7 +76,7 @@ async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
         "at least one payload was reordered"
     );
     let mut rows: Vec<_> = decoded.candidates.iter().map(|c| c.row()).collect();
-    dedup_worker::store::lock_order(&mut rows);
+    crate::store::lock_order(&mut rows);
     assert_eq!(
         store.insert(&rows).await.expect("insert"),
         texts.len() as u64

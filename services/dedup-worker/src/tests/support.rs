@@ -1,25 +1,21 @@
-//! The worker built in-process from its crate and wired to a test environment, with short
-//! timings and, for the exactly-once tests, crashes injected between a batch's steps (the
-//! `test-util` feature). The whole-system tests run the binary instead
-//! (`test_support::process`).
-
-// Each test binary compiles this module and uses part of it.
-#![allow(dead_code)]
+//! The worker built in-process and wired to a test environment, with short timings and, for
+//! the exactly-once tests, crashes injected between a batch's steps. The whole-system tests
+//! run the binary instead (`test_support::process`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Worker;
+use crate::fault::FaultHook;
 use clap::Parser;
-use dedup_worker::Worker;
-use dedup_worker::fault::FaultHook;
 use test_support::TestEnv;
 use test_support::env::{RABBITMQ_URL, REDIS_URL};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// A worker config for `env` with test-friendly timings, through the given URLs.
-pub fn worker_config(env: &TestEnv) -> dedup_worker::Config {
-    let mut config = dedup_worker::Config::parse_from(["dedup-worker"]);
+pub fn worker_config(env: &TestEnv) -> crate::Config {
+    let mut config = crate::Config::parse_from(["dedup-worker"]);
     config.amqp.rabbitmq_url = RABBITMQ_URL.to_owned();
     config.amqp.topology = env.topology.clone();
     config.database_url = env.database_url.clone();
@@ -41,12 +37,12 @@ pub fn worker_config(env: &TestEnv) -> dedup_worker::Config {
 pub struct WorkerUnderTest {
     pub worker: Arc<Worker>,
     stop: CancellationToken,
-    pub task: JoinHandle<Result<(), dedup_worker::error::Error>>,
+    pub task: JoinHandle<Result<(), crate::error::Error>>,
 }
 
 impl WorkerUnderTest {
     /// Migrates (once) and starts consuming.
-    pub async fn start(config: dedup_worker::Config, fault: Option<FaultHook>) -> Self {
+    pub async fn start(config: crate::Config, fault: Option<FaultHook>) -> Self {
         let worker = match fault {
             Some(fault) => Worker::with_fault(config.clone(), fault),
             None => Worker::new(config.clone()),
@@ -65,13 +61,13 @@ impl WorkerUnderTest {
     }
 
     /// Signals shutdown and waits for the worker to finish.
-    pub async fn stop(mut self) -> Result<(), dedup_worker::error::Error> {
+    pub async fn stop(mut self) -> Result<(), crate::error::Error> {
         self.stop.cancel();
         (&mut self.task).await.expect("worker task")
     }
 
     /// Waits for the worker to end by itself (an injected crash), with a bound.
-    pub async fn finished(mut self, within: Duration) -> Result<(), dedup_worker::error::Error> {
+    pub async fn finished(mut self, within: Duration) -> Result<(), crate::error::Error> {
         tokio::time::timeout(within, &mut self.task)
             .await
             .expect("the worker should have stopped by now")

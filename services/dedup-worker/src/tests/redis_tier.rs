@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::metrics::Metrics;
+use crate::redis_tier::{Item, RedisSettings, RedisTier};
 use chrono::NaiveDate;
 use dedup_event::DedupKey;
-use dedup_worker::metrics::Metrics;
-use dedup_worker::redis_tier::{Item, RedisSettings, RedisTier};
 use test_support::TestEnv;
 
 fn items(range: std::ops::Range<u32>) -> Vec<Item> {

@@ -1,17 +1,15 @@
 //! The queue depth the worker exports (and the operator scales on) counts messages in flight:
 //! ready and unacknowledged, read from the real broker's management API.
 
-mod support;
-
 use std::time::Duration;
 
+use super::support::{WorkerUnderTest, worker_config};
 use chrono::Utc;
 use dedup_message::message;
 use dedup_runtime::queue_depth::{DepthError, DepthReader, QueueDepth, vhost_of};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use support::{WorkerUnderTest, worker_config};
 use test_support::env::RABBITMQ_URL;
 use test_support::events::{event, ndjson};
 use test_support::{TestEnv, eventually};

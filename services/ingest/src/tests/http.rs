@@ -1,16 +1,14 @@
 //! ingest's HTTP contract, driven through its router against the real RabbitMQ: every status
 //! the design names, what lands on the queue, and what happens when the broker goes away.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::support::{IngestUnderTest, ingest_config};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use support::{IngestUnderTest, ingest_config};
 use test_support::client::amqp_url_via;
 use test_support::events::{event, ndjson, sample_app_list, samples};
 use test_support::{Proxy, TestEnv, eventually};

@@ -1,17 +1,15 @@
 //! The worker against the real PostgreSQL, Redis and RabbitMQ: every unique event is stored
 //! exactly once, whatever the mix of duplicates, racing workers, crashes and outages.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::support::{WorkerUnderTest, worker_config};
+use crate::fault::Stage;
 use chrono::Utc;
 use dedup_message::message;
-use dedup_worker::fault::Stage;
 use serde_json::Value;
-use support::{WorkerUnderTest, worker_config};
 use test_support::client::amqp_url_via;
 use test_support::events::{event, ndjson, unique};
 use test_support::{Proxy, TestEnv, eventually};
@@ -169,7 +167,7 @@ async fn two_workers_holding_one_key_store_it_once_through_postgres() {
     config.batch_size = 1;
     config.prefetch = 1;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let hook = || -> dedup_worker::fault::FaultHook {
+    let hook = || -> crate::fault::FaultHook {
         let arrived = arrived.clone();
         let waited = AtomicBool::new(false);
         Arc::new(move |at: Stage, _| {
@@ -264,7 +262,7 @@ async fn crash_between_any_two_steps_loses_nothing_and_stores_nothing_twice() {
         let victim = WorkerUnderTest::start(config.clone(), Some(hook)).await;
         let outcome = victim.finished(WAIT).await;
         assert!(
-            matches!(outcome, Err(dedup_worker::error::Error::InjectedCrash(s)) if s == stage),
+            matches!(outcome, Err(crate::error::Error::InjectedCrash(s)) if s == stage),
             "{stage:?}: {outcome:?}"
         );
         let rows_after_crash = env.stored_rows().await;
@@ -415,7 +413,7 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
     // The first batch after `hold` is set waits after its commit until `held` is cleared.
     let hold = Arc::new(AtomicBool::new(false));
     let held = Arc::new(AtomicBool::new(false));
-    let hook: dedup_worker::fault::FaultHook = {
+    let hook: crate::fault::FaultHook = {
         let (hold, held) = (hold.clone(), held.clone());
         Arc::new(move |at: Stage, _| {
             if at == Stage::AfterCommit && hold.swap(false, Ordering::SeqCst) {
@@ -622,7 +620,7 @@ async fn crash_in_the_oldest_batch_in_flight_leaves_later_batches_unacked() {
     assert!(
         matches!(
             outcome,
-            Err(dedup_worker::error::Error::InjectedCrash(Stage::Decoded))
+            Err(crate::error::Error::InjectedCrash(Stage::Decoded))
         ),
         "{outcome:?}"
     );

@@ -2,17 +2,15 @@
 //! keeps the sockets open), and the broker's own delivery limit: nothing is lost, nothing
 //! stored twice, and the worker carries on by itself once the service answers again.
 
-mod support;
-
 use std::time::Duration;
 
+use super::support::{WorkerUnderTest, worker_config};
 use chrono::Utc;
 use dedup_message::message;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
-use support::{WorkerUnderTest, worker_config};
 use test_support::client::amqp_url_via;
 use test_support::events::{event, ndjson, unique};
 use test_support::{Proxy, TestEnv, eventually};

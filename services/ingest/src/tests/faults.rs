@@ -2,18 +2,16 @@
 //! cuts or hangs): every event that is not confirmed gets 503 with Retry-After — never 202 —
 //! and ingest recovers by itself.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::support::{IngestUnderTest, ingest_config};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
-use support::{IngestUnderTest, ingest_config};
 use test_support::client::amqp_url_via;
 use test_support::events::event;
 use test_support::{Proxy, TestEnv, eventually};
