@@ -54,7 +54,7 @@ pub struct Config {
     /// Fields whose values identify an event (comma-separated, in order).
     #[arg(long, env = "DEDUP_KEY_FIELDS", value_delimiter = ',', default_values_t = DEFAULT_KEY_FIELDS.map(String::from))]
     pub dedup_key_fields: Vec<String>,
-    /// How long Redis remembers a stored event's key (about 100 bytes each), so that a
+    /// How long Redis remembers a stored event's key (about 200 bytes each), so that a
     /// duplicate arriving within it costs no PostgreSQL work. Later duplicates are still
     /// refused by PostgreSQL's unique constraint.
     #[arg(long, env = "DEDUP_WINDOW", value_parser = parse_duration, default_value = "7d")]
