@@ -118,7 +118,7 @@ impl Isolation {
         if let Ok(client) = redis::Client::open(backends.redis.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let keys = scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
+            let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
                 .await
                 .unwrap_or_default();
             for chunk in keys.chunks(1000) {
@@ -142,30 +142,6 @@ pub async fn migrate(worker: &Path, backends: &Backends, iso: &Isolation) -> any
     Ok(())
 }
 
-/// Every key under `pattern`, by SCAN (never KEYS: Redis may be shared).
-pub async fn scan_keys(
-    conn: &mut redis::aio::MultiplexedConnection,
-    pattern: &str,
-) -> redis::RedisResult<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
-        }
-        cursor = next;
-    }
-}
-
 /// Redis' `used_memory` and this isolation's key count, for memory per remembered event.
 pub async fn redis_memory(backends: &Backends, iso: &Isolation) -> anyhow::Result<(u64, u64)> {
     let client = redis::Client::open(backends.redis.as_str())?;
@@ -179,7 +155,7 @@ pub async fn redis_memory(backends: &Backends, iso: &Isolation) -> anyhow::Resul
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .context("INFO memory has no used_memory")?;
-    let keys = scan_keys(&mut conn, &format!("{{{}}}:*", iso.name)).await?;
+    let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", iso.name)).await?;
     Ok((used, keys.len() as u64))
 }
 
