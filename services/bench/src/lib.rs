@@ -154,22 +154,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
 
     let servers_before = services::ServerSnapshot::take();
     let redis_before = services::redis_memory(&opts.backends, iso).await?;
-    let hostile = (opts.hostile_connections > 0).then(|| {
-        let mut event = Vec::new();
-        workload.body(u64::MAX, &mut event);
-        tokio::spawn(hostile::run(
-            processes.ingest_addr,
-            String::from_utf8_lossy(&event).into_owned(),
-            max_batch_body_bytes(&opts.ingest_env),
-            opts.hostile_connections,
-            opts.load.duration,
-        ))
-    });
-    let outcome = load::run(&opts.load, workload.clone(), counters.clone()).await?;
-    let hostile = match hostile {
-        Some(task) => Some(task.await.context("hostile sender")?),
-        None => None,
-    };
+    let (outcome, hostile) = drive(opts, &processes, &workload, &counters).await?;
     let load_end = Instant::now();
     let load_start = load_end - outcome.elapsed;
     let unique_sent = counters.unique_accepted.load(Ordering::Relaxed);
@@ -190,18 +175,8 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     .await?;
     stop_progress.cancel();
     let samples = progress.await.context("progress task")?;
-    let ingest_scrape = http_get(processes.ingest_admin, "/metrics")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    let route = if opts.load.batch > 1 {
-        "batch"
-    } else {
-        "single"
-    };
-    let latency_breakdown =
-        crate::report::LatencyBreakdown::from_scrape(&ingest_scrape, route, &outcome.latency);
-
+    let latency_breakdown = latency_breakdown(&processes, opts.load.batch, &outcome).await;
+    // The workload gives every unique event its own `r`.
     let twice: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT r FROM product_events GROUP BY r HAVING count(*) > 1) t",
     )
@@ -254,6 +229,46 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         hostile,
         correctness,
     })
+}
+
+/// The load, with the hostile requests beside it when asked for.
+async fn drive(
+    opts: &RunOptions,
+    processes: &Processes,
+    workload: &Arc<Workload>,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(load::LoadOutcome, Option<hostile::HostileOutcome>)> {
+    let hostile = (opts.hostile_connections > 0).then(|| {
+        let mut event = Vec::new();
+        workload.body(u64::MAX, &mut event);
+        tokio::spawn(hostile::run(
+            processes.ingest_addr,
+            String::from_utf8_lossy(&event).into_owned(),
+            max_batch_body_bytes(&opts.ingest_env),
+            opts.hostile_connections,
+            opts.load.duration,
+        ))
+    });
+    let outcome = load::run(&opts.load, workload.clone(), counters.clone()).await?;
+    let hostile = match hostile {
+        Some(task) => Some(task.await.context("hostile sender")?),
+        None => None,
+    };
+    Ok((outcome, hostile))
+}
+
+/// Where a request's time went, from ingest's own histograms.
+async fn latency_breakdown(
+    processes: &Processes,
+    batch: usize,
+    outcome: &load::LoadOutcome,
+) -> crate::report::LatencyBreakdown {
+    let scrape = http_get(processes.ingest_admin, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let route = if batch > 1 { "batch" } else { "single" };
+    crate::report::LatencyBreakdown::from_scrape(&scrape, route, &outcome.latency)
 }
 
 /// Once a second until `stop`: samples the worker's settled count and the queue depth, and

@@ -115,52 +115,8 @@ async fn connection(
     let mut sender = None;
     let mut body = Vec::with_capacity(workload.event_size() * settings.batch.max(1) + 16);
     let mut picks = Vec::with_capacity(settings.batch.max(1));
-    loop {
-        // Open loop: each request has an intended start; latency counts from it.
-        let intended = match settings.rate {
-            Some(rate) => {
-                let k = slot.fetch_add(1, Ordering::Relaxed);
-                let at = started
-                    + Duration::from_secs_f64(k as f64 * settings.batch.max(1) as f64 / rate);
-                if at >= deadline {
-                    break;
-                }
-                // tokio's timer ticks in whole milliseconds and fires at the first tick at or
-                // after its deadline, which would add up to a tick of the generator's own to
-                // every latency. So wake a tick early and count from the earlier of the
-                // intended and the actual send (below): a send the generator itself delays
-                // (every connection busy) still counts from its intended time.
-                tokio::time::sleep_until(at.checked_sub(TIMER_TICK).unwrap_or(at).into()).await;
-                at
-            }
-            None => {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                now
-            }
-        };
-        body.clear();
-        picks.clear();
-        let now = Instant::now();
-        if settings.batch > 1 {
-            body.push(b'[');
-        }
-        for i in 0..settings.batch.max(1) {
-            if i > 0 {
-                body.push(b',');
-            }
-            let pick = workload.next(now);
-            let n = match pick {
-                Pick::Unique(n) | Pick::Duplicate(n) => n,
-            };
-            workload.body(n, &mut body);
-            picks.push(pick);
-        }
-        if settings.batch > 1 {
-            body.push(b']');
-        }
+    while let Some(intended) = next_start(&settings, &slot, started, deadline).await {
+        fill(&settings, &workload, &mut body, &mut picks);
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let intended = intended.min(Instant::now());
         let mut status = send(&mut sender, settings.addr, path, &body).await;
@@ -180,31 +136,92 @@ async fn connection(
                 .max(1),
         );
         if status == 202 {
-            counters.accepted_requests.fetch_add(1, Ordering::Relaxed);
-            for pick in &picks {
-                match *pick {
-                    Pick::Unique(n) => {
-                        counters.unique_accepted.fetch_add(1, Ordering::Relaxed);
-                        workload.accepted(n, done);
-                        if settings.resend {
-                            counters
-                                .accepted_unique
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(n);
-                        }
-                    }
-                    Pick::Duplicate(_) => {
-                        counters.duplicates_accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            count_accepted(&settings, &workload, &counters, &picks, done);
         } else {
             counters.failed_requests.fetch_add(1, Ordering::Relaxed);
             *failures.entry(status).or_insert(0) += 1;
         }
     }
     Ok((latency, failures))
+}
+
+/// When the next request should start, or `None` past the deadline. Open loop: each request
+/// has an intended start, and latency counts from it; closed loop: now.
+async fn next_start(
+    settings: &LoadSettings,
+    slot: &AtomicU64,
+    started: Instant,
+    deadline: Instant,
+) -> Option<Instant> {
+    let Some(rate) = settings.rate else {
+        let now = Instant::now();
+        return (now < deadline).then_some(now);
+    };
+    let k = slot.fetch_add(1, Ordering::Relaxed);
+    let at = started + Duration::from_secs_f64(k as f64 * settings.batch.max(1) as f64 / rate);
+    if at >= deadline {
+        return None;
+    }
+    // tokio's timer ticks in whole milliseconds and fires at the first tick at or after its
+    // deadline, which would add up to a tick of the generator's own to every latency. So wake
+    // a tick early and count from the earlier of the intended and the actual send (the
+    // caller): a send the generator itself delays (every connection busy) still counts from
+    // its intended time.
+    tokio::time::sleep_until(at.checked_sub(TIMER_TICK).unwrap_or(at).into()).await;
+    Some(at)
+}
+
+/// Writes the next request's body (one event, or a JSON array of `batch`) and what it sends.
+fn fill(settings: &LoadSettings, workload: &Workload, body: &mut Vec<u8>, picks: &mut Vec<Pick>) {
+    body.clear();
+    picks.clear();
+    let now = Instant::now();
+    if settings.batch > 1 {
+        body.push(b'[');
+    }
+    for i in 0..settings.batch.max(1) {
+        if i > 0 {
+            body.push(b',');
+        }
+        let pick = workload.next(now);
+        let n = match pick {
+            Pick::Unique(n) | Pick::Duplicate(n) => n,
+        };
+        workload.body(n, body);
+        picks.push(pick);
+    }
+    if settings.batch > 1 {
+        body.push(b']');
+    }
+}
+
+/// Counts an accepted request's events: unique ones may now be repeated.
+fn count_accepted(
+    settings: &LoadSettings,
+    workload: &Workload,
+    counters: &Counters,
+    picks: &[Pick],
+    done: Instant,
+) {
+    counters.accepted_requests.fetch_add(1, Ordering::Relaxed);
+    for pick in picks {
+        match *pick {
+            Pick::Unique(n) => {
+                counters.unique_accepted.fetch_add(1, Ordering::Relaxed);
+                workload.accepted(n, done);
+                if settings.resend {
+                    counters
+                        .accepted_unique
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(n);
+                }
+            }
+            Pick::Duplicate(_) => {
+                counters.duplicates_accepted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 type Sender = http1::SendRequest<Full<Bytes>>;

@@ -368,17 +368,40 @@ async fn half_rate(
     })
 }
 
+/// Fails unless `run` (the `i`th) proved something: its correctness held and, for the smoke
+/// run, it sent duplicates at all.
+fn proved(run: &report::RunFigures, i: u32, smoke: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        run.correctness.ok,
+        "correctness check failed in run {i}: {:?}; hostile requests: {:?}",
+        run.correctness,
+        run.hostile
+    );
+    anyhow::ensure!(
+        !smoke || run.correctness.duplicates_sent > 0,
+        "the smoke run sent no duplicates, so it proved nothing about dedup: {:?}",
+        run.correctness
+    );
+    Ok(())
+}
+
+impl Common {
+    fn backends(&self) -> Backends {
+        Backends {
+            postgres: self.postgres.clone(),
+            database: self.database.clone(),
+            rabbitmq: self.rabbitmq.clone(),
+            rabbitmq_management: self.rabbitmq_management.clone(),
+            redis: self.redis.clone(),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let c = &cli.common;
-    let backends = Backends {
-        postgres: c.postgres.clone(),
-        database: c.database.clone(),
-        rabbitmq: c.rabbitmq.clone(),
-        rabbitmq_management: c.rabbitmq_management.clone(),
-        redis: c.redis.clone(),
-    };
+    let backends = c.backends();
     let default_run = || RunArgs::parse_from(["run"]);
     // Ceilings are measured in rounds: with a pipeline run, one round just before each run,
     // so every run is compared with the machine as it was at that moment.
@@ -401,17 +424,7 @@ async fn main() -> anyhow::Result<()> {
             chrono::Utc::now().timestamp_millis()
         )
     };
-    let mut report = Report {
-        date: chrono::Utc::now().to_rfc3339(),
-        commit: git_commit(),
-        machine: report::machine(),
-        ceilings: None,
-        ceiling_rounds: Vec::new(),
-        run: None,
-        repeats: Vec::new(),
-        ratios: Vec::new(),
-        half_rate: Vec::new(),
-    };
+    let mut report = Report::new(git_commit());
     let measure_ceilings = || async {
         let iso = Isolation::new(&backends, &name("ceiling"));
         iso.create(&backends).await?;
@@ -450,19 +463,7 @@ async fn main() -> anyhow::Result<()> {
                 report.ceiling_rounds.push(measure_ceilings().await?);
             }
             let run = run_pipeline(options.clone(), &name("run")).await?;
-            if !run.correctness.ok {
-                anyhow::bail!(
-                    "correctness check failed in run {i}: {:?}; hostile requests: {:?}",
-                    run.correctness,
-                    run.hostile
-                );
-            }
-            if c.smoke && run.correctness.duplicates_sent == 0 {
-                anyhow::bail!(
-                    "the smoke run sent no duplicates, so it proved nothing about dedup: {:?}",
-                    run.correctness
-                );
-            }
+            proved(&run, i, c.smoke)?;
             if let (Some(duration), None, false) = (args.half_rate_latency, args.rate, c.smoke) {
                 let half = half_rate(&options, &run, duration, &name("half")).await?;
                 report.half_rate.push(half);

@@ -233,6 +233,21 @@ fn redis_memory_row(run: &RunFigures) -> String {
 }
 
 impl Report {
+    /// An empty report for `commit`, dated now, on this machine.
+    pub fn new(commit: String) -> Self {
+        Self {
+            date: chrono::Utc::now().to_rfc3339(),
+            commit,
+            machine: machine(),
+            ceilings: None,
+            ceiling_rounds: Vec::new(),
+            run: None,
+            repeats: Vec::new(),
+            ratios: Vec::new(),
+            half_rate: Vec::new(),
+        }
+    }
+
     /// Takes the repeated runs: each one's rates, its ratio to the ceiling round measured just
     /// before it, and the run with the median end-to-end rate as the headline.
     pub fn add_runs(&mut self, mut runs: Vec<RunFigures>) {
