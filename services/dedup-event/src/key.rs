@@ -133,12 +133,6 @@ impl DedupKey {
     pub fn as_uuid(&self) -> Uuid {
         Uuid::from_bytes(self.0)
     }
-
-    /// The two 64-bit halves, for Bloom filter double hashing.
-    pub fn halves(&self) -> (u64, u64) {
-        let v = u128::from_be_bytes(self.0);
-        ((v >> 64) as u64, v as u64)
-    }
 }
 
 impl fmt::Debug for DedupKey {
