@@ -152,6 +152,19 @@ async fn rabbitmq(
     }
     let publish_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
 
+    let consume_rate = consume_and_ack(&conn, iso, lines.len()).await?;
+    let _ = conn.close(200, "ceiling measured".into()).await;
+    let ms = |q: f64| confirm_us.value_at_quantile(q) as f64 / 1000.0;
+    Ok((publish_rate, ms(0.5), ms(0.99), consume_rate))
+}
+
+/// Consumes `count` messages from the isolation's queue with a prefetch of 1000, acking every
+/// hundredth with a multiple-ack as the worker does; returns messages per second.
+async fn consume_and_ack(
+    conn: &lapin::Connection,
+    iso: &Isolation,
+    count: usize,
+) -> anyhow::Result<f64> {
     let consumer_channel = conn.create_channel().await?;
     consumer_channel
         .basic_qos(1000, BasicQosOptions::default())
@@ -166,22 +179,19 @@ async fn rabbitmq(
         .await?;
     let started = Instant::now();
     let mut received = 0usize;
-    while received < lines.len() {
+    while received < count {
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
             .await
             .map_err(|_| anyhow::anyhow!("consuming stalled"))?
             .ok_or_else(|| anyhow::anyhow!("consumer closed"))??;
         received += 1;
-        if received.is_multiple_of(100) || received == lines.len() {
+        if received.is_multiple_of(100) || received == count {
             consumer_channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
     }
-    let consume_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-    let _ = conn.close(200, "ceiling measured".into()).await;
-    let ms = |q: f64| confirm_us.value_at_quantile(q) as f64 / 1000.0;
-    Ok((publish_rate, ms(0.5), ms(0.99), consume_rate))
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The worker's insert, as SQL: one multi-row `INSERT … ON CONFLICT DO NOTHING` per batch.

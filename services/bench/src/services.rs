@@ -165,6 +165,47 @@ pub fn bytes_per_key(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
         .then(|| after.0.saturating_sub(before.0) as f64 / (after.1 - before.1) as f64)
 }
 
+impl Binaries {
+    /// Fails, saying how to build them, when a binary is missing.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for bin in [&self.ingest, &self.worker] {
+            if !bin.exists() {
+                bail!(
+                    "{} does not exist; build it with `cargo build --release -p ingest -p dedup-worker`",
+                    bin.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A log file in `logs` for a child's output, appended to (a restarted worker keeps its
+/// earlier lines).
+fn log(logs: &Path, name: &str) -> anyhow::Result<Stdio> {
+    let file = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(logs.join(name))?;
+    Ok(Stdio::from(file))
+}
+
+/// Waits (30 s at most) until every admin server answers `/readyz` with 200.
+async fn ready(admins: [SocketAddr; 2], logs: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for admin in admins {
+        while crate::http_get(admin, "/readyz").await.map(|(s, _)| s) != Ok(200) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{admin} not ready within 30s; see the logs in {}",
+                logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The running binaries.
 pub struct Processes {
     pub ingest: Child,
@@ -190,13 +231,6 @@ struct WorkerSpec {
 impl WorkerSpec {
     /// Starts the worker; its output is appended to the run's logs.
     fn spawn(&self) -> anyhow::Result<Child> {
-        let log = |name: &str| -> anyhow::Result<Stdio> {
-            let file = std::fs::File::options()
-                .create(true)
-                .append(true)
-                .open(self.logs.join(name))?;
-            Ok(Stdio::from(file))
-        };
         let mut worker = Command::new(&self.bin);
         common_env(&mut worker, &self.backends, &self.iso);
         worker
@@ -205,8 +239,8 @@ impl WorkerSpec {
             .env("REDIS_PREFIX", &self.iso.name)
             .env("ADMIN_LISTEN_ADDR", self.admin.to_string())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log("worker.log")?)
-            .stderr(log("worker.err")?)
+            .stdout(log(&self.logs, "worker.log")?)
+            .stderr(log(&self.logs, "worker.err")?)
             .kill_on_drop(true);
         worker.spawn().context("starting dedup-worker")
     }
@@ -246,22 +280,12 @@ impl Processes {
         extra_worker_env: &[(String, String)],
         extra_ingest_env: &[(String, String)],
     ) -> anyhow::Result<Self> {
-        for bin in [&bins.ingest, &bins.worker] {
-            if !bin.exists() {
-                bail!(
-                    "{} does not exist; build it with `cargo build --release -p ingest -p dedup-worker`",
-                    bin.display()
-                );
-            }
-        }
+        bins.check()?;
         migrate(&bins.worker, backends, iso).await?;
 
         let (ingest_addr, ingest_admin, worker_admin) =
             (free_port().await?, free_port().await?, free_port().await?);
         std::fs::create_dir_all(logs)?;
-        let log = |name: &str| -> anyhow::Result<Stdio> {
-            Ok(Stdio::from(std::fs::File::create(logs.join(name))?))
-        };
 
         let worker_spec = WorkerSpec {
             bin: bins.worker.clone(),
@@ -279,13 +303,9 @@ impl Processes {
             .env("MALLOC_MMAP_THRESHOLD_", "1048576")
             .env("LISTEN_ADDR", ingest_addr.to_string())
             .env("ADMIN_LISTEN_ADDR", ingest_admin.to_string())
-            .envs(
-                extra_ingest_env
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .stdout(log("ingest.log")?)
-            .stderr(log("ingest.err")?)
+            .envs(extra_ingest_env.iter().map(|(k, v)| (k, v)))
+            .stdout(log(logs, "ingest.log")?)
+            .stderr(log(logs, "ingest.err")?)
             .kill_on_drop(true);
         let ingest = ingest.spawn().context("starting ingest")?;
         let processes = Self {
@@ -296,17 +316,7 @@ impl Processes {
             worker_admin,
             worker_spec,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for admin in [ingest_admin, worker_admin] {
-            while crate::http_get(admin, "/readyz").await.map(|(s, _)| s) != Ok(200) {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "{admin} not ready within 30s; see the logs in {}",
-                    logs.display()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        ready([ingest_admin, worker_admin], logs).await?;
         Ok(processes)
     }
 
