@@ -25,6 +25,7 @@ pub struct AmqpArgs {
     #[arg(
         long,
         env = "RABBITMQ_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub rabbitmq_url: String,

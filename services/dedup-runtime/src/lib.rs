@@ -11,10 +11,12 @@
 //! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
 //! - [`backoff`]: reconnection pacing.
 //! - [`queue_depth`]: ready and unacknowledged messages from the management API.
+//! - [`secret`]: connection URLs as they may be shown (passwords masked).
 
 pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod queue_depth;
+pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -31,7 +31,8 @@ impl QueueDepth {
 /// Why the depth could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DepthError {
-    #[error("the management URL {0:?} is not usable: {1}")]
+    /// The URL (password masked, or not shown when it is not a URL) and why.
+    #[error("the management URL {0} is not usable: {1}")]
     BadUrl(String, String),
     #[error("the RabbitMQ management API did not answer within {0:?}")]
     Timeout(Duration),
@@ -69,17 +70,18 @@ pub struct DepthReader {
 impl DepthReader {
     /// A reader for `management_url` (`http://user:password@host:15672`).
     pub fn new(management_url: &str, timeout: Duration) -> Result<Self, DepthError> {
+        let shown = || crate::secret::redact_url(management_url);
         let url = url::Url::parse(management_url)
-            .map_err(|e| DepthError::BadUrl(management_url.to_owned(), e.to_string()))?;
+            .map_err(|e| DepthError::BadUrl(shown(), e.to_string()))?;
         if url.scheme() != "http" {
             return Err(DepthError::BadUrl(
-                management_url.to_owned(),
+                shown(),
                 "only http:// is supported".into(),
             ));
         }
         let host = url
             .host_str()
-            .ok_or_else(|| DepthError::BadUrl(management_url.to_owned(), "no host".into()))?;
+            .ok_or_else(|| DepthError::BadUrl(shown(), "no host".into()))?;
         let port = url.port_or_known_default().unwrap_or(15672);
         let authorization = (!url.username().is_empty()).then(|| {
             let user = percent_encoding::percent_decode_str(url.username()).decode_utf8_lossy();
@@ -113,7 +115,7 @@ impl DepthReader {
         }
         let request = request
             .body(Empty::new())
-            .map_err(|e| DepthError::BadUrl(uri.clone(), e.to_string()))?;
+            .map_err(|e| DepthError::BadUrl(crate::secret::redact_url(&uri), e.to_string()))?;
         let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
             .map_err(|_| DepthError::Timeout(self.timeout))?
@@ -185,5 +187,23 @@ mod tests {
         assert!(
             DepthReader::new("http://guest:guest@127.0.0.1:15672", Duration::from_secs(1)).is_ok()
         );
+    }
+
+    /// A refused URL never carries its password, nor a value that is not a URL (a Secret key
+    /// holding the wrong thing), into the error the operator puts in a status condition.
+    #[test]
+    fn refusals_do_not_echo_credentials() {
+        for value in [
+            "S3CRET-not-a-url",
+            "https://guest:S3CRET@rabbit:15671",
+            "http://guest:S3CRET@rabbit:notaport",
+            "http://guest:S3CRET@",
+        ] {
+            let error = DepthReader::new(value, Duration::from_secs(1))
+                .err()
+                .unwrap_or_else(|| panic!("{value} refused"))
+                .to_string();
+            assert!(!error.contains("S3CRET"), "{error}");
+        }
     }
 }

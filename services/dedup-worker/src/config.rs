@@ -27,6 +27,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/dedup"
     )]
     pub database_url: String,
@@ -40,7 +41,12 @@ pub struct Config {
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = false)]
     pub migrate_on_start: bool,
     /// Redis URL (plain Redis 7+, Redis Stack, Valkey or a managed Redis).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Prefix of every Redis key; also the Redis Cluster hash tag.
     #[arg(long, env = "REDIS_PREFIX", default_value = "dedup")]
@@ -101,6 +107,7 @@ pub struct Config {
     #[arg(
         long,
         env = "RABBITMQ_MANAGEMENT_URL",
+        hide_env_values = true,
         default_value = "http://guest:guest@127.0.0.1:15672"
     )]
     pub rabbitmq_management_url: String,

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-/// Every environment variable `binary --help` names (`[env: NAME=]`).
+/// Every environment variable `binary --help` names.
 fn settings_of(binary: &str) -> Vec<String> {
     let path = test_support::process::bin_dir().join(binary);
     let output = Command::new(&path)
@@ -13,10 +13,11 @@ fn settings_of(binary: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
     assert!(output.status.success(), "{binary} --help failed");
     let help = String::from_utf8_lossy(&output.stdout).into_owned();
+    // `[env: NAME=value]`, or `[env: NAME]` where the value is hidden (credentials).
     let settings: Vec<String> = help
         .split("[env: ")
         .skip(1)
-        .filter_map(|rest| rest.split_once('=').map(|(name, _)| name.to_owned()))
+        .filter_map(|rest| rest.split(['=', ']']).next().map(str::to_owned))
         .collect();
     assert!(
         settings.len() > 10,

@@ -1,0 +1,113 @@
+//! Credentials stay out of what the binaries print: with known secret values in every
+//! credential variable, neither `--help` nor the logs and errors of the failure paths (a
+//! refused password, an unreachable host, a value that is not a URL) show them.
+
+use std::process::Command;
+
+use test_support::process::bin_dir;
+
+const SECRET: &str = "S3CRETvalue";
+
+/// Runs `binary` with `env` (and `args`) for at most `seconds` (long enough for retries to be
+/// logged), returning everything it printed.
+fn output_of(binary: &str, args: &[&str], env: &[(&str, String)], seconds: u64) -> String {
+    let output = Command::new("timeout")
+        .arg(seconds.to_string())
+        .arg(bin_dir().join(binary))
+        .args(args)
+        .env_clear()
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "debug")
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn assert_secret_free(what: &str, text: &str) {
+    if let Some(at) = text.find(SECRET) {
+        let start = at.saturating_sub(120);
+        panic!(
+            "{what} shows a credential: …{}…",
+            &text[start..at + SECRET.len()]
+        );
+    }
+}
+
+/// Every credential variable set to a URL holding the secret, with `host` and `port`.
+fn credentials(host: &str, port: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "RABBITMQ_URL",
+            format!("amqp://guest:{SECRET}@{host}:{port}/%2f"),
+        ),
+        (
+            "RABBITMQ_MANAGEMENT_URL",
+            format!("http://guest:{SECRET}@{host}:{port}"),
+        ),
+        (
+            "DATABASE_URL",
+            format!("postgres://postgres:{SECRET}@{host}:{port}/dedup"),
+        ),
+        ("REDIS_URL", format!("redis://:{SECRET}@{host}:{port}")),
+    ]
+}
+
+#[test]
+fn help_never_shows_credential_values() {
+    let env = credentials("db.example", "5432");
+    for binary in ["ingest", "dedup-worker"] {
+        let help = output_of(binary, &["--help"], &env, 10);
+        assert!(
+            help.contains("[env: DATABASE_URL]") || binary == "ingest",
+            "{help}"
+        );
+        assert!(help.contains("[env: RABBITMQ_URL]"), "{help}");
+        assert_secret_free(&format!("{binary} --help"), &help);
+    }
+}
+
+#[test]
+fn failure_paths_never_show_credentials() {
+    // A password the local RabbitMQ refuses; hosts nothing listens on; ports that are not
+    // numbers; values that are not URLs at all.
+    let cases: Vec<(&str, Vec<(&'static str, String)>)> = vec![
+        ("refused password", credentials("127.0.0.1", "5672")),
+        ("unreachable host", credentials("127.0.0.1", "1")),
+        ("malformed port", credentials("127.0.0.1", "notaport")),
+        (
+            "not URLs",
+            [
+                "RABBITMQ_URL",
+                "RABBITMQ_MANAGEMENT_URL",
+                "DATABASE_URL",
+                "REDIS_URL",
+            ]
+            .map(|name| (name, format!("{SECRET}-not-a-url")))
+            .to_vec(),
+        ),
+    ];
+    let mut printed = 0;
+    for (case, env) in &cases {
+        for (binary, args) in [
+            ("ingest", &[][..]),
+            ("dedup-worker", &[][..]),
+            ("dedup-worker", &["migrate"][..]),
+            ("dedup-worker", &["maintain"][..]),
+        ] {
+            let mut env = env.clone();
+            env.push(("MIGRATE_ON_START", "true".to_owned()));
+            let text = output_of(binary, args, &env, 3);
+            assert_secret_free(&format!("{binary} {args:?} with a {case}"), &text);
+            printed += text.lines().count();
+        }
+    }
+    // The failure paths were really taken: they logged their errors (without the secret).
+    assert!(printed > 20, "the binaries printed only {printed} lines");
+}
