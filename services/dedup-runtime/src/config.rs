@@ -51,6 +51,7 @@ where
     if let Some(path) = config_path(&args) {
         command = apply_yaml_defaults(command, &path)?;
     }
+    command = apply_files(command, |name| std::env::var_os(name))?;
     let matches = command
         .try_get_matches_from(args)
         .unwrap_or_else(|e| e.exit());
@@ -118,6 +119,43 @@ fn apply_yaml_defaults(mut command: clap::Command, path: &Path) -> anyhow::Resul
             )
         })?;
         command = command.mut_arg(id, |arg| arg.default_value(text));
+    }
+    Ok(command)
+}
+
+/// Suffix of a variable naming a file that holds a setting's value, as Kubernetes mounts a
+/// Secret: `DATABASE_URL_FILE=/run/secrets/db` reads `DATABASE_URL` from that file.
+pub const FILE_SUFFIX: &str = "_FILE";
+
+/// Makes every `NAME_FILE` set in the environment (`env` looks variables up) the value of
+/// `NAME`, above the YAML file and below the variable itself and flags; setting both `NAME`
+/// and `NAME_FILE` is an error. The value is the file's text without its trailing newline,
+/// and `--help` never shows it.
+fn apply_files(
+    mut command: clap::Command,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> anyhow::Result<clap::Command> {
+    let wanted: Vec<(clap::Id, String)> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_id().clone(), a.get_env()?.to_str()?.to_owned())))
+        .collect();
+    for (id, name) in wanted {
+        let file_var = format!("{name}{FILE_SUFFIX}");
+        let Some(path) = env(&file_var) else {
+            continue;
+        };
+        if env(&name).is_some() {
+            bail!("both {name} and {file_var} are set; set one of them");
+        }
+        let path = PathBuf::from(path);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{file_var}: cannot read {}; mount the file or unset {file_var}",
+                path.display()
+            )
+        })?;
+        let value = text.trim_end_matches(['\n', '\r']).to_owned();
+        command = command.mut_arg(id, |arg| arg.default_value(value).hide_default_value(true));
     }
     Ok(command)
 }
@@ -245,5 +283,67 @@ mod tests {
                 let _ = std::fs::remove_file(&self.0);
             }
         }
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Secrets {
+        #[arg(
+            long,
+            env = "TEST_DB_URL",
+            default_value = "postgres://localhost/dedup"
+        )]
+        db_url: String,
+        #[arg(long, env = "TEST_TOKEN")]
+        token: Option<String>,
+    }
+
+    /// `NAME_FILE` supplies `NAME` from a file (newline trimmed, never shown by `--help`); a
+    /// flag still wins; both `NAME` and `NAME_FILE` set, or an unreadable file, is an error
+    /// that names the variable and the path but not the content.
+    #[test]
+    fn file_variables_supply_values_from_mounted_files() {
+        let dir = std::env::temp_dir().join(format!("dedup-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("db");
+        std::fs::write(&secret, "postgres://u:S3CRET@db/dedup\n").unwrap();
+        let env = |set: Vec<(&'static str, OsString)>| {
+            move |name: &str| set.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        };
+        let with_file = env(vec![("TEST_DB_URL_FILE", secret.clone().into())]);
+        let command = apply_files(Secrets::command(), &with_file).unwrap();
+        let parsed = Secrets::from_arg_matches(&command.clone().get_matches_from(["t"])).unwrap();
+        assert_eq!(parsed.db_url, "postgres://u:S3CRET@db/dedup");
+        assert_eq!(parsed.token, None);
+        let help = command.clone().render_help().to_string();
+        assert!(!help.contains("S3CRET"), "{help}");
+        let flag = Secrets::from_arg_matches(&command.get_matches_from([
+            "t",
+            "--db-url",
+            "postgres://flag/x",
+        ]))
+        .unwrap();
+        assert_eq!(flag.db_url, "postgres://flag/x");
+
+        let both = env(vec![
+            ("TEST_DB_URL_FILE", secret.into()),
+            ("TEST_DB_URL", "postgres://env/x".into()),
+        ]);
+        let error = apply_files(Secrets::command(), &both)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("both TEST_DB_URL and TEST_DB_URL_FILE"),
+            "{error}"
+        );
+        let missing = env(vec![("TEST_TOKEN_FILE", dir.join("absent").into())]);
+        let error = format!(
+            "{:#}",
+            apply_files(Secrets::command(), &missing).unwrap_err()
+        );
+        assert!(
+            error.contains("TEST_TOKEN_FILE") && error.contains("absent"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

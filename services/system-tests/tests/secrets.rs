@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use test_support::process::bin_dir;
+use test_support::process::{Launch, bin_dir};
 
 const SECRET: &str = "S3CRETvalue";
 
@@ -110,4 +110,38 @@ fn failure_paths_never_show_credentials() {
     }
     // The failure paths were really taken: they logged their errors (without the secret).
     assert!(printed > 20, "the binaries printed only {printed} lines");
+}
+
+/// Credentials can come from files, as Kubernetes mounts Secrets: with RABBITMQ_URL_FILE
+/// instead of RABBITMQ_URL ingest connects (it is ready only once the broker confirmed its
+/// connection), and the worker reads DATABASE_URL_FILE the same way.
+#[tokio::test]
+async fn credentials_come_from_mounted_files() {
+    let env = test_support::TestEnv::new("secretfiles").await;
+    let dir = std::env::temp_dir().join(format!("dedup-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (amqp, db) = (dir.join("amqp"), dir.join("db"));
+    std::fs::write(&amqp, format!("{}\n", test_support::env::RABBITMQ_URL)).expect("write");
+    std::fs::write(&db, format!("{}\n", env.database_url)).expect("write");
+    let ingest = Launch::ingest(&env, "unused")
+        .unset("RABBITMQ_URL")
+        .set("RABBITMQ_URL_FILE", amqp.display())
+        .start()
+        .await;
+    let worker = Launch::worker(&env)
+        .unset("DATABASE_URL")
+        .set("DATABASE_URL_FILE", db.display())
+        .start()
+        .await;
+    // The schema exists only in the database the file names: the worker migrated it.
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() \
+         AND table_name = 'product_events'",
+    )
+    .fetch_one(&env.pg)
+    .await
+    .expect("query");
+    assert_eq!(tables, 1, "the worker used the DATABASE_URL from its file");
+    assert!(ingest.stop().await && worker.stop().await);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

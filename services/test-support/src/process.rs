@@ -101,6 +101,12 @@ impl Launch {
         self
     }
 
+    /// Removes a variable the launch would set.
+    pub fn unset(mut self, name: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self
+    }
+
     /// Starts the binary and waits (20 s at most) until its `/readyz` answers 200.
     pub async fn start(self) -> Service {
         let service = self.spawn();
