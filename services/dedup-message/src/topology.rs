@@ -28,7 +28,7 @@ pub struct AmqpArgs {
         hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    pub rabbitmq_url: String,
+    pub rabbitmq_url: dedup_runtime::secret::SecretUrl,
     #[command(flatten)]
     pub topology: Topology,
 }

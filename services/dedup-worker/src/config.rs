@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use dedup_event::key::DEFAULT_KEY_FIELDS;
 use dedup_message::topology::AmqpArgs;
 use dedup_runtime::config::{ConfigFileArg, parse_duration};
+use dedup_runtime::secret::SecretUrl;
 use dedup_runtime::telemetry::LogArgs;
 
 /// dedup-worker: consumes product events, drops duplicates through Redis and PostgreSQL, and
@@ -30,7 +31,7 @@ pub struct Config {
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/dedup"
     )]
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4)]
     pub db_pool_size: u32,
@@ -47,7 +48,7 @@ pub struct Config {
         hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
-    pub redis_url: String,
+    pub redis_url: SecretUrl,
     /// Prefix of every Redis key; also the Redis Cluster hash tag.
     #[arg(long, env = "REDIS_PREFIX", default_value = "dedup")]
     pub redis_prefix: String,
@@ -110,7 +111,7 @@ pub struct Config {
         hide_env_values = true,
         default_value = "http://guest:guest@127.0.0.1:15672"
     )]
-    pub rabbitmq_management_url: String,
+    pub rabbitmq_management_url: SecretUrl,
     /// How often to read the queue depth from the broker for the metrics.
     #[arg(long, env = "QUEUE_DEPTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub queue_depth_interval: Duration,
@@ -173,4 +174,30 @@ pub enum Command {
     /// Ask the running worker (on ADMIN_LISTEN_ADDR) whether it is ready; exit 0 if so. For
     /// container health checks.
     Probe,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The settings print (`{:?}`, as a log line or a panic would) without any password.
+    #[test]
+    fn debug_output_masks_every_credential() {
+        let config = Config::parse_from([
+            "dedup-worker",
+            "--rabbitmq-url=amqp://u:S3CRET1@rabbit/%2f",
+            "--database-url=postgres://u:S3CRET2@db/dedup",
+            "--redis-url=redis://:S3CRET3@cache:6379",
+            "--rabbitmq-management-url=http://u:S3CRET4@rabbit:15672",
+        ]);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("S3CRET"), "{shown}");
+        assert!(shown.contains("postgres://u:***@db/dedup"), "{shown}");
+        assert_eq!(
+            config.database_url.expose(),
+            "postgres://u:S3CRET2@db/dedup"
+        );
+    }
 }

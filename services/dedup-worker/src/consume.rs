@@ -30,7 +30,7 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 /// Settings of the consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub url: String,
+    pub url: dedup_runtime::secret::SecretUrl,
     pub topology: Topology,
     pub prefetch: u16,
     pub batch_size: usize,
@@ -166,7 +166,7 @@ impl Consumer {
         let s = &self.settings;
         let connection = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect(&s.url, ConnectionProperties::default()),
+            Connection::connect(s.url.expose(), ConnectionProperties::default()),
         )
         .await
         .map_err(|_| {

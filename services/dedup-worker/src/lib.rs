@@ -95,7 +95,7 @@ impl Worker {
         )
         .context("REDIS_URL is not a valid Redis URL")?;
         let store = Store::connect_lazy(
-            &config.database_url,
+            config.database_url.expose(),
             config.db_pool_size,
             config.db_statement_timeout,
         )?;
@@ -282,14 +282,17 @@ async fn maintain_partitions(processor: &Processor) -> Result<(), error::Error> 
 /// Reads the depth of the main and dead-letter queues every `queue_depth_interval` into the
 /// `dedup_queue_messages` gauges, until `stop`. Failures are logged once, not fatal.
 async fn report_queue_depth(config: Config, metrics: Metrics, stop: CancellationToken) {
-    let reader = match DepthReader::new(&config.rabbitmq_management_url, Duration::from_secs(5)) {
+    let reader = match DepthReader::new(
+        config.rabbitmq_management_url.expose(),
+        Duration::from_secs(5),
+    ) {
         Ok(reader) => reader,
         Err(e) => {
             tracing::warn!(error = %e, "Queue depth gauges disabled; fix RABBITMQ_MANAGEMENT_URL.");
             return;
         }
     };
-    let vhost = vhost_of(&config.amqp.rabbitmq_url);
+    let vhost = vhost_of(config.amqp.rabbitmq_url.expose());
     let topology = &config.amqp.topology;
     let mut failing = false;
     loop {
@@ -358,7 +361,7 @@ pub async fn maintain(config: Config) -> anyhow::Result<()> {
 
 /// `dedup-worker migrate`: applies the migrations and reports what it did.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(&config.database_url, 1, config.db_statement_timeout)?;
+    let store = Store::connect_lazy(config.database_url.expose(), 1, config.db_statement_timeout)?;
     store.migrate().await.context(
         "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
          database exists (e.g. `createdb dedup`)",

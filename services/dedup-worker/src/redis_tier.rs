@@ -30,7 +30,7 @@ const KEYS_PER_MGET: usize = 1000;
 /// Settings of the Redis tier.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub url: dedup_runtime::secret::SecretUrl,
     /// Prefix of every key; it is also the Redis Cluster hash tag.
     pub prefix: String,
     /// How long a recent key proves a duplicate (`DEDUP_WINDOW`).
@@ -61,7 +61,7 @@ pub struct RedisTier {
 
 impl RedisTier {
     pub fn new(settings: RedisSettings, metrics: Metrics) -> Result<Self, RedisError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let client = redis::Client::open(settings.url.expose())?;
         Ok(Self {
             settings,
             client,

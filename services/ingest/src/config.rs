@@ -140,3 +140,19 @@ pub enum Command {
 
 const PACKING_MERGED: &str = "MAX_EVENTS_PER_MESSAGE now bounds every message, from single-event \
      and from batch requests alike; set it instead.";
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The settings print without the broker password.
+    #[test]
+    fn debug_output_masks_the_broker_password() {
+        let config = Config::parse_from(["ingest", "--rabbitmq-url=amqp://u:S3CRET@rabbit/%2f"]);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("S3CRET"), "{shown}");
+        assert!(shown.contains("amqp://u:***@rabbit/%2f"), "{shown}");
+    }
+}

@@ -40,7 +40,7 @@ pub enum PublishError {
 /// Settings for [`Publisher`].
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    pub url: String,
+    pub url: dedup_runtime::secret::SecretUrl,
     pub topology: Topology,
     pub channels: usize,
     pub max_in_flight: usize,
@@ -211,7 +211,8 @@ impl Publisher {
     }
 
     async fn connect(&self) -> Result<Link, String> {
-        let connect = Connection::connect(&self.config.url, ConnectionProperties::default());
+        let connect =
+            Connection::connect(self.config.url.expose(), ConnectionProperties::default());
         let connection = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| "connecting timed out after 10s".to_owned())?

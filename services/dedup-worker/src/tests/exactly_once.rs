@@ -323,7 +323,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     let env = TestEnv::new("redisdown").await;
     let proxy = Proxy::start("127.0.0.1:6379".parse().expect("addr")).await;
     let mut config = worker_config(&env);
-    config.redis_url = format!("redis://{}", proxy.addr());
+    config.redis_url = format!("redis://{}", proxy.addr()).into();
     let worker = WorkerUnderTest::start(config, None).await;
     let m = worker.worker.metrics().clone();
     let originals = unique(90, "rd");
@@ -364,7 +364,8 @@ async fn postgres_outage_holds_the_batch_until_it_returns() {
     let mut config = worker_config(&env);
     config.database_url = env
         .database_url
-        .replace("127.0.0.1:5432", &proxy.addr().to_string());
+        .replace("127.0.0.1:5432", &proxy.addr().to_string())
+        .into();
     let worker = WorkerUnderTest::start(config, None).await;
     let originals = unique(50, "pg");
     publish_each(&env, &originals[..10]).await;
@@ -408,7 +409,7 @@ async fn rabbitmq_outage_reconnects_and_loses_nothing() {
     let env = TestEnv::new("mqdown").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
     let mut config = worker_config(&env);
-    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr());
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
     config.batch_size = 10;
     // The first batch after `hold` is set waits after its commit until `held` is cleared.
     let hold = Arc::new(AtomicBool::new(false));

@@ -38,7 +38,8 @@ async fn a_hung_postgres_is_timed_out_and_the_batch_retried() {
     let mut config = worker_config(&env);
     config.database_url = env
         .database_url
-        .replace("127.0.0.1:5432", &proxy.addr().to_string());
+        .replace("127.0.0.1:5432", &proxy.addr().to_string())
+        .into();
     config.db_statement_timeout = Duration::from_secs(1);
     let worker = WorkerUnderTest::start(config, None).await;
     let originals = unique(30, "pghang");
@@ -65,7 +66,7 @@ async fn a_hung_redis_degrades_to_postgres_and_recovers() {
     let env = TestEnv::new("redishang").await;
     let proxy = Proxy::start("127.0.0.1:6379".parse().expect("addr")).await;
     let mut config = worker_config(&env);
-    config.redis_url = format!("redis://{}", proxy.addr());
+    config.redis_url = format!("redis://{}", proxy.addr()).into();
     let worker = WorkerUnderTest::start(config, None).await;
     let originals = unique(40, "redishang");
     publish_each(&env, &originals[..10]).await;
@@ -110,7 +111,7 @@ async fn a_hung_broker_link_is_ended_by_heartbeats_and_nothing_is_lost() {
     let env = TestEnv::new("mqhang").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
     let mut config = worker_config(&env);
-    config.amqp.rabbitmq_url = format!("{}?heartbeat=1", amqp_url_via(proxy.addr()));
+    config.amqp.rabbitmq_url = format!("{}?heartbeat=1", amqp_url_via(proxy.addr())).into();
     let worker = WorkerUnderTest::start(config, None).await;
     let ready = worker.worker.readiness();
     eventually(WAIT, "the worker consuming", || async { ready().ok() }).await;

@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 /// A worker config for `env` with test-friendly timings, through the given URLs.
 pub fn worker_config(env: &TestEnv) -> crate::Config {
     let mut config = crate::Config::parse_from(["dedup-worker"]);
-    config.amqp.rabbitmq_url = RABBITMQ_URL.to_owned();
+    config.amqp.rabbitmq_url = RABBITMQ_URL.into();
     config.amqp.topology = env.topology.clone();
-    config.database_url = env.database_url.clone();
-    config.redis_url = REDIS_URL.to_owned();
+    config.database_url = env.database_url.as_str().into();
+    config.redis_url = REDIS_URL.into();
     config.redis_prefix = env.redis_prefix.clone();
     config.migrate_on_start = true;
     config.batch_size = 50;

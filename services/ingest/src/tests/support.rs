@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// An ingest config for `env`, publishing to `amqp_url`.
 pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> crate::Config {
     let mut config = crate::Config::parse_from(["ingest"]);
-    config.amqp.rabbitmq_url = amqp_url.to_owned();
+    config.amqp.rabbitmq_url = amqp_url.into();
     config.amqp.topology = env.topology.clone();
     config.confirm_timeout = Duration::from_secs(3);
     config.reconnect_max_backoff = Duration::from_millis(300);
