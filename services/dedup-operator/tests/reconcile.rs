@@ -245,6 +245,52 @@ async fn unreachable_broker_holds_workers_and_reports_degraded() {
     server.await.expect("every expected request arrived");
 }
 
+/// A Secret whose management-URL key holds something that is not a URL (here the password
+/// alone), read by the production depth source: the workers are held and Degraded says the
+/// URL is unusable — without echoing the value, nor the password of the AMQP URL beside it.
+#[tokio::test]
+async fn a_secret_that_is_not_a_url_stays_out_of_the_status() {
+    use base64::Engine;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = Arc::new(Context::new(
+        Client::new(service, "default"),
+        controller::broker_depth(),
+        fixed_now,
+        Default::default(),
+    ));
+    let server = tokio::spawn(async move {
+        expect_workloads(&mut handle, 2).await;
+        let encode = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+            "data": {"mgmt": encode("S3CRET-password"), "amqp": encode("amqp://u:S3CRET-amqp@rabbit/%2f")}});
+        for _ in 0..2 {
+            let secret = secret.clone();
+            expect(
+                &mut handle,
+                Method::GET,
+                "/api/v1/namespaces/prod/secrets/s",
+                move |_| (StatusCode::OK, secret),
+            )
+            .await;
+        }
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+            |b| with_available(b, 2),
+        )
+        .await;
+        let status = expect_status(&mut handle).await;
+        let text = status.to_string();
+        assert!(!text.contains("S3CRET"), "{text}");
+        assert!(text.contains("not a URL"), "{text}");
+    });
+    controller::reconcile(Arc::new(pipeline()), ctx)
+        .await
+        .expect("reconcile");
+    server.await.expect("every expected request arrived");
+}
+
 /// The API server refuses the first apply (a conflict): reconcile fails with the API error,
 /// says so with a Warning event and a Degraded condition, and the error policy retries with a
 /// growing backoff.
