@@ -49,7 +49,7 @@ value_sets = {
                           "connections": {"databaseUrl": "postgres://u:p@db.example:5432/dedup"}},
     "monitoring on": {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True},
                                      "serviceMonitors": {"enabled": True}}},
-    "network policies and ingress on": {"networkPolicies": {"enabled": True},
+    "network policies off, ingress on": {"networkPolicies": {"enabled": False},
                                         "ingress": {"enabled": True, "className": "nginx", "host": "events.example.com", "tlsSecret": "events-tls"}},
     "autoscaling bounds": {"pipeline": {"worker": {"minReplicas": 0, "maxReplicas": 50, "targetMessagesPerWorker": 200}}},
     "no migrations, no pipeline": {"migrations": {"enabled": False}, "pipeline": {"enabled": False}},
@@ -147,14 +147,16 @@ for label, values in value_sets.items():
         check(not any(d["kind"] == "StatefulSet" for d in docs), "external services: no StatefulSet expected")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
         check(urls["postgres"] == "postgres://u:p@db.example:5432/dedup", "external services: the given database URL is used")
-    if label == "network policies and ingress on":
-        policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
-        check(policies == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"network policies: got {policies}")
+    if label == "network policies off, ingress on":
+        check(not any(d["kind"] == "NetworkPolicy" for d in docs), "networkPolicies.enabled=false: no NetworkPolicy")
         ingress = next((d for d in docs if d["kind"] == "Ingress"), None)
         check(ingress is not None and ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "events-ingest",
               "the Ingress routes to the pipeline's ingest Service")
     if label == "defaults":
-        check(not any(d["kind"] in ("NetworkPolicy", "Ingress") for d in docs), "defaults: no NetworkPolicy or Ingress")
+        check(not any(d["kind"] == "Ingress" for d in docs), "defaults: no Ingress")
+        policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+        check(policies == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"},
+              f"defaults: a NetworkPolicy for each bundled service, got {policies}")
         sts = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
         check(sts == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"defaults: bundled services expected, got {sts}")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
