@@ -164,6 +164,13 @@ for label, values in value_sets.items():
         import base64
         pw = base64.b64decode(creds["postgres-password"]).decode()
         check(urls["postgres"] == f"postgres://dedup:{pw}@rel-dedup-postgresql:5432/dedup", "defaults: the URL uses the generated password")
+        redis_pw = base64.b64decode(creds["redis-worker-password"]).decode()
+        check(urls["redis"] == f"redis://dedup-worker:{redis_pw}@rel-dedup-redis:6379",
+              "defaults: the workers reach Redis as their ACL user with the generated password")
+        redis = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "rel-dedup-redis")
+        args = next(e["value"] for e in redis["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "REDIS_ARGS")
+        check("--requirepass $(REDIS_PASSWORD)" in args and "--user dedup-worker on >$(REDIS_WORKER_PASSWORD)" in args,
+              f"defaults: the bundled Redis requires a password and has the workers' ACL user: {args}")
         for claim in (c for d in docs if d["kind"] == "StatefulSet" for c in d["spec"]["volumeClaimTemplates"]):
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
