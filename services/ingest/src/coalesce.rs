@@ -142,7 +142,10 @@ async fn flush_loop(
                     Some(receiver)
                 }
             };
-            while let Some(receiver) = receiver.as_mut() {
+            // A full envelope leaves the next event in the queue for another flusher.
+            while let Some(receiver) = receiver.as_mut()
+                && envelope.events() < max_events
+            {
                 match receiver.try_recv() {
                     Ok(next) if !envelope.has_room(next.line.len(), max_events) => {
                         carried = Some(next);
