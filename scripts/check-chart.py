@@ -53,6 +53,9 @@ value_sets = {
                                         "ingress": {"enabled": True, "className": "nginx", "host": "events.example.com", "tlsSecret": "events-tls"}},
     "autoscaling bounds": {"pipeline": {"worker": {"minReplicas": 0, "maxReplicas": 50, "targetMessagesPerWorker": 200}}},
     "no migrations, no pipeline": {"migrations": {"enabled": False}, "pipeline": {"enabled": False}},
+    "own write keys, rate limits": {"pipeline": {"ingest": {"writeKeysSecret": "my-keys", "rateLimit": {
+        "perKey": 100, "perAddress": 20, "trustedProxies": ["10.0.0.0/8"]}}}},
+    "open ingest": {"pipeline": {"ingest": {"auth": "none"}}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
 kind_values = {}
@@ -152,7 +155,30 @@ for label, values in value_sets.items():
         ingress = next((d for d in docs if d["kind"] == "Ingress"), None)
         check(ingress is not None and ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "events-ingest",
               "the Ingress routes to the pipeline's ingest Service")
+    pipeline = next((d for d in docs if d["kind"] == "DedupPipeline"), None)
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    if label == "own write keys, rate limits":
+        check(pipeline["spec"]["ingest"]["writeKeysSecret"] == "my-keys" and pipeline["spec"]["ingest"]["rateLimit"]["perKey"] == 100,
+              "own write keys: the pipeline names the given Secret and carries the limits")
+        check(not any(d["kind"] == "Secret" and "write-key" in d["metadata"]["name"] for d in docs),
+              "own write keys: the chart must not make key Secrets")
+        check("my-keys" in notes and "write-key --source" in notes, "own write keys: NOTES names the Secret and how to make keys")
+    if label == "open ingest":
+        check(pipeline["spec"]["ingest"]["auth"] == "none" and "writeKeysSecret" not in pipeline["spec"]["ingest"],
+              "auth none: no key Secret named")
+        check(not any(d["kind"] == "Secret" and "write-key" in d["metadata"]["name"] for d in docs), "auth none: no key Secrets")
+        check("anyone" in notes and "Authorization" not in notes, "auth none: NOTES says the endpoint is open")
     if label == "defaults":
+        import base64, hashlib
+        keys = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret" and "write-key" in d["metadata"]["name"]}
+        first = base64.b64decode(keys["rel-dedup-first-write-key"]["key"]).decode()
+        key_file = yaml.safe_load(base64.b64decode(keys["rel-dedup-write-keys"]["write-keys.yaml"]))
+        check(first.startswith("dk_") and len(first) == 46, "defaults: a generated first write key")
+        check(key_file == {"keys": [{"source": "default", "sha256": hashlib.sha256(first.encode()).hexdigest()}]},
+              f"defaults: the key file lists the first key's SHA-256 only: {key_file}")
+        check(pipeline["spec"]["ingest"]["auth"] == "keys" and pipeline["spec"]["ingest"]["writeKeysSecret"] == "rel-dedup-write-keys",
+              "defaults: write keys on, from the chart's Secret")
+        check("rel-dedup-first-write-key" in notes and "Bearer $DEDUP_WRITE_KEY" in notes, "defaults: NOTES tells how to read and send the key")
         check(not any(d["kind"] == "Ingress" for d in docs), "defaults: no Ingress")
         policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
         check(policies == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"},

@@ -36,6 +36,23 @@ if "container_name" in worker or worker.get("ports"):
     problems.append("worker: container_name or host ports prevent --scale")
 if services.get("worker", {}).get("depends_on", {}).get("migrate", {}).get("condition") != "service_completed_successfully":
     problems.append("worker must wait for migrate to complete")
+# ingest takes events only with a write key, from a mounted key file listing the dev key.
+ingest_env = services.get("ingest", {}).get("environment", {})
+if ingest_env.get("AUTH") != "keys":
+    problems.append("ingest: write keys must be on (AUTH: keys)")
+key_path = ingest_env.get("WRITE_KEYS_PATH", "")
+mounts = [v.split(":") for v in services.get("ingest", {}).get("volumes", [])]
+host_dir = next((src for src, dst, *_ in mounts if key_path.startswith(dst.rstrip("/") + "/")), None)
+if host_dir is None:
+    problems.append(f"ingest: WRITE_KEYS_PATH {key_path!r} is not in a mounted directory")
+else:
+    import hashlib, re
+    key_file_path = os.path.join(root, host_dir, os.path.basename(key_path))
+    text = open(key_file_path).read()
+    listed = {k["sha256"] for k in yaml.safe_load(text)["keys"]}
+    documented = re.findall(r"dk_[A-Za-z0-9_-]{43}", text)
+    if not documented or any(hashlib.sha256(k.encode()).hexdigest() not in listed for k in documented):
+        problems.append(f"{key_file_path}: the documented dev key is not one of its keys")
 if problems:
     sys.exit("docker-compose.dev.yml:\n  " + "\n  ".join(problems))
 print(f"docker-compose.dev.yml OK ({len(services)} services)")

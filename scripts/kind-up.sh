@@ -38,10 +38,12 @@ kubectl -n dedup rollout status deployment/events-ingest --timeout=5m
 kubectl -n dedup rollout status deployment/events-worker --timeout=5m
 
 sample=${SAMPLE:-samples/app_list.json}
+key=$(kubectl -n dedup get secret dedup-dedup-first-write-key -o jsonpath='{.data.key}' | base64 -d)
 for _ in 1 2; do
   # Dated now: ingest accepts event dates inside its window only.
   jq -c --arg now "$(date -u +%FT%TZ)" '.event_datetime = $now' "$sample" |
-    curl -fsS -H 'Content-Type: application/json' --data-binary @- http://127.0.0.1:8000/product_events/; echo
+    curl -fsS -H 'Content-Type: application/json' -H "Authorization: Bearer $key" \
+      --data-binary @- http://127.0.0.1:8000/product_events/; echo
 done
 sleep 2
 kubectl -n dedup exec statefulset/dedup-dedup-postgresql -- \

@@ -19,6 +19,15 @@ logs=target/run-local
 mkdir -p "$logs"
 "$bin/dedup-worker" migrate
 
+# Write keys on, as deployed: one key for the source "local", kept across runs in $logs.
+keys=$logs/write-keys.yaml
+if [[ ! -s $logs/write-key || ! -s $keys ]]; then
+  "$bin/ingest" write-key --source local 2>"$logs/write-key.entry" >"$logs/write-key"
+  { echo "keys:"; sed -n '/^  - source:/,$p' "$logs/write-key.entry"; } >"$keys"
+fi
+key=$(cat "$logs/write-key")
+export AUTH=keys WRITE_KEYS_PATH=$PWD/$keys
+
 "$bin/dedup-worker" >"$logs/worker.log" 2>&1 &
 worker=$!
 # As the image sets it: large buffers go back to the system at once (README, Memory bounds).
@@ -33,10 +42,12 @@ done
 curl -fs http://127.0.0.1:9100/readyz >/dev/null || { echo "ingest is not ready; see $logs/ingest.log"; exit 1; }
 cat <<MSG
 Pipeline running: ingest on http://127.0.0.1:8000, metrics on :9100 (ingest) and :9101 (worker).
-Logs: $logs/ingest.log, $logs/worker.log. Try:
+Logs: $logs/ingest.log, $logs/worker.log. Write keys: $keys. Try:
 
+  export DEDUP_WRITE_KEY=$key
   jq -c --arg now "\$(date -u +%FT%TZ)" '.event_datetime = \$now' samples/app_list.json |
-    curl -i -H 'Content-Type: application/json' --data-binary @- http://127.0.0.1:8000/product_events/
+    curl -i -H 'Content-Type: application/json' -H "Authorization: Bearer \$DEDUP_WRITE_KEY" \\
+      --data-binary @- http://127.0.0.1:8000/product_events/
   psql $DATABASE_URL -c 'SELECT event_date, event_name, r, received_at FROM product_events'
 
 Ctrl-C stops both.

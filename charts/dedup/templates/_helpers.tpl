@@ -27,3 +27,6 @@ runAsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{- /* The Secret with ingest's write key file: the given one, or the chart's. */ -}}
+{{- define "dedup.writeKeysSecret" -}}{{ default (printf "%s-write-keys" (include "dedup.name" .)) .Values.pipeline.ingest.writeKeysSecret }}{{- end }}

@@ -133,7 +133,7 @@ async fn rabbitmq(
         let sent = Instant::now();
         // As ingest sends a message of one event: lz4-compressed when that makes it smaller.
         let mut envelope = message::Envelope::new();
-        envelope.push_line(line, Utc::now(), None);
+        envelope.push_line(line, Utc::now(), None, None);
         let (body, properties) = envelope.seal(message::Compression::Lz4);
         let confirm = channel
             .basic_publish(
@@ -198,15 +198,18 @@ async fn consume_and_ack(
 const INSERT: &str = "
 WITH inserted AS (
     INSERT INTO product_events
-        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at)
-    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra
+        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at, source)
+    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra, src
     FROM UNNEST($1::date[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::timestamptz[])
-        AS t(d, k, dt, c, en, p, s, r, pl, ra)
+                $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+        AS t(d, k, dt, c, en, p, s, r, pl, ra, src)
     ON CONFLICT (event_date, dedup_key) DO NOTHING
     RETURNING 1
 )
 SELECT count(*) FROM inserted";
+
+/// The source stored with each row, as a write key's would be.
+const SOURCE: &str = "bench";
 
 /// One row as the worker sends it: the key fields, a 128-bit key, the payload with its
 /// members in `jsonb` order.
@@ -303,6 +306,7 @@ async fn postgres(
             .bind(column(4))
             .bind(chunk.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>())
             .bind(vec![received_at; chunk.len()])
+            .bind(vec![SOURCE; chunk.len()])
             .fetch_one(&db)
             .await?;
         elapsed += started.elapsed();

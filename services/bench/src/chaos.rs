@@ -86,6 +86,7 @@ pub async fn run(mut opts: ChaosOptions, name: &str) -> anyhow::Result<ChaosRepo
     let mut processes =
         Processes::start(&opts.binaries, &opts.backends, &iso, &opts.logs, &[], &[]).await?;
     opts.load.addr = processes.ingest_addr;
+    opts.load.write_key = processes.write_key.clone();
     opts.load.resend = true;
     let workload = Arc::new(Workload::new(
         &iso.name,

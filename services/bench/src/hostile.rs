@@ -108,23 +108,27 @@ impl HostileOutcome {
 /// over. `event` is a valid event's JSON text the single-event requests are made from.
 pub async fn run(
     addr: SocketAddr,
+    write_key: Option<String>,
     event: String,
     max_batch_body_bytes: usize,
     connections: usize,
     duration: Duration,
 ) -> HostileOutcome {
     let requests = Arc::new(requests(&event, max_batch_body_bytes));
+    // The key lets the hostile bodies past the door, to the checks they are meant to meet.
+    let authorization = Arc::new(write_key.map(|k| format!("Bearer {k}")));
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     for start in 0..connections.max(1) {
         let requests = requests.clone();
+        let authorization = authorization.clone();
         tasks.push(tokio::spawn(async move {
             let mut outcome = HostileOutcome::default();
             let mut i = start;
             while Instant::now() < deadline {
                 let request = &requests[i % requests.len()];
                 i += 1;
-                let status = post(addr, request).await;
+                let status = post(addr, request, authorization.as_deref()).await;
                 outcome.sent += 1;
                 if !(400..500).contains(&status) {
                     outcome.not_refused.push((request.name.to_owned(), status));
@@ -145,22 +149,24 @@ pub async fn run(
 
 /// One request on a fresh connection (ingest may close it after a 413): the status, or 0
 /// when the connection failed before an answer.
-async fn post(addr: SocketAddr, request: &Hostile) -> u16 {
+async fn post(addr: SocketAddr, request: &Hostile, authorization: Option<&str>) -> u16 {
     let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
         return 0;
     };
     if let Some(length) = request.announce_only {
-        return announce(stream, request, length).await;
+        return announce(stream, request, length, authorization).await;
     }
     let Ok((mut sender, conn)) = http1::handshake(TokioIo::new(stream)).await else {
         return 0;
     };
     tokio::spawn(conn);
-    let Ok(http) = hyper::Request::post(request.path)
+    let mut http = hyper::Request::post(request.path)
         .header("host", "bench")
-        .header("content-type", request.content_type)
-        .body(Full::new(request.body.clone()))
-    else {
+        .header("content-type", request.content_type);
+    if let Some(authorization) = authorization {
+        http = http.header("authorization", authorization);
+    }
+    let Ok(http) = http.body(Full::new(request.body.clone())) else {
         return 0;
     };
     match sender.send_request(http).await {
@@ -174,10 +180,18 @@ async fn post(addr: SocketAddr, request: &Hostile) -> u16 {
 }
 
 /// Sends only the head of a request announcing `length` bytes and reads the status line.
-async fn announce(mut stream: tokio::net::TcpStream, request: &Hostile, length: usize) -> u16 {
+async fn announce(
+    mut stream: tokio::net::TcpStream,
+    request: &Hostile,
+    length: usize,
+    authorization: Option<&str>,
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authorization = authorization
+        .map(|a| format!("authorization: {a}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: {}\r\ncontent-length: {length}\r\n\r\n",
+        "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: {}\r\n{authorization}content-length: {length}\r\n\r\n",
         request.path, request.content_type
     );
     if stream.write_all(head.as_bytes()).await.is_err() {

@@ -71,7 +71,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
 pub fn metric_sum(scrape: &str, name: &str) -> f64 {
     scrape
         .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ', ',']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -133,6 +133,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     )
     .await?;
     opts.load.addr = processes.ingest_addr;
+    opts.load.write_key = processes.write_key.clone();
     let workload = Arc::new(Workload::new(
         &iso.name,
         opts.duplicates,
@@ -243,6 +244,7 @@ async fn drive(
         workload.body(u64::MAX, &mut event);
         tokio::spawn(hostile::run(
             processes.ingest_addr,
+            processes.write_key.clone(),
             String::from_utf8_lossy(&event).into_owned(),
             max_batch_body_bytes(&opts.ingest_env),
             opts.hostile_connections,
@@ -425,5 +427,8 @@ mod tests {
         assert_eq!(metric_sum(scrape, "bar"), 3.5);
         assert_eq!(metric_sum(scrape, "missing"), 0.0);
         assert_eq!(metric_sum(scrape, "bar{a=\"2\"}"), 2.0);
+        // A name with some of its labels sums the series that have them.
+        let labelled = "ev{outcome=\"a\",source=\"x\"} 1\nev{outcome=\"a\",source=\"y\"} 2\nev{outcome=\"b\",source=\"x\"} 4\n";
+        assert_eq!(metric_sum(labelled, "ev{outcome=\"a\""), 3.0);
     }
 }

@@ -19,6 +19,8 @@ use crate::workload::{Pick, Workload};
 #[derive(Debug, Clone)]
 pub struct LoadSettings {
     pub addr: SocketAddr,
+    /// Sent as `Authorization: Bearer`; `None` for an ingest that takes events from anyone.
+    pub write_key: Option<String>,
     pub connections: usize,
     /// Events per second (open loop); `None` for closed loop.
     pub rate: Option<f64>,
@@ -119,11 +121,11 @@ async fn connection(
         fill(&settings, &workload, &mut body, &mut picks);
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let intended = intended.min(Instant::now());
-        let mut status = send(&mut sender, settings.addr, path, &body).await;
+        let mut status = send(&mut sender, &settings, path, &body).await;
         while settings.resend && status.0 != 202 && Instant::now() < deadline + RESEND_GIVE_UP {
             counters.resends.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(status.1.unwrap_or(Duration::from_millis(500))).await;
-            status = send(&mut sender, settings.addr, path, &body).await;
+            status = send(&mut sender, &settings, path, &body).await;
         }
         let status = status.0;
         if settings.resend && status != 202 {
@@ -230,20 +232,23 @@ type Sender = http1::SendRequest<Full<Bytes>>;
 /// (0 when the connection failed, which drops it) and the Retry-After of a 503.
 async fn send(
     sender: &mut Option<Sender>,
-    addr: SocketAddr,
+    settings: &LoadSettings,
     path: &str,
     body: &[u8],
 ) -> (u16, Option<Duration>) {
     if sender.is_none() {
-        *sender = connect(addr).await.ok();
+        *sender = connect(settings.addr).await.ok();
     }
     let Some(client) = sender.as_mut() else {
         return (0, None);
     };
-    let request = hyper::Request::post(path)
+    let mut request = hyper::Request::post(path)
         .header("host", "bench")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::copy_from_slice(body)));
+        .header("content-type", "application/json");
+    if let Some(key) = &settings.write_key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let request = request.body(Full::new(Bytes::copy_from_slice(body)));
     let Ok(request) = request else {
         return (0, None);
     };

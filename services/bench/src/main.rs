@@ -277,6 +277,7 @@ async fn chaos(args: ChaosArgs, backends: Backends, out: &std::path::Path) -> an
     let options = dedup_bench::chaos::ChaosOptions {
         load: LoadSettings {
             addr: "127.0.0.1:0".parse()?,
+            write_key: None,
             connections: args.connections,
             rate: Some(args.rate),
             duration: args.duration,
@@ -322,6 +323,7 @@ fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Res
     Ok(RunOptions {
         load: LoadSettings {
             addr: "127.0.0.1:0".parse()?,
+            write_key: None,
             connections: args.connections,
             rate: args.rate,
             duration: args.duration,

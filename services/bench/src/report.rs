@@ -75,7 +75,7 @@ impl LatencyBreakdown {
             events_per_message: {
                 let messages = sum("dedup_ingest_message_bytes_count");
                 if messages > 0.0 {
-                    sum("dedup_ingest_events_total{outcome=\"accepted\"}") / messages
+                    sum("dedup_ingest_events_total{outcome=\"accepted\"") / messages
                 } else {
                     0.0
                 }
@@ -468,8 +468,9 @@ dedup_ingest_request_duration_seconds_sum{route=\"single\"} 0.8
 dedup_ingest_request_duration_seconds_count{route=\"single\"} 100
 dedup_ingest_publish_confirm_duration_seconds_sum 0.3
 dedup_ingest_publish_confirm_duration_seconds_count 20
-dedup_ingest_events_total{outcome=\"accepted\"} 100
-dedup_ingest_events_total{outcome=\"rejected\"} 7
+dedup_ingest_events_total{outcome=\"accepted\",source=\"web\"} 60
+dedup_ingest_events_total{outcome=\"accepted\",source=\"ios\"} 40
+dedup_ingest_events_total{outcome=\"rejected\",source=\"web\"} 7
 dedup_ingest_message_bytes_count 20
 ";
 

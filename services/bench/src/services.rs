@@ -209,6 +209,8 @@ async fn ready(admins: [SocketAddr; 2], logs: &Path) -> anyhow::Result<()> {
 /// The running binaries.
 pub struct Processes {
     pub ingest: Child,
+    /// The key the load sends (`None` for an ingest without write keys).
+    pub write_key: Option<String>,
     pub worker: Child,
     pub ingest_addr: SocketAddr,
     pub ingest_admin: SocketAddr,
@@ -258,6 +260,32 @@ async fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// The bench's write key file, in the run's log directory.
+const WRITE_KEYS_FILE: &str = "write-keys.yaml";
+
+/// Makes a write key with `ingest write-key` and writes the key file for it into `logs`, so
+/// the load pays for checking keys as deployments do. An ingest without write keys (a baseline
+/// from before them) gets `None` and runs open.
+async fn write_key(ingest: &Path, logs: &Path) -> anyhow::Result<Option<String>> {
+    let output = Command::new(ingest)
+        .args(["write-key", "--source", "bench"])
+        .env_remove("DEDUP_CONFIG")
+        .output()
+        .await
+        .with_context(|| format!("running {} write-key", ingest.display()))?;
+    if !output.status.success() {
+        return Ok(None);
+    }
+    let key = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let said = String::from_utf8_lossy(&output.stderr);
+    let entry = said
+        .find("  - source:")
+        .map(|at| &said[at..])
+        .context("ingest write-key printed no key file entry")?;
+    std::fs::write(logs.join(WRITE_KEYS_FILE), format!("keys:\n{entry}"))?;
+    Ok(Some(key))
+}
+
 fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
     let t = &iso.topology;
     command
@@ -296,8 +324,15 @@ impl Processes {
             admin: worker_admin,
         };
         let worker = worker_spec.spawn()?;
+        let write_key = write_key(&bins.ingest, logs).await?;
         let mut ingest = Command::new(&bins.ingest);
         common_env(&mut ingest, backends, iso);
+        match &write_key {
+            Some(_) => ingest
+                .env("AUTH", "keys")
+                .env("WRITE_KEYS_PATH", logs.join(WRITE_KEYS_FILE)),
+            None => ingest.env("AUTH", "none"),
+        };
         ingest
             // As the image sets it (Dockerfile): measure ingest as it is deployed.
             .env("MALLOC_MMAP_THRESHOLD_", "1048576")
@@ -310,6 +345,7 @@ impl Processes {
         let ingest = ingest.spawn().context("starting ingest")?;
         let processes = Self {
             ingest,
+            write_key,
             worker,
             ingest_addr,
             ingest_admin,

@@ -27,6 +27,11 @@ pub const CONTENT_TYPE: &str = "application/x-ndjson";
 pub const HEADER_RECEIVED_AT: &str = "x-received-at-us";
 /// Header: how many events the body carries.
 pub const HEADER_EVENT_COUNT: &str = "x-event-count";
+/// Header: the source (the write key's name) of each event, in body order, as runs:
+/// `[source, count, source, count, …]`. Absent when no event came with a source.
+pub const HEADER_SOURCES: &str = "x-sources";
+/// Longest source name.
+pub const MAX_SOURCE_LEN: usize = 64;
 /// Header on dead-lettered messages: why the worker refused them.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-dedup-error";
 /// Content encoding of lz4-compressed bodies.
@@ -62,6 +67,98 @@ fn push_text(body: &mut Vec<u8>, text: &[u8]) -> Result<(), serde_json::Error> {
     Ok(())
 }
 
+/// Whether `name` may name a source: 1 to [`MAX_SOURCE_LEN`] ASCII letters, digits, `_`, `-`
+/// or `.`, the first a letter or digit. A source name travels in a header, a metric label and
+/// a text column, so nothing else is allowed.
+pub fn is_source_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=MAX_SOURCE_LEN).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The source of each event of a message, in body order, kept as runs (events from one
+/// request, or from one client under load, come in long runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// `("", n)` is a run of `n` events without a source.
+    runs: Vec<(String, u32)>,
+}
+
+impl Sources {
+    /// No sources (the events came without any).
+    pub const fn none() -> Self {
+        Self { runs: Vec::new() }
+    }
+
+    fn push(&mut self, source: Option<&str>) {
+        let name = source.unwrap_or("");
+        match self.runs.last_mut() {
+            Some((last, n)) if last == name => *n += 1,
+            _ => self.runs.push((name.to_owned(), 1)),
+        }
+    }
+
+    /// The header value, or `None` when no event has a source.
+    fn header(&self) -> Option<AMQPValue> {
+        if self.runs.iter().all(|(name, _)| name.is_empty()) {
+            return None;
+        }
+        let values: Vec<AMQPValue> = self
+            .runs
+            .iter()
+            .flat_map(|(name, n)| {
+                [
+                    AMQPValue::LongString(name.as_str().into()),
+                    AMQPValue::LongUInt(*n),
+                ]
+            })
+            .collect();
+        Some(AMQPValue::FieldArray(values.into()))
+    }
+
+    /// The sources a delivered message names. A header that is not a list of runs yields no
+    /// sources, and a name that is not a source name ([`is_source_name`]) counts as none:
+    /// anyone who can publish to the queue can write headers.
+    pub fn read(properties: &BasicProperties) -> Self {
+        let Some(AMQPValue::FieldArray(values)) = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_SOURCES))
+        else {
+            return Self::default();
+        };
+        let mut runs = Vec::new();
+        for pair in values.as_slice().chunks(2) {
+            let (name, n) = match pair {
+                [AMQPValue::LongString(name), AMQPValue::LongUInt(n)] => (name, *n),
+                _ => return Self::default(),
+            };
+            let name = String::from_utf8_lossy(name.as_bytes());
+            let name = if is_source_name(&name) {
+                name.into_owned()
+            } else {
+                String::new()
+            };
+            runs.push((name, n));
+        }
+        Self { runs }
+    }
+
+    /// Each event's source in body order, then `None` for any events past the runs.
+    pub fn per_event(&self) -> impl Iterator<Item = Option<&str>> {
+        self.runs
+            .iter()
+            .flat_map(|(name, n)| {
+                let source = (!name.is_empty()).then_some(name.as_str());
+                std::iter::repeat_n(source, *n as usize)
+            })
+            .chain(std::iter::repeat(None))
+    }
+}
+
 /// One message of events on its way to the queue.
 #[derive(Debug, Clone, Default)]
 pub struct Envelope {
@@ -71,6 +168,7 @@ pub struct Envelope {
     received_at: Option<DateTime<Utc>>,
     /// The `traceparent` of every request whose events this carries, each once.
     traceparents: Vec<String>,
+    sources: Sources,
 }
 
 impl Envelope {
@@ -93,13 +191,14 @@ impl Envelope {
         text: &[u8],
         received_at: DateTime<Utc>,
         traceparent: Option<&str>,
+        source: Option<&str>,
     ) -> Result<(), serde_json::Error> {
         let len = self.body.len();
         if let Err(e) = push_text(&mut self.body, text) {
             self.body.truncate(len);
             return Err(e);
         }
-        self.count(received_at, traceparent);
+        self.count(received_at, traceparent, source);
         Ok(())
     }
 
@@ -109,14 +208,21 @@ impl Envelope {
         line: &[u8],
         received_at: DateTime<Utc>,
         traceparent: Option<&str>,
+        source: Option<&str>,
     ) {
         self.body.extend_from_slice(line);
-        self.count(received_at, traceparent);
+        self.count(received_at, traceparent, source);
     }
 
-    /// Counts the event just written, its received time and its request's trace.
-    fn count(&mut self, received_at: DateTime<Utc>, traceparent: Option<&str>) {
+    /// Counts the event just written, its received time, its request's trace and its source.
+    fn count(
+        &mut self,
+        received_at: DateTime<Utc>,
+        traceparent: Option<&str>,
+        source: Option<&str>,
+    ) {
         self.events += 1;
+        self.sources.push(source);
         self.received_at = Some(
             self.received_at
                 .map_or(received_at, |at| at.min(received_at)),
@@ -144,10 +250,11 @@ impl Envelope {
         self.events = 0;
         self.received_at = None;
         self.traceparents.clear();
+        self.sources.runs.clear();
     }
 
     /// The bytes to publish and every property: persistent, content type and encoding, the
-    /// received time, the event count and the trace links.
+    /// received time, the event count, the trace links and the sources.
     pub fn seal(&self, compression: Compression) -> (Cow<'_, [u8]>, BasicProperties) {
         let (bytes, encoding) = encode(&self.body, compression);
         let mut properties =
@@ -172,6 +279,11 @@ impl Envelope {
                     AMQPValue::FieldArray(all.into()),
                 );
             }
+            properties = properties.with_headers(headers);
+        }
+        if let Some(sources) = self.sources.header() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(HEADER_SOURCES.into(), sources);
             properties = properties.with_headers(headers);
         }
         (bytes, properties)
@@ -428,14 +540,14 @@ mod tests {
         );
         let at = Utc::now();
         for _ in 0..2 {
-            envelope.push_line(b"{}\n", at, None);
+            envelope.push_line(b"{}\n", at, None, None);
         }
         assert!(envelope.has_room(10, 3));
         assert!(
             !envelope.has_room(MAX_MESSAGE_BYTES, 3),
             "past the byte cap"
         );
-        envelope.push_line(b"{}\n", at, None);
+        envelope.push_line(b"{}\n", at, None, None);
         assert!(!envelope.has_room(3, 3), "at the event cap");
         assert!(
             !envelope.has_room(3, 0),
@@ -449,8 +561,12 @@ mod tests {
     #[test]
     fn a_refused_event_adds_nothing() {
         let mut envelope = Envelope::new();
-        envelope.push(b"{\"a\":1}", Utc::now(), None).unwrap();
-        assert!(envelope.push(b"{\n\"a\": [}", Utc::now(), None).is_err());
+        envelope.push(b"{\"a\":1}", Utc::now(), None, None).unwrap();
+        assert!(
+            envelope
+                .push(b"{\n\"a\": [}", Utc::now(), None, None)
+                .is_err()
+        );
         assert_eq!(envelope.events(), 1);
         assert_eq!(envelope.body(), b"{\"a\":1}\n");
     }
@@ -476,7 +592,7 @@ mod tests {
         {
             let event = json!({"sid": format!("s{i}"), "event_name": "app_list", "r": "x"});
             envelope
-                .push(event.to_string().as_bytes(), at, trace)
+                .push(event.to_string().as_bytes(), at, trace, None)
                 .unwrap();
         }
         let (bytes, properties) = envelope.seal(Compression::Lz4);
@@ -510,11 +626,106 @@ mod tests {
         }
         // One request, one traceparent: no list.
         let mut single = Envelope::new();
-        single.push_line(b"{}\n", early, Some(a));
+        single.push_line(b"{}\n", early, Some(a), None);
         let (_, properties) = single.seal(Compression::None);
         let headers = properties.headers().clone().unwrap();
         assert!(!headers.contains_key(crate::trace_context::HEADER_TRACEPARENTS));
         assert_eq!(Envelope::event_count(&BasicProperties::default()), 1);
+    }
+
+    /// Each event's source comes back in body order; messages without sources carry no header,
+    /// and hostile headers name no source.
+    #[test]
+    fn sources_travel_with_their_events() {
+        let mut envelope = Envelope::new();
+        let at = Utc::now();
+        for source in [Some("web"), Some("web"), Some("ios"), None, Some("web")] {
+            envelope.push_line(b"{}\n", at, None, source);
+        }
+        let (_, properties) = envelope.seal(Compression::None);
+        let sources = Sources::read(&properties);
+        let each: Vec<Option<&str>> = sources.per_event().take(7).collect();
+        assert_eq!(
+            each,
+            [
+                Some("web"),
+                Some("web"),
+                Some("ios"),
+                None,
+                Some("web"),
+                None,
+                None
+            ]
+        );
+
+        envelope.clear();
+        envelope.push_line(b"{}\n", at, None, None);
+        let (_, properties) = envelope.seal(Compression::None);
+        assert!(
+            !properties
+                .headers()
+                .clone()
+                .unwrap()
+                .contains_key(HEADER_SOURCES)
+        );
+        assert_eq!(Sources::read(&properties).per_event().next(), Some(None));
+
+        let hostile = |values: Vec<AMQPValue>| {
+            let mut headers = FieldTable::default();
+            headers.insert(HEADER_SOURCES.into(), AMQPValue::FieldArray(values.into()));
+            let properties = BasicProperties::default().with_headers(headers);
+            let sources = Sources::read(&properties);
+            let each: Vec<Option<String>> = sources
+                .per_event()
+                .take(2)
+                .map(|s| s.map(str::to_owned))
+                .collect();
+            each
+        };
+        let name = |s: &str| AMQPValue::LongString(s.into());
+        assert_eq!(
+            hostile(vec![
+                name("a\u{0}b"),
+                AMQPValue::LongUInt(1),
+                name("ok"),
+                AMQPValue::LongUInt(1)
+            ]),
+            [None, Some("ok".to_owned())]
+        );
+        assert_eq!(
+            hostile(vec![name("web")]),
+            [None, None],
+            "a run without its count"
+        );
+        assert_eq!(
+            hostile(vec![AMQPValue::LongUInt(1), name("web")]),
+            [None, None]
+        );
+    }
+
+    #[test]
+    fn source_names_are_narrow() {
+        for good in [
+            "web",
+            "ios-app",
+            "a",
+            "team.web_2",
+            &"x".repeat(MAX_SOURCE_LEN),
+        ] {
+            assert!(is_source_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-web",
+            ".x",
+            "a b",
+            "é",
+            "a\u{0}",
+            "a\"b",
+            &"x".repeat(MAX_SOURCE_LEN + 1),
+        ] {
+            assert!(!is_source_name(bad), "{bad:?}");
+        }
     }
 
     /// A dead letter is persistent and says why.

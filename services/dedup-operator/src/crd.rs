@@ -59,6 +59,59 @@ pub struct IngestSpec {
     /// Fixed node port for a NodePort Service (e.g. a kind port mapping); random when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_node_port: Option<i32>,
+    /// Who may send events (`AUTH`): `keys`, only holders of a write key listed in
+    /// `writeKeysSecret`; `none`, anyone who reaches the Service.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Secret holding the write key file under the key `write-keys.yaml` (only the keys'
+    /// hashes: `ingest write-key --source NAME` prints an entry). Needed with `auth: keys`;
+    /// ingest re-reads it when the Secret changes, so keys are issued and revoked live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_keys_secret: Option<String>,
+    /// Token-bucket rate limits (0: none).
+    #[serde(default)]
+    pub rate_limit: RateLimitSpec,
+}
+
+/// Who may send events.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Keys,
+    None,
+}
+
+impl AuthMode {
+    /// The value of ingest's `AUTH`.
+    pub fn as_env(self) -> &'static str {
+        match self {
+            AuthMode::Keys => "keys",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// ingest's rate limits.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// `RATE_LIMIT`: events per second per write key (the key file can override it per key).
+    #[serde(default)]
+    pub per_key: u32,
+    /// `RATE_LIMIT_BURST` (0: twice the rate).
+    #[serde(default)]
+    pub per_key_burst: u32,
+    /// `ADDRESS_RATE_LIMIT`: requests per second per client address.
+    #[serde(default)]
+    pub per_address: u32,
+    /// `ADDRESS_RATE_LIMIT_BURST` (0: twice the rate).
+    #[serde(default)]
+    pub per_address_burst: u32,
+    /// `TRUSTED_PROXIES`: CIDRs of the proxies (the Ingress controller's pods) whose
+    /// X-Forwarded-For names the client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// The workers and how they scale.
@@ -197,6 +250,9 @@ impl Default for IngestSpec {
             service_port: default_service_port(),
             service_type: default_service_type(),
             service_node_port: None,
+            auth: AuthMode::default(),
+            write_keys_secret: None,
+            rate_limit: RateLimitSpec::default(),
         }
     }
 }

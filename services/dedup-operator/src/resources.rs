@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{DedupPipeline, SecretKey};
+use crate::crd::{AuthMode, DedupPipeline, IngestSpec, SecretKey};
 
 /// Ports the binaries listen on (fixed in the image's defaults).
 pub const INGEST_PORT: i32 = 8000;
@@ -278,21 +279,91 @@ fn port(name: &str, number: i32) -> ContainerPort {
     }
 }
 
+/// Where ingest finds the write key file (the `writeKeysSecret` volume).
+pub const WRITE_KEYS_DIR: &str = "/etc/dedup/write-keys";
+/// The key of the write key file in `writeKeysSecret`.
+pub const WRITE_KEYS_FILE: &str = "write-keys.yaml";
+
+/// ingest's own settings: who may send, how fast.
+fn ingest_env(spec: &IngestSpec) -> Vec<EnvVar> {
+    let value = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let limits = &spec.rate_limit;
+    let mut env = vec![
+        value("AUTH", spec.auth.as_env().to_owned()),
+        value("RATE_LIMIT", limits.per_key.to_string()),
+        value("RATE_LIMIT_BURST", limits.per_key_burst.to_string()),
+        value("ADDRESS_RATE_LIMIT", limits.per_address.to_string()),
+        value(
+            "ADDRESS_RATE_LIMIT_BURST",
+            limits.per_address_burst.to_string(),
+        ),
+    ];
+    if !limits.trusted_proxies.is_empty() {
+        env.push(value("TRUSTED_PROXIES", limits.trusted_proxies.join(",")));
+    }
+    if spec.auth == AuthMode::Keys && spec.write_keys_secret.is_some() {
+        env.push(value(
+            "WRITE_KEYS_PATH",
+            format!("{WRITE_KEYS_DIR}/{WRITE_KEYS_FILE}"),
+        ));
+    }
+    env
+}
+
+/// The write key Secret as a volume. Mounted whole (not with subPath), so the kubelet's
+/// updates reach the running pods and ingest reloads the keys.
+fn write_keys_volume(spec: &IngestSpec) -> Option<(Volume, VolumeMount)> {
+    let secret = spec
+        .write_keys_secret
+        .as_ref()
+        .filter(|_| spec.auth == AuthMode::Keys)?;
+    let volume = Volume {
+        name: "write-keys".to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.clone()),
+            items: Some(vec![KeyToPath {
+                key: WRITE_KEYS_FILE.to_owned(),
+                path: WRITE_KEYS_FILE.to_owned(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: "write-keys".to_owned(),
+        mount_path: WRITE_KEYS_DIR.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    Some((volume, mount))
+}
+
 /// The ingest Deployment.
 pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment {
     let secrets = &pipeline.spec.secrets;
+    let mut env = vec![secret_env("RABBITMQ_URL", &secrets.rabbitmq_url)];
+    env.extend(ingest_env(&pipeline.spec.ingest));
     let mut c = container(
         pipeline,
         "ingest",
         "ingest",
-        vec![secret_env("RABBITMQ_URL", &secrets.rabbitmq_url)],
+        env,
         vec![port("http", INGEST_PORT), port("admin", INGEST_ADMIN_PORT)],
     );
+    let keys = write_keys_volume(&pipeline.spec.ingest);
+    if let Some((_, mount)) = &keys {
+        c.volume_mounts = Some(vec![mount.clone()]);
+    }
     c.liveness_probe = Some(http_probe("/healthz", INGEST_ADMIN_PORT, 10));
     c.readiness_probe = Some(http_probe("/readyz", INGEST_ADMIN_PORT, 5));
     c.resources.clone_from(&pipeline.spec.ingest.resources);
     let names = Names::of(pipeline);
-    deployment(
+    let mut deployment = deployment(
         pipeline,
         names.ingest(),
         "ingest",
@@ -301,7 +372,16 @@ pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment
         INGEST_ADMIN_PORT,
         checksum,
         None,
-    )
+    );
+    if let Some((volume, _)) = keys
+        && let Some(pod) = deployment
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut())
+    {
+        pod.volumes = Some(vec![volume]);
+    }
+    deployment
 }
 
 /// The ingest Service (the public API).
@@ -379,6 +459,57 @@ mod tests {
 
     fn pod_spec(d: &Deployment) -> &PodSpec {
         d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn env_of(d: &Deployment) -> BTreeMap<String, Option<String>> {
+        pod_spec(d).containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect()
+    }
+
+    /// Write keys are on by default; with a key Secret, ingest mounts it whole (so Secret
+    /// updates reach the pod) and reads the file from it; rate limits become ingest's settings.
+    #[test]
+    fn ingest_reads_write_keys_from_the_named_secret() {
+        let mut p = pipeline();
+        let env = env_of(&ingest_deployment(&p, "c"));
+        assert_eq!(env["AUTH"].as_deref(), Some("keys"));
+        assert!(
+            !env.contains_key("WRITE_KEYS_PATH"),
+            "no Secret named, no path"
+        );
+
+        p.spec.ingest.write_keys_secret = Some("events-write-keys".into());
+        p.spec.ingest.rate_limit.per_key = 500;
+        p.spec.ingest.rate_limit.trusted_proxies = vec!["10.0.0.0/8".into(), "fd00::/8".into()];
+        let d = ingest_deployment(&p, "c");
+        let env = env_of(&d);
+        assert_eq!(
+            env["WRITE_KEYS_PATH"].as_deref(),
+            Some("/etc/dedup/write-keys/write-keys.yaml")
+        );
+        assert_eq!(env["RATE_LIMIT"].as_deref(), Some("500"));
+        assert_eq!(
+            env["TRUSTED_PROXIES"].as_deref(),
+            Some("10.0.0.0/8,fd00::/8")
+        );
+        let volume = &pod_spec(&d).volumes.as_ref().unwrap()[0];
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("events-write-keys"));
+        let mount = &pod_spec(&d).containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.sub_path.as_deref()),
+            (WRITE_KEYS_DIR, None)
+        );
+        assert_eq!(mount.read_only, Some(true));
+
+        p.spec.ingest.auth = AuthMode::None;
+        let d = ingest_deployment(&p, "c");
+        assert_eq!(env_of(&d)["AUTH"].as_deref(), Some("none"));
+        assert!(pod_spec(&d).volumes.is_none(), "no keys, no key volume");
     }
 
     /// Every object is named after the pipeline, in its namespace, owned by it.

@@ -11,7 +11,7 @@ use dedup_event::event::{Fields, RawError};
 use crate::redis_tier::Item;
 use crate::store::Row;
 use dedup_event::{DedupKey, KeySpec, event};
-use dedup_message::message;
+use dedup_message::message::{self, Sources};
 
 /// An event that passed validation, with its key.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Candidate<'a> {
     /// `jsonb` value; PostgreSQL then skips sorting them), stored as the payload.
     pub payload: Cow<'a, str>,
     pub received_at: DateTime<Utc>,
+    /// The write key's source it came with, if any.
+    pub source: Option<&'a str>,
 }
 
 impl Candidate<'_> {
@@ -52,6 +54,7 @@ impl Candidate<'_> {
             r: &f.r,
             payload: &self.payload,
             received_at: self.received_at,
+            source: self.source,
         }
     }
 }
@@ -105,21 +108,27 @@ pub struct Decoded<'a> {
     pub consumed: u64,
 }
 
-/// Decodes message bodies (each with the time ingest received it) into a batch. Events whose
-/// day is outside `days` are set aside: no event may make PostgreSQL create a partition
-/// the maintenance step would not keep.
+/// Messages without sources, for tests.
+#[cfg(test)]
+pub const NO_SOURCES: &Sources = &Sources::none();
+
+/// Decodes message bodies (each with the time ingest received it and its events' sources)
+/// into a batch. Events whose day is outside `days` are set aside: no event may make
+/// PostgreSQL create a partition the maintenance step would not keep.
 pub fn decode<'a>(
-    messages: impl IntoIterator<Item = (&'a [u8], Option<DateTime<Utc>>)>,
+    messages: impl IntoIterator<Item = (&'a [u8], Option<DateTime<Utc>>, &'a Sources)>,
     spec: &KeySpec,
     days: &std::ops::RangeInclusive<NaiveDate>,
     now: DateTime<Utc>,
 ) -> Decoded<'a> {
     let mut out = Decoded::default();
     let mut seen: HashSet<(NaiveDate, DedupKey)> = HashSet::new();
-    for (body, received_at) in messages {
+    for (body, received_at, sources) in messages {
         let received_at = received_at.unwrap_or(now);
+        let mut sources = sources.per_event();
         for line in message::lines(body) {
             out.consumed += 1;
+            let source = sources.next().flatten();
             let raw = match std::str::from_utf8(line) {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -172,6 +181,7 @@ pub fn decode<'a>(
                     payload: crate::jsonb::ordered(&event, raw),
                     fields: event.fields,
                     received_at,
+                    source,
                 });
             } else {
                 out.in_batch_duplicates += 1;
@@ -215,7 +225,7 @@ mod tests {
         ]);
         let b = body(&[line("2", "2025-04-10")]);
         let decoded = decode(
-            [(&a[..], None), (&b[..], None)],
+            [(&a[..], None, NO_SOURCES), (&b[..], None, NO_SOURCES)],
             &KeySpec::default(),
             &any_day(),
             Utc::now(),
@@ -232,7 +242,7 @@ mod tests {
     fn same_key_on_another_day_is_not_an_in_batch_duplicate() {
         let a = body(&[line("1", "2025-04-10"), line("1", "2025-04-11")]);
         let decoded = decode(
-            [(&a[..], None)],
+            [(&a[..], None, NO_SOURCES)],
             &KeySpec::default(),
             &any_day(),
             Utc::now(),
@@ -250,7 +260,7 @@ mod tests {
         a.extend_from_slice(&[0xff, 0xfe, b'\n']);
         a.extend_from_slice(body(&[line("2", "2025-04-10")]).as_slice());
         let decoded = decode(
-            [(&a[..], None)],
+            [(&a[..], None, NO_SOURCES)],
             &KeySpec::default(),
             &any_day(),
             Utc::now(),
@@ -284,7 +294,12 @@ mod tests {
         ]);
         let days = NaiveDate::from_ymd_opt(2025, 4, 10).unwrap()
             ..=NaiveDate::from_ymd_opt(2025, 4, 11).unwrap();
-        let decoded = decode([(&a[..], None)], &KeySpec::default(), &days, Utc::now());
+        let decoded = decode(
+            [(&a[..], None, NO_SOURCES)],
+            &KeySpec::default(),
+            &days,
+            Utc::now(),
+        );
         assert_eq!(decoded.candidates.len(), 1);
         assert_eq!(decoded.candidates[0].fields.r, "2");
         let reasons: Vec<_> = decoded.dead_letters.iter().map(|d| d.reason).collect();
@@ -300,12 +315,50 @@ mod tests {
         let a = body(&[line("1", "2025-04-10")]);
         let b = body(&[line("2", "2025-04-10")]);
         let decoded = decode(
-            [(&a[..], Some(at)), (&b[..], None)],
+            [(&a[..], Some(at), NO_SOURCES), (&b[..], None, NO_SOURCES)],
             &KeySpec::default(),
             &any_day(),
             now,
         );
         assert_eq!(decoded.candidates[0].received_at, at);
         assert_eq!(decoded.candidates[1].received_at, now);
+    }
+
+    /// Each event keeps its own source, counted by line, even past a line that is refused.
+    #[test]
+    fn sources_follow_their_lines() {
+        use dedup_message::message::{Compression, Envelope};
+        let now = Utc::now();
+        let mut envelope = Envelope::new();
+        envelope.push_line(
+            format!("{}\n", line("1", "2025-04-10")).as_bytes(),
+            now,
+            None,
+            Some("web"),
+        );
+        envelope.push_line(b"{\"not\": \"an event\"}\n", now, None, Some("ios"));
+        envelope.push_line(
+            format!("{}\n", line("2", "2025-04-10")).as_bytes(),
+            now,
+            None,
+            Some("ios"),
+        );
+        envelope.push_line(
+            format!("{}\n", line("3", "2025-04-10")).as_bytes(),
+            now,
+            None,
+            None,
+        );
+        let (_, properties) = envelope.seal(Compression::None);
+        let sources = Sources::read(&properties);
+        let decoded = decode(
+            [(envelope.body(), None, &sources)],
+            &KeySpec::default(),
+            &any_day(),
+            now,
+        );
+        assert_eq!(decoded.dead_letters.len(), 1);
+        let stored: Vec<Option<&str>> = decoded.candidates.iter().map(|c| c.row().source).collect();
+        assert_eq!(stored, [Some("web"), Some("ios"), None]);
     }
 }

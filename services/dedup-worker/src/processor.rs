@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dedup_event::KeySpec;
-use dedup_message::message::Envelope;
+use dedup_message::message::{Envelope, Sources};
 use dedup_message::topology::Topology;
 use dedup_message::trace_context;
 use dedup_runtime::backoff::Backoff;
@@ -197,7 +197,9 @@ impl Processor {
     ) -> batch::Decoded<'b> {
         let now = Utc::now();
         let mut decoded = batch::decode(
-            readable.iter().map(|(body, at)| (body.as_ref(), *at)),
+            readable
+                .iter()
+                .map(|(body, at, sources)| (body.as_ref(), *at, sources)),
             &self.spec,
             &self.partitions.days(now),
             now,
@@ -322,8 +324,8 @@ impl Processor {
     }
 }
 
-/// A readable message body with the time ingest received its events.
-type Body<'a> = (Cow<'a, [u8]>, Option<DateTime<Utc>>);
+/// A readable message body with the time ingest received its events and their sources.
+type Body<'a> = (Cow<'a, [u8]>, Option<DateTime<Utc>>, Sources);
 
 /// A batch's message bodies, decompressed per their content encoding; one that cannot be read
 /// goes to the dead-letter queue whole and the rest of the batch carries on.
@@ -340,9 +342,11 @@ impl<'a> Bodies<'a> {
         };
         for d in deliveries {
             match Envelope::open(&d.data, &d.properties) {
-                Ok(body) => bodies
-                    .readable
-                    .push((body, Envelope::received_at(&d.properties))),
+                Ok(body) => bodies.readable.push((
+                    body,
+                    Envelope::received_at(&d.properties),
+                    Sources::read(&d.properties),
+                )),
                 Err(detail) => bodies.unreadable.push(batch::DeadLetter {
                     body: d.data.clone(),
                     reason: batch::DeadLetterReason::InvalidEncoding,

@@ -32,16 +32,18 @@ pub struct Row<'a> {
     /// The event's JSON text, as received.
     pub payload: &'a str,
     pub received_at: DateTime<Utc>,
+    /// The write key's source, if the event came with one.
+    pub source: Option<&'a str>,
 }
 
 const INSERT: &str = "
 WITH inserted AS (
     INSERT INTO product_events
-        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at)
-    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra
+        (event_date, dedup_key, event_datetime, client_id, event_name, product_id, sid, r, payload, received_at, source)
+    SELECT d, k, dt, c, en, p, s, r, pl::jsonb, ra, src
     FROM UNNEST($1::date[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::timestamptz[])
-        AS t(d, k, dt, c, en, p, s, r, pl, ra)
+                $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+        AS t(d, k, dt, c, en, p, s, r, pl, ra, src)
     ON CONFLICT (event_date, dedup_key) DO NOTHING
     RETURNING 1
 )
@@ -217,6 +219,7 @@ impl Store {
             .bind(rows.iter().map(|r| r.r).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.source).collect::<Vec<_>>())
             .fetch_one(&self.pool);
         let count = self.bounded(insert).await.map_err(|e| {
             // A partition may have been dropped (retention) since it was cached.

@@ -33,6 +33,7 @@ struct Pending {
     line: Vec<u8>,
     received_at: DateTime<Utc>,
     traceparent: Option<String>,
+    source: Option<Arc<str>>,
     done: oneshot::Sender<Result<(), PublishError>>,
     /// Held until answered: counts against the in-flight limit.
     _permit: OwnedSemaphorePermit,
@@ -77,6 +78,7 @@ impl Coalescer {
         line: Vec<u8>,
         received_at: DateTime<Utc>,
         traceparent: Option<String>,
+        source: Option<Arc<str>>,
     ) -> Result<(), PublishError> {
         let permit = self.publisher.acquire()?;
         if !self.publisher.is_connected() {
@@ -87,6 +89,7 @@ impl Coalescer {
             line,
             received_at,
             traceparent,
+            source,
             done,
             _permit: permit,
         };
@@ -122,6 +125,7 @@ async fn flush_loop(
                         &first.line,
                         first.received_at,
                         first.traceparent.as_deref(),
+                        first.source.as_deref(),
                     );
                     batch.push(first);
                     receiver.try_lock().ok()
@@ -137,6 +141,7 @@ async fn flush_loop(
                         &first.line,
                         first.received_at,
                         first.traceparent.as_deref(),
+                        first.source.as_deref(),
                     );
                     batch.push(first);
                     Some(receiver)
@@ -156,6 +161,7 @@ async fn flush_loop(
                             &next.line,
                             next.received_at,
                             next.traceparent.as_deref(),
+                            next.source.as_deref(),
                         );
                         batch.push(next);
                     }

@@ -1,12 +1,16 @@
 //! ingest's settings: one documented struct, read from flags, environment or a YAML file.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dedup_message::topology::AmqpArgs;
 use dedup_runtime::config::{ConfigFileArg, parse_duration};
 use dedup_runtime::telemetry::LogArgs;
+use ipnet::IpNet;
+
+use crate::auth::AuthMode;
 
 /// Largest single-event body accepted by default (the original's limit was similar).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -36,6 +40,40 @@ pub struct Config {
     pub admin_listen_addr: SocketAddr,
     #[command(flatten)]
     pub amqp: AmqpArgs,
+    /// Who may send events: `keys` (a write key from WRITE_KEYS_PATH in `Authorization:
+    /// Bearer <key>` or `X-API-Key`; others get 401) or `none` (anyone who reaches the port).
+    #[arg(long, env = "AUTH", value_enum, default_value_t = AuthMode::Keys)]
+    pub auth: AuthMode,
+    /// The write key file: YAML `keys: [{source: NAME, sha256: HEX, rate: N, burst: N}]`
+    /// (rate and burst optional). Read again when it changes; `ingest write-key --source NAME`
+    /// makes a key and its entry.
+    #[arg(long, env = "WRITE_KEYS_PATH")]
+    pub write_keys_path: Option<PathBuf>,
+    /// How often the write key file is checked for changes.
+    #[arg(long, env = "WRITE_KEYS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub write_keys_reload_interval: Duration,
+    /// Events per second one write key may send (a token bucket; more get 429 with
+    /// Retry-After). 0: no limit. The key file can give a key its own rate.
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Events one write key may send at once beyond its rate; no request may carry more.
+    /// 0: twice RATE_LIMIT.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 0)]
+    pub rate_limit_burst: u32,
+    /// Requests per second one client address may make, with or without a key (more get 429
+    /// with Retry-After). 0: no limit. Behind a proxy set TRUSTED_PROXIES, or every client
+    /// shares the proxy's address.
+    #[arg(long, env = "ADDRESS_RATE_LIMIT", default_value_t = 0)]
+    pub address_rate_limit: u32,
+    /// Requests one client address may make at once beyond its rate. 0: twice
+    /// ADDRESS_RATE_LIMIT.
+    #[arg(long, env = "ADDRESS_RATE_LIMIT_BURST", default_value_t = 0)]
+    pub address_rate_limit_burst: u32,
+    /// Networks of the proxies in front of ingest (comma-separated CIDRs, e.g. 10.0.0.0/8).
+    /// From a peer in them, the client address is taken from X-Forwarded-For; from any
+    /// other peer the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
     /// Largest body of a single-event request, in bytes; larger ones get 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -136,6 +174,13 @@ pub enum Command {
     /// Ask the running ingest (on ADMIN_LISTEN_ADDR) whether it is ready; exit 0 if so. For
     /// container health checks.
     Probe,
+    /// Make a new write key: prints the key (give it to the client app) and the entry to add
+    /// to the write key file (which holds only the key's hash).
+    WriteKey {
+        /// The source the key is for (the app's name; stored with each of its events).
+        #[arg(long)]
+        source: String,
+    },
 }
 
 const PACKING_MERGED: &str = "MAX_EVENTS_PER_MESSAGE now bounds every message, from single-event \

@@ -32,6 +32,18 @@ pub enum Error {
         reason: String,
         retry_after: Duration,
     },
+    /// No write key, or not a known one.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A token bucket (the key's or the client address's) is empty.
+    #[error("too many requests for this {scope}")]
+    RateLimited {
+        scope: &'static str,
+        retry_after: Duration,
+    },
+    /// A batch larger than the key's whole burst: it could never pass.
+    #[error("{events} events in one request, more than this key's burst of {burst}")]
+    OverBurst { events: usize, burst: u32 },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -63,6 +75,35 @@ impl IntoResponse for Error {
                 Json(json!({ "detail": "The batch holds no events. Send a JSON array or NDJSON lines." })),
             )
                 .into_response(),
+            Error::Unauthorized(detail) => {
+                let mut response =
+                    (StatusCode::UNAUTHORIZED, Json(json!({ "detail": detail }))).into_response();
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"dedup\""),
+                );
+                response
+            }
+            Error::RateLimited { scope, retry_after } => {
+                // Whole seconds, rounded up: a client that waits this long finds a token.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let mut response = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Json(json!({ "detail": format!(
+                        "Request was throttled: too many events for this {scope}. Expected available in {} second{}.",
+                        seconds.max(1), if seconds.max(1) == 1 { "" } else { "s" }
+                    ) })),
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                response
+            }
+            Error::OverBurst { .. } => too_large(format!(
+                "{}. Send at most that many events per request.",
+                capitalise(&detail)
+            )),
             Error::Unavailable { reason, retry_after } => {
                 tracing::warn!(%reason, "Answering 503: the broker did not take the events.");
                 let mut response = (
@@ -82,6 +123,14 @@ impl IntoResponse for Error {
             }
         }
     }
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn too_large(detail: String) -> Response {

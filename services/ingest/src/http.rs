@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use dedup_event::event::RawError;
 use dedup_event::{FieldErrors, event};
@@ -22,6 +22,7 @@ use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Caller, Guard};
 use crate::body;
 use crate::coalesce::Coalescer;
 use crate::error::{Error, Result};
@@ -47,6 +48,8 @@ pub struct Limits {
 /// than a dozen bounced between cores.
 #[derive(Clone)]
 pub struct AppState {
+    /// Rate limits and write keys.
+    pub guard: Arc<Guard>,
     pub publisher: Arc<Publisher>,
     /// Packs concurrent single events into shared messages.
     pub coalescer: Arc<Coalescer>,
@@ -72,11 +75,13 @@ pub fn app(state: AppState) -> Router {
     // The handlers read their bodies themselves, within their limits (`read_gated`).
     let single = post(post_event);
     let batch = post(post_batch);
-    Router::new()
+    let events = Router::new()
         .route("/product_events/", single.clone())
         .route("/product_events", single)
         .route("/product_events/batch", batch.clone())
         .route("/product_events/batch/", batch)
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    events
         .route("/healthz", get(dedup_runtime::admin::healthz))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -88,6 +93,21 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Lets a request on to the event routes only within its client address's rate and with a
+/// valid write key; its [`Caller`] goes along as an extension.
+async fn admit(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>();
+    match state.guard.admit(request.headers(), peer) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     readiness_response(&state.ready)
 }
@@ -97,10 +117,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// span costs every request its bookkeeping).
 async fn post_event(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Arc<Caller>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response> {
     body::kind(&headers, false)?;
+    caller.take(1)?;
     let (bytes, _permit) = read_gated(
         &state.body_bytes,
         &headers,
@@ -113,7 +135,7 @@ async fn post_event(
         Ok(()) => {}
         Err(RawError::Malformed(detail)) => return Err(Error::MalformedJson(detail)),
         Err(RawError::Invalid(errors)) => {
-            state.metrics.hot.events_rejected.inc();
+            caller.rejected.inc();
             return Err(Error::Invalid(errors));
         }
     }
@@ -121,10 +143,10 @@ async fn post_event(
     let traceparent = trace_context::traceparent(&tracing::Span::current());
     state
         .coalescer
-        .publish(line, Utc::now(), traceparent)
+        .publish(line, Utc::now(), traceparent, caller.source.clone())
         .await
         .map_err(|e| unavailable(e, &state.limits))?;
-    state.metrics.hot.events_accepted.inc();
+    caller.accepted.inc();
     Ok(queued())
 }
 
@@ -193,6 +215,7 @@ fn judge(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<(), RawErro
 #[tracing::instrument(skip_all, fields(events))]
 async fn post_batch(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Arc<Caller>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response> {
@@ -207,9 +230,14 @@ async fn post_batch(
     let items = body::batch(&bytes, kind, state.limits.max_batch_events)?;
     tracing::Span::current().record("events", items.len());
     let traceparent = trace_context::traceparent(&tracing::Span::current());
-    let (messages, errors) = pack(&state.limits, items, traceparent.as_deref());
+    let (messages, errors) = pack(
+        &state.limits,
+        items,
+        traceparent.as_deref(),
+        caller.source.as_deref(),
+    );
     let rejected = errors.len();
-    state.metrics.hot.events_rejected.inc_by(rejected as u64);
+    caller.rejected.inc_by(rejected as u64);
     if messages.is_empty() {
         let answer = BatchAnswer {
             status: "rejected",
@@ -219,6 +247,8 @@ async fn post_batch(
         };
         return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
     }
+    // The key's bucket pays for the events that would be queued; none are when it is empty.
+    caller.take(messages.iter().map(Envelope::events).sum())?;
     let outcomes =
         futures::future::join_all(messages.iter().map(|m| state.publisher.publish(m))).await;
     let mut queued = 0;
@@ -231,7 +261,7 @@ async fn post_batch(
             }
         }
     }
-    state.metrics.hot.events_accepted.inc_by(queued as u64);
+    caller.accepted.inc_by(queued as u64);
     if let Some(error) = first_error {
         let total: usize = messages.iter().map(Envelope::events).sum();
         let reason = format!(
@@ -258,6 +288,7 @@ fn pack(
     limits: &Limits,
     items: Vec<&[u8]>,
     traceparent: Option<&str>,
+    source: Option<&str>,
 ) -> (Vec<Envelope>, Vec<ItemErrors>) {
     let now = Utc::now();
     let mut errors = Vec::new();
@@ -275,7 +306,7 @@ fn pack(
             }
             match messages.last_mut() {
                 Some(message) => message
-                    .push(text, now, traceparent)
+                    .push(text, now, traceparent, source)
                     .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
                 None => Err(event::non_field_error("Invalid data.")),
             }

@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: settings (flags, environment, YAML).
 //! - [`http`]: the router: routes, limits, timeouts, request metrics.
+//! - [`auth`]: write keys and rate limits.
 //! - [`body`]: reading bodies: content types, JSON, NDJSON batches.
 //! - [`coalesce`]: packing concurrent single events into shared messages.
 //! - [`publish`]: the broker connection, confirm-mode channels, reconnection.
@@ -14,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - `tests`: ingest's tests against the real broker.
 
+mod auth;
 // The fuzz targets (cargo-fuzz builds with `--cfg fuzzing`) split batch bodies.
 #[cfg(fuzzing)]
 pub mod body;
@@ -26,6 +28,7 @@ mod http;
 mod metrics;
 mod publish;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -33,6 +36,7 @@ use dedup_runtime::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Guard, GuardSettings, Rate};
 use crate::coalesce::{CoalesceSettings, Coalescer};
 pub use crate::config::Config;
 use crate::http::{AppState, Limits};
@@ -59,6 +63,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     config.check()?;
     let metrics = Metrics::new();
+    let guard = Guard::new(guard_settings(&config), &metrics)?;
     let publisher = Publisher::new(publisher_config(&config), metrics.clone());
     let stop_publisher = CancellationToken::new();
     let supervisor = tokio::spawn(publisher.clone().supervise(stop_publisher.clone()));
@@ -69,6 +74,7 @@ pub async fn serve(
         &stop_publisher,
     );
     let state = AppState {
+        guard: guard.clone(),
         publisher,
         coalescer,
         limits: Arc::new(limits(&config)),
@@ -89,8 +95,10 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr()?, "ingest listening on /product_events/.");
     let admin_router = admin::router(metrics.registry.clone(), ready);
     let admin_task = admin::spawn(admin_listener, admin_router, stop.clone());
-    let server = axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let watcher = tokio::spawn(guard.watch(stop.clone()));
+    // The peer address is the client's, or the trusted proxy's (`auth::client_address`).
+    let app = http::app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
     let grace = config.shutdown_grace;
     tokio::select! {
         result = server => result.context("the HTTP server failed")?,
@@ -101,6 +109,7 @@ pub async fn serve(
     stop_publisher.cancel();
     let _ = supervisor.await;
     admin_task.abort();
+    watcher.abort();
     tracing::info!("ingest stopped.");
     Ok(())
 }
@@ -126,6 +135,29 @@ pub fn publisher_config(config: &Config) -> PublisherConfig {
         confirm_timeout: config.confirm_timeout,
         reconnect_max_backoff: config.reconnect_max_backoff,
         compression: config.message_compression,
+    }
+}
+
+/// A new write key for `source` and its entry for the key file.
+pub fn new_write_key(source: &str) -> anyhow::Result<(String, String)> {
+    auth::new_key(source)
+}
+
+/// Who may send events, and how fast, in `config`.
+pub(crate) fn guard_settings(config: &Config) -> GuardSettings {
+    GuardSettings {
+        mode: config.auth,
+        keys_path: config.write_keys_path.clone(),
+        reload_interval: config.write_keys_reload_interval,
+        key_rate: Rate {
+            per_second: config.rate_limit,
+            burst: config.rate_limit_burst,
+        },
+        address_rate: Rate {
+            per_second: config.address_rate_limit,
+            burst: config.address_rate_limit_burst,
+        },
+        trusted_proxies: config.trusted_proxies.clone(),
     }
 }
 

@@ -16,10 +16,17 @@ pub struct Metrics {
     /// Requests by route (single, batch, health) and status class (2xx, 4xx, 5xx).
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
-    /// Events accepted (confirmed by the broker) or rejected (invalid). Requests count them
-    /// through `hot`; the vector itself is read by the tests.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Events accepted (confirmed by the broker) or rejected (invalid), by source. Requests
+    /// count them through their caller's children (`auth::Caller`), resolved once per key.
     pub events: IntCounterVec,
+    /// Write keys loaded.
+    pub write_keys: IntGauge,
+    /// Key file reloads by outcome (ok, error).
+    pub key_reloads: IntCounterVec,
+    /// Requests refused for their key, by reason (missing, invalid).
+    pub auth_failures: IntCounterVec,
+    /// Requests refused by a rate limit, by limit (key, address).
+    pub rate_limited: IntCounterVec,
     pub publish_confirm_seconds: Histogram,
     pub publishes_in_flight: IntGauge,
     pub broker_connected: IntGauge,
@@ -33,8 +40,6 @@ pub struct Metrics {
 /// Pre-resolved children of the labelled metrics, for the per-request path.
 #[derive(Clone)]
 pub struct HotSeries {
-    pub events_accepted: IntCounter,
-    pub events_rejected: IntCounter,
     /// `requests{route="single",status_class="2xx"}`.
     pub single_2xx: IntCounter,
     /// `request_seconds{route="single"}`.
@@ -64,9 +69,36 @@ impl Metrics {
         let events = IntCounterVec::new(
             Opts::new(
                 "dedup_ingest_events_total",
-                "Events accepted (broker-confirmed) or rejected (invalid).",
+                "Events accepted (broker-confirmed) or rejected (invalid), by source (the write \
+                 key's name; anonymous with AUTH=none).",
+            ),
+            &["outcome", "source"],
+        )
+        .expect("valid metric");
+        let write_keys =
+            IntGauge::new("dedup_ingest_write_keys", "Write keys loaded.").expect("valid metric");
+        let key_reloads = IntCounterVec::new(
+            Opts::new(
+                "dedup_ingest_write_key_reloads_total",
+                "Reloads of the write key file by outcome (ok; error: the file is invalid and the keys in use stay).",
             ),
             &["outcome"],
+        )
+        .expect("valid metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "dedup_ingest_auth_failures_total",
+                "Requests refused with 401, by reason (missing, invalid).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "dedup_ingest_rate_limited_total",
+                "Requests refused with 429, by limit (key, address).",
+            ),
+            &["limit"],
         )
         .expect("valid metric");
         let publish_confirm_seconds = Histogram::with_opts(
@@ -103,6 +135,10 @@ impl Metrics {
             Box::new(publishes_in_flight.clone()),
             Box::new(broker_connected.clone()),
             Box::new(message_bytes.clone()),
+            Box::new(write_keys.clone()),
+            Box::new(key_reloads.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(rate_limited.clone()),
         ] {
             registry
                 .register(collector)
@@ -110,9 +146,17 @@ impl Metrics {
         }
         // The series dashboards expect exist from the start, so they read 0 rather than
         // "no data".
+        for (vec, labels) in [
+            (&key_reloads, &["ok"][..]),
+            (&key_reloads, &["error"]),
+            (&auth_failures, &["missing"]),
+            (&auth_failures, &["invalid"]),
+            (&rate_limited, &["key"]),
+            (&rate_limited, &["address"]),
+        ] {
+            vec.with_label_values(labels);
+        }
         let hot = HotSeries {
-            events_accepted: events.with_label_values(&["accepted"]),
-            events_rejected: events.with_label_values(&["rejected"]),
             single_2xx: requests.with_label_values(&["single", "2xx"]),
             single_seconds: request_seconds.with_label_values(&["single"]),
         };
@@ -121,6 +165,10 @@ impl Metrics {
             requests,
             request_seconds,
             events,
+            write_keys,
+            key_reloads,
+            auth_failures,
+            rate_limited,
             publish_confirm_seconds,
             publishes_in_flight,
             broker_connected,
@@ -144,12 +192,8 @@ mod tests {
     #[test]
     fn hot_series_are_the_labelled_series() {
         let metrics = Metrics::new();
-        metrics.hot.events_accepted.inc_by(3);
-        metrics.hot.events_rejected.inc();
         metrics.hot.single_2xx.inc();
         metrics.hot.single_seconds.observe(0.004);
-        assert_eq!(metrics.events.with_label_values(&["accepted"]).get(), 3);
-        assert_eq!(metrics.events.with_label_values(&["rejected"]).get(), 1);
         assert_eq!(
             metrics.requests.with_label_values(&["single", "2xx"]).get(),
             1

@@ -69,7 +69,7 @@ async fn sample_posted_twice_over_http_is_stored_once() {
 
     let metrics = ingest.metrics().await;
     assert!(
-        metrics.contains("dedup_ingest_events_total{outcome=\"accepted\"} 5"),
+        metrics.contains("dedup_ingest_events_total{outcome=\"accepted\",source=\"anonymous\"} 5"),
         "{metrics}"
     );
 

@@ -48,6 +48,8 @@ impl Launch {
         let listen = free_port();
         Self::new("ingest", env, amqp_url)
             .set("LISTEN_ADDR", listen)
+            // Write keys are the default; tests of them turn them back on.
+            .set("AUTH", "none")
             .set("CONFIRM_TIMEOUT", "3s")
             .set("RECONNECT_MAX_BACKOFF", "300ms")
             .set("RETRY_AFTER", "2s")
@@ -131,7 +133,10 @@ impl Launch {
     /// Runs a subcommand (`migrate`, `maintain`, `probe`) to its end; returns its output.
     pub async fn run(self, args: &[&str]) -> std::process::Output {
         let mut command = self.command();
-        command.args(args).stderr(Stdio::piped());
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         command
             .output()
             .await

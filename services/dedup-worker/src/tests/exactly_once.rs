@@ -493,8 +493,8 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flow() {
     publish_each(&env, &[event("p-3")]).await;
     // lz4, as ingest sends by default: one good event and one bad line.
     let mut envelope = message::Envelope::new();
-    envelope.push_line(&ndjson(&[event("p-4")]), Utc::now(), None);
-    envelope.push_line(b"{\"lz4\": \"bad line\"}\n", Utc::now(), None);
+    envelope.push_line(&ndjson(&[event("p-4")]), Utc::now(), None, None);
+    envelope.push_line(b"{\"lz4\": \"bad line\"}\n", Utc::now(), None, None);
     let (packed, properties) = envelope.seal(message::Compression::Lz4);
     assert_eq!(
         properties.content_encoding().as_ref().map(|e| e.as_str()),

@@ -135,7 +135,12 @@ fn accepted_events_are_inserted_by_postgres() {
             body.push(b'\n');
         }
         let days = NaiveDate::MIN..=NaiveDate::MAX;
-        let decoded = crate::batch::decode([(&body[..], None)], &spec, &days, Utc::now());
+        let decoded = crate::batch::decode(
+            [(&body[..], None, crate::batch::NO_SOURCES)],
+            &spec,
+            &days,
+            Utc::now(),
+        );
         let mut rows: Vec<_> = decoded.candidates.iter().map(|c| c.row()).collect();
         lock_order(&mut rows);
         let inserted = runtime

@@ -57,7 +57,7 @@ async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
         body.extend_from_slice(&dedup_message::message::ndjson_line(text.as_bytes()).unwrap());
     }
     let decoded = crate::batch::decode(
-        [(&body[..], None)],
+        [(&body[..], None, crate::batch::NO_SOURCES)],
         &dedup_event::KeySpec::default(),
         &(chrono::NaiveDate::MIN..=chrono::NaiveDate::MAX),
         chrono::Utc::now(),

@@ -221,7 +221,11 @@ async fn bad_input_gets_a_clear_4xx_and_queues_nothing() {
         "nothing invalid was queued"
     );
     assert_eq!(
-        ingest.metrics.events.with_label_values(&["rejected"]).get(),
+        ingest
+            .metrics
+            .events
+            .with_label_values(&["rejected", "anonymous"])
+            .get(),
         3
     );
 }

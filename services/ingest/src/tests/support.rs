@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// An ingest config for `env`, publishing to `amqp_url`.
 pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> crate::Config {
     let mut config = crate::Config::parse_from(["ingest"]);
+    config.auth = crate::auth::AuthMode::None;
     config.amqp.rabbitmq_url = amqp_url.into();
     config.amqp.topology = env.topology.clone();
     config.confirm_timeout = Duration::from_secs(3);
@@ -74,7 +75,11 @@ impl IngestUnderTest {
         );
         let batch_bytes = crate::batch_gate(config);
         let body_bytes = crate::body_gate(config);
+        let guard = crate::auth::Guard::new(crate::guard_settings(config), &metrics)
+            .expect("the write keys load");
+        tokio::spawn(guard.clone().watch(stop.clone()));
         let state = AppState {
+            guard,
             publisher: publisher.clone(),
             coalescer,
             limits: Arc::new(crate::limits(config)),
