@@ -33,6 +33,21 @@ pub struct AmqpArgs {
     pub topology: Topology,
 }
 
+/// Connects to RabbitMQ at `url`. An `amqps://` URL is verified against the system's trusted
+/// roots and `ca_pem`, the PEM text of `TLS_CA_FILE` (`dedup_runtime::tls::TlsArgs::ca_pem`).
+pub async fn connect(url: &str, ca_pem: Option<&str>) -> lapin::Result<lapin::Connection> {
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca_pem.map(str::to_owned),
+    };
+    lapin::DefaultConnectionBuilder::new()?
+        .with_uri_str(url.to_owned())
+        .with_properties(lapin::ConnectionProperties::default())
+        .with_tls_config(tls)
+        .connect()
+        .await
+}
+
 /// Names and shape of the queues. Both binaries must agree on these.
 #[derive(Debug, Clone, Args)]
 pub struct Topology {

@@ -2,6 +2,7 @@
 //! (one field manager), scales the workers from queue depth, and reports status. Reconcile is
 //! idempotent and always requeues, so the scaler sees the queue at a steady interval.
 
+use dedup_runtime::tls::TlsArgs;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -346,9 +347,12 @@ pub fn status_patch(
     status
 }
 
-/// The production depth source: the management URL and vhost from the pipeline's Secrets.
-pub fn broker_depth() -> DepthSource {
-    Arc::new(|client: Client, pipeline: Arc<DedupPipeline>| {
+/// The production depth source: the management URL and vhost from the pipeline's Secrets;
+/// `https://` is verified against the system's roots and `tls`'s CA file (read on each use,
+/// so a rotated CA is picked up).
+pub fn broker_depth(tls: TlsArgs) -> DepthSource {
+    Arc::new(move |client: Client, pipeline: Arc<DedupPipeline>| {
+        let tls = tls.clone();
         Box::pin(async move {
             let namespace = pipeline.namespace().unwrap_or_default();
             let secrets = Api::<Secret>::namespaced(client, &namespace);
@@ -376,9 +380,14 @@ pub fn broker_depth() -> DepthSource {
                 .await
                 .unwrap_or_default();
             let vhost = dedup_runtime::queue_depth::vhost_of(&amqp);
-            let reader = match dedup_runtime::queue_depth::DepthReader::new(
+            let config = match tls.client_config() {
+                Ok(config) => config,
+                Err(e) => return Observation::Unavailable(format!("{e:#}")),
+            };
+            let reader = match dedup_runtime::queue_depth::DepthReader::with_tls(
                 &management,
                 Duration::from_secs(5),
+                config,
             ) {
                 Ok(reader) => reader,
                 Err(e) => return Observation::Unavailable(e.to_string()),

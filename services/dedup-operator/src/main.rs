@@ -40,6 +40,8 @@ struct RunArgs {
     #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9102")]
     admin_listen_addr: SocketAddr,
     #[command(flatten)]
+    tls: dedup_runtime::tls::TlsArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -62,7 +64,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let ctx = Arc::new(Context::new(
         client.clone(),
-        controller::broker_depth(),
+        controller::broker_depth(args.tls.clone()),
         chrono::Utc::now,
         metrics.clone(),
     ));

@@ -99,7 +99,7 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
         }
     });
     let client = Client::new(service, "default");
-    let read = broker_depth();
+    let read = broker_depth(Default::default());
     let deadline = Instant::now() + Duration::from_secs(20);
     // The management API refreshes its figures every few seconds.
     let last = loop {

@@ -254,7 +254,7 @@ async fn a_secret_that_is_not_a_url_stays_out_of_the_status() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = Arc::new(Context::new(
         Client::new(service, "default"),
-        controller::broker_depth(),
+        controller::broker_depth(Default::default()),
         fixed_now,
         Default::default(),
     ));

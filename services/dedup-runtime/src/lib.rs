@@ -12,6 +12,7 @@
 //! - [`backoff`]: reconnection pacing.
 //! - [`queue_depth`]: ready and unacknowledged messages from the management API.
 //! - [`secret`]: connection URLs as they may be shown (passwords masked).
+//! - [`tls`]: the trusted roots of every TLS connection to a backend (`TLS_CA_FILE`).
 
 pub mod admin;
 pub mod backoff;
@@ -20,3 +21,4 @@ pub mod queue_depth;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

@@ -2,11 +2,13 @@
 //! declare gives only the ready ones, so work in flight on consumers would look finished).
 //! The worker exports it as gauges; the operator scales workers on it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -56,11 +58,24 @@ struct QueueInfo {
     messages_unacknowledged: u64,
 }
 
+/// An error and its sources, `: `-separated: hyper's own message ("client error (Connect)")
+/// hides the cause (a refused connection, a certificate the CA did not sign).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Reads queue depths from one management endpoint.
 #[derive(Clone)]
 pub struct DepthReader {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    /// `http://host:port` without credentials.
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// `http(s)://host:port` without credentials.
     base: String,
     /// `Basic …` header value, when the URL carried credentials.
     authorization: Option<String>,
@@ -68,15 +83,31 @@ pub struct DepthReader {
 }
 
 impl DepthReader {
-    /// A reader for `management_url` (`http://user:password@host:15672`).
+    /// A reader for `management_url` (`http://user:password@host:15672`, or `https://`
+    /// verified against the system's trusted roots).
     pub fn new(management_url: &str, timeout: Duration) -> Result<Self, DepthError> {
+        let tls = crate::tls::TlsArgs::default()
+            .client_config()
+            .map_err(|e| {
+                DepthError::BadUrl(crate::secret::redact_url(management_url), format!("{e:#}"))
+            })?;
+        Self::with_tls(management_url, timeout, tls)
+    }
+
+    /// A reader for `management_url` whose `https://` connections verify the server with `tls`
+    /// ([`crate::tls::TlsArgs::client_config`]).
+    pub fn with_tls(
+        management_url: &str,
+        timeout: Duration,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, DepthError> {
         let shown = || crate::secret::redact_url(management_url);
         let url = url::Url::parse(management_url)
             .map_err(|e| DepthError::BadUrl(shown(), e.to_string()))?;
-        if url.scheme() != "http" {
+        if !matches!(url.scheme(), "http" | "https") {
             return Err(DepthError::BadUrl(
                 shown(),
-                "only http:// is supported".into(),
+                "only http:// and https:// are supported".into(),
             ));
         }
         let host = url
@@ -92,10 +123,15 @@ impl DepthReader {
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
             )
         });
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             client,
-            base: format!("http://{host}:{port}"),
+            base: format!("{}://{host}:{port}", url.scheme()),
             authorization,
             timeout,
         })
@@ -119,7 +155,7 @@ impl DepthReader {
         let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
             .map_err(|_| DepthError::Timeout(self.timeout))?
-            .map_err(|e| DepthError::Unreachable(e.to_string()))?;
+            .map_err(|e| DepthError::Unreachable(error_chain(&e)))?;
         let status = response.status();
         let body = tokio::time::timeout(self.timeout, response.into_body().collect())
             .await
@@ -181,12 +217,18 @@ mod tests {
             Err(DepthError::BadUrl(..))
         ));
         assert!(matches!(
-            DepthReader::new("https://h:15671", Duration::from_secs(1)),
+            DepthReader::new("amqp://h:15671", Duration::from_secs(1)),
             Err(DepthError::BadUrl(..))
         ));
-        assert!(
-            DepthReader::new("http://guest:guest@127.0.0.1:15672", Duration::from_secs(1)).is_ok()
-        );
+        for good in [
+            "http://guest:guest@127.0.0.1:15672",
+            "https://guest:guest@rabbit:15671",
+        ] {
+            assert!(
+                DepthReader::new(good, Duration::from_secs(1)).is_ok(),
+                "{good}"
+            );
+        }
     }
 
     /// A refused URL never carries its password, nor a value that is not a URL (a Secret key
@@ -195,7 +237,7 @@ mod tests {
     fn refusals_do_not_echo_credentials() {
         for value in [
             "S3CRET-not-a-url",
-            "https://guest:S3CRET@rabbit:15671",
+            "ftp://guest:S3CRET@rabbit:15671",
             "http://guest:S3CRET@rabbit:notaport",
             "http://guest:S3CRET@",
         ] {

@@ -24,6 +24,8 @@ pub struct Config {
     pub admin_listen_addr: SocketAddr,
     #[command(flatten)]
     pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub tls: dedup_runtime::tls::TlsArgs,
     /// PostgreSQL URL. The database must exist; `dedup-worker migrate` creates the tables.
     #[arg(
         long,

@@ -11,12 +11,12 @@ use dedup_message::message::Envelope;
 use dedup_message::topology::{Topology, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
+use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub url: dedup_runtime::secret::SecretUrl,
+    /// `TLS_CA_FILE`'s PEM text, for `amqps://`.
+    pub ca_pem: Option<String>,
     pub topology: Topology,
     pub prefetch: u16,
     pub batch_size: usize,
@@ -166,7 +168,7 @@ impl Consumer {
         let s = &self.settings;
         let connection = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect(s.url.expose(), ConnectionProperties::default()),
+            dedup_message::topology::connect(s.url.expose(), s.ca_pem.as_deref()),
         )
         .await
         .map_err(|_| {

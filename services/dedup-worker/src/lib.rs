@@ -79,6 +79,7 @@ impl Worker {
 
     fn build(config: Config, #[cfg(test)] fault: Option<fault::FaultHook>) -> anyhow::Result<Self> {
         config.check()?;
+        let ca_pem = config.tls.ca_pem()?;
         let metrics = Metrics::new();
         let spec = KeySpec::new(&config.dedup_key_fields)
             .map_err(anyhow::Error::msg)
@@ -90,6 +91,7 @@ impl Worker {
                 recent_ttl: config.dedup_window,
                 timeout: config.redis_timeout,
                 retry_interval: config.redis_retry_interval,
+                ca_pem: ca_pem.clone(),
             },
             metrics.clone(),
         )
@@ -98,6 +100,7 @@ impl Worker {
             config.database_url.expose(),
             config.db_pool_size,
             config.db_statement_timeout,
+            config.tls.tls_ca_file.as_deref(),
         )?;
         let processor = Arc::new(Processor {
             spec,
@@ -116,6 +119,7 @@ impl Worker {
         let consumer = Consumer::new(
             ConsumerSettings {
                 url: config.amqp.rabbitmq_url.clone(),
+                ca_pem,
                 topology: config.amqp.topology.clone(),
                 prefetch: config.effective_prefetch(),
                 batch_size: config.batch_size.max(1),
@@ -282,13 +286,20 @@ async fn maintain_partitions(processor: &Processor) -> Result<(), error::Error> 
 /// Reads the depth of the main and dead-letter queues every `queue_depth_interval` into the
 /// `dedup_queue_messages` gauges, until `stop`. Failures are logged once, not fatal.
 async fn report_queue_depth(config: Config, metrics: Metrics, stop: CancellationToken) {
-    let reader = match DepthReader::new(
-        config.rabbitmq_management_url.expose(),
-        Duration::from_secs(5),
-    ) {
-        Ok(reader) => reader,
-        Err(e) => {
+    let reader = match config.tls.client_config().map(|tls| {
+        DepthReader::with_tls(
+            config.rabbitmq_management_url.expose(),
+            Duration::from_secs(5),
+            tls,
+        )
+    }) {
+        Ok(Ok(reader)) => reader,
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "Queue depth gauges disabled; fix RABBITMQ_MANAGEMENT_URL.");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Queue depth gauges disabled; fix TLS_CA_FILE.");
             return;
         }
     };
@@ -361,7 +372,12 @@ pub async fn maintain(config: Config) -> anyhow::Result<()> {
 
 /// `dedup-worker migrate`: applies the migrations and reports what it did.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(config.database_url.expose(), 1, config.db_statement_timeout)?;
+    let store = Store::connect_lazy(
+        config.database_url.expose(),
+        1,
+        config.db_statement_timeout,
+        config.tls.tls_ca_file.as_deref(),
+    )?;
     store.migrate().await.context(
         "cannot migrate the database at DATABASE_URL; check that PostgreSQL is running and the \
          database exists (e.g. `createdb dedup`)",

@@ -39,6 +39,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// After a failure, how long to run PostgreSQL-only before trying Redis again.
     pub retry_interval: Duration,
+    /// `TLS_CA_FILE`'s PEM text, for `rediss://`.
+    pub ca_pem: Option<String>,
 }
 
 /// One key of a batch as the tier sees it.
@@ -61,7 +63,18 @@ pub struct RedisTier {
 
 impl RedisTier {
     pub fn new(settings: RedisSettings, metrics: Metrics) -> Result<Self, RedisError> {
-        let client = redis::Client::open(settings.url.expose())?;
+        let url = settings.url.expose();
+        // rediss:// verifies Redis against the system's roots, or against TLS_CA_FILE alone.
+        let client = match &settings.ca_pem {
+            Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            )?,
+            _ => redis::Client::open(url)?,
+        };
         Ok(Self {
             settings,
             client,

@@ -97,10 +97,23 @@ const STATEMENT_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 impl Store {
     /// Connects lazily: the pool opens connections on first use, so the worker starts (and
     /// retries) while PostgreSQL is down.
-    pub fn connect_lazy(url: &str, pool_size: u32, statement_timeout: Duration) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
+    /// With `sslmode=verify-full` (or `verify-ca`, `require`) in the URL the connection is
+    /// TLS; `ca_file` (`TLS_CA_FILE`) is the root it is verified against unless the URL names
+    /// one (`sslrootcert`).
+    pub fn connect_lazy(
+        url: &str,
+        pool_size: u32,
+        statement_timeout: Duration,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let mut options = PgConnectOptions::from_str(url).map_err(|e| {
             Error::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))
         })?;
+        if let Some(ca_file) = ca_file
+            && !url.contains("sslrootcert=")
+        {
+            options = options.ssl_root_cert(ca_file);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(Duration::from_secs(5))

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::ConnectInfo;
+use axum::extract::connect_info::Connected;
 use axum::http::{HeaderMap, header};
+use axum::serve::IncomingStream;
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -41,6 +43,22 @@ pub enum AuthMode {
     Keys,
     /// Anyone who reaches the port (the original service's open contract).
     None,
+}
+
+/// The TCP peer of a connection, plain or TLS: the client, or the proxy in front of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, crate::https::TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, crate::https::TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
 }
 
 /// The label value and the stored source of events taken with `AUTH=none`.
@@ -328,11 +346,11 @@ impl Guard {
     pub fn admit(
         &self,
         headers: &HeaderMap,
-        peer: Option<&ConnectInfo<SocketAddr>>,
+        peer: Option<&ConnectInfo<Peer>>,
     ) -> Result<Arc<Caller>, Error> {
         if let Some(addresses) = &self.addresses
             && let Some(address) = client_address(
-                peer.map(|p| p.0.ip()),
+                peer.map(|p| p.0.0.ip()),
                 headers,
                 &self.settings.trusted_proxies,
             )

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use dedup_message::topology::AmqpArgs;
 use dedup_runtime::config::{ConfigFileArg, parse_duration};
 use dedup_runtime::telemetry::LogArgs;
+use dedup_runtime::tls::TlsArgs;
 use ipnet::IpNet;
 
 use crate::auth::AuthMode;
@@ -35,11 +36,23 @@ pub struct Config {
     /// Address of the public HTTP API.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8000")]
     pub listen_addr: SocketAddr,
+    /// PEM certificate chain for serving HTTPS on LISTEN_ADDR (with TLS_KEY_FILE); read again
+    /// when it changes. Without it ingest serves plain HTTP (put TLS in front of it).
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of TLS_CERT_FILE's certificate.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How often TLS_CERT_FILE and TLS_KEY_FILE are checked for a renewed certificate.
+    #[arg(long, env = "TLS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub tls_reload_interval: Duration,
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9100")]
     pub admin_listen_addr: SocketAddr,
     #[command(flatten)]
     pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Who may send events: `keys` (a write key from WRITE_KEYS_PATH in `Authorization:
     /// Bearer <key>` or `X-API-Key`; others get 401) or `none` (anyone who reaches the port).
     #[arg(long, env = "AUTH", value_enum, default_value_t = AuthMode::Keys)]
@@ -145,6 +158,7 @@ impl Config {
             ("EVENTS_PER_MESSAGE", PACKING_MERGED),
             ("COALESCE_MAX_EVENTS", PACKING_MERGED),
         ])?;
+        self.tls.ca_pem()?;
         let most = dedup_message::message::MAX_DECODED_BYTES - 1;
         anyhow::ensure!(
             self.max_body_bytes <= most,

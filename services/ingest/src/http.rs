@@ -96,9 +96,7 @@ pub fn app(state: AppState) -> Router {
 /// Lets a request on to the event routes only within its client address's rate and with a
 /// valid write key; its [`Caller`] goes along as an extension.
 async fn admit(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>();
+    let peer = request.extensions().get::<ConnectInfo<crate::auth::Peer>>();
     match state.guard.admit(request.headers(), peer) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);

@@ -25,10 +25,10 @@ mod coalesce;
 pub mod config;
 mod error;
 mod http;
+mod https;
 mod metrics;
 mod publish;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -97,8 +97,30 @@ pub async fn serve(
     let admin_task = admin::spawn(admin_listener, admin_router, stop.clone());
     let watcher = tokio::spawn(guard.watch(stop.clone()));
     // The peer address is the client's, or the trusted proxy's (`auth::client_address`).
-    let app = http::app(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let app = http::app(state).into_make_service_with_connect_info::<auth::Peer>();
+    let graceful = stop.clone().cancelled_owned();
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match cert_files(&config) {
+            None => Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(graceful)
+                    .into_future(),
+            ),
+            Some(files) => {
+                let https = Arc::new(https::Https::new(files)?);
+                tokio::spawn(
+                    https
+                        .clone()
+                        .watch(config.tls_reload_interval, stop.clone()),
+                );
+                let listener = https.listen(listener, stop.clone())?;
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .into_future(),
+                )
+            }
+        };
     let grace = config.shutdown_grace;
     tokio::select! {
         result = server => result.context("the HTTP server failed")?,
@@ -129,6 +151,8 @@ fn readiness(publisher: &Arc<Publisher>) -> Readiness {
 pub fn publisher_config(config: &Config) -> PublisherConfig {
     PublisherConfig {
         url: config.amqp.rabbitmq_url.clone(),
+        // Checked readable at start (Config::check).
+        ca_pem: config.tls.ca_pem().ok().flatten(),
         topology: config.amqp.topology.clone(),
         channels: config.publish_channels,
         max_in_flight: config.max_in_flight_publishes,
@@ -136,6 +160,14 @@ pub fn publisher_config(config: &Config) -> PublisherConfig {
         reconnect_max_backoff: config.reconnect_max_backoff,
         compression: config.message_compression,
     }
+}
+
+/// The certificate files, when ingest serves HTTPS.
+fn cert_files(config: &Config) -> Option<https::CertFiles> {
+    Some(https::CertFiles {
+        cert: config.tls_cert_file.clone()?,
+        key: config.tls_key_file.clone()?,
+    })
 }
 
 /// A new write key for `source` and its entry for the key file.

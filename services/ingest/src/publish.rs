@@ -14,7 +14,7 @@ use dedup_message::topology::{Topology, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,8 @@ pub enum PublishError {
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
     pub url: dedup_runtime::secret::SecretUrl,
+    /// `TLS_CA_FILE`'s PEM text, for `amqps://`.
+    pub ca_pem: Option<String>,
     pub topology: Topology,
     pub channels: usize,
     pub max_in_flight: usize,
@@ -211,8 +213,10 @@ impl Publisher {
     }
 
     async fn connect(&self) -> Result<Link, String> {
-        let connect =
-            Connection::connect(self.config.url.expose(), ConnectionProperties::default());
+        let connect = dedup_message::topology::connect(
+            self.config.url.expose(),
+            self.config.ca_pem.as_deref(),
+        );
         let connection = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| "connecting timed out after 10s".to_owned())?

@@ -117,7 +117,8 @@ fn accepted_events_are_inserted_by_postgres() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let env = runtime.block_on(TestEnv::new("propstore"));
     let _context = runtime.enter();
-    let store = Store::connect_lazy(&env.database_url, 2, Duration::from_secs(30)).expect("store");
+    let store =
+        Store::connect_lazy(&env.database_url, 2, Duration::from_secs(30), None).expect("store");
     runtime.block_on(store.migrate()).expect("migrations");
     let spec = KeySpec::default();
     let accepted_total = std::cell::Cell::new(0usize);

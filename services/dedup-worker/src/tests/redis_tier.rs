@@ -34,6 +34,7 @@ async fn check_answers_recorded_keys_only_across_large_batches() {
             recent_ttl: Duration::from_secs(600),
             timeout: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
+            ca_pem: None,
         },
         Metrics::new(),
     )
@@ -92,4 +93,37 @@ async fn check_answers_recorded_keys_only_across_large_batches() {
     let forgotten = tier.check(&stored).await.expect("Redis answers");
     assert!(forgotten.iter().all(|known| !known));
     assert!(!tier.is_degraded());
+}
+
+/// Over `rediss://` as the workers' ACL user, verified against TLS_CA_FILE's CA: keys are
+/// recorded and found. A tier trusting another CA gets no answer (and the batch goes on
+/// without Redis).
+#[tokio::test]
+async fn the_tier_runs_over_verified_tls() {
+    let ca = test_support::tls::TestCa::new("redistier");
+    let server = test_support::tls::redis(&ca);
+    let settings = |ca_file: &std::path::Path| RedisSettings {
+        url: format!(
+            "rediss://dedup-worker:worker-secret@localhost:{}",
+            server.port
+        )
+        .into(),
+        prefix: "{tls}".into(),
+        recent_ttl: Duration::from_secs(600),
+        timeout: Duration::from_secs(5),
+        retry_interval: Duration::from_secs(1),
+        ca_pem: Some(std::fs::read_to_string(ca_file).expect("CA")),
+    };
+    let tier = RedisTier::new(settings(&ca.ca_file), Metrics::new()).expect("tier");
+    let keys = items(0..3);
+    tier.record(&keys).await;
+    let known = tier.check(&keys).await;
+    assert_eq!(known, Some(vec![true; 3]), "{}", server.log_text());
+
+    let untrusting = RedisTier::new(settings(&ca.other_ca_file), Metrics::new()).expect("tier");
+    assert_eq!(
+        untrusting.check(&keys).await,
+        None,
+        "an unknown CA is refused"
+    );
 }

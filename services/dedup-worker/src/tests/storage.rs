@@ -40,9 +40,13 @@ async fn stored_payloads_are_lz4_compressed() {
 #[tokio::test]
 async fn reordered_payloads_are_the_same_jsonb_as_the_client_text() {
     let env = TestEnv::new("jsonborder").await;
-    let store =
-        crate::store::Store::connect_lazy(&env.database_url, 1, std::time::Duration::from_secs(30))
-            .expect("store");
+    let store = crate::store::Store::connect_lazy(
+        &env.database_url,
+        1,
+        std::time::Duration::from_secs(30),
+        None,
+    )
+    .expect("store");
     store.migrate().await.expect("migrations apply");
     let mut texts: Vec<String> = test_support::events::samples()
         .into_iter()
