@@ -56,6 +56,7 @@ value_sets = {
     "own write keys, rate limits": {"pipeline": {"ingest": {"writeKeysSecret": "my-keys", "rateLimit": {
         "perKey": 100, "perAddress": 20, "trustedProxies": ["10.0.0.0/8"]}}}},
     "open ingest": {"pipeline": {"ingest": {"auth": "none"}}},
+    "namespace-scoped operator": {"operator": {"watchNamespaces": ["prod", "team-b"]}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
 kind_values = {}
@@ -163,6 +164,17 @@ for label, values in value_sets.items():
         check(not any(d["kind"] == "Secret" and "write-key" in d["metadata"]["name"] for d in docs),
               "own write keys: the chart must not make key Secrets")
         check("my-keys" in notes and "write-key --source" in notes, "own write keys: NOTES names the Secret and how to make keys")
+    if label == "namespace-scoped operator":
+        check(not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs), "namespace-scoped: nothing cluster-wide")
+        roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
+        check(roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("prod", "team-b")}, f"namespace-scoped: a Role and RoleBinding per namespace, got {roles}")
+        operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator"))
+        env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+        check(env.get("WATCH_NAMESPACES") == "prod,team-b", f"namespace-scoped: WATCH_NAMESPACES, got {env}")
+    for role in (d for d in docs if d["kind"] in ("Role", "ClusterRole") and d["metadata"]["name"].endswith("-operator")):
+        for rule in role["rules"]:
+            if "secrets" in rule["resources"]:
+                check(rule["verbs"] == ["get"], f"[{label}] the operator may only get Secrets by name, not {rule['verbs']}")
     if label == "open ingest":
         check(pipeline["spec"]["ingest"]["auth"] == "none" and "writeKeysSecret" not in pipeline["spec"]["ingest"],
               "auth none: no key Secret named")

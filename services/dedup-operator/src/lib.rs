@@ -15,3 +15,4 @@ pub mod crd;
 pub mod metrics;
 pub mod resources;
 pub mod scale;
+pub mod scope;

@@ -8,14 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dedup_operator::controller::{self, Context};
-use dedup_operator::crd::DedupPipeline;
 use dedup_operator::metrics::Metrics;
 use dedup_runtime::admin;
 use dedup_runtime::telemetry::{self, LogArgs};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use kube::Client;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
 
 /// dedup-operator: runs dedup pipelines on Kubernetes from DedupPipeline resources — applies
 /// their workloads and scales the workers from the queue depth (ready plus unacknowledged).
@@ -39,6 +37,10 @@ struct RunArgs {
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "0.0.0.0:9102")]
     admin_listen_addr: SocketAddr,
+    /// Namespaces to watch (comma-separated); empty: every namespace. With a list the
+    /// operator needs only a Role in each (charts/dedup: operator.watchNamespaces).
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
     #[command(flatten)]
     tls: dedup_runtime::tls::TlsArgs,
     #[command(flatten)]
@@ -87,22 +89,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin::router(metrics.registry.clone(), ready),
         stop.clone(),
     );
-    let pipelines = Api::<DedupPipeline>::all(client.clone());
-    pipelines.list(&Default::default()).await.context(
-        "cannot list DedupPipelines: install the CRD (`dedup-operator crd | kubectl apply -f -`) and the RBAC in k8s/rbac.yaml",
-    )?;
+    let scopes = dedup_operator::scope::watched(&client, &args.watch_namespaces);
+    for scope in &scopes {
+        let within = scope.namespace.as_deref().unwrap_or("any namespace");
+        scope.pipelines.list(&Default::default()).await.with_context(|| {
+            format!(
+                "cannot list DedupPipelines in {within}: install the CRD (`dedup-operator crd | \
+                 kubectl apply -f -`) and the RBAC in k8s/rbac.yaml (a Role in each of \
+                 WATCH_NAMESPACES, or the ClusterRole)"
+            )
+        })?;
+    }
     watching.store(true, Ordering::Relaxed);
-    tracing::info!("Watching DedupPipelines.");
-    Controller::new(pipelines, watcher::Config::default())
-        .owns(Api::<Deployment>::all(client), watcher::Config::default())
-        .graceful_shutdown_on(async { dedup_runtime::shutdown::shutdown_signal().await })
-        .run(controller::reconcile, controller::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "Reconcile did not complete.");
-            }
-        })
-        .await;
+    let namespaces: Vec<&str> = scopes
+        .iter()
+        .filter_map(|s| s.namespace.as_deref())
+        .collect();
+    tracing::info!(
+        ?namespaces,
+        "Watching DedupPipelines (no namespaces listed: all of them)."
+    );
+    let controllers = scopes.into_iter().map(|scope| {
+        Controller::new(scope.pipelines, watcher::Config::default())
+            .owns(scope.deployments, watcher::Config::default())
+            .graceful_shutdown_on(async { dedup_runtime::shutdown::shutdown_signal().await })
+            .run(controller::reconcile, controller::error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "Reconcile did not complete.");
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
     stop.cancel();
     let _ = admin_task.await;
     tracing::info!("dedup-operator stopped.");
