@@ -57,6 +57,7 @@ value_sets = {
         "perKey": 100, "perAddress": 20, "trustedProxies": ["10.0.0.0/8"]}}}},
     "open ingest": {"pipeline": {"ingest": {"auth": "none"}}},
     "namespace-scoped operator": {"operator": {"watchNamespaces": ["prod", "team-b"]}},
+    "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
 kind_values = {}
@@ -164,6 +165,12 @@ for label, values in value_sets.items():
         check(not any(d["kind"] == "Secret" and "write-key" in d["metadata"]["name"] for d in docs),
               "own write keys: the chart must not make key Secrets")
         check("my-keys" in notes and "write-key --source" in notes, "own write keys: NOTES names the Secret and how to make keys")
+    if label == "existing credentials and URLs":
+        check(not any(d["kind"] == "Secret" and d["metadata"]["name"].endswith(("-credentials", "-urls")) for d in docs),
+              "existing credentials: the chart must make neither the credentials nor the URL Secret")
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in docs if d["kind"] == "StatefulSet"
+                for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+        check(refs == {"vault-creds"}, f"existing credentials: the bundled services read their passwords from it, got {refs}")
     if label == "namespace-scoped operator":
         check(not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs), "namespace-scoped: nothing cluster-wide")
         roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
@@ -213,6 +220,14 @@ for label, values in value_sets.items():
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
+
+# An existing credentials Secret that cannot be read (helm template) without the URLs given:
+# the render fails and says what to do.
+try:
+    chart.render({"credentials": {"existingSecret": "vault-creds"}}, name="rel", namespace="prod", is_install=True)
+    problems.append("credentials.existingSecret without a readable Secret or connections.existingSecret must fail the render")
+except Exception as e:  # the SDK raises the template's fail message
+    check("connections.existingSecret" in str(e), f"the failed render should say to set connections.existingSecret: {e}")
 
 # The prometheus-operator objects against that operator's CRD schemas (an npm package of
 # validators generated from them, pinned in scripts/chart-check/package-lock.json).

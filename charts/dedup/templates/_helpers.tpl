@@ -30,3 +30,6 @@ seccompProfile:
 
 {{- /* The Secret with ingest's write key file: the given one, or the chart's. */ -}}
 {{- define "dedup.writeKeysSecret" -}}{{ default (printf "%s-write-keys" (include "dedup.name" .)) .Values.pipeline.ingest.writeKeysSecret }}{{- end }}
+
+{{- /* The Secret with the bundled services' passwords: the given one, or the chart's. */ -}}
+{{- define "dedup.credentialsSecret" -}}{{ default (printf "%s-credentials" (include "dedup.name" .)) .Values.credentials.existingSecret }}{{- end }}
