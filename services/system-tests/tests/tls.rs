@@ -15,10 +15,17 @@ use test_support::process::Launch;
 use test_support::tls::{self, TestCa};
 use test_support::{TestEnv, eventually};
 
-fn trusting(file: &std::path::Path) -> TlsArgs {
-    TlsArgs {
-        tls_ca_file: Some(file.to_owned()),
-    }
+/// A management API client that trusts only the system's roots and the CA in `ca_file`.
+fn depth_reader(management: &str, ca_file: &std::path::Path) -> DepthReader {
+    let tls = TlsArgs {
+        tls_ca_file: Some(ca_file.to_owned()),
+    };
+    DepthReader::with_tls(
+        management,
+        Duration::from_secs(5),
+        tls.client_config().expect("config"),
+    )
+    .expect("reader")
 }
 
 #[tokio::test]
@@ -63,12 +70,7 @@ async fn every_backend_connection_runs_over_verified_tls() {
         "migrate trusted an unknown CA: {said}"
     );
     assert!(said.to_lowercase().contains("certificate"), "{said}");
-    let wrong = DepthReader::with_tls(
-        &management,
-        Duration::from_secs(5),
-        trusting(&ca.other_ca_file).client_config().expect("config"),
-    )
-    .expect("reader");
+    let wrong = depth_reader(&management, &ca.other_ca_file);
     let error = wrong
         .read("/", "anything")
         .await
@@ -142,12 +144,7 @@ async fn every_backend_connection_runs_over_verified_tls() {
         .expect("SCAN");
     assert_eq!(keys.len(), 2, "{keys:?}");
     // The management API over https: the worker's depth gauges and a direct read.
-    let reader = DepthReader::with_tls(
-        &management,
-        Duration::from_secs(5),
-        trusting(&ca.ca_file).client_config().expect("config"),
-    )
-    .expect("reader");
+    let reader = depth_reader(&management, &ca.ca_file);
     let depth = reader
         .read("/", &env.topology.queue)
         .await

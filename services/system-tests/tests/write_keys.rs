@@ -78,6 +78,20 @@ async fn post(ingest: &Service, headers: &[(&str, &str)], r: &str) -> Answer {
     .await
 }
 
+/// A JSON-array batch of events with these `r`s, with `key` in X-API-Key.
+async fn post_batch(ingest: &Service, key: &str, rs: &[&str]) -> Answer {
+    let batch = serde_json::Value::Array(rs.iter().map(|r| event(r)).collect()).to_string();
+    let headers = [("Content-Type", "application/json"), ("X-API-Key", key)];
+    http_exchange(
+        ingest.addr(),
+        "POST",
+        "/product_events/batch",
+        &headers,
+        batch.as_bytes(),
+    )
+    .await
+}
+
 /// Waits until a request with `headers` gets `status` (the key file is re-read every 100 ms).
 async fn until_status(ingest: &Service, headers: &[(&str, &str)], status: u16, what: &str) {
     let mut n = 0;
@@ -142,15 +156,7 @@ async fn only_known_keys_send_and_their_source_is_stored() {
 
     let sent = post(&ingest, &[("Authorization", &bearer(&web))], "web-1").await;
     assert_eq!(sent.status, 202, "{sent:?}");
-    let batch = serde_json::json!([event("web-2"), event("web-3")]).to_string();
-    let sent = http_exchange(
-        ingest.addr(),
-        "POST",
-        "/product_events/batch",
-        &[("Content-Type", "application/json"), ("X-API-Key", &web)],
-        batch.as_bytes(),
-    )
-    .await;
+    let sent = post_batch(&ingest, &web, &["web-2", "web-3"]).await;
     assert_eq!(sent.status, 202, "{sent:?}");
 
     // Issue a key for ios and a second for web (a rotation), then revoke the first web key.
@@ -251,15 +257,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         202,
         "a token after Retry-After"
     );
-    let three = serde_json::json!([event("e"), event("f"), event("g")]).to_string();
-    let over = http_exchange(
-        ingest.addr(),
-        "POST",
-        "/product_events/batch",
-        &[("Content-Type", "application/json"), ("X-API-Key", &key)],
-        three.as_bytes(),
-    )
-    .await;
+    let over = post_batch(&ingest, &key, &["e", "f", "g"]).await;
     assert_eq!(over.status, 413, "{over:?}");
     assert!(over.body.contains("burst of 2"), "{over:?}");
     assert!(
