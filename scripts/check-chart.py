@@ -46,7 +46,8 @@ value_sets = {
     "defaults": {},
     "existing secret": {"connections": {"existingSecret": "my-urls"}},
     "external services": {"rabbitmq": {"enabled": False}, "redis": {"enabled": False}, "postgresql": {"enabled": False},
-                          "connections": {"databaseUrl": "postgres://u:p@db.example:5432/dedup"}},
+                          "connections": {"databaseUrl": "postgres://u:p@db.example:5432/dedup?sslmode=verify-full",
+                                          "tlsCaSecret": "corp-ca"}},
     "monitoring on": {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True},
                                      "serviceMonitors": {"enabled": True}}},
     "network policies off, ingress on": {"networkPolicies": {"enabled": False},
@@ -75,6 +76,8 @@ for label, values in value_sets.items():
     docs = [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
     check(any(path.endswith("NOTES.txt") and "product_events" in text for path, text in rendered.items()), f"[{label}] NOTES.txt should say how to send an event")
     kinds = [d["kind"] for d in docs]
+    pipeline = next((d for d in docs if d["kind"] == "DedupPipeline"), None)
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
     for doc in docs:
         where = f"[{label}] {doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] == "DedupPipeline":
@@ -151,14 +154,17 @@ for label, values in value_sets.items():
     if label == "external services":
         check(not any(d["kind"] == "StatefulSet" for d in docs), "external services: no StatefulSet expected")
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
-        check(urls["postgres"] == "postgres://u:p@db.example:5432/dedup", "external services: the given database URL is used")
+        check(urls["postgres"] == "postgres://u:p@db.example:5432/dedup?sslmode=verify-full", "external services: the given database URL is used")
+        check(pipeline["spec"]["secrets"]["tlsCa"] == {"name": "corp-ca", "key": "ca.crt"}, "external services: the pipeline names the CA Secret")
+        migrate = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in migrate["containers"][0]["env"]}
+        check(env.get("TLS_CA_FILE") == "/etc/dedup/tls-ca/ca.pem" and migrate["volumes"][0]["secret"]["secretName"] == "corp-ca",
+              "external services: the migrations trust the CA too")
     if label == "network policies off, ingress on":
         check(not any(d["kind"] == "NetworkPolicy" for d in docs), "networkPolicies.enabled=false: no NetworkPolicy")
         ingress = next((d for d in docs if d["kind"] == "Ingress"), None)
         check(ingress is not None and ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "events-ingest",
               "the Ingress routes to the pipeline's ingest Service")
-    pipeline = next((d for d in docs if d["kind"] == "DedupPipeline"), None)
-    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
     if label == "own write keys, rate limits":
         check(pipeline["spec"]["ingest"]["writeKeysSecret"] == "my-keys" and pipeline["spec"]["ingest"]["rateLimit"]["perKey"] == 100,
               "own write keys: the pipeline names the given Secret and carries the limits")

@@ -154,6 +154,10 @@ pub struct SecretRefs {
     pub redis_url: SecretKey,
     /// `DATABASE_URL`.
     pub database_url: SecretKey,
+    /// A PEM bundle of CAs trusted for TLS to the backends (mounted as ingest's and the
+    /// workers' `TLS_CA_FILE`), for backends whose certificates a private CA signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<SecretKey>,
 }
 
 /// Dedup behaviour.

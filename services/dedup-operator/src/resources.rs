@@ -314,20 +314,23 @@ fn ingest_env(spec: &IngestSpec) -> Vec<EnvVar> {
     env
 }
 
-/// The write key Secret as a volume. Mounted whole (not with subPath), so the kubelet's
-/// updates reach the running pods and ingest reloads the keys.
-fn write_keys_volume(spec: &IngestSpec) -> Option<(Volume, VolumeMount)> {
-    let secret = spec
-        .write_keys_secret
-        .as_ref()
-        .filter(|_| spec.auth == AuthMode::Keys)?;
-    let volume = Volume {
-        name: "write-keys".to_owned(),
+/// A Secret key as the read-only file `dir/file`. The volume is mounted whole (not with
+/// subPath), so the kubelet's updates of the Secret reach running pods (ingest reloads its
+/// write keys; a renewed CA is read at the next connection).
+fn secret_file(
+    volume: &str,
+    secret: &str,
+    key: &str,
+    dir: &str,
+    file: &str,
+) -> (Volume, VolumeMount) {
+    let volume_spec = Volume {
+        name: volume.to_owned(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.clone()),
+            secret_name: Some(secret.to_owned()),
             items: Some(vec![KeyToPath {
-                key: WRITE_KEYS_FILE.to_owned(),
-                path: WRITE_KEYS_FILE.to_owned(),
+                key: key.to_owned(),
+                path: file.to_owned(),
                 ..Default::default()
             }]),
             ..Default::default()
@@ -335,12 +338,61 @@ fn write_keys_volume(spec: &IngestSpec) -> Option<(Volume, VolumeMount)> {
         ..Default::default()
     };
     let mount = VolumeMount {
-        name: "write-keys".to_owned(),
-        mount_path: WRITE_KEYS_DIR.to_owned(),
+        name: volume.to_owned(),
+        mount_path: dir.to_owned(),
         read_only: Some(true),
         ..Default::default()
     };
-    Some((volume, mount))
+    (volume_spec, mount)
+}
+
+/// The write key Secret, with `auth: keys`.
+fn write_keys_file(spec: &IngestSpec) -> Option<(Volume, VolumeMount)> {
+    let secret = spec
+        .write_keys_secret
+        .as_ref()
+        .filter(|_| spec.auth == AuthMode::Keys)?;
+    Some(secret_file(
+        "write-keys",
+        secret,
+        WRITE_KEYS_FILE,
+        WRITE_KEYS_DIR,
+        WRITE_KEYS_FILE,
+    ))
+}
+
+/// Where the backends' CA bundle is mounted (`secrets.tlsCa`).
+pub const TLS_CA_DIR: &str = "/etc/dedup/tls-ca";
+
+/// The backends' CA bundle and the `TLS_CA_FILE` naming it, when the pipeline names one.
+fn tls_ca_file(pipeline: &DedupPipeline) -> Option<((Volume, VolumeMount), EnvVar)> {
+    let key = pipeline.spec.secrets.tls_ca.as_ref()?;
+    let file = secret_file("tls-ca", &key.name, &key.key, TLS_CA_DIR, "ca.pem");
+    let env = EnvVar {
+        name: "TLS_CA_FILE".to_owned(),
+        value: Some(format!("{TLS_CA_DIR}/ca.pem")),
+        ..Default::default()
+    };
+    Some((file, env))
+}
+
+/// Adds `files` to the Deployment's pod and mounts them in its container.
+fn mount(deployment: &mut Deployment, files: Vec<(Volume, VolumeMount)>) {
+    if files.is_empty() {
+        return;
+    }
+    let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    else {
+        return;
+    };
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) = files.into_iter().unzip();
+    pod.volumes = Some(volumes);
+    if let Some(container) = pod.containers.first_mut() {
+        container.volume_mounts = Some(mounts);
+    }
 }
 
 /// The ingest Deployment.
@@ -348,6 +400,11 @@ pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment
     let secrets = &pipeline.spec.secrets;
     let mut env = vec![secret_env("RABBITMQ_URL", &secrets.rabbitmq_url)];
     env.extend(ingest_env(&pipeline.spec.ingest));
+    let mut files: Vec<_> = write_keys_file(&pipeline.spec.ingest).into_iter().collect();
+    if let Some((file, ca)) = tls_ca_file(pipeline) {
+        files.push(file);
+        env.push(ca);
+    }
     let mut c = container(
         pipeline,
         "ingest",
@@ -355,10 +412,6 @@ pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment
         env,
         vec![port("http", INGEST_PORT), port("admin", INGEST_ADMIN_PORT)],
     );
-    let keys = write_keys_volume(&pipeline.spec.ingest);
-    if let Some((_, mount)) = &keys {
-        c.volume_mounts = Some(vec![mount.clone()]);
-    }
     c.liveness_probe = Some(http_probe("/healthz", INGEST_ADMIN_PORT, 10));
     c.readiness_probe = Some(http_probe("/readyz", INGEST_ADMIN_PORT, 5));
     c.resources.clone_from(&pipeline.spec.ingest.resources);
@@ -373,14 +426,7 @@ pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment
         checksum,
         None,
     );
-    if let Some((volume, _)) = keys
-        && let Some(pod) = deployment
-            .spec
-            .as_mut()
-            .and_then(|s| s.template.spec.as_mut())
-    {
-        pod.volumes = Some(vec![volume]);
-    }
+    mount(&mut deployment, files);
     deployment
 }
 
@@ -413,23 +459,29 @@ pub fn ingest_service(pipeline: &DedupPipeline) -> Service {
 /// The worker Deployment with `replicas` decided by the scaler.
 pub fn worker_deployment(pipeline: &DedupPipeline, checksum: &str, replicas: i32) -> Deployment {
     let s = &pipeline.spec.secrets;
+    let mut env = vec![
+        secret_env("RABBITMQ_URL", &s.rabbitmq_url),
+        secret_env("RABBITMQ_MANAGEMENT_URL", &s.rabbitmq_management_url),
+        secret_env("REDIS_URL", &s.redis_url),
+        secret_env("DATABASE_URL", &s.database_url),
+    ];
+    let mut files = Vec::new();
+    if let Some((file, ca)) = tls_ca_file(pipeline) {
+        files.push(file);
+        env.push(ca);
+    }
     let mut c = container(
         pipeline,
         "worker",
         "dedup-worker",
-        vec![
-            secret_env("RABBITMQ_URL", &s.rabbitmq_url),
-            secret_env("RABBITMQ_MANAGEMENT_URL", &s.rabbitmq_management_url),
-            secret_env("REDIS_URL", &s.redis_url),
-            secret_env("DATABASE_URL", &s.database_url),
-        ],
+        env,
         vec![port("admin", WORKER_ADMIN_PORT)],
     );
     c.liveness_probe = Some(http_probe("/healthz", WORKER_ADMIN_PORT, 10));
     c.readiness_probe = Some(http_probe("/readyz", WORKER_ADMIN_PORT, 5));
     c.resources.clone_from(&pipeline.spec.worker.resources);
     let names = Names::of(pipeline);
-    deployment(
+    let mut deployment = deployment(
         pipeline,
         names.worker(),
         "worker",
@@ -438,7 +490,9 @@ pub fn worker_deployment(pipeline: &DedupPipeline, checksum: &str, replicas: i32
         WORKER_ADMIN_PORT,
         checksum,
         Some(WORKER_TERMINATION_GRACE_SECONDS),
-    )
+    );
+    mount(&mut deployment, files);
+    deployment
 }
 
 #[cfg(test)]
@@ -510,6 +564,48 @@ mod tests {
         let d = ingest_deployment(&p, "c");
         assert_eq!(env_of(&d)["AUTH"].as_deref(), Some("none"));
         assert!(pod_spec(&d).volumes.is_none(), "no keys, no key volume");
+    }
+
+    /// A CA bundle named in the secrets is mounted in ingest and the workers, next to the
+    /// write keys, and named by TLS_CA_FILE; without one neither has it.
+    #[test]
+    fn the_backends_ca_reaches_ingest_and_workers() {
+        let mut p = pipeline();
+        assert!(!env_of(&worker_deployment(&p, "c", 1)).contains_key("TLS_CA_FILE"));
+        p.spec.secrets.tls_ca = Some(SecretKey {
+            name: "backend-ca".into(),
+            key: "ca.crt".into(),
+        });
+        p.spec.ingest.write_keys_secret = Some("keys".into());
+        for d in [ingest_deployment(&p, "c"), worker_deployment(&p, "c", 1)] {
+            assert_eq!(
+                env_of(&d)["TLS_CA_FILE"].as_deref(),
+                Some("/etc/dedup/tls-ca/ca.pem")
+            );
+            let pod = pod_spec(&d);
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "tls-ca")
+                .expect("CA volume");
+            let secret = volume.secret.as_ref().unwrap();
+            assert_eq!(secret.secret_name.as_deref(), Some("backend-ca"));
+            assert_eq!(secret.items.as_ref().unwrap()[0].key, "ca.crt");
+            let mounts: Vec<&str> = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect();
+            assert!(mounts.contains(&TLS_CA_DIR), "{mounts:?}");
+        }
+        let ingest = ingest_deployment(&p, "c");
+        assert_eq!(
+            pod_spec(&ingest).volumes.as_ref().unwrap().len(),
+            2,
+            "keys and CA"
+        );
     }
 
     /// Every object is named after the pipeline, in its namespace, owned by it.
