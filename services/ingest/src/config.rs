@@ -66,7 +66,8 @@ pub struct Config {
     #[arg(long, env = "WRITE_KEYS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub write_keys_reload_interval: Duration,
     /// Events per second one write key may send (a token bucket; more get 429 with
-    /// Retry-After). 0: no limit. The key file can give a key its own rate.
+    /// Retry-After). 0: no limit. The key file can give a key its own rate. With AUTH=none
+    /// all clients share one bucket.
     #[arg(long, env = "RATE_LIMIT", default_value_t = 0)]
     pub rate_limit: u32,
     /// Events one write key may send at once beyond its rate; no request may carry more.
