@@ -146,3 +146,70 @@ async fn credentials_come_from_mounted_files() {
     assert!(ingest.stop().await && worker.stop().await);
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Write keys never reach the output: not the valid key a client sends, not a wrong one, with
+/// debug logging on and both requests answered.
+#[test]
+fn write_keys_never_reach_the_output() {
+    let dir = std::env::temp_dir().join(format!("dedup-keylog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let made = Command::new(bin_dir().join("ingest"))
+        .args(["write-key", "--source", "web"])
+        .output()
+        .expect("ingest write-key");
+    let key = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let said = String::from_utf8_lossy(&made.stderr).into_owned();
+    let entry = &said[said.find("  - source:").expect("entry")..];
+    let keys = dir.join("write-keys.yaml");
+    std::fs::write(&keys, format!("keys:\n{entry}")).expect("key file");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let wrong = format!("dk_{SECRET}");
+    let (sent_key, sent_wrong) = (key.clone(), wrong.clone());
+    let client = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut statuses = Vec::new();
+        for header in [
+            format!("Authorization: Bearer {sent_key}"),
+            format!("X-API-Key: {sent_wrong}"),
+        ] {
+            let mut answer = String::new();
+            for _ in 0..50 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+                    continue;
+                };
+                let request = format!(
+                    "POST /product_events/ HTTP/1.1\r\nHost: x\r\n{header}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                );
+                if stream.write_all(request.as_bytes()).is_ok() {
+                    let _ = stream.read_to_string(&mut answer);
+                    break;
+                }
+            }
+            statuses.push(answer.split(' ').nth(1).unwrap_or_default().to_owned());
+        }
+        statuses
+    });
+    let text = output_of(
+        "ingest",
+        &[],
+        &[
+            ("AUTH", "keys".to_owned()),
+            ("WRITE_KEYS_PATH", keys.display().to_string()),
+            ("LISTEN_ADDR", addr.to_string()),
+            ("RABBITMQ_URL", test_support::env::RABBITMQ_URL.to_owned()),
+        ],
+        5,
+    );
+    let statuses = client.join().expect("client");
+    let _ = std::fs::remove_dir_all(&dir);
+    // The valid key passed the door (its empty event is then invalid), the wrong one did not.
+    assert_eq!(statuses, ["400", "401"], "{text}");
+    assert!(
+        !text.contains(&key),
+        "the output shows a valid write key: {text}"
+    );
+    assert_secret_free("ingest with a wrong write key", &text);
+}
