@@ -150,6 +150,10 @@ async fn credentials_come_from_mounted_files() {
 /// Write keys never reach the output: not the valid key a client sends, not a wrong one, with
 /// debug logging on and both requests answered.
 #[test]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a plain thread, no async runtime in this test"
+)]
 fn write_keys_never_reach_the_output() {
     let dir = std::env::temp_dir().join(format!("dedup-keylog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -166,7 +170,7 @@ fn write_keys_never_reach_the_output() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let wrong = format!("dk_{SECRET}");
-    let (sent_key, sent_wrong) = (key.clone(), wrong.clone());
+    let (sent_key, sent_wrong) = (key.clone(), wrong);
     let client = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let mut statuses = Vec::new();
