@@ -58,6 +58,11 @@ value_sets = {
         "perKey": 100, "perAddress": 20, "trustedProxies": ["10.0.0.0/8"]}}}},
     "open ingest": {"pipeline": {"ingest": {"auth": "none"}}},
     "namespace-scoped operator": {"operator": {"watchNamespaces": ["prod", "team-b"]}},
+    "placed, private registry, kube-prometheus-stack, as a subchart": {
+        "global": {"imageRegistry": "registry.example"}, "imagePullSecrets": ["regcred"], "nodeSelector": {"pool": "events"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "events", "effect": "NoSchedule"}],
+        "priorityClassName": "high", "monitoring": {"labels": {"release": "kps"}, "annotations": {"team": "data"},
+        "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}, "serviceMonitors": {"enabled": True}}},
     "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
@@ -171,6 +176,18 @@ for label, values in value_sets.items():
         check(not any(d["kind"] == "Secret" and "write-key" in d["metadata"]["name"] for d in docs),
               "own write keys: the chart must not make key Secrets")
         check("my-keys" in notes and "write-key --source" in notes, "own write keys: NOTES names the Secret and how to make keys")
+    if label.startswith("placed, private registry"):
+        for doc in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")):
+            pod = doc["spec"]["template"]["spec"]
+            check(pod.get("imagePullSecrets") == [{"name": "regcred"}] and pod.get("nodeSelector") == {"pool": "events"}
+                  and pod.get("tolerations", [{}])[0].get("key") == "dedicated" and pod.get("priorityClassName") == "high",
+                  f"placed: {doc['kind']}/{doc['metadata']['name']} is not placed as the values say")
+        check(pipeline["spec"]["pods"] == {"imagePullSecrets": ["regcred"], "nodeSelector": {"pool": "events"},
+                                           "tolerations": values["tolerations"], "priorityClassName": "high"},
+              f"placed: the pipeline's pods carry the placement, got {pipeline['spec'].get('pods')}")
+        monitors = [d for d in docs if d["kind"] in MONITORING_KINDS or d["metadata"].get("labels", {}).get("grafana_dashboard")]
+        check(len(monitors) >= 5 and all(d["metadata"]["labels"].get("release") == "kps" and d["metadata"].get("annotations") == {"team": "data"}
+                                         for d in monitors), "monitoring.labels and annotations on every monitoring object")
     if label == "existing credentials and URLs":
         check(not any(d["kind"] == "Secret" and d["metadata"]["name"].endswith(("-credentials", "-urls")) for d in docs),
               "existing credentials: the chart must make neither the credentials nor the URL Secret")

@@ -33,3 +33,27 @@ seccompProfile:
 
 {{- /* The Secret with the bundled services' passwords: the given one, or the chart's. */ -}}
 {{- define "dedup.credentialsSecret" -}}{{ default (printf "%s-credentials" (include "dedup.name" .)) .Values.credentials.existingSecret }}{{- end }}
+
+{{- /* Where pods may run and what they pull with: imagePullSecrets, nodeSelector, tolerations,
+  affinity and priorityClassName from the values, for every pod the chart makes (the operator
+  gives the pipeline's pods the same, through the DedupPipeline's `pods`). */ -}}
+{{- define "dedup.podPlacement" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}

@@ -1,7 +1,9 @@
 //! The `DedupPipeline` custom resource: what a pipeline should look like (spec) and what the
 //! operator last saw (status). `dedup-operator crd` prints its CustomResourceDefinition.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -40,6 +42,26 @@ pub struct DedupPipelineSpec {
     pub dedup: DedupSettings,
     #[serde(default)]
     pub observability: ObservabilitySettings,
+    /// Where ingest's and the workers' pods may run and what they pull with.
+    #[serde(default)]
+    pub pods: PodPlacement,
+}
+
+/// Scheduling and registry settings for the pipeline's pods.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPlacement {
+    /// Names of docker-registry Secrets for a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
 
 /// The HTTP front door.

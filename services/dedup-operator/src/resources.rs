@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -201,6 +201,7 @@ fn deployment(
 ) -> Deployment {
     let names = Names::of(pipeline);
     let labels = names.labels(component);
+    let placement = &pipeline.spec.pods;
     let annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
         ("prometheus.io/port".to_owned(), admin_port.to_string()),
@@ -224,6 +225,18 @@ fn deployment(
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: grace,
+                    image_pull_secrets: Some(
+                        placement
+                            .image_pull_secrets
+                            .iter()
+                            .map(|name| LocalObjectReference { name: name.clone() })
+                            .collect(),
+                    )
+                    .filter(|s: &Vec<_>| !s.is_empty()),
+                    node_selector: Some(placement.node_selector.clone()).filter(|n| !n.is_empty()),
+                    tolerations: Some(placement.tolerations.clone()).filter(|t| !t.is_empty()),
+                    affinity: placement.affinity.clone(),
+                    priority_class_name: placement.priority_class_name.clone(),
                     automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -606,6 +619,32 @@ mod tests {
             2,
             "keys and CA"
         );
+    }
+
+    /// The pipeline's `pods` settings reach both Deployments' pods; without them the pods
+    /// carry none.
+    #[test]
+    fn pods_are_placed_as_the_pipeline_says() {
+        let mut p = pipeline();
+        let bare = pod_spec(&worker_deployment(&p, "c", 1)).clone();
+        assert!(bare.image_pull_secrets.is_none() && bare.node_selector.is_none());
+        assert!(bare.tolerations.is_none() && bare.priority_class_name.is_none());
+        p.spec.pods = serde_yaml::from_str(
+            "imagePullSecrets: [regcred]\nnodeSelector: {pool: events}\n\
+             tolerations: [{key: dedicated, operator: Equal, value: events, effect: NoSchedule}]\n\
+             priorityClassName: high",
+        )
+        .unwrap();
+        for d in [ingest_deployment(&p, "c"), worker_deployment(&p, "c", 1)] {
+            let pod = pod_spec(&d);
+            assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+            assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "events");
+            assert_eq!(
+                pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+                Some("dedicated")
+            );
+            assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        }
     }
 
     /// Every object is named after the pipeline, in its namespace, owned by it.
