@@ -193,7 +193,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         &namespace,
         &names,
         &decision,
-        workers_available,
+        (workers_available, pipeline.spec.worker.max_replicas),
         &observation,
     );
     let status = status_patch(
@@ -257,7 +257,7 @@ fn record_metrics(
     namespace: &str,
     names: &Names,
     decision: &Decision,
-    workers_available: i32,
+    (workers_available, workers_max): (i32, i32),
     observation: &Observation,
 ) {
     let labels = [namespace, names.pipeline.as_str()];
@@ -268,6 +268,9 @@ fn record_metrics(
     m.workers_current
         .with_label_values(&labels)
         .set(i64::from(workers_available));
+    m.workers_max
+        .with_label_values(&labels)
+        .set(i64::from(workers_max));
     m.queue_depth
         .with_label_values(&labels)
         .set(match observation {

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub workers_current: IntGaugeVec,
     /// Ready plus unacked messages at the last reading, per pipeline.
     pub queue_depth: IntGaugeVec,
+    /// The pipeline's maxReplicas, so alerts can tell when scaling has run out.
+    pub workers_max: IntGaugeVec,
 }
 
 impl Metrics {
@@ -48,6 +50,10 @@ impl Metrics {
                 "dedup_operator_queue_depth",
                 "Ready plus unacknowledged messages at the last reading (-1: unreadable).",
             ),
+            workers_max: gauge(
+                "dedup_operator_workers_max",
+                "The pipeline's worker.maxReplicas: the most workers the operator will run.",
+            ),
         };
         for c in [
             Box::new(m.reconciles.clone()) as Box<dyn prometheus::core::Collector>,
@@ -56,6 +62,7 @@ impl Metrics {
             Box::new(m.workers_desired.clone()),
             Box::new(m.workers_current.clone()),
             Box::new(m.queue_depth.clone()),
+            Box::new(m.workers_max.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
@@ -66,5 +73,56 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every `dedup_operator_*` name the dashboard and the alert rules query is one the operator
+    /// exports (the system tests check the other services' names against real scrapes; the
+    /// operator needs a Kubernetes API to run, so its registry is checked here).
+    #[test]
+    fn the_dashboard_and_alerts_query_only_exported_operator_metrics() {
+        let m = Metrics::new();
+        for vec in [
+            &m.workers_desired,
+            &m.workers_current,
+            &m.queue_depth,
+            &m.workers_max,
+        ] {
+            vec.with_label_values(&["ns", "p"]).set(1);
+        }
+        m.reconcile_seconds.observe(0.1);
+        let exported: BTreeSet<String> = m
+            .registry
+            .gather()
+            .iter()
+            .flat_map(|f| {
+                let name = f.name().to_owned();
+                ["", "_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}"))
+            })
+            .collect();
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/dedup/files");
+        let mut used = BTreeSet::new();
+        for file in ["grafana/dedup-dashboard.json", "prometheus/alerts.yaml"] {
+            let text = std::fs::read_to_string(format!("{root}/{file}")).expect("monitoring file");
+            for (at, _) in text.match_indices("dedup_operator_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.insert(name);
+            }
+        }
+        assert!(used.len() >= 3, "{used:?}");
+        let missing: Vec<&String> = used.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "not exported: {missing:?}; exported: {exported:?}"
+        );
     }
 }

@@ -92,7 +92,12 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
     ] {
         let used = metric_names(&repo_file(file));
         assert!(used.len() >= 5, "{file}: found only {used:?}");
-        let missing: Vec<&String> = used.iter().filter(|n| !names.contains(*n)).collect();
+        // The operator's own names are checked against its registry in its crate (it needs a
+        // Kubernetes API to run).
+        let missing: Vec<&String> = used
+            .iter()
+            .filter(|n| !names.contains(*n) && !n.starts_with("dedup_operator_"))
+            .collect();
         assert!(
             missing.is_empty(),
             "{file} uses metrics no service exposes: {missing:?}\nexposed: {names:?}"
