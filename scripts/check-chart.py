@@ -61,7 +61,8 @@ value_sets = {
     "placed, private registry, kube-prometheus-stack, as a subchart": {
         "global": {"imageRegistry": "registry.example"}, "imagePullSecrets": ["regcred"], "nodeSelector": {"pool": "events"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "events", "effect": "NoSchedule"}],
-        "priorityClassName": "high", "monitoring": {"labels": {"release": "kps"}, "annotations": {"team": "data"},
+        "priorityClassName": "high", "redis": {"resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
+        "monitoring": {"labels": {"release": "kps"}, "annotations": {"team": "data"},
         "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}, "serviceMonitors": {"enabled": True}}},
     "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
 }
@@ -185,6 +186,9 @@ for label, values in value_sets.items():
         check(pipeline["spec"]["pods"] == {"imagePullSecrets": ["regcred"], "nodeSelector": {"pool": "events"},
                                            "tolerations": values["tolerations"], "priorityClassName": "high"},
               f"placed: the pipeline's pods carry the placement, got {pipeline['spec'].get('pods')}")
+        redis_args = next(e["value"] for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "rel-dedup-redis"
+                          for e in d["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "REDIS_ARGS")
+        check("--maxmemory 409mb " in redis_args, f"placed: maxmemory follows a 512Mi limit: {redis_args}")
         monitors = [d for d in docs if d["kind"] in MONITORING_KINDS or d["metadata"].get("labels", {}).get("grafana_dashboard")]
         check(len(monitors) >= 5 and all(d["metadata"]["labels"].get("release") == "kps" and d["metadata"].get("annotations") == {"team": "data"}
                                          for d in monitors), "monitoring.labels and annotations on every monitoring object")
@@ -239,6 +243,13 @@ for label, values in value_sets.items():
         args = next(e["value"] for e in redis["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "REDIS_ARGS")
         check("--requirepass $(REDIS_PASSWORD)" in args and "--user dedup-worker on >$(REDIS_WORKER_PASSWORD)" in args,
               f"defaults: the bundled Redis requires a password and has the workers' ACL user: {args}")
+        limit = redis["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        check(limit == "1Gi" and "--maxmemory 819mb --maxmemory-policy volatile-ttl" in args,
+              f"defaults: Redis's maxmemory is 80 % of its 1Gi limit, evicting by TTL: {args}")
+        pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+        check(pdbs.get("rel-dedup-worker", {}).get("maxUnavailable") == 1
+              and pdbs["rel-dedup-worker"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "worker",
+              f"defaults: a PodDisruptionBudget for the workers, got {pdbs}")
         for claim in (c for d in docs if d["kind"] == "StatefulSet" for c in d["spec"]["volumeClaimTemplates"]):
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),

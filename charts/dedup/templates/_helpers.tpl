@@ -57,3 +57,22 @@ affinity: {{- toYaml . | nindent 2 }}
 priorityClassName: {{ . }}
 {{- end }}
 {{- end }}
+
+{{- /* Redis's maxmemory: redis.maxmemory when given, else 80 % of the container's memory limit
+  (Gi, Mi or G, M suffixes), leaving room for Redis's own overhead and forks; recent keys
+  beyond it are evicted (maxmemoryPolicy) instead of the pod being OOM-killed. */ -}}
+{{- define "dedup.redisMaxmemory" -}}
+{{- if .Values.redis.maxmemory -}}
+{{ .Values.redis.maxmemory }}
+{{- else -}}
+{{- $limit := toString (dig "limits" "memory" "" .Values.redis.resources) -}}
+{{- $mib := 0 -}}
+{{- if hasSuffix "Gi" $limit }}{{ $mib = mul (trimSuffix "Gi" $limit | atoi) 1024 }}
+{{- else if hasSuffix "Mi" $limit }}{{ $mib = trimSuffix "Mi" $limit | atoi }}
+{{- else if hasSuffix "G" $limit }}{{ $mib = div (mul (trimSuffix "G" $limit | atoi) 1000000000) 1048576 }}
+{{- else if hasSuffix "M" $limit }}{{ $mib = div (mul (trimSuffix "M" $limit | atoi) 1000000) 1048576 }}
+{{- end -}}
+{{- if not $mib }}{{ fail (printf "redis.resources.limits.memory %q: give it in Gi or Mi, or set redis.maxmemory" $limit) }}{{ end -}}
+{{ div (mul $mib 4) 5 }}mb
+{{- end -}}
+{{- end }}
