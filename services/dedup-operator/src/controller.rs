@@ -106,6 +106,38 @@ pub async fn reconcile(pipeline: Arc<DedupPipeline>, ctx: Arc<Context>) -> Resul
     result
 }
 
+/// A Normal event for every scaling decision, so `kubectl describe` tells the story. Best
+/// effort: a lost event never fails the reconcile.
+async fn report_scaling(
+    pipeline: &DedupPipeline,
+    from: i32,
+    decision: &Decision,
+    observation: &Observation,
+    ctx: &Context,
+) {
+    let depth = match observation {
+        Observation::Depth(d) => format!("{d} messages queued"),
+        Observation::Unavailable(_) => "queue depth unreadable".to_owned(),
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "ScaledWorkers".to_owned(),
+        note: Some(format!(
+            "workers {from} → {} ({:?}, {depth})",
+            decision.replicas, decision.reason
+        )),
+        action: "Scale".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &pipeline.object_ref(&()))
+        .await
+    {
+        tracing::debug!(error = %e, "Could not publish the scaling event.");
+    }
+}
+
 /// Makes a failed reconcile visible on the resource: a Warning event and a Degraded
 /// condition. Both are best effort — the API server may be what failed.
 async fn report_failure(pipeline: &DedupPipeline, error: &Error, ctx: &Context) {
@@ -126,11 +158,17 @@ async fn report_failure(pipeline: &DedupPipeline, error: &Error, ctx: &Context) 
     let Some(namespace) = pipeline.namespace() else {
         return;
     };
-    let condition = json!({"status": {"conditions": [{
-        "type": "Degraded", "status": "True", "reason": "ReconcileFailed",
-        "message": error.to_string(), "observedGeneration": pipeline.metadata.generation,
-        "lastTransitionTime": (ctx.now)().to_rfc3339(),
-    }]}});
+    let degraded = condition(
+        pipeline,
+        "Degraded",
+        true,
+        "ReconcileFailed",
+        error.to_string(),
+        (ctx.now)(),
+    );
+    // Merged with the conditions the resource has: Ready and Progressing stay as last seen.
+    let conditions = merged_conditions(previous_conditions(pipeline), vec![degraded]);
+    let condition = json!({"status": {"conditions": conditions}});
     let _ = Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
         .patch_status(
             &pipeline.name_any(),
@@ -186,6 +224,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         .await?;
     if decision.replicas != current {
         tracing::info!(pipeline = %names.pipeline, from = current, to = decision.replicas, reason = ?decision.reason, "Scaling workers.");
+        report_scaling(&pipeline, current, &decision, &observation, ctx).await;
     }
     let (ingest_available, workers_available) = (available(&ingest), available(&worker));
     record_metrics(
@@ -296,6 +335,60 @@ pub fn error_policy(pipeline: Arc<DedupPipeline>, error: &Error, ctx: Arc<Contex
     Action::requeue(delay)
 }
 
+/// One condition of `pipeline`, as of `now`.
+fn condition(
+    pipeline: &DedupPipeline,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    now: DateTime<Utc>,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: pipeline.metadata.generation,
+        last_transition_time: Time(
+            k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ),
+    }
+}
+
+/// The conditions the resource carries now.
+fn previous_conditions(pipeline: &DedupPipeline) -> &[Condition] {
+    pipeline
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// `new` conditions merged into `old`: a condition whose status did not change keeps its
+/// `lastTransitionTime` (it marks a transition, not the last look), and types `new` does not
+/// mention stay as they were.
+pub fn merged_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
+    let mut merged: Vec<Condition> = new
+        .into_iter()
+        .map(|mut c| {
+            if let Some(before) = old.iter().find(|o| o.type_ == c.type_)
+                && before.status == c.status
+            {
+                c.last_transition_time = before.last_transition_time.clone();
+            }
+            c
+        })
+        .collect();
+    for before in old {
+        if !merged.iter().any(|c| c.type_ == before.type_) {
+            merged.push(before.clone());
+        }
+    }
+    merged
+}
+
 /// The status merge patch: observed generation, conditions, depth and workers.
 pub fn status_patch(
     pipeline: &DedupPipeline,
@@ -307,16 +400,8 @@ pub fn status_patch(
     now: DateTime<Utc>,
 ) -> serde_json::Value {
     let generation = pipeline.metadata.generation;
-    let condition = |type_: &str, ok: bool, reason: &str, message: String| Condition {
-        type_: type_.to_owned(),
-        status: if ok { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(
-            k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
-                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-        ),
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(pipeline, type_, ok, reason, message, now)
     };
     let ready = ingest_available > 0 && (workers_available > 0 || decision.replicas == 0);
     let (degraded, degraded_reason, degraded_message) = match observation {
@@ -335,13 +420,13 @@ pub fn status_patch(
             "desiredWorkers": decision.replicas,
             "currentWorkers": workers_available,
             "queueDepth": match observation { Observation::Depth(d) => Some(*d), Observation::Unavailable(_) => None },
-            "conditions": [
+            "conditions": merged_conditions(previous_conditions(pipeline), vec![
                 condition("Ready", ready, if ready { "Available" } else { "Unavailable" },
                     format!("{ingest_available} ingest and {workers_available} worker pods available")),
                 condition("Progressing", progressing, &format!("{:?}", decision.reason),
                     format!("workers {previous} → {}", decision.replicas)),
                 condition("Degraded", degraded, degraded_reason, degraded_message),
-            ],
+            ]),
         }
     });
     if decision.replicas != previous {
@@ -401,4 +486,84 @@ pub fn broker_depth(tls: TlsArgs) -> DepthSource {
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DedupPipelineSpec, DedupPipelineStatus};
+
+    fn pipeline() -> DedupPipeline {
+        let spec: DedupPipelineSpec = serde_yaml::from_str(
+            "secrets:\n  rabbitmqUrl: {name: s, key: a}\n  rabbitmqManagementUrl: {name: s, key: m}\n  redisUrl: {name: s, key: r}\n  databaseUrl: {name: s, key: d}\n",
+        )
+        .expect("spec");
+        DedupPipeline::new("events", spec)
+    }
+
+    fn at(second: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(second, 0).expect("time")
+    }
+
+    fn time_of(conditions: &[Condition], type_: &str) -> i64 {
+        let c = conditions.iter().find(|c| c.type_ == type_).expect(type_);
+        c.last_transition_time.0.as_second()
+    }
+
+    /// A condition keeps its lastTransitionTime while its status holds and takes a new one when
+    /// it flips; conditions the update does not name stay.
+    #[test]
+    fn conditions_change_their_time_only_on_a_transition() {
+        let p = pipeline();
+        let old = vec![
+            condition(&p, "Ready", true, "Available", "1 ingest".into(), at(100)),
+            condition(&p, "Degraded", false, "AsExpected", "ok".into(), at(100)),
+            condition(&p, "Progressing", false, "Steady", "2 → 2".into(), at(100)),
+        ];
+        let new = vec![
+            condition(&p, "Ready", true, "Available", "2 ingest".into(), at(500)),
+            condition(
+                &p,
+                "Degraded",
+                true,
+                "ReconcileFailed",
+                "conflict".into(),
+                at(500),
+            ),
+        ];
+        let merged = merged_conditions(&old, new);
+        assert_eq!(time_of(&merged, "Ready"), 100, "still Ready: no transition");
+        assert_eq!(
+            time_of(&merged, "Degraded"),
+            500,
+            "False → True is a transition"
+        );
+        assert_eq!(time_of(&merged, "Progressing"), 100, "not named: kept");
+        let ready = merged.iter().find(|c| c.type_ == "Ready").expect("Ready");
+        assert_eq!(ready.message, "2 ingest", "the message is the latest");
+        assert_eq!(merged.len(), 3);
+    }
+
+    /// The status patch of a steady pipeline keeps the times its conditions already have.
+    #[test]
+    fn a_steady_pipeline_keeps_its_transition_times() {
+        let mut p = pipeline();
+        let decision = Decision {
+            replicas: 2,
+            reason: Reason::Steady,
+        };
+        let first = status_patch(&p, &Observation::Depth(10), decision, 2, 1, 2, at(100));
+        let conditions: Vec<Condition> =
+            serde_json::from_value(first["status"]["conditions"].clone()).expect("conditions");
+        p.status = Some(DedupPipelineStatus {
+            conditions,
+            ..Default::default()
+        });
+        let later = status_patch(&p, &Observation::Depth(12), decision, 2, 1, 2, at(900));
+        let conditions: Vec<Condition> =
+            serde_json::from_value(later["status"]["conditions"].clone()).expect("conditions");
+        for type_ in ["Ready", "Progressing", "Degraded"] {
+            assert_eq!(time_of(&conditions, type_), 100, "{type_}");
+        }
+    }
 }

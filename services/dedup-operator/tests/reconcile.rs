@@ -154,6 +154,25 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
         )
         .await;
         assert_eq!(worker["spec"]["replicas"], 5, "ceil(4500 / 1000) workers");
+        // Every scaling decision leaves a Normal event.
+        let event = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Normal"), Some("ScaledWorkers"))
+        );
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("workers 2 → 5"),
+            "{event}"
+        );
         let status = expect_status(&mut handle).await;
         let s = &status["status"];
         assert_eq!(
