@@ -64,6 +64,11 @@ pub async fn serve(
     config.check()?;
     let metrics = Metrics::new();
     let guard = Guard::new(guard_settings(&config), &metrics)?;
+    // Loaded before anything connects: a bad certificate stops ingest at once.
+    let https = cert_files(&config)
+        .map(https::Https::new)
+        .transpose()?
+        .map(Arc::new);
     let publisher = Publisher::new(publisher_config(&config), metrics.clone());
     let stop_publisher = CancellationToken::new();
     let supervisor = tokio::spawn(publisher.clone().supervise(stop_publisher.clone()));
@@ -92,35 +97,34 @@ pub async fn serve(
             stop.cancel();
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, "ingest listening on /product_events/.");
+    let scheme = if https.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "ingest listening on /product_events/.");
     let admin_router = admin::router(metrics.registry.clone(), ready);
     let admin_task = admin::spawn(admin_listener, admin_router, stop.clone());
     let watcher = tokio::spawn(guard.watch(stop.clone()));
     // The peer address is the client's, or the trusted proxy's (`auth::client_address`).
     let app = http::app(state).into_make_service_with_connect_info::<auth::Peer>();
     let graceful = stop.clone().cancelled_owned();
-    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
-        match cert_files(&config) {
-            None => Box::pin(
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match https {
+        None => Box::pin(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .into_future(),
+        ),
+        Some(https) => {
+            tokio::spawn(
+                https
+                    .clone()
+                    .watch(config.tls_reload_interval, stop.clone()),
+            );
+            let listener = https.listen(listener, stop.clone())?;
+            Box::pin(
                 axum::serve(listener, app)
                     .with_graceful_shutdown(graceful)
                     .into_future(),
-            ),
-            Some(files) => {
-                let https = Arc::new(https::Https::new(files)?);
-                tokio::spawn(
-                    https
-                        .clone()
-                        .watch(config.tls_reload_interval, stop.clone()),
-                );
-                let listener = https.listen(listener, stop.clone())?;
-                Box::pin(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(graceful)
-                        .into_future(),
-                )
-            }
-        };
+            )
+        }
+    };
     let grace = config.shutdown_grace;
     tokio::select! {
         result = server => result.context("the HTTP server failed")?,
