@@ -116,6 +116,23 @@ async fn expect_workloads(handle: &mut Handle, workers: i64) -> Value {
 }
 
 /// The status patch, answered with the stored pipeline carrying that status; returns the patch.
+/// The next request posts an event of this type and reason about the pipeline; returns it.
+async fn expect_event(handle: &mut Handle, type_: &str, reason: &str) -> Value {
+    let event = expect(
+        handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+        |b| (StatusCode::OK, b),
+    )
+    .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some(type_), Some(reason)),
+        "{event}"
+    );
+    event
+}
+
 async fn expect_status(handle: &mut Handle) -> Value {
     expect(
         handle,
@@ -155,17 +172,7 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
         .await;
         assert_eq!(worker["spec"]["replicas"], 5, "ceil(4500 / 1000) workers");
         // Every scaling decision leaves a Normal event.
-        let event = expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/prod/events",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
-        assert_eq!(
-            (event["type"].as_str(), event["reason"].as_str()),
-            (Some("Normal"), Some("ScaledWorkers"))
-        );
+        let event = expect_event(&mut handle, "Normal", "ScaledWorkers").await;
         assert!(
             event["note"]
                 .as_str()
@@ -322,17 +329,7 @@ async fn api_conflict_fails_the_reconcile_reports_it_and_backs_off() {
             (StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "conflict", "reason": "Conflict", "code": 409}))
         })
         .await;
-        let event = expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/prod/events",
-            |b| (StatusCode::OK, b),
-        )
-        .await;
-        assert_eq!(
-            (event["type"].as_str(), event["reason"].as_str()),
-            (Some("Warning"), Some("ReconcileFailed"))
-        );
+        let event = expect_event(&mut handle, "Warning", "ReconcileFailed").await;
         assert_eq!(event["regarding"]["name"], "events");
         let status = expect_status(&mut handle).await;
         let degraded = &status["status"]["conditions"][0];
