@@ -64,6 +64,7 @@ value_sets = {
         "priorityClassName": "high", "redis": {"resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
         "monitoring": {"labels": {"release": "kps"}, "annotations": {"team": "data"},
         "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}, "serviceMonitors": {"enabled": True}}},
+    "storage class, existing claim": {"postgresql": {"existingClaim": "pg-data"}, "redis": {"storageClass": "fast"}},
     "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
@@ -192,6 +193,14 @@ for label, values in value_sets.items():
         monitors = [d for d in docs if d["kind"] in MONITORING_KINDS or d["metadata"].get("labels", {}).get("grafana_dashboard")]
         check(len(monitors) >= 5 and all(d["metadata"]["labels"].get("release") == "kps" and d["metadata"].get("annotations") == {"team": "data"}
                                          for d in monitors), "monitoring.labels and annotations on every monitoring object")
+    if label == "storage class, existing claim":
+        sts = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "StatefulSet"}
+        pg = sts["rel-dedup-postgresql"]
+        check("volumeClaimTemplates" not in pg and {"name": "data", "persistentVolumeClaim": {"claimName": "pg-data"}} in pg["template"]["spec"]["volumes"],
+              "existingClaim: PostgreSQL uses the given claim and makes none")
+        check(sts["rel-dedup-redis"]["volumeClaimTemplates"][0]["spec"].get("storageClassName") == "fast"
+              and "storageClassName" not in sts["rel-dedup-rabbitmq"]["volumeClaimTemplates"][0]["spec"],
+              "storageClass: on Redis's claim only")
     if label == "existing credentials and URLs":
         check(not any(d["kind"] == "Secret" and d["metadata"]["name"].endswith(("-credentials", "-urls")) for d in docs),
               "existing credentials: the chart must make neither the credentials nor the URL Secret")
