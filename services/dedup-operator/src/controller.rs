@@ -18,7 +18,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::crd::{DedupPipeline, SecretKey};
+use crate::crd::{DedupPipeline, Recommendation, SecretKey};
 use crate::metrics::Metrics;
 use crate::resources::{self, Names};
 use crate::scale::{Decision, Observation, Policy, Reason, Scaler};
@@ -210,7 +210,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         .unwrap_or(pipeline.spec.worker.min_replicas);
     let observation = (ctx.depth)(ctx.client.clone(), pipeline.clone()).await;
     let now = (ctx.now)();
-    let decision = decide(ctx, &pipeline, &namespace, current, &observation, now);
+    let (decision, history) = decide(ctx, &pipeline, &namespace, current, &observation, now);
     let worker = deployments
         .patch(
             &names.worker(),
@@ -235,7 +235,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         (workers_available, pipeline.spec.worker.max_replicas),
         &observation,
     );
-    let status = status_patch(
+    let mut status = status_patch(
         &pipeline,
         &observation,
         decision,
@@ -244,6 +244,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         workers_available,
         now,
     );
+    status["status"]["recommendations"] = json!(history);
     Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
         .patch_status(
             &names.pipeline,
@@ -263,7 +264,7 @@ fn decide(
     current: i32,
     observation: &Observation,
     now: DateTime<Utc>,
-) -> Decision {
+) -> (Decision, Vec<Recommendation>) {
     let spec = &pipeline.spec.worker;
     let policy = Policy {
         min: spec.min_replicas,
@@ -273,12 +274,32 @@ fn decide(
         scale_down_window: chrono::Duration::seconds(spec.scale_down_stabilization_seconds),
     };
     let key = format!("{namespace}/{}", Names::of(pipeline).pipeline);
-    ctx.scalers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    let mut scalers = ctx.scalers.lock().unwrap_or_else(|e| e.into_inner());
+    let scaler = scalers
         .entry(key)
-        .or_default()
-        .decide(now, current, observation, &policy)
+        .or_insert_with(|| Scaler::from_history(kept_history(pipeline)));
+    let decision = scaler.decide(now, current, observation, &policy);
+    let history = scaler
+        .history()
+        .map(|(at, replicas)| Recommendation {
+            at: at.to_rfc3339(),
+            replicas,
+        })
+        .collect();
+    (decision, history)
+}
+
+/// The recommendations the pipeline's status kept (unreadable entries skipped).
+fn kept_history(pipeline: &DedupPipeline) -> Vec<(DateTime<Utc>, i32)> {
+    pipeline
+        .status
+        .iter()
+        .flat_map(|s| &s.recommendations)
+        .filter_map(|r| {
+            let at = DateTime::parse_from_rfc3339(&r.at).ok()?;
+            Some((at.with_timezone(&Utc), r.replicas))
+        })
+        .collect()
 }
 
 /// Available replicas of a deployment as its status reports them.

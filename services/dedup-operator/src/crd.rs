@@ -227,6 +227,17 @@ pub struct DedupPipelineStatus {
     pub current_workers: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
+    /// The scaler's recent recommendations (within the longer stabilization window), so an
+    /// operator that restarts or hands over keeps the windows instead of scaling at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recommendations: Vec<Recommendation>,
+}
+
+/// One scaling recommendation: how many workers, and when (RFC 3339).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Recommendation {
+    pub at: String,
+    pub replicas: i32,
 }
 
 fn default_image() -> String {

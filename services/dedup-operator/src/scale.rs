@@ -58,6 +58,21 @@ pub struct Scaler {
 }
 
 impl Scaler {
+    /// A scaler that remembers `history` (recommendations and when they were made), as the
+    /// pipeline's status kept them: a restarted operator keeps its stabilization windows.
+    pub fn from_history(history: impl IntoIterator<Item = (DateTime<Utc>, i32)>) -> Self {
+        let mut history: Vec<_> = history.into_iter().collect();
+        history.sort_by_key(|(at, _)| *at);
+        Self {
+            history: history.into(),
+        }
+    }
+
+    /// The recommendations it remembers, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = (DateTime<Utc>, i32)> + '_ {
+        self.history.iter().copied()
+    }
+
     /// Decides the replicas for `current` running workers at `now`.
     pub fn decide(
         &mut self,
@@ -282,5 +297,30 @@ mod tests {
             ],
         );
         assert_eq!(replicas(&d), [2, 2, 2, 8]);
+    }
+
+    /// A scaler rebuilt from a kept history honours the scale-down window as the one that
+    /// made it would have: a restart does not scale straight down.
+    #[test]
+    fn a_rebuilt_scaler_keeps_its_window() {
+        let policy = policy();
+        let mut before = Scaler::default();
+        assert_eq!(
+            before
+                .decide(t(0), 5, &Observation::Depth(5000), &policy)
+                .replicas,
+            5
+        );
+        let mut rebuilt = Scaler::from_history(before.history());
+        let after = rebuilt.decide(t(60), 5, &Observation::Depth(100), &policy);
+        assert_eq!((after.replicas, after.reason), (5, Reason::Stabilizing));
+        let mut forgetful = Scaler::default();
+        let fresh = forgetful.decide(t(60), 5, &Observation::Depth(100), &policy);
+        assert_eq!(
+            fresh.replicas, 1,
+            "without the history it would scale down at once"
+        );
+        let later = rebuilt.decide(t(400), 5, &Observation::Depth(100), &policy);
+        assert_eq!(later.replicas, 1, "past the window it scales down");
     }
 }

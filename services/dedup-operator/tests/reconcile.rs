@@ -115,7 +115,6 @@ async fn expect_workloads(handle: &mut Handle, workers: i64) -> Value {
     cm
 }
 
-/// The status patch, answered with the stored pipeline carrying that status; returns the patch.
 /// The next request posts an event of this type and reason about the pipeline; returns it.
 async fn expect_event(handle: &mut Handle, type_: &str, reason: &str) -> Value {
     let event = expect(
@@ -133,6 +132,7 @@ async fn expect_event(handle: &mut Handle, type_: &str, reason: &str) -> Value {
     event
 }
 
+/// The status patch, answered with the stored pipeline carrying that status; returns the patch.
 async fn expect_status(handle: &mut Handle) -> Value {
     expect(
         handle,
@@ -191,6 +191,11 @@ async fn reconcile_applies_workloads_scales_workers_and_reports_status() {
             (Some(5), Some(4500), Some(3))
         );
         assert!(s["lastScaleTime"].is_string());
+        assert_eq!(
+            s["recommendations"],
+            json!([{"at": "2027-01-15T08:00:00+00:00", "replicas": 5}]),
+            "the scaler's history is kept in the status"
+        );
         let conditions: HashMap<&str, &str> = s["conditions"]
             .as_array()
             .expect("conditions")
@@ -360,4 +365,37 @@ async fn api_conflict_fails_the_reconcile_reports_it_and_backs_off() {
         ),
         (1, 3)
     );
+}
+
+/// An operator that restarts finds its scale-down window in the status: with a recommendation
+/// of 5 workers a minute ago and an almost empty queue, it keeps 5 instead of scaling down.
+#[tokio::test]
+async fn a_restarted_operator_keeps_the_scale_down_window() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), Observation::Depth(100));
+    let mut p = pipeline();
+    p.status = serde_json::from_value(json!({
+        "recommendations": [{"at": (fixed_now() - chrono::Duration::seconds(60)).to_rfc3339(), "replicas": 5}]
+    }))
+    .expect("status");
+    let server = tokio::spawn(async move {
+        expect_workloads(&mut handle, 5).await;
+        let worker = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+            |b| with_available(b, 5),
+        )
+        .await;
+        assert_eq!(worker["spec"]["replicas"], 5, "held by the kept window");
+        let status = expect_status(&mut handle).await;
+        assert_eq!(
+            status["status"]["recommendations"].as_array().map(Vec::len),
+            Some(2)
+        );
+    });
+    controller::reconcile(Arc::new(p), ctx)
+        .await
+        .expect("reconcile");
+    server.await.expect("every expected request arrived");
 }
