@@ -209,7 +209,8 @@ for label, values in value_sets.items():
         check(refs == {"vault-creds"}, f"existing credentials: the bundled services read their passwords from it, got {refs}")
     if label == "namespace-scoped operator":
         check(not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs), "namespace-scoped: nothing cluster-wide")
-        roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
+        roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")
+                 and not d["metadata"]["name"].endswith("-leader")}
         check(roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("prod", "team-b")}, f"namespace-scoped: a Role and RoleBinding per namespace, got {roles}")
         operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator"))
         env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -261,6 +262,16 @@ for label, values in value_sets.items():
               f"defaults: a PodDisruptionBudget for the workers, got {pdbs}")
         for claim in (c for d in docs if d["kind"] == "StatefulSet" for c in d["spec"]["volumeClaimTemplates"]):
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
+        operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-dedup-operator")
+        env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+        check(operator["spec"]["replicas"] == 2 and env.get("LEADER_ELECTION") == "true"
+              and env.get("LEASE_NAME") == "rel-dedup-operator" and env.get("LEASE_NAMESPACE") == "prod",
+              f"defaults: two operator replicas electing a leader on a Lease in the release namespace, got {env}")
+        lease_role = next((d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "rel-dedup-operator-leader"), None)
+        check(lease_role is not None and lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                                                  "verbs": ["get", "create", "patch"]}]
+              and any(d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "rel-dedup-operator-leader" for d in docs),
+              "defaults: the operator may get, create and patch its Lease")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
 
@@ -271,6 +282,13 @@ try:
     problems.append("credentials.existingSecret without a readable Secret or connections.existingSecret must fail the render")
 except Exception as e:  # the SDK raises the template's fail message
     check("connections.existingSecret" in str(e), f"the failed render should say to set connections.existingSecret: {e}")
+
+# Two operators without leader election would scale the same workers: refused.
+try:
+    chart.render({"operator": {"replicas": 2, "leaderElection": False}}, name="rel", namespace="prod", is_install=True)
+    problems.append("operator.replicas 2 without leader election must fail the render")
+except Exception as e:
+    check("leaderElection" in str(e), f"the failed render should name operator.leaderElection: {e}")
 
 # The prometheus-operator objects against that operator's CRD schemas (an npm package of
 # validators generated from them, pinned in scripts/chart-check/package-lock.json).

@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dedup_operator::controller::{self, Context};
+use dedup_operator::leader::{self, LeaderArgs, Term};
 use dedup_operator::metrics::Metrics;
 use dedup_runtime::admin;
 use dedup_runtime::telemetry::{self, LogArgs};
-use futures::StreamExt;
 use kube::Client;
-use kube::runtime::{Controller, watcher};
 
 /// dedup-operator: runs dedup pipelines on Kubernetes from DedupPipeline resources — applies
 /// their workloads and scales the workers from the queue depth (ready plus unacknowledged).
@@ -41,6 +40,8 @@ struct RunArgs {
     /// operator needs only a Role in each (charts/dedup: operator.watchNamespaces).
     #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
     watch_namespaces: Vec<String>,
+    #[command(flatten)]
+    leader: LeaderArgs,
     #[command(flatten)]
     tls: dedup_runtime::tls::TlsArgs,
     #[command(flatten)]
@@ -109,20 +110,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ?namespaces,
         "Watching DedupPipelines (no namespaces listed: all of them)."
     );
-    let controllers = scopes.into_iter().map(|scope| {
-        Controller::new(scope.pipelines, watcher::Config::default())
-            .owns(scope.deployments, watcher::Config::default())
-            .graceful_shutdown_on(async { dedup_runtime::shutdown::shutdown_signal().await })
-            .run(controller::reconcile, controller::error_policy, ctx.clone())
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "Reconcile did not complete.");
-                }
-            })
+    // One signal ends both the wait for the Lease and the controllers.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            dedup_runtime::shutdown::shutdown_signal().await;
+            shutdown.cancel();
+        }
     });
-    futures::future::join_all(controllers).await;
+    let controllers = scopes
+        .into_iter()
+        .map(|scope| scope.run(ctx.clone(), shutdown.clone()));
+    let work = futures::future::join_all(controllers);
+    let term = if args.leader.leader_election {
+        leader::lead(
+            client,
+            &args.leader,
+            &metrics.leader,
+            shutdown.clone(),
+            async {
+                work.await;
+            },
+        )
+        .await?
+    } else {
+        metrics.leader.set(1);
+        work.await;
+        Term::Finished
+    };
     stop.cancel();
     let _ = admin_task.await;
+    if term == Term::Lost {
+        anyhow::bail!(
+            "another replica took the Lease {:?}: exiting so that only one operator scales the \
+             workers (Kubernetes restarts this one as a standby)",
+            args.leader.lease_name
+        );
+    }
     tracing::info!("dedup-operator stopped.");
     Ok(())
 }

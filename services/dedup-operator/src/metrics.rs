@@ -1,6 +1,6 @@
 //! The operator's own Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every metric the operator exports. Clones share the same series.
 #[derive(Clone)]
@@ -17,6 +17,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// The pipeline's maxReplicas, so alerts can tell when scaling has run out.
     pub workers_max: IntGaugeVec,
+    /// 1 while this replica holds the leader Lease and runs the controllers.
+    pub leader: IntGauge,
 }
 
 impl Metrics {
@@ -54,6 +56,11 @@ impl Metrics {
                 "dedup_operator_workers_max",
                 "The pipeline's worker.maxReplicas: the most workers the operator will run.",
             ),
+            leader: IntGauge::new(
+                "dedup_operator_leader",
+                "1 while this replica holds the leader Lease (runs the controllers), else 0.",
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.reconciles.clone()) as Box<dyn prometheus::core::Collector>,
@@ -63,6 +70,7 @@ impl Metrics {
             Box::new(m.workers_current.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.workers_max.clone()),
+            Box::new(m.leader.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
