@@ -21,8 +21,9 @@ CHART = os.path.join(ROOT, "charts", "dedup")
 KUBE_VERSION = "1.33.0"
 problems = []
 MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
-# Rendered prometheus-operator objects, validated against its CRD schemas below.
-monitoring_objects = []
+KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
+# Rendered prometheus-operator and KEDA objects, validated against their CRD schemas below.
+crd_objects = []
 WORKLOADS = ("Deployment", "StatefulSet", "Job", "Pod")
 
 
@@ -66,6 +67,14 @@ value_sets = {
         "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}, "serviceMonitors": {"enabled": True}}},
     "storage class, existing claim": {"postgresql": {"existingClaim": "pg-data"}, "redis": {"storageClass": "fast"}},
     "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
+    "keda autoscaling, extra settings": {"pipeline": {
+        "worker": {"minReplicas": 0, "settings": {"BATCH_SIZE": "500", "RETENTION": "30d"},
+                   "autoscaling": {"mode": "keda", "activation": 5, "vhost": "events",
+                                   "scaleUpLimit": {"pods": 4, "percent": 100, "periodSeconds": 30}}},
+        "ingest": {"settings": {"MAX_BODY_BYTES": "65536"}}}},
+    "operator autoscaling on the publish rate": {"pipeline": {"worker": {"autoscaling": {
+        "metric": "messageRate", "targetPublishRatePerWorker": 300, "scaleUpLimit": {"percent": 50}}}}},
+    "autoscaling left to the user": {"pipeline": {"worker": {"autoscaling": {"mode": "none"}}}},
 }
 # The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
 kind_values = {}
@@ -77,6 +86,21 @@ for key, value in re.findall(r"--set ((?:pipeline|monitoring)\.[\w.]+)=([^\s)]+)
     node[leaf] = True if value == "true" else int(value) if value.isdigit() else value
 check(kind_values.get("monitoring") and kind_values.get("pipeline"), "scripts/kind-up.sh: its --set values were not found")
 value_sets["scripts/kind-up.sh with MONITORING=1"] = kind_values
+# What dedup-operator applies for each rendered DedupPipeline, from `dedup-operator render`
+# (the binary the test command built): validated like the chart's own objects, KEDA's kinds
+# against KEDA's CRD schemas.
+target_dir = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+operator_bin = os.path.join(target_dir, "debug", "dedup-operator")
+if not os.path.exists(operator_bin):
+    subprocess.run(["cargo", "build", "-q", "--locked", "-p", "dedup-operator"], cwd=ROOT, check=True)
+
+
+def operator_objects(pipeline):
+    result = subprocess.run([operator_bin, "render", "-"], input=yaml.safe_dump(pipeline), capture_output=True, text=True)
+    check(result.returncode == 0, f"dedup-operator render failed: {result.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(result.stdout) if d] if result.returncode == 0 else []
+
+
 chart = helm.Chart.load(CHART)
 for label, values in value_sets.items():
     rendered = chart.render(values, name="rel", namespace="prod", is_install=True)
@@ -85,6 +109,21 @@ for label, values in value_sets.items():
     kinds = [d["kind"] for d in docs]
     pipeline = next((d for d in docs if d["kind"] == "DedupPipeline"), None)
     notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    applied = operator_objects(pipeline) if pipeline else []
+    for doc in applied:
+        where = f"[{label}] operator's {doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in KEDA_KINDS:
+            crd_objects.append((where, doc))
+        else:
+            try:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                problems.append(f"{where}: {e.message}")
+    applied_kinds = [d["kind"] for d in applied]
+    if pipeline:
+        keda = pipeline["spec"]["worker"].get("autoscaling", {}).get("mode") == "keda"
+        check(("ScaledObject" in applied_kinds) == keda and ("TriggerAuthentication" in applied_kinds) == keda,
+              f"[{label}] the operator makes KEDA's objects exactly in keda mode, got {applied_kinds}")
     for doc in docs:
         where = f"[{label}] {doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] == "DedupPipeline":
@@ -93,7 +132,7 @@ for label, values in value_sets.items():
             except jsonschema.ValidationError as e:
                 problems.append(f"{where}: not valid against the CRD: {e.message}")
         elif doc["kind"] in MONITORING_KINDS:
-            monitoring_objects.append((where, doc))
+            crd_objects.append((where, doc))
             if doc["kind"] == "PrometheusRule":
                 groups = doc["spec"].get("groups", [])
                 check(groups and all(r.get("alert") and r.get("expr") for g in groups for r in g["rules"]), f"{where}: empty or malformed rules")
@@ -207,6 +246,18 @@ for label, values in value_sets.items():
         refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in docs if d["kind"] == "StatefulSet"
                 for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
         check(refs == {"vault-creds"}, f"existing credentials: the bundled services read their passwords from it, got {refs}")
+    if label == "keda autoscaling, extra settings":
+        scaled = next(d for d in applied if d["kind"] == "ScaledObject")
+        trigger = scaled["spec"]["triggers"][0]["metadata"]
+        check(trigger["vhostName"] == "events" and trigger["activationValue"] == "5" and trigger["protocol"] == "http"
+              and scaled["spec"]["minReplicaCount"] == 0, f"keda: the ScaledObject follows the values, got {scaled['spec']}")
+        worker = next(d for d in applied if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-worker"))
+        env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+        check("replicas" not in worker["spec"] and env.get("BATCH_SIZE") == "500" and env.get("RETENTION") == "30d",
+              f"keda: the worker Deployment leaves replicas to KEDA and carries the settings, got {worker['spec'].get('replicas')} {env}")
+        ingest = next(d for d in applied if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-ingest"))
+        check(any(e["name"] == "MAX_BODY_BYTES" for e in ingest["spec"]["template"]["spec"]["containers"][0]["env"]),
+              "ingest.settings reach ingest")
     if label == "namespace-scoped operator":
         check(not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs), "namespace-scoped: nothing cluster-wide")
         roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")
@@ -290,17 +341,18 @@ try:
 except Exception as e:
     check("leaderElection" in str(e), f"the failed render should name operator.leaderElection: {e}")
 
-# The prometheus-operator objects against that operator's CRD schemas (an npm package of
+# The prometheus-operator's and KEDA's objects against their CRD schemas (npm packages of
 # validators generated from them, pinned in scripts/chart-check/package-lock.json).
-check(monitoring_objects, "no ServiceMonitor, PodMonitor or PrometheusRule was rendered by any value set")
+check(any(d["kind"] in MONITORING_KINDS for _, d in crd_objects), "no ServiceMonitor, PodMonitor or PrometheusRule was rendered by any value set")
+check(any(d["kind"] == "ScaledObject" for _, d in crd_objects), "no ScaledObject was made for any value set")
 checker = os.path.join(ROOT, "scripts", "chart-check")
 if not os.path.isdir(os.path.join(checker, "node_modules")):
     subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=checker, check=True)
-result = subprocess.run(["node", "validate-monitoring.mjs"], cwd=checker, capture_output=True, text=True,
-                        input=json.dumps([{"where": where, "object": doc} for where, doc in monitoring_objects]))
+result = subprocess.run(["node", "validate-crd-objects.mjs"], cwd=checker, capture_output=True, text=True,
+                        input=json.dumps([{"where": where, "object": doc} for where, doc in crd_objects]))
 problems.extend(line for line in result.stdout.splitlines() if line)
 check(result.returncode in (0, 1) and (result.returncode == 0) == (not result.stdout.strip()),
-      f"the monitoring validator failed: {result.stderr.strip()}")
+      f"the CRD object validator failed: {result.stderr.strip()}")
 
 # The plain manifests in k8s/ validate too, and the example pipeline against the CRD.
 for manifest in ("operator.yaml", "rbac.yaml", "example-pipeline.yaml"):
@@ -327,4 +379,5 @@ for wrong in ({"pipeline": {"worker": {"minReplicas": -1}}}, {"image": {"pullPol
 
 if problems:
     sys.exit("charts/dedup:\n  " + "\n  ".join(problems))
-print(f"charts/dedup OK ({len(value_sets)} value sets rendered and validated, {len(monitoring_objects)} monitoring objects against the prometheus-operator CRDs)")
+print(f"charts/dedup OK ({len(value_sets)} value sets rendered and validated with what the operator makes of each, "
+      f"{len(crd_objects)} prometheus-operator and KEDA objects against their CRDs)")

@@ -12,16 +12,16 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::crd::{DedupPipeline, Recommendation, SecretKey};
+use crate::crd::{AutoscalingMode, DedupPipeline, Recommendation, ScaleMetric, SecretKey};
 use crate::metrics::Metrics;
 use crate::resources::{self, Names};
-use crate::scale::{Decision, Observation, Policy, Reason, Scaler};
+use crate::scale::{Decision, Observation, Policy, Reason, ScaleUpLimit, Scaler};
 
 /// The field manager of every apply.
 pub const MANAGER: &str = "dedup-operator";
@@ -34,6 +34,14 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the DedupPipeline has no namespace")]
     NoNamespace,
+    /// A spec the operator will not apply, with why and what to change.
+    #[error("{0}")]
+    Spec(String),
+    #[error(
+        "worker.autoscaling.mode is keda but KEDA is not installed (no keda.sh/v1alpha1 \
+         ScaledObject API): install KEDA, or set the mode to operator"
+    )]
+    KedaMissing,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -117,7 +125,9 @@ async fn report_scaling(
 ) {
     let depth = match observation {
         Observation::Depth(d) => format!("{d} messages queued"),
+        Observation::Rate(r) => format!("{r:.1} messages/s published"),
         Observation::Unavailable(_) => "queue depth unreadable".to_owned(),
+        Observation::External => "set by KEDA or by hand".to_owned(),
     };
     let event = Event {
         type_: EventType::Normal,
@@ -180,6 +190,10 @@ async fn report_failure(pipeline: &DedupPipeline, error: &Error, ctx: &Context) 
 
 async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<Action> {
     let namespace = pipeline.namespace().ok_or(Error::NoNamespace)?;
+    let refused = resources::refused_settings(&pipeline);
+    if !refused.is_empty() {
+        return Err(Error::Spec(refused.join("; ")));
+    }
     let names = Names::of(&pipeline);
     let apply = PatchParams::apply(MANAGER).force();
     let config = resources::config_map(&pipeline);
@@ -208,9 +222,19 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         .await?
         .and_then(|d| d.spec?.replicas)
         .unwrap_or(pipeline.spec.worker.min_replicas);
-    let observation = (ctx.depth)(ctx.client.clone(), pipeline.clone()).await;
     let now = (ctx.now)();
-    let (decision, history) = decide(ctx, &pipeline, &namespace, current, &observation, now);
+    let mode = pipeline.spec.worker.autoscaling.mode;
+    let (observation, decision, history) = if mode == AutoscalingMode::Operator {
+        let observation = (ctx.depth)(ctx.client.clone(), pipeline.clone()).await;
+        let (decision, history) = decide(ctx, &pipeline, &namespace, current, &observation, now);
+        (observation, decision, history)
+    } else {
+        let decision = Decision {
+            replicas: current,
+            reason: Reason::External,
+        };
+        (Observation::External, decision, Vec::new())
+    };
     let worker = deployments
         .patch(
             &names.worker(),
@@ -218,10 +242,11 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
             &Patch::Apply(&resources::worker_deployment(
                 &pipeline,
                 &checksum,
-                decision.replicas,
+                (mode == AutoscalingMode::Operator).then_some(decision.replicas),
             )),
         )
         .await?;
+    apply_keda(&pipeline, &namespace, ctx).await?;
     if decision.replicas != current {
         tracing::info!(pipeline = %names.pipeline, from = current, to = decision.replicas, reason = ?decision.reason, "Scaling workers.");
         report_scaling(&pipeline, current, &decision, &observation, ctx).await;
@@ -245,6 +270,7 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         now,
     );
     status["status"]["recommendations"] = json!(history);
+    status["status"]["autoscalingMode"] = json!(mode);
     Api::<DedupPipeline>::namespaced(ctx.client.clone(), &namespace)
         .patch_status(
             &names.pipeline,
@@ -253,6 +279,49 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
         )
         .await?;
     Ok(Action::requeue(REQUEUE))
+}
+
+/// `keda` mode: the TriggerAuthentication and ScaledObject, applied. Leaving `keda` (as the
+/// status remembers it): both deleted, so KEDA's HPA stops setting the replicas.
+async fn apply_keda(pipeline: &DedupPipeline, namespace: &str, ctx: &Context) -> Result<()> {
+    let mode = pipeline.spec.worker.autoscaling.mode;
+    let was = pipeline.status.as_ref().and_then(|s| s.autoscaling_mode);
+    if mode != AutoscalingMode::Keda && was != Some(AutoscalingMode::Keda) {
+        return Ok(());
+    }
+    let name = Names::of(pipeline).worker();
+    let objects = [
+        (
+            resources::keda_resource("TriggerAuthentication"),
+            resources::trigger_authentication(pipeline),
+        ),
+        (
+            resources::keda_resource("ScaledObject"),
+            resources::scaled_object(pipeline),
+        ),
+    ];
+    for (resource, object) in objects {
+        let api = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), namespace, &resource);
+        let result = if mode == AutoscalingMode::Keda {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .map(|_| ())
+        } else {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                other => other.map(|_| ()),
+            }
+        };
+        match result {
+            Err(kube::Error::Api(e)) if e.code == 404 => return Err(Error::KedaMissing),
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// The pipeline's worker count now, through its scaler (which keeps the stabilization
@@ -266,12 +335,22 @@ fn decide(
     now: DateTime<Utc>,
 ) -> (Decision, Vec<Recommendation>) {
     let spec = &pipeline.spec.worker;
+    let auto = &spec.autoscaling;
     let policy = Policy {
         min: spec.min_replicas,
         max: spec.max_replicas,
-        target_per_worker: spec.target_messages_per_worker,
+        target_per_worker: match auto.metric {
+            ScaleMetric::QueueLength => spec.target_messages_per_worker,
+            ScaleMetric::MessageRate => auto.target_publish_rate_per_worker,
+        },
         scale_up_window: chrono::Duration::seconds(spec.scale_up_stabilization_seconds),
         scale_down_window: chrono::Duration::seconds(spec.scale_down_stabilization_seconds),
+        activation: auto.activation,
+        scale_up_limit: auto.scale_up_limit.map(|l| ScaleUpLimit {
+            pods: l.pods,
+            percent: l.percent,
+            period: chrono::Duration::seconds(l.period_seconds),
+        }),
     };
     let key = format!("{namespace}/{}", Names::of(pipeline).pipeline);
     let mut scalers = ctx.scalers.lock().unwrap_or_else(|e| e.into_inner());
@@ -331,12 +410,12 @@ fn record_metrics(
     m.workers_max
         .with_label_values(&labels)
         .set(i64::from(workers_max));
-    m.queue_depth
-        .with_label_values(&labels)
-        .set(match observation {
-            Observation::Depth(d) => *d,
-            Observation::Unavailable(_) => -1,
-        });
+    match observation {
+        Observation::Depth(d) => m.queue_depth.with_label_values(&labels).set(*d),
+        Observation::Unavailable(_) => m.queue_depth.with_label_values(&labels).set(-1),
+        // Not read by the operator (the workers export the queue's gauges themselves).
+        Observation::Rate(_) | Observation::External => {}
+    }
 }
 
 /// What to do after a failed reconcile: log it and try again soon.
@@ -432,6 +511,12 @@ pub fn status_patch(
             format!("queue depth unreadable, workers held: {why}"),
         ),
         Observation::Depth(_) => (false, "AsExpected", "queue depth read".to_owned()),
+        Observation::Rate(_) => (false, "AsExpected", "publish rate read".to_owned()),
+        Observation::External => (
+            false,
+            "AsExpected",
+            "the worker replicas are set by KEDA or by hand (worker.autoscaling.mode)".to_owned(),
+        ),
     };
     let progressing =
         decision.replicas != previous || matches!(decision.reason, Reason::Stabilizing);
@@ -440,7 +525,7 @@ pub fn status_patch(
             "observedGeneration": generation,
             "desiredWorkers": decision.replicas,
             "currentWorkers": workers_available,
-            "queueDepth": match observation { Observation::Depth(d) => Some(*d), Observation::Unavailable(_) => None },
+            "queueDepth": match observation { Observation::Depth(d) => Some(*d), _ => None },
             "conditions": merged_conditions(previous_conditions(pipeline), vec![
                 condition("Ready", ready, if ready { "Available" } else { "Unavailable" },
                     format!("{ingest_available} ingest and {workers_available} worker pods available")),
@@ -502,7 +587,12 @@ pub fn broker_depth(tls: TlsArgs) -> DepthSource {
                 Err(e) => return Observation::Unavailable(e.to_string()),
             };
             match reader.read(&vhost, &pipeline.spec.dedup.queue).await {
-                Ok(depth) => Observation::Depth(i64::try_from(depth.total()).unwrap_or(i64::MAX)),
+                Ok(depth) => match pipeline.spec.worker.autoscaling.metric {
+                    ScaleMetric::QueueLength => {
+                        Observation::Depth(i64::try_from(depth.total()).unwrap_or(i64::MAX))
+                    }
+                    ScaleMetric::MessageRate => Observation::Rate(depth.publish_rate),
+                },
                 Err(e) => Observation::Unavailable(e.to_string()),
             }
         })

@@ -93,6 +93,10 @@ pub struct IngestSpec {
     /// Token-bucket rate limits (0: none).
     #[serde(default)]
     pub rate_limit: RateLimitSpec,
+    /// More of ingest's settings, by variable name (`ingest --help`), e.g.
+    /// `MAX_BODY_BYTES: "65536"`. The connection URL and the settings above cannot be set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// Who may send events.
@@ -153,8 +157,81 @@ pub struct WorkerSpec {
     /// How long lower recommendations must last before scaling down.
     #[serde(default = "default_scale_down_seconds")]
     pub scale_down_stabilization_seconds: i64,
+    /// Who sets the replicas and on what.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
+    /// More of the worker's settings, by variable name (`dedup-worker --help`), e.g.
+    /// `BATCH_SIZE: "500"`, `RETENTION: 30d`. The connection URLs come from `secrets` and
+    /// cannot be set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Who sets the worker replicas, and on what.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// `operator`: the operator scales on the metric below. `keda`: the operator makes a KEDA
+    /// ScaledObject (RabbitMQ scaler over the management API) with the same bounds, target
+    /// and windows, and leaves the replicas to KEDA. `none`: the replicas are left alone (an
+    /// HPA of your own, or `kubectl scale`).
+    #[serde(default)]
+    pub mode: AutoscalingMode,
+    /// What one worker is sized for: `queueLength`, ready plus unacknowledged messages
+    /// (`targetMessagesPerWorker`); `messageRate`, messages published per second
+    /// (`targetPublishRatePerWorker`).
+    #[serde(default)]
+    pub metric: ScaleMetric,
+    /// Messages per second one worker keeps up with (metric `messageRate`).
+    #[serde(default = "default_rate_per_worker")]
+    pub target_publish_rate_per_worker: i64,
+    /// With `minReplicas: 0`, the metric must exceed this to start the first worker, and the
+    /// last one stops only at or below it (KEDA's activation value).
+    #[serde(default)]
+    pub activation: i64,
+    /// How fast the workers may grow: unset, at once to the recommendation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up_limit: Option<ScaleUpLimit>,
+    /// `keda`: the vhost of the queue (the management URL does not name one).
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    /// `keda`: how often KEDA reads the queue.
+    #[serde(default = "default_polling_seconds")]
+    pub polling_interval_seconds: i32,
+}
+
+/// Who sets the worker replicas.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMode {
+    #[default]
+    Operator,
+    Keda,
+    None,
+}
+
+/// What the workers scale on.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum ScaleMetric {
+    #[default]
+    QueueLength,
+    MessageRate,
+}
+
+/// At most `pods` more workers, or `percent` more, whichever allows more, per
+/// `periodSeconds` (the HPA's scale-up policies). Always at least one more.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleUpLimit {
+    #[serde(default)]
+    pub pods: i32,
+    #[serde(default)]
+    pub percent: i32,
+    #[serde(default = "default_limit_period")]
+    pub period_seconds: i64,
 }
 
 /// A key in a Secret.
@@ -231,6 +308,9 @@ pub struct DedupPipelineStatus {
     /// operator that restarts or hands over keeps the windows instead of scaling at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recommendations: Vec<Recommendation>,
+    /// The autoscaling mode last applied, so that leaving `keda` removes the ScaledObject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling_mode: Option<AutoscalingMode>,
 }
 
 /// One scaling recommendation: how many workers, and when (RFC 3339).
@@ -267,6 +347,18 @@ fn default_target_per_worker() -> i64 {
 fn default_scale_down_seconds() -> i64 {
     300
 }
+fn default_rate_per_worker() -> i64 {
+    200
+}
+fn default_vhost() -> String {
+    "/".into()
+}
+fn default_polling_seconds() -> i32 {
+    15
+}
+fn default_limit_period() -> i64 {
+    60
+}
 fn default_key_fields() -> Vec<String> {
     ["client_id", "event_name", "product_id", "sid", "r"]
         .map(String::from)
@@ -290,6 +382,7 @@ impl Default for IngestSpec {
             auth: AuthMode::default(),
             write_keys_secret: None,
             rate_limit: RateLimitSpec::default(),
+            settings: BTreeMap::new(),
         }
     }
 }
@@ -302,7 +395,23 @@ impl Default for WorkerSpec {
             target_messages_per_worker: default_target_per_worker(),
             scale_up_stabilization_seconds: 0,
             scale_down_stabilization_seconds: default_scale_down_seconds(),
+            autoscaling: AutoscalingSpec::default(),
             resources: None,
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            mode: AutoscalingMode::default(),
+            metric: ScaleMetric::default(),
+            target_publish_rate_per_worker: default_rate_per_worker(),
+            activation: 0,
+            scale_up_limit: None,
+            vhost: default_vhost(),
+            polling_interval_seconds: default_polling_seconds(),
         }
     }
 }

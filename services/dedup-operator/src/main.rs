@@ -29,6 +29,12 @@ enum Command {
     Run(RunArgs),
     /// Print the DedupPipeline CustomResourceDefinition as YAML (`| kubectl apply -f -`).
     Crd,
+    /// Print what the operator applies for the DedupPipelines in a YAML file (`-` for stdin):
+    /// the ConfigMap, Deployments and Service, and KEDA's objects in `keda` mode.
+    Render {
+        /// A YAML file of one or more DedupPipelines (other kinds are skipped).
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -56,7 +62,38 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Render { file } => render(&file),
     }
+}
+
+fn render(file: &std::path::Path) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let mut out = String::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document)
+            .with_context(|| format!("{} is not YAML", file.display()))?;
+        if value.get("kind").and_then(|k| k.as_str()) != Some("DedupPipeline") {
+            continue;
+        }
+        let mut pipeline: dedup_operator::crd::DedupPipeline = serde_yaml::from_value(value)
+            .with_context(|| format!("{}: not a valid DedupPipeline", file.display()))?;
+        if pipeline.metadata.namespace.is_none() {
+            pipeline.metadata.namespace = Some("default".to_owned());
+        }
+        let refused = dedup_operator::resources::refused_settings(&pipeline);
+        anyhow::ensure!(refused.is_empty(), "{}", refused.join("; "));
+        for object in dedup_operator::resources::all(&pipeline)? {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&object)?);
+        }
+    }
+    print!("{out}");
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{AuthMode, DedupPipeline, IngestSpec, SecretKey};
+use crate::crd::{AuthMode, AutoscalingMode, DedupPipeline, IngestSpec, ScaleMetric, SecretKey};
 
 /// Ports the binaries listen on (fixed in the image's defaults).
 pub const INGEST_PORT: i32 = 8000;
@@ -193,7 +193,7 @@ fn deployment(
     pipeline: &DedupPipeline,
     name: String,
     component: &str,
-    replicas: i32,
+    replicas: Option<i32>,
     container: Container,
     admin_port: i32,
     checksum: &str,
@@ -211,7 +211,7 @@ fn deployment(
     Deployment {
         metadata: names.meta(name, component, &owner(pipeline)),
         spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
+            replicas,
             selector: LabelSelector {
                 match_labels: Some(labels.clone()),
                 ..Default::default()
@@ -433,11 +433,16 @@ pub fn ingest_deployment(pipeline: &DedupPipeline, checksum: &str) -> Deployment
         pipeline,
         names.ingest(),
         "ingest",
-        pipeline.spec.ingest.replicas,
+        Some(pipeline.spec.ingest.replicas),
         c,
         INGEST_ADMIN_PORT,
         checksum,
         None,
+    );
+    add_settings(
+        &mut deployment,
+        &config_keys(pipeline),
+        &pipeline.spec.ingest.settings,
     );
     mount(&mut deployment, files);
     deployment
@@ -469,8 +474,13 @@ pub fn ingest_service(pipeline: &DedupPipeline) -> Service {
     }
 }
 
-/// The worker Deployment with `replicas` decided by the scaler.
-pub fn worker_deployment(pipeline: &DedupPipeline, checksum: &str, replicas: i32) -> Deployment {
+/// The worker Deployment with `replicas` decided by the scaler; `None` leaves them to
+/// whoever else sets them (KEDA, an HPA, `kubectl scale`).
+pub fn worker_deployment(
+    pipeline: &DedupPipeline,
+    checksum: &str,
+    replicas: Option<i32>,
+) -> Deployment {
     let s = &pipeline.spec.secrets;
     let mut env = vec![
         secret_env("RABBITMQ_URL", &s.rabbitmq_url),
@@ -504,8 +514,243 @@ pub fn worker_deployment(pipeline: &DedupPipeline, checksum: &str, replicas: i32
         checksum,
         Some(WORKER_TERMINATION_GRACE_SECONDS),
     );
+    add_settings(
+        &mut deployment,
+        &config_keys(pipeline),
+        &pipeline.spec.worker.settings,
+    );
     mount(&mut deployment, files);
     deployment
+}
+
+/// Variables every container gets from the ConfigMap, and those fixed by the pod spec (ports
+/// the probes and Service target): a `settings` entry may not set them.
+fn config_keys(pipeline: &DedupPipeline) -> Vec<String> {
+    let mut keys: Vec<String> = config_map(pipeline)
+        .data
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
+    keys.extend(["LISTEN_ADDR", "ADMIN_LISTEN_ADDR"].map(String::from));
+    keys
+}
+
+/// Whether `name` may be set through `settings`: a variable name the container does not
+/// already get (nor its `_FILE` form).
+fn settable(name: &str, taken: &[String]) -> bool {
+    let stem = name.strip_suffix("_FILE").unwrap_or(name);
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+        && !taken.iter().any(|t| t == name || t == stem)
+}
+
+/// Appends the settable `settings` to the container's environment.
+fn add_settings(
+    deployment: &mut Deployment,
+    config: &[String],
+    settings: &BTreeMap<String, String>,
+) {
+    let Some(c) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .and_then(|p| p.containers.first_mut())
+    else {
+        return;
+    };
+    let env = c.env.get_or_insert_with(Vec::new);
+    let mut taken: Vec<String> = env.iter().map(|e| e.name.clone()).collect();
+    taken.extend_from_slice(config);
+    for (name, value) in settings {
+        if settable(name, &taken) {
+            env.push(EnvVar {
+                name: name.clone(),
+                value: Some(value.clone()),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// The `settings` entries the operator refuses, each with why: the pipeline is Degraded
+/// until they are removed.
+pub fn refused_settings(pipeline: &DedupPipeline) -> Vec<String> {
+    let mut bare = pipeline.clone();
+    bare.spec.ingest.settings.clear();
+    bare.spec.worker.settings.clear();
+    let config = config_keys(pipeline);
+    let mut refused = Vec::new();
+    for (component, settings, deployment) in [
+        (
+            "ingest",
+            &pipeline.spec.ingest.settings,
+            ingest_deployment(&bare, ""),
+        ),
+        (
+            "worker",
+            &pipeline.spec.worker.settings,
+            worker_deployment(&bare, "", None),
+        ),
+    ] {
+        let mut taken: Vec<String> = deployment
+            .spec
+            .iter()
+            .flat_map(|s| s.template.spec.iter())
+            .flat_map(|p| p.containers.iter())
+            .flat_map(|c| c.env.iter().flatten())
+            .map(|e| e.name.clone())
+            .collect();
+        taken.extend_from_slice(&config);
+        refused.extend(
+            settings
+                .keys()
+                .filter(|name| !settable(name, &taken))
+                .map(|name| {
+                    format!(
+                        "{component}.settings.{name} is refused: not a variable name, or one the \
+                 operator sets itself (a connection URL, a port, or a field of the DedupPipeline)"
+                    )
+                }),
+        );
+    }
+    refused
+}
+
+/// KEDA's API for the ScaledObject and TriggerAuthentication of `keda` mode.
+pub fn keda_resource(kind: &str) -> kube::api::ApiResource {
+    let plural = format!("{}s", kind.to_lowercase());
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("keda.sh", "v1alpha1", kind),
+        &plural,
+    )
+}
+
+/// The TriggerAuthentication giving KEDA the management URL (with its credentials) from the
+/// pipeline's Secret, so the ScaledObject carries no password.
+pub fn trigger_authentication(pipeline: &DedupPipeline) -> serde_json::Value {
+    let names = Names::of(pipeline);
+    let management = &pipeline.spec.secrets.rabbitmq_management_url;
+    serde_json::json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": names.meta(names.worker(), "worker", &owner(pipeline)),
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": "host", "name": management.name, "key": management.key},
+            ],
+        },
+    })
+}
+
+/// The KEDA ScaledObject of `keda` mode: RabbitMQ's management API (`http`, so unacknowledged
+/// messages count as the operator's own reading does), the pipeline's bounds, target,
+/// activation and windows, as an HPA behaviour.
+pub fn scaled_object(pipeline: &DedupPipeline) -> serde_json::Value {
+    let names = Names::of(pipeline);
+    let worker = &pipeline.spec.worker;
+    let auto = &worker.autoscaling;
+    let (mode, target) = match auto.metric {
+        ScaleMetric::QueueLength => ("QueueLength", worker.target_messages_per_worker),
+        ScaleMetric::MessageRate => ("MessageRate", auto.target_publish_rate_per_worker),
+    };
+    let mut scale_up = serde_json::json!({
+        "stabilizationWindowSeconds": worker.scale_up_stabilization_seconds,
+    });
+    if let Some(limit) = auto.scale_up_limit {
+        let period = limit.period_seconds;
+        scale_up["selectPolicy"] = "Max".into();
+        let mut policies = Vec::new();
+        if limit.pods > 0 {
+            policies.push(
+                serde_json::json!({"type": "Pods", "value": limit.pods, "periodSeconds": period}),
+            );
+        }
+        if limit.percent > 0 {
+            policies.push(serde_json::json!({"type": "Percent", "value": limit.percent, "periodSeconds": period}));
+        }
+        if policies.is_empty() {
+            // As the operator's own mode: a limit of nothing still allows one more.
+            policies.push(serde_json::json!({"type": "Pods", "value": 1, "periodSeconds": period}));
+        }
+        scale_up["policies"] = policies.into();
+    }
+    serde_json::json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": names.meta(names.worker(), "worker", &owner(pipeline)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.worker()},
+            "minReplicaCount": worker.min_replicas,
+            "maxReplicaCount": worker.max_replicas,
+            "pollingInterval": auto.polling_interval_seconds,
+            // From the last active reading to zero workers: the scale-down window.
+            "cooldownPeriod": worker.scale_down_stabilization_seconds,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        "scaleUp": scale_up,
+                        "scaleDown": {"stabilizationWindowSeconds": worker.scale_down_stabilization_seconds},
+                    },
+                },
+            },
+            "triggers": [{
+                "type": "rabbitmq",
+                "authenticationRef": {"name": names.worker()},
+                "metadata": {
+                    "protocol": "http",
+                    "mode": mode,
+                    "value": target.to_string(),
+                    "activationValue": auto.activation.to_string(),
+                    "queueName": pipeline.spec.dedup.queue,
+                    "vhostName": auto.vhost,
+                },
+            }],
+        },
+    })
+}
+
+/// Every object the operator applies for `pipeline`, as it would on its first reconcile
+/// (workers at `minReplicas` when the operator scales them), for `dedup-operator render`.
+pub fn all(pipeline: &DedupPipeline) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+    let config = config_map(pipeline);
+    let checksum = config_checksum(&config);
+    let replicas = operator_scales(pipeline).then_some(pipeline.spec.worker.min_replicas);
+    let typed = |mut v: serde_json::Value, api_version: &str, kind: &str| {
+        v["apiVersion"] = api_version.into();
+        v["kind"] = kind.into();
+        v
+    };
+    let mut objects = vec![
+        typed(serde_json::to_value(&config)?, "v1", "ConfigMap"),
+        typed(
+            serde_json::to_value(ingest_deployment(pipeline, &checksum))?,
+            "apps/v1",
+            "Deployment",
+        ),
+        typed(
+            serde_json::to_value(ingest_service(pipeline))?,
+            "v1",
+            "Service",
+        ),
+        typed(
+            serde_json::to_value(worker_deployment(pipeline, &checksum, replicas))?,
+            "apps/v1",
+            "Deployment",
+        ),
+    ];
+    if pipeline.spec.worker.autoscaling.mode == AutoscalingMode::Keda {
+        objects.push(trigger_authentication(pipeline));
+        objects.push(scaled_object(pipeline));
+    }
+    Ok(objects)
+}
+
+/// Whether the operator sets the worker replicas itself.
+pub fn operator_scales(pipeline: &DedupPipeline) -> bool {
+    pipeline.spec.worker.autoscaling.mode == AutoscalingMode::Operator
 }
 
 #[cfg(test)]
@@ -584,13 +829,16 @@ mod tests {
     #[test]
     fn the_backends_ca_reaches_ingest_and_workers() {
         let mut p = pipeline();
-        assert!(!env_of(&worker_deployment(&p, "c", 1)).contains_key("TLS_CA_FILE"));
+        assert!(!env_of(&worker_deployment(&p, "c", Some(1))).contains_key("TLS_CA_FILE"));
         p.spec.secrets.tls_ca = Some(SecretKey {
             name: "backend-ca".into(),
             key: "ca.crt".into(),
         });
         p.spec.ingest.write_keys_secret = Some("keys".into());
-        for d in [ingest_deployment(&p, "c"), worker_deployment(&p, "c", 1)] {
+        for d in [
+            ingest_deployment(&p, "c"),
+            worker_deployment(&p, "c", Some(1)),
+        ] {
             assert_eq!(
                 env_of(&d)["TLS_CA_FILE"].as_deref(),
                 Some("/etc/dedup/tls-ca/ca.pem")
@@ -626,7 +874,7 @@ mod tests {
     #[test]
     fn pods_are_placed_as_the_pipeline_says() {
         let mut p = pipeline();
-        let bare = pod_spec(&worker_deployment(&p, "c", 1)).clone();
+        let bare = pod_spec(&worker_deployment(&p, "c", Some(1))).clone();
         assert!(bare.image_pull_secrets.is_none() && bare.node_selector.is_none());
         assert!(bare.tolerations.is_none() && bare.priority_class_name.is_none());
         p.spec.pods = serde_yaml::from_str(
@@ -635,7 +883,10 @@ mod tests {
              priorityClassName: high",
         )
         .unwrap();
-        for d in [ingest_deployment(&p, "c"), worker_deployment(&p, "c", 1)] {
+        for d in [
+            ingest_deployment(&p, "c"),
+            worker_deployment(&p, "c", Some(1)),
+        ] {
             let pod = pod_spec(&d);
             assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
             assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "events");
@@ -657,7 +908,7 @@ mod tests {
             cm.metadata,
             ingest_deployment(&p, &checksum).metadata,
             ingest_service(&p).metadata,
-            worker_deployment(&p, &checksum, 3).metadata,
+            worker_deployment(&p, &checksum, Some(3)).metadata,
         ];
         let names: Vec<_> = metas.iter().map(|m| m.name.clone().unwrap()).collect();
         assert_eq!(
@@ -684,7 +935,10 @@ mod tests {
     #[test]
     fn selectors_match_pods_and_service_targets_a_declared_port() {
         let p = pipeline();
-        for d in [ingest_deployment(&p, "x"), worker_deployment(&p, "x", 1)] {
+        for d in [
+            ingest_deployment(&p, "x"),
+            worker_deployment(&p, "x", Some(1)),
+        ] {
             let spec = d.spec.as_ref().unwrap();
             let pod_labels = spec
                 .template
@@ -729,7 +983,7 @@ mod tests {
         let p = pipeline();
         for (d, admin) in [
             (ingest_deployment(&p, "abc"), INGEST_ADMIN_PORT),
-            (worker_deployment(&p, "abc", 2), WORKER_ADMIN_PORT),
+            (worker_deployment(&p, "abc", Some(2)), WORKER_ADMIN_PORT),
         ] {
             let pod = pod_spec(&d);
             let c = &pod.containers[0];
@@ -781,7 +1035,7 @@ mod tests {
             assert_eq!(annotations["dedup.io/config-checksum"], "abc");
         }
         assert_eq!(
-            pod_spec(&worker_deployment(&p, "x", 1)).termination_grace_period_seconds,
+            pod_spec(&worker_deployment(&p, "x", Some(1))).termination_grace_period_seconds,
             Some(30)
         );
     }
@@ -791,7 +1045,7 @@ mod tests {
     #[test]
     fn secrets_stay_in_secrets_and_settings_changes_roll_pods() {
         let mut p = pipeline();
-        let worker = worker_deployment(&p, "x", 1);
+        let worker = worker_deployment(&p, "x", Some(1));
         let env = pod_spec(&worker).containers[0].env.as_ref().unwrap();
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
@@ -820,8 +1074,62 @@ mod tests {
         p.spec.dedup.window = "1d".into();
         assert_ne!(config_checksum(&config_map(&p)), before);
         assert_eq!(
-            worker_deployment(&p, "x", 7).spec.unwrap().replicas,
+            worker_deployment(&p, "x", Some(7)).spec.unwrap().replicas,
             Some(7)
+        );
+    }
+
+    /// `settings` reach their component's container as variables; the ConfigMap's and the
+    /// secrets' names are refused, with every refused entry named.
+    #[test]
+    fn settings_reach_their_container_and_managed_names_are_refused() {
+        let mut p = pipeline();
+        p.spec.worker.settings = [
+            ("BATCH_SIZE", "500"),
+            ("DEDUP_WINDOW", "1d"),
+            ("redis url", "x"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+        p.spec.ingest.settings = [("MAX_BODY_BYTES", "65536"), ("RABBITMQ_URL", "amqp://x")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
+        let worker = env_of(&worker_deployment(&p, "x", None));
+        let ingest = env_of(&ingest_deployment(&p, "x"));
+        assert_eq!(worker.get("BATCH_SIZE"), Some(&Some("500".to_owned())));
+        assert!(!worker.contains_key("MAX_BODY_BYTES") && !ingest.contains_key("BATCH_SIZE"));
+        assert_eq!(
+            ingest.get("MAX_BODY_BYTES"),
+            Some(&Some("65536".to_owned()))
+        );
+        assert!(
+            !worker.contains_key("DEDUP_WINDOW"),
+            "the ConfigMap's value stays the only one"
+        );
+        assert!(!worker.contains_key("redis url"));
+        assert_eq!(
+            ingest.get("RABBITMQ_URL"),
+            Some(&None),
+            "still from the Secret"
+        );
+        let refused = refused_settings(&p);
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        for name in [
+            "worker.settings.DEDUP_WINDOW",
+            "worker.settings.redis url",
+            "ingest.settings.RABBITMQ_URL",
+        ] {
+            assert!(
+                refused.iter().any(|r| r.starts_with(name)),
+                "{name}: {refused:?}"
+            );
+        }
+        assert!(
+            worker_deployment(&p, "x", None)
+                .spec
+                .unwrap()
+                .replicas
+                .is_none()
         );
     }
 }

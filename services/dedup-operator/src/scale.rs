@@ -2,7 +2,9 @@
 //! average-value target: `ceil(depth / target per worker)`, no change within a 10 % tolerance,
 //! clamped to min/max, with stabilization windows — the highest recommendation of the
 //! scale-down window wins (so a dip must last the whole window before workers go), and the
-//! lowest of the scale-up window (0 s by default: scale up at once). Pure: time is a parameter.
+//! lowest of the scale-up window (0 s by default: scale up at once). With a minimum of zero an
+//! activation threshold decides between none and some; a scale-up limit caps growth per
+//! period as the HPA's scale-up policies do. Pure: time is a parameter.
 
 use std::collections::VecDeque;
 
@@ -16,10 +18,21 @@ pub const TOLERANCE: f64 = 0.1;
 pub struct Policy {
     pub min: i32,
     pub max: i32,
-    /// Ready plus unacknowledged messages per worker.
+    /// The metric's value one worker is sized for (messages queued, or published per second).
     pub target_per_worker: i64,
     pub scale_up_window: Duration,
     pub scale_down_window: Duration,
+    /// With `min` 0: the metric must exceed this for any worker to run.
+    pub activation: i64,
+    pub scale_up_limit: Option<ScaleUpLimit>,
+}
+
+/// At most `pods` more, or `percent` more, whichever allows more (at least one), per `period`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleUpLimit {
+    pub pods: i32,
+    pub percent: i32,
+    pub period: Duration,
 }
 
 /// What the operator could read of the queue.
@@ -27,8 +40,23 @@ pub struct Policy {
 pub enum Observation {
     /// Ready plus unacknowledged messages.
     Depth(i64),
+    /// Messages published per second (the `messageRate` metric).
+    Rate(f64),
     /// The broker could not be read: why.
     Unavailable(String),
+    /// Not read: the replicas are KEDA's or the user's to set.
+    External,
+}
+
+impl Observation {
+    /// The metric's value, if one was read.
+    fn value(&self) -> Option<f64> {
+        match self {
+            Observation::Depth(d) => Some(*d as f64),
+            Observation::Rate(r) => Some(*r),
+            Observation::Unavailable(_) | Observation::External => None,
+        }
+    }
 }
 
 /// Why the decision is what it is (a status condition reason).
@@ -42,6 +70,8 @@ pub enum Reason {
     Stabilizing,
     /// The queue depth could not be read: replicas held where they are.
     BrokerUnreachable,
+    /// KEDA or the user sets the replicas (autoscaling mode `keda` or `none`).
+    External,
 }
 
 /// A decision: the replica count to set.
@@ -55,6 +85,9 @@ pub struct Decision {
 #[derive(Debug, Default, Clone)]
 pub struct Scaler {
     history: VecDeque<(DateTime<Utc>, i32)>,
+    /// Replicas running at each decision, for the scale-up limit's period (not kept across
+    /// restarts: a restarted operator counts the period from the replicas it finds).
+    running: VecDeque<(DateTime<Utc>, i32)>,
 }
 
 impl Scaler {
@@ -65,6 +98,7 @@ impl Scaler {
         history.sort_by_key(|(at, _)| *at);
         Self {
             history: history.into(),
+            running: VecDeque::new(),
         }
     }
 
@@ -81,14 +115,21 @@ impl Scaler {
         observation: &Observation,
         policy: &Policy,
     ) -> Decision {
-        let Observation::Depth(depth) = observation else {
+        let Some(value) = observation.value() else {
             return Decision {
                 replicas: current.clamp(policy.min, policy.max.max(policy.min)),
-                reason: Reason::BrokerUnreachable,
+                reason: match observation {
+                    Observation::External => Reason::External,
+                    _ => Reason::BrokerUnreachable,
+                },
             };
         };
         let (min, max) = (policy.min.max(0), policy.max.max(policy.min.max(0)));
-        let raw = recommend(*depth, current, policy.target_per_worker);
+        let raw = if min == 0 && value <= policy.activation as f64 {
+            0
+        } else {
+            recommend(value, current, policy.target_per_worker).max(1)
+        };
         let recommended = raw.clamp(min, max);
         self.history.push_back((now, recommended));
         let keep = policy.scale_up_window.max(policy.scale_down_window);
@@ -107,8 +148,17 @@ impl Scaler {
             .unwrap_or(recommended);
         let up_ceiling = within(policy.scale_up_window).min().unwrap_or(recommended);
         let current_clamped = current.clamp(min, max);
+        self.running.push_back((now, current_clamped));
+        let period = policy.scale_up_limit.map_or(Duration::zero(), |l| l.period);
+        while self
+            .running
+            .front()
+            .is_some_and(|(at, _)| now - *at > period)
+        {
+            self.running.pop_front();
+        }
         let replicas = if recommended > current_clamped {
-            up_ceiling.max(current_clamped)
+            self.limit_growth(current_clamped, up_ceiling.max(current_clamped), policy)
         } else if recommended < current_clamped {
             down_floor.min(current_clamped)
         } else {
@@ -125,12 +175,27 @@ impl Scaler {
         };
         Decision { replicas, reason }
     }
+
+    /// `wanted` capped by the scale-up limit: the growth allowed from the fewest replicas
+    /// running within the limit's period (those at its start, as the HPA counts).
+    fn limit_growth(&self, current: i32, wanted: i32, policy: &Policy) -> i32 {
+        let Some(limit) = policy.scale_up_limit else {
+            return wanted;
+        };
+        let base = self.running.iter().map(|(_, r)| *r).fold(current, i32::min);
+        let by_percent =
+            (f64::from(base) * (1.0 + f64::from(limit.percent.max(0)) / 100.0)).ceil() as i32;
+        let allowed = (base.saturating_add(limit.pods.max(0)))
+            .max(by_percent)
+            .max(base.saturating_add(1));
+        wanted.min(allowed).max(current)
+    }
 }
 
 /// The raw HPA recommendation before clamping and stabilization.
-fn recommend(depth: i64, current: i32, target: i64) -> i32 {
+fn recommend(value: f64, current: i32, target: i64) -> i32 {
     let target = target.max(1) as f64;
-    let depth = depth.max(0) as f64;
+    let depth = value.max(0.0);
     if current > 0 {
         let ratio = depth / current as f64 / target;
         if (ratio - 1.0).abs() <= TOLERANCE {
@@ -156,6 +221,8 @@ mod tests {
             target_per_worker: 1000,
             scale_up_window: Duration::zero(),
             scale_down_window: Duration::seconds(300),
+            activation: 0,
+            scale_up_limit: None,
         }
     }
 
@@ -322,5 +389,85 @@ mod tests {
         );
         let later = rebuilt.decide(t(400), 5, &Observation::Depth(100), &policy);
         assert_eq!(later.replicas, 1, "past the window it scales down");
+    }
+
+    /// With a minimum of zero, the first worker starts only above the activation threshold,
+    /// and the last stops at or below it; above it the target decides as usual.
+    #[test]
+    fn activation_decides_between_none_and_some() {
+        let p = Policy {
+            min: 0,
+            activation: 50,
+            scale_down_window: Duration::zero(),
+            ..policy()
+        };
+        let d = run(
+            &p,
+            &[
+                (0, 0, Some(50)),
+                (15, 0, Some(51)),
+                (30, 1, Some(3000)),
+                (45, 3, Some(40)),
+            ],
+        );
+        assert_eq!(replicas(&d), [0, 1, 3, 0]);
+        // With a minimum above zero the threshold means nothing.
+        let d = run(&Policy { min: 1, ..p }, &[(0, 1, Some(10))]);
+        assert_eq!(replicas(&d), [1]);
+    }
+
+    /// A scale-up limit caps growth per period from the replicas at the period's start:
+    /// 4 pods or 50 %, whichever allows more.
+    #[test]
+    fn scale_up_limit_caps_growth_per_period() {
+        let p = Policy {
+            max: 100,
+            scale_up_limit: Some(ScaleUpLimit {
+                pods: 4,
+                percent: 50,
+                period: Duration::seconds(60),
+            }),
+            ..policy()
+        };
+        let d = run(
+            &p,
+            &[
+                // 2 → 6 (2 + 4 beats 2 × 1.5), then held within the same period.
+                (0, 2, Some(50_000)),
+                (15, 6, Some(50_000)),
+                (45, 6, Some(50_000)),
+                // The period moved on from 2: from 6, 6 + 4 = 10 beats 9.
+                (75, 6, Some(50_000)),
+                // From 10 (the period's start), 50 % (15) beats + 4 (14).
+                (140, 10, Some(50_000)),
+            ],
+        );
+        assert_eq!(replicas(&d), [6, 6, 6, 10, 15]);
+        // Down is not limited, and a limit of nothing still allows one more.
+        let p = Policy {
+            scale_down_window: Duration::zero(),
+            scale_up_limit: Some(ScaleUpLimit {
+                pods: 0,
+                percent: 0,
+                period: Duration::seconds(60),
+            }),
+            ..p
+        };
+        let d = run(&p, &[(0, 20, Some(1000)), (15, 1, Some(9000))]);
+        assert_eq!(replicas(&d), [1, 2]);
+    }
+
+    /// The message-rate metric: published messages per second over the per-worker target.
+    #[test]
+    fn message_rate_scales_like_depth() {
+        let p = Policy {
+            target_per_worker: 200,
+            ..policy()
+        };
+        let mut scaler = Scaler::default();
+        let d = scaler.decide(t(0), 1, &Observation::Rate(1050.0), &p);
+        assert_eq!((d.replicas, d.reason), (6, Reason::ScaleUp));
+        let d = scaler.decide(t(15), 6, &Observation::External, &p);
+        assert_eq!((d.replicas, d.reason), (6, Reason::External));
     }
 }

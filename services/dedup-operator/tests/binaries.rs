@@ -102,7 +102,7 @@ fn every_variable_the_operator_sets_is_one_its_binary_reads_and_parses() {
     for (deployment, command, vars) in [
         (resources::ingest_deployment(&p, "x"), &ingest, &ingest_vars),
         (
-            resources::worker_deployment(&p, "x", 1),
+            resources::worker_deployment(&p, "x", Some(1)),
             &worker,
             &worker_vars,
         ),
@@ -136,7 +136,10 @@ fn ports_probes_and_defaults_are_the_binaries_own() {
     let p = pipeline();
     for (deployment, admin) in [
         (resources::ingest_deployment(&p, "x"), INGEST_ADMIN_PORT),
-        (resources::worker_deployment(&p, "x", 1), WORKER_ADMIN_PORT),
+        (
+            resources::worker_deployment(&p, "x", Some(1)),
+            WORKER_ADMIN_PORT,
+        ),
     ] {
         let c = container(&deployment);
         for (probe, path) in [
@@ -173,7 +176,7 @@ fn ports_probes_and_defaults_are_the_binaries_own() {
     // The worker's shutdown grace ends before Kubernetes kills the pod.
     let config = resources::config_map(&p).data.expect("data");
     let grace = humantime::parse_duration(&config["SHUTDOWN_GRACE"]).expect("duration");
-    let deployment = resources::worker_deployment(&p, "x", 1);
+    let deployment = resources::worker_deployment(&p, "x", Some(1));
     let kill_after = deployment
         .spec
         .and_then(|s| s.template.spec)

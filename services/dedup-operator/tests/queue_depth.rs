@@ -1,11 +1,12 @@
 //! The operator's queue-depth reader end to end: it reads the management URL from the
 //! pipeline's Secret (served here by a mocked API server) and asks the real local RabbitMQ,
-//! which holds a queue filled to a known depth with part of it unacknowledged.
+//! which holds a queue filled to a known depth with part of it unacknowledged, then takes a
+//! steady stream of messages (the publish rate of the `messageRate` metric).
 
 use std::time::{Duration, Instant};
 
 use dedup_operator::controller::broker_depth;
-use dedup_operator::crd::{DedupPipeline, DedupPipelineSpec};
+use dedup_operator::crd::{DedupPipeline, DedupPipelineSpec, ScaleMetric};
 use dedup_operator::scale::Observation;
 use futures::StreamExt;
 use http::{Request, Response};
@@ -109,6 +110,36 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // The messageRate metric: while messages keep arriving, the broker's publish rate.
+    let mut rated = (*pipeline).clone();
+    rated.spec.worker.autoscaling.metric = ScaleMetric::MessageRate;
+    let rated = std::sync::Arc::new(rated);
+    let publisher = tokio::spawn({
+        let (channel, queue) = (channel.clone(), queue.clone());
+        async move {
+            loop {
+                let _ = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"rate",
+                        Default::default(),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rate = loop {
+        let observation = read(client.clone(), rated.clone()).await;
+        if matches!(observation, Observation::Rate(r) if r > 10.0) || Instant::now() >= deadline {
+            break observation;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    publisher.abort();
     // Clean up before asserting, so a failure leaves no queue behind.
     let _ = holder.close(200, "done".into()).await;
     let _ = channel
@@ -116,4 +147,8 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
         .await;
     let _ = conn.close(200, "done".into()).await;
     assert_eq!(last, Observation::Depth(12), "7 ready + 5 unacknowledged");
+    assert!(
+        matches!(rate, Observation::Rate(r) if r > 10.0 && r < 1000.0),
+        "about 100 messages/s published, read {rate:?}"
+    );
 }

@@ -399,3 +399,219 @@ async fn a_restarted_operator_keeps_the_scale_down_window() {
         .expect("reconcile");
     server.await.expect("every expected request arrived");
 }
+
+/// A context whose depth source fails the test if called: in `keda` and `none` modes the
+/// operator must not read the queue.
+fn context_without_depth(client: Client) -> Arc<Context> {
+    let depth: DepthSource = Arc::new(|_, _| Box::pin(async { panic!("the queue was read") }));
+    Arc::new(Context::new(client, depth, fixed_now, Default::default()))
+}
+
+fn with_mode(mode: &str) -> DedupPipeline {
+    let mut p = pipeline();
+    p.spec.worker.autoscaling = serde_yaml::from_str(&format!(
+        "mode: {mode}\nactivation: 5\nscaleUpLimit: {{pods: 4, percent: 100, periodSeconds: 30}}\n"
+    ))
+    .expect("autoscaling");
+    p.spec.worker.min_replicas = 0;
+    p
+}
+
+/// `keda` mode: the worker Deployment is applied without replicas (KEDA's HPA owns them), then
+/// the TriggerAuthentication and the ScaledObject; the queue is not read and the status says
+/// who scales.
+#[tokio::test]
+async fn keda_mode_applies_a_scaled_object_and_leaves_the_replicas() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_without_depth(Client::new(service, "default"));
+    let server = tokio::spawn(async move {
+        expect_workloads(&mut handle, 3).await;
+        let worker = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+            |b| with_available(b, 3),
+        )
+        .await;
+        assert!(worker["spec"].get("replicas").is_none(), "{worker}");
+        let auth = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/keda.sh/v1alpha1/namespaces/prod/triggerauthentications/events-worker",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        assert_eq!(
+            auth["spec"]["secretTargetRef"],
+            json!([{"parameter": "host", "name": "s", "key": "mgmt"}])
+        );
+        let scaled = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/keda.sh/v1alpha1/namespaces/prod/scaledobjects/events-worker",
+            |b| (StatusCode::OK, b),
+        )
+        .await;
+        let spec = &scaled["spec"];
+        assert_eq!(spec["scaleTargetRef"]["name"], "events-worker");
+        assert_eq!(
+            (
+                &spec["minReplicaCount"],
+                &spec["maxReplicaCount"],
+                &spec["cooldownPeriod"]
+            ),
+            (&json!(0), &json!(10), &json!(300))
+        );
+        let trigger = &spec["triggers"][0];
+        assert_eq!(
+            trigger["metadata"],
+            json!({"protocol": "http", "mode": "QueueLength", "value": "1000", "activationValue": "5",
+                   "queueName": "product_events", "vhostName": "/"})
+        );
+        assert_eq!(trigger["authenticationRef"]["name"], "events-worker");
+        let up = &spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleUp"];
+        assert_eq!(
+            up["policies"][0],
+            json!({"type": "Pods", "value": 4, "periodSeconds": 30})
+        );
+        assert_eq!(
+            scaled["metadata"]["ownerReferences"][0]["kind"],
+            "DedupPipeline"
+        );
+        assert!(!scaled.to_string().contains("password"), "{scaled}");
+        let status = expect_status(&mut handle).await;
+        let s = &status["status"];
+        assert_eq!(s["autoscalingMode"], "keda");
+        assert_eq!(s["desiredWorkers"], 3, "as KEDA left them");
+        assert!(s["queueDepth"].is_null());
+    });
+    controller::reconcile(Arc::new(with_mode("keda")), ctx)
+        .await
+        .expect("reconcile");
+    server.await.expect("every expected request arrived");
+}
+
+/// `keda` mode on a cluster without KEDA: the reconcile fails saying to install KEDA or change
+/// the mode.
+#[tokio::test]
+async fn keda_mode_without_keda_says_what_to_do() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_without_depth(Client::new(service, "default"));
+    let server = tokio::spawn(async move {
+        expect_workloads(&mut handle, 1).await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+            |b| with_available(b, 1),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/keda.sh/v1alpha1/namespaces/prod/triggerauthentications/events-worker",
+            |_| {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+                (StatusCode::NOT_FOUND, status)
+            },
+        )
+        .await;
+        let event = expect_event(&mut handle, "Warning", "ReconcileFailed").await;
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("install KEDA"),
+            "{event}"
+        );
+        let status = expect_status(&mut handle).await;
+        assert!(status.to_string().contains("install KEDA"), "{status}");
+    });
+    let error = controller::reconcile(Arc::new(with_mode("keda")), ctx)
+        .await
+        .expect_err("no KEDA");
+    assert!(
+        error.to_string().contains("set the mode to operator"),
+        "{error}"
+    );
+    server.await.expect("every expected request arrived");
+}
+
+/// Leaving `keda` for `none`: the ScaledObject and its TriggerAuthentication are deleted
+/// (already gone is fine), so KEDA's HPA stops setting the replicas.
+#[tokio::test]
+async fn leaving_keda_deletes_the_scaled_object() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_without_depth(Client::new(service, "default"));
+    let mut p = with_mode("none");
+    p.status = Some(serde_json::from_value(json!({"autoscalingMode": "keda"})).expect("status"));
+    let server = tokio::spawn(async move {
+        expect_workloads(&mut handle, 2).await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+            |b| with_available(b, 2),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::DELETE,
+            "/apis/keda.sh/v1alpha1/namespaces/prod/triggerauthentications/events-worker",
+            |_| (StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::DELETE,
+            "/apis/keda.sh/v1alpha1/namespaces/prod/scaledobjects/events-worker",
+            |_| {
+                (
+                    StatusCode::OK,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+                )
+            },
+        )
+        .await;
+        let status = expect_status(&mut handle).await;
+        assert_eq!(status["status"]["autoscalingMode"], "none");
+    });
+    controller::reconcile(Arc::new(p), ctx)
+        .await
+        .expect("reconcile");
+    server.await.expect("every expected request arrived");
+}
+
+/// A `settings` entry that would override what the operator sets (a connection URL, a port)
+/// fails the reconcile before anything is applied, naming the entry.
+#[tokio::test]
+async fn settings_cannot_override_what_the_operator_sets() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_without_depth(Client::new(service, "default"));
+    let mut p = pipeline();
+    p.spec.worker.settings = [("BATCH_SIZE", "500"), ("DATABASE_URL_FILE", "/x")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    p.spec.ingest.settings = [("ADMIN_LISTEN_ADDR", "0.0.0.0:1")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    let server = tokio::spawn(async move {
+        expect_event(&mut handle, "Warning", "ReconcileFailed").await;
+        expect_status(&mut handle).await;
+    });
+    let error = controller::reconcile(Arc::new(p), ctx)
+        .await
+        .expect_err("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("worker.settings.DATABASE_URL_FILE is refused"),
+        "{message}"
+    );
+    assert!(
+        message.contains("ingest.settings.ADMIN_LISTEN_ADDR is refused"),
+        "{message}"
+    );
+    assert!(!message.contains("BATCH_SIZE"), "{message}");
+    server.await.expect("every expected request arrived");
+}

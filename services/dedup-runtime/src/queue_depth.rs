@@ -16,12 +16,15 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
 /// Messages in one queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct QueueDepth {
     /// Waiting to be delivered.
     pub ready: u64,
     /// Delivered to a consumer and not yet acknowledged: work in flight.
     pub unacked: u64,
+    /// Messages published to the queue per second, as the broker last sampled it (0 when
+    /// nothing was published lately).
+    pub publish_rate: f64,
 }
 
 impl QueueDepth {
@@ -56,6 +59,20 @@ struct QueueInfo {
     messages_ready: u64,
     #[serde(default)]
     messages_unacknowledged: u64,
+    #[serde(default)]
+    message_stats: Option<MessageStats>,
+}
+
+#[derive(Deserialize)]
+struct MessageStats {
+    #[serde(default)]
+    publish_details: Option<RateDetails>,
+}
+
+#[derive(Deserialize)]
+struct RateDetails {
+    #[serde(default)]
+    rate: f64,
 }
 
 /// An error and its sources, `: `-separated: hyper's own message ("client error (Connect)")
@@ -140,7 +157,7 @@ impl DepthReader {
     /// The depth of `queue` in `vhost`.
     pub async fn read(&self, vhost: &str, queue: &str) -> Result<QueueDepth, DepthError> {
         let uri = format!(
-            "{}/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged",
+            "{}/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged,message_stats.publish_details.rate",
             self.base,
             utf8_percent_encode(vhost, NON_ALPHANUMERIC),
             utf8_percent_encode(queue, NON_ALPHANUMERIC)
@@ -179,6 +196,10 @@ impl DepthReader {
         Ok(QueueDepth {
             ready: info.messages_ready,
             unacked: info.messages_unacknowledged,
+            publish_rate: info
+                .message_stats
+                .and_then(|s| s.publish_details)
+                .map_or(0.0, |d| d.rate),
         })
     }
 }

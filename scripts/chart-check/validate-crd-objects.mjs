@@ -1,8 +1,10 @@
-// Validates prometheus-operator objects (ServiceMonitor, PodMonitor, PrometheusRule) against the
-// operator's CRD schemas, as packaged by @kubernetes-models/prometheus-operator: types, enums,
-// patterns and required fields. Those validators let unknown fields through (as the API server
-// prunes them silently), so the members the chart writes are also checked against the
-// interfaces generated from the same CRDs: a misspelt field fails here instead of vanishing.
+// Validates objects of other projects' CRDs against those CRDs' schemas, as packaged by
+// @kubernetes-models: the prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule
+// (the chart's monitoring) and KEDA's ScaledObject and TriggerAuthentication (what
+// dedup-operator makes in `keda` mode): types, enums, patterns and required fields. Those
+// validators let unknown fields through (as the API server prunes them silently), so the
+// members written are also checked against the interfaces generated from the same CRDs: a
+// misspelt field fails here instead of vanishing.
 //
 // stdin: a JSON array of {"where": "...", "object": {...}}. Prints one line per problem and
 // exits 1 when there is any.
@@ -12,9 +14,13 @@ import { dirname, join } from "node:path";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 import { PodMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor";
 import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
+import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
+import { TriggerAuthentication } from "@kubernetes-models/keda/keda.sh/v1alpha1/TriggerAuthentication";
 
 const require = createRequire(import.meta.url);
-const V1 = join(dirname(require.resolve("@kubernetes-models/prometheus-operator/package.json")), "monitoring.coreos.com", "v1");
+const dir = (pkg, group) => join(dirname(require.resolve(`@kubernetes-models/${pkg}/package.json`)), group);
+const MONITORING = dir("prometheus-operator", join("monitoring.coreos.com", "v1"));
+const KEDA = dir("keda", join("keda.sh", "v1alpha1"));
 
 /** Field names an interface file declares, with those of the interfaces it extends. */
 function fields(file) {
@@ -23,16 +29,17 @@ function fields(file) {
   const head = text.match(/export interface \w+ extends ([\w, ]+) \{/);
   for (const base of head ? head[1].split(",").map((b) => b.trim()) : []) {
     const from = text.match(new RegExp(`import \\{ ${base} \\} from "\\./([\\w]+)\\.js"`));
-    if (from) for (const name of fields(join(V1, `${from[1]}.d.ts`))) names.add(name);
+    if (from) for (const name of fields(join(dirname(file), `${from[1]}.d.ts`))) names.add(name);
   }
   return names;
 }
-const allowed = (type) => fields(join(V1, `${type}.d.ts`));
 
 const KINDS = {
-  ServiceMonitor: { model: ServiceMonitor, spec: "ServiceMonitorSpec", lists: { endpoints: "Endpoint" } },
-  PodMonitor: { model: PodMonitor, spec: "PodMonitorSpec", lists: { podMetricsEndpoints: "PodMetricsEndpoint" } },
-  PrometheusRule: { model: PrometheusRule, spec: "PrometheusRuleSpec", lists: { groups: "RuleGroup" } },
+  ServiceMonitor: { model: ServiceMonitor, dir: MONITORING, spec: "ServiceMonitorSpec", lists: { endpoints: "Endpoint" } },
+  PodMonitor: { model: PodMonitor, dir: MONITORING, spec: "PodMonitorSpec", lists: { podMetricsEndpoints: "PodMetricsEndpoint" } },
+  PrometheusRule: { model: PrometheusRule, dir: MONITORING, spec: "PrometheusRuleSpec", lists: { groups: "RuleGroup" } },
+  ScaledObject: { model: ScaledObject, dir: KEDA, spec: "ScaledObjectSpec", lists: { triggers: "ScaleTriggers" } },
+  TriggerAuthentication: { model: TriggerAuthentication, dir: KEDA, spec: "TriggerAuthenticationSpec", lists: { secretTargetRef: "AuthTargetRef" } },
 };
 
 const problems = [];
@@ -53,6 +60,7 @@ for (const { where, object } of JSON.parse(readFileSync(0, "utf8"))) {
     problems.push(`${where}: ${e.message}`);
   }
   unknown(where, "", object, new Set(["apiVersion", "kind", "metadata", "spec"]));
+  const allowed = (type) => fields(join(kind.dir, `${type}.d.ts`));
   unknown(where, "spec", object.spec, allowed(kind.spec));
   for (const [list, type] of Object.entries(kind.lists)) {
     (object.spec?.[list] ?? []).forEach((item, i) => {
@@ -61,6 +69,10 @@ for (const { where, object } of JSON.parse(readFileSync(0, "utf8"))) {
         (item.rules ?? []).forEach((rule, j) => unknown(where, `spec.groups[${i}].rules[${j}]`, rule, allowed("Rule")));
       }
     });
+  }
+  if (object.kind === "ScaledObject") {
+    unknown(where, "spec.advanced", object.spec?.advanced, allowed("AdvancedConfig"));
+    unknown(where, "spec.scaleTargetRef", object.spec?.scaleTargetRef, allowed("ScaleTarget"));
   }
 }
 for (const p of problems) console.log(p);
