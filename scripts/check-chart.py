@@ -75,17 +75,26 @@ value_sets = {
     "operator autoscaling on the publish rate": {"pipeline": {"worker": {"autoscaling": {
         "metric": "messageRate", "targetPublishRatePerWorker": 300, "scaleUpLimit": {"percent": 50}}}}},
     "autoscaling left to the user": {"pipeline": {"worker": {"autoscaling": {"mode": "none"}}}},
+    "traces": {"tracing": {"otlpEndpoint": "http://otel-collector.observability:4318"}},
+    "given passwords": {"credentials": {"rabbitmqPassword": "rabbit-pw", "postgresPassword": "pg-pw",
+                                        "redisPassword": "redis-pw", "redisWorkerPassword": "worker-pw"}},
 }
-# The values scripts/kind-up.sh installs with (MONITORING=1), so the README's path is rendered too.
+# The values scripts/kind-up.sh and minikube-up.sh install with (scripts/cluster/install.sh,
+# MONITORING=1), so the README's path is rendered too; and every repository file those scripts
+# name exists (they run from a fresh clone).
+for script in ("kind-up.sh", "minikube-up.sh", "cluster/install.sh"):
+    text = open(os.path.join(ROOT, "scripts", script)).read()
+    for path in set(re.findall(r"(?<![\w/.])((?:samples|k8s|charts|scripts)/[\w./-]+\w)", text)):
+        check(os.path.exists(os.path.join(ROOT, path)), f"scripts/{script} uses {path}, which is not in the repository")
 kind_values = {}
-for key, value in re.findall(r"--set ((?:pipeline|monitoring)\.[\w.]+)=([^\s)]+)", open(os.path.join(ROOT, "scripts", "kind-up.sh")).read()):
+for key, value in re.findall(r"--set ((?:pipeline|monitoring)\.[\w.]+)=([^\s)]+)", open(os.path.join(ROOT, "scripts", "cluster", "install.sh")).read()):
     *parents, leaf = key.split(".")
     node = kind_values
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = True if value == "true" else int(value) if value.isdigit() else value
-check(kind_values.get("monitoring") and kind_values.get("pipeline"), "scripts/kind-up.sh: its --set values were not found")
-value_sets["scripts/kind-up.sh with MONITORING=1"] = kind_values
+check(kind_values.get("monitoring") and kind_values.get("pipeline"), "scripts/cluster/install.sh: its --set values were not found")
+value_sets["scripts/cluster/install.sh with MONITORING=1"] = kind_values
 # What dedup-operator applies for each rendered DedupPipeline, from `dedup-operator render`
 # (the binary the test command built): validated like the chart's own objects, KEDA's kinds
 # against KEDA's CRD schemas.
@@ -102,6 +111,7 @@ def operator_objects(pipeline):
 
 
 chart = helm.Chart.load(CHART)
+chart_meta_version = yaml.safe_load(open(os.path.join(CHART, "Chart.yaml")))["version"]
 for label, values in value_sets.items():
     rendered = chart.render(values, name="rel", namespace="prod", is_install=True)
     docs = [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
@@ -258,6 +268,22 @@ for label, values in value_sets.items():
         ingest = next(d for d in applied if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-ingest"))
         check(any(e["name"] == "MAX_BODY_BYTES" for e in ingest["spec"]["template"]["spec"]["containers"][0]["env"]),
               "ingest.settings reach ingest")
+    if label == "traces":
+        operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-dedup-operator")
+        env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+        config = next(d for d in applied if d["kind"] == "ConfigMap")["data"]
+        check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel-collector.observability:4318"
+              and config.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel-collector.observability:4318",
+              f"traces: the endpoint reaches the operator and, through the pipeline, ingest and the workers: {env} {config}")
+    if label == "given passwords":
+        # Stable under `helm template`: a second render makes the same Secrets.
+        again = chart.render(values, name="rel", namespace="prod", is_install=True)
+        secrets = lambda r: [d for p, t in r.items() if p.endswith("secret.yaml") for d in yaml.safe_load_all(t) if d]
+        check(secrets(rendered) == secrets(again), "given passwords: two renders must make the same Secrets")
+        urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
+        check(urls["postgres"] == "postgres://dedup:pg-pw@rel-dedup-postgresql:5432/dedup"
+              and urls["redis"] == "redis://dedup-worker:worker-pw@rel-dedup-redis:6379" and ":rabbit-pw@" in urls["rabbitmq"],
+              f"given passwords: the URLs use them, got {urls}")
     if label == "namespace-scoped operator":
         check(not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs), "namespace-scoped: nothing cluster-wide")
         roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")
@@ -325,6 +351,31 @@ for label, values in value_sets.items():
               "defaults: the operator may get, create and patch its Lease")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
+
+# The chart as a subchart of an umbrella chart, with global values and its own under `dedup`.
+import shutil
+import tempfile
+with tempfile.TemporaryDirectory() as umbrella:
+    os.makedirs(os.path.join(umbrella, "charts"))
+    shutil.copytree(CHART, os.path.join(umbrella, "charts", "dedup"))
+    with open(os.path.join(umbrella, "Chart.yaml"), "w") as f:
+        yaml.safe_dump({"apiVersion": "v2", "name": "platform", "version": "1.0.0",
+                        "dependencies": [{"name": "dedup", "version": chart_meta_version, "repository": "file://charts/dedup"}]}, f)
+    with open(os.path.join(umbrella, "values.yaml"), "w") as f:
+        yaml.safe_dump({"global": {"imageRegistry": "registry.example", "storageClass": "fast"},
+                        "dedup": {"pipeline": {"name": "platform-events"}, "monitoring": {"serviceMonitors": {"enabled": True}}}}, f)
+    rendered = helm.Chart.load(umbrella).render({}, name="platform", namespace="data", is_install=True)
+    docs = [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    check(("Deployment", "platform-dedup-operator") in names and ("DedupPipeline", "platform-events") in names
+          and any(k == "ServiceMonitor" for k, _ in names), f"as a subchart: the operator, the pipeline and the monitors are rendered, got {sorted(names)}")
+    for doc in docs:
+        if doc["kind"] in MONITORING_KINDS or doc["kind"] == "DedupPipeline":
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems.append(f"[as a subchart] {doc['kind']}/{doc['metadata']['name']}: {e.message}")
 
 # An existing credentials Secret that cannot be read (helm template) without the URLs given:
 # the render fails and says what to do.

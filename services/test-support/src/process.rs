@@ -37,6 +37,7 @@ fn free_port() -> SocketAddr {
 /// A binary about to start, with its environment.
 pub struct Launch {
     binary: &'static str,
+    args: Vec<String>,
     env: Vec<(String, String)>,
     listen: Option<SocketAddr>,
     admin: SocketAddr,
@@ -74,11 +75,29 @@ impl Launch {
             .set("SHUTDOWN_GRACE", "10s")
     }
 
+    /// `dedup-operator run` against the Kubernetes API server a kubeconfig file names, as a
+    /// single replica (no leader election).
+    pub fn operator(kubeconfig: &std::path::Path) -> Self {
+        let admin = free_port();
+        Self {
+            binary: "dedup-operator",
+            args: vec!["run".to_owned()],
+            env: Vec::new(),
+            listen: None,
+            admin,
+        }
+        .set("ADMIN_LISTEN_ADDR", admin)
+        .set("KUBECONFIG", kubeconfig.display())
+        .set("LEADER_ELECTION", "false")
+        .set("LOG_FORMAT", "text")
+    }
+
     fn new(binary: &'static str, env: &TestEnv, amqp_url: &str) -> Self {
         let admin = free_port();
         let t = &env.topology;
         Self {
             binary,
+            args: Vec::new(),
             env: Vec::new(),
             listen: None,
             admin,
@@ -152,6 +171,7 @@ impl Launch {
         );
         let mut command = Command::new(&path);
         command
+            .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
