@@ -5,8 +5,12 @@
 # Runtime images are distroless (glibc, CA certificates, no shell) and run as a non-root user.
 
 ARG RUST_VERSION=1.95
+# The bases, replaceable for mirrors and air-gapped builds (scripts/check-image.sh builds with
+# local ones): a Debian bookworm Rust toolchain, and a glibc runtime with CA certificates.
+ARG BUILD_IMAGE=docker.io/library/rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
-FROM rust:${RUST_VERSION}-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 # Dependencies first, so a source change does not refetch the registry.
 COPY Cargo.toml Cargo.lock rustfmt.toml clippy.toml ./
@@ -18,7 +22,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && mkdir -p /out \
  && cp target/release/ingest target/release/dedup-worker target/release/dedup-operator /out/
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 # distroless "nonroot" is uid/gid 65532; numeric so Kubernetes can check runAsNonRoot.
 USER 65532:65532
 # glibc returns large buffers (batch bodies up to 8 MiB) to the system at once instead of
@@ -41,7 +45,8 @@ ENTRYPOINT ["/usr/local/bin/dedup-worker"]
 FROM runtime AS dedup-operator
 COPY --from=build /out/dedup-operator /usr/local/bin/dedup-operator
 EXPOSE 9102
-ENTRYPOINT ["/usr/local/bin/dedup-operator", "run"]
+ENTRYPOINT ["/usr/local/bin/dedup-operator"]
+CMD ["run"]
 
 # All binaries in one image: run with `ingest`, `dedup-worker` or `dedup-operator run`.
 FROM runtime AS dedup

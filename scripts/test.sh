@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project against the local PostgreSQL, Redis and RabbitMQ (started if
-# they are down), then checks the monitoring, compose and Helm chart files. This is the README's test
+# they are down), then checks the monitoring, compose and Helm chart files, and (where podman
+# can run) builds the release images and runs the pipeline from them. This is the README's test
 # command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +28,10 @@ python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
 python3 scripts/check-chart.py
+# The image, built from the Dockerfile and run (scripts/check-image.sh): only where podman can
+# start containers; elsewhere say so, loudly.
+if scripts/check-image.sh --can-run; then
+  scripts/check-image.sh
+else
+  echo "!!! podman cannot run here: the image was NOT built or run (apt-get install podman runc debootstrap)" >&2
+fi

@@ -184,6 +184,30 @@ async fn wait_leading(c: &Candidate, within: Duration) -> bool {
     false
 }
 
+/// A candidate that took the free Lease.
+async fn first_leader(
+    client: &kube::Client,
+    fake: &Shared,
+    working: &Arc<AtomicUsize>,
+) -> Candidate {
+    let a = candidate(client, "operator-a", working);
+    assert!(
+        wait_leading(&a, Duration::from_secs(5)).await,
+        "a never led"
+    );
+    assert_eq!(holder(fake).as_deref(), Some("operator-a"));
+    a
+}
+
+/// Stops a candidate and returns how its term ended.
+async fn stop(c: Candidate) -> Term {
+    c.stop.cancel();
+    c.task
+        .await
+        .expect("the candidate's task panicked")
+        .expect("lead failed")
+}
+
 fn holder(fake: &Shared) -> Option<String> {
     let fake = fake.lock().expect("test setup");
     fake.lease.as_ref()?["spec"]["holderIdentity"]
@@ -197,12 +221,7 @@ fn holder(fake: &Shared) -> Option<String> {
 async fn a_stopped_leader_hands_over_and_only_one_works() {
     let (fake, client) = fake_api().await;
     let working = Arc::new(AtomicUsize::new(0));
-    let a = candidate(&client, "operator-a", &working);
-    assert!(
-        wait_leading(&a, Duration::from_secs(5)).await,
-        "a never led"
-    );
-    assert_eq!(holder(&fake).as_deref(), Some("operator-a"));
+    let a = first_leader(&client, &fake, &working).await;
     let b = candidate(&client, "operator-b", &working);
     // Three lease durations: a renews, b never leads.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -210,23 +229,16 @@ async fn a_stopped_leader_hands_over_and_only_one_works() {
     assert_eq!(working.load(Ordering::SeqCst), 1);
     assert_eq!(holder(&fake).as_deref(), Some("operator-a"));
 
-    a.stop.cancel();
-    assert_eq!(
-        a.task.await.expect("test setup").expect("test setup"),
-        Term::Finished
-    );
-    assert_eq!(a.gauge.get(), 0);
+    let a_gauge = a.gauge.clone();
+    assert_eq!(stop(a).await, Term::Finished);
+    assert_eq!(a_gauge.get(), 0, "a stopped leader no longer says it leads");
     assert!(
         wait_leading(&b, Duration::from_secs(5)).await,
         "b never took over"
     );
     assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
     assert_eq!(working.load(Ordering::SeqCst), 1);
-    b.stop.cancel();
-    assert_eq!(
-        b.task.await.expect("test setup").expect("test setup"),
-        Term::Finished
-    );
+    assert_eq!(stop(b).await, Term::Finished);
     // A stopped leader leaves the Lease free.
     assert_eq!(holder(&fake), None);
 }
@@ -236,11 +248,7 @@ async fn a_stopped_leader_hands_over_and_only_one_works() {
 async fn a_dead_leader_is_replaced_after_the_lease_expires() {
     let (fake, client) = fake_api().await;
     let working = Arc::new(AtomicUsize::new(0));
-    let a = candidate(&client, "operator-a", &working);
-    assert!(
-        wait_leading(&a, Duration::from_secs(5)).await,
-        "a never led"
-    );
+    let a = first_leader(&client, &fake, &working).await;
     a.task.abort();
     let _ = a.task.await;
     // Its work died with it.
@@ -251,11 +259,7 @@ async fn a_dead_leader_is_replaced_after_the_lease_expires() {
         "b never replaced a dead leader"
     );
     assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
-    b.stop.cancel();
-    assert_eq!(
-        b.task.await.expect("test setup").expect("test setup"),
-        Term::Finished
-    );
+    assert_eq!(stop(b).await, Term::Finished);
 }
 
 /// A leader that finds the Lease held by someone else (as after a partition) stops its work
@@ -264,11 +268,7 @@ async fn a_dead_leader_is_replaced_after_the_lease_expires() {
 async fn a_leader_that_lost_the_lease_stops_working() {
     let (fake, client) = fake_api().await;
     let working = Arc::new(AtomicUsize::new(0));
-    let a = candidate(&client, "operator-a", &working);
-    assert!(
-        wait_leading(&a, Duration::from_secs(5)).await,
-        "a never led"
-    );
+    let a = first_leader(&client, &fake, &working).await;
     {
         let mut fake = fake.lock().expect("test setup");
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);

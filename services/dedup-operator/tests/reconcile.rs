@@ -147,6 +147,24 @@ async fn expect_status(handle: &mut Handle) -> Value {
     .await
 }
 
+/// The worker Deployment's apply, answered with `available` pods; returns what was applied.
+async fn expect_worker_apply(handle: &mut Handle, available: i64) -> Value {
+    expect(
+        handle,
+        Method::PATCH,
+        "/apis/apps/v1/namespaces/prod/deployments/events-worker",
+        move |b| with_available(b, available),
+    )
+    .await
+}
+
+/// The API server's answer for a missing object or API.
+fn not_found(_: Value) -> (StatusCode, Value) {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+    (StatusCode::NOT_FOUND, status)
+}
+
 fn with_available(mut deployment: Value, available: i64) -> (StatusCode, Value) {
     deployment["status"] = json!({ "availableReplicas": available });
     (StatusCode::OK, deployment)
@@ -304,13 +322,7 @@ async fn a_secret_that_is_not_a_url_stays_out_of_the_status() {
             )
             .await;
         }
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
-            |b| with_available(b, 2),
-        )
-        .await;
+        expect_worker_apply(&mut handle, 2).await;
         let status = expect_status(&mut handle).await;
         let text = status.to_string();
         assert!(!text.contains("S3CRET"), "{text}");
@@ -380,13 +392,7 @@ async fn a_restarted_operator_keeps_the_scale_down_window() {
     .expect("status");
     let server = tokio::spawn(async move {
         expect_workloads(&mut handle, 5).await;
-        let worker = expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
-            |b| with_available(b, 5),
-        )
-        .await;
+        let worker = expect_worker_apply(&mut handle, 5).await;
         assert_eq!(worker["spec"]["replicas"], 5, "held by the kept window");
         let status = expect_status(&mut handle).await;
         assert_eq!(
@@ -426,13 +432,7 @@ async fn keda_mode_applies_a_scaled_object_and_leaves_the_replicas() {
     let ctx = context_without_depth(Client::new(service, "default"));
     let server = tokio::spawn(async move {
         expect_workloads(&mut handle, 3).await;
-        let worker = expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
-            |b| with_available(b, 3),
-        )
-        .await;
+        let worker = expect_worker_apply(&mut handle, 3).await;
         assert!(worker["spec"].get("replicas").is_none(), "{worker}");
         let auth = expect(
             &mut handle,
@@ -499,22 +499,12 @@ async fn keda_mode_without_keda_says_what_to_do() {
     let ctx = context_without_depth(Client::new(service, "default"));
     let server = tokio::spawn(async move {
         expect_workloads(&mut handle, 1).await;
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
-            |b| with_available(b, 1),
-        )
-        .await;
+        expect_worker_apply(&mut handle, 1).await;
         expect(
             &mut handle,
             Method::PATCH,
             "/apis/keda.sh/v1alpha1/namespaces/prod/triggerauthentications/events-worker",
-            |_| {
-                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
-                (StatusCode::NOT_FOUND, status)
-            },
+            not_found,
         )
         .await;
         let event = expect_event(&mut handle, "Warning", "ReconcileFailed").await;
@@ -548,18 +538,12 @@ async fn leaving_keda_deletes_the_scaled_object() {
     p.status = Some(serde_json::from_value(json!({"autoscalingMode": "keda"})).expect("status"));
     let server = tokio::spawn(async move {
         expect_workloads(&mut handle, 2).await;
-        expect(
-            &mut handle,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/prod/deployments/events-worker",
-            |b| with_available(b, 2),
-        )
-        .await;
+        expect_worker_apply(&mut handle, 2).await;
         expect(
             &mut handle,
             Method::DELETE,
             "/apis/keda.sh/v1alpha1/namespaces/prod/triggerauthentications/events-worker",
-            |_| (StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})),
+            not_found,
         )
         .await;
         expect(

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Builds the image from the Dockerfile with podman and runs the pipeline from it: the migrations,
+# ingest and a worker, each read-only, as uid 65532, on the host network against this machine's
+# PostgreSQL, Redis and RabbitMQ (isolated: their own database, queue and Redis prefix). Posts
+# an event with a write key, finds it stored, and checks the `probe` health-check subcommands.
+#
+# Bases cannot be pulled here, so the script makes them once with debootstrap (Debian bookworm,
+# as the Dockerfile's defaults are) and `podman import`: a build base holding this machine's
+# Rust toolchain and a runtime base in distroless's place. They stay in podman's storage for
+# the next run. `scripts/test.sh` calls this when podman can run; run it alone with
+#   scripts/check-image.sh            (images built as localhost/dedup-check/*:<version>)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[check-image] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+suffix=$$
+db=dedup_image_check_$suffix
+queue=dedup_image_check_$suffix
+containers=()
+# podman as it runs on this machine kind: vfs storage, runc, no cgroup manager or ulimits to set.
+conf_dir=$(mktemp -d)
+work=$(mktemp -d)
+cleanup() {
+  if [[ ${started:-} ]]; then
+    for c in "${containers[@]}"; do pm rm -f "$c" >/dev/null 2>&1 || true; done
+    psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
+      >/dev/null 2>&1 || true
+    for q in "$queue" "$queue.dead"; do
+      curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
+    done
+    curl -s -o /dev/null -u guest:guest -X DELETE \
+      "http://127.0.0.1:15672/api/exchanges/%2F/$queue" || true
+    redis-cli --scan --pattern "dedup-image-check-$suffix:*" 2>/dev/null |
+      xargs -r redis-cli del >/dev/null 2>&1 || true
+  fi
+  rm -rf "$conf_dir" "$work"
+}
+trap 'cleanup' EXIT
+cat >"$conf_dir/containers.conf" <<'CONF'
+[containers]
+default_ulimits = []
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+export CONTAINERS_CONF=$conf_dir/containers.conf
+pm() { podman --storage-driver vfs --runtime runc "$@"; }
+# Containers started without podman's health-check timers (they need systemd, absent here);
+# the health check itself is checked below by running `probe` in the container.
+run_image() { pm run --no-healthcheck "$@"; }
+
+if [[ ${1:-} == --can-run ]]; then
+  # Exit status only: whether podman is installed and can start a container here.
+  command -v podman >/dev/null && command -v runc >/dev/null && pm info >/dev/null 2>&1
+  exit $?
+fi
+command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
+command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+
+
+
+# --- bases ---------------------------------------------------------------------------------
+# Tagged by what goes into them, so a new toolchain makes a new build base.
+sysroot=$(rustc --print sysroot)
+rust_version=$(rustc --version | cut -d' ' -f2)
+build_base=localhost/dedup-build-base:rust-$rust_version
+runtime_base=localhost/dedup-runtime-base:bookworm
+
+debootstrap_base() { # dir packages
+  local dir=$1 include=$2
+  log "debootstrap bookworm into $dir (+ $include)"
+  debootstrap --variant=minbase --include="$include" bookworm "$dir" http://deb.debian.org/debian \
+    >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
+  rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+}
+
+if ! pm image exists "$runtime_base"; then
+  debootstrap_base "$work/runtime" ca-certificates
+  # distroless's nonroot user, so that `USER 65532` has a name and a home.
+  echo 'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >>"$work/runtime/etc/passwd"
+  echo 'nonroot:x:65532:' >>"$work/runtime/etc/group"
+  mkdir -p "$work/runtime/home/nonroot" && chown 65532:65532 "$work/runtime/home/nonroot"
+  tar -C "$work/runtime" -c . | pm import - "$runtime_base" >/dev/null
+  rm -rf "$work/runtime"
+  log "made $runtime_base"
+fi
+if ! pm image exists "$build_base"; then
+  debootstrap_base "$work/build" ca-certificates,gcc,libc6-dev
+  # The toolchain as the official rust image lays it out: rustc and cargo on PATH, the
+  # registry under CARGO_HOME (the Dockerfile's cache mount).
+  tar -C "$sysroot" --exclude=./share/doc -c . | tar -C "$work/build/usr/local" -x
+  mkdir -p "$work/build/usr/local/cargo"
+  tar -C "$work/build" -c . | pm import \
+    --change 'ENV CARGO_HOME=/usr/local/cargo' \
+    --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    - "$build_base" >/dev/null
+  rm -rf "$work/build"
+  log "made $build_base"
+fi
+
+# --- the images ---------------------------------------------------------------------------
+# Built as a release is (scripts/release-image.sh): the all-in-one image and one per binary.
+# The build trusts what this machine trusts, so cargo reaches crates.io the way the host does
+# (through an intercepting egress proxy, if the host has one).
+version=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/dedup/Chart.yaml)
+registry=${REGISTRY:-localhost/dedup-check}
+image=$registry/dedup:$version
+log "building the release images as $registry/*:$version"
+REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
+  BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
+  scripts/release-image.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "the images did not build"; }
+for target in dedup ingest dedup-worker dedup-operator; do
+  user=$(pm image inspect --format '{{.Config.User}}' "$registry/$target:$version")
+  [[ $user == 65532:65532 ]] || die "$target runs as '$user', not 65532:65532"
+done
+# Each single-binary image runs its binary as the entrypoint, and ingest's and the worker's
+# health checks are their probe subcommands.
+for target in ingest dedup-worker dedup-operator; do
+  out=$(run_image --rm --read-only --user 65532:65532 "$registry/$target:$version" --version 2>"$work/run.err") ||
+    die "$target's image does not run its binary: $(cat "$work/run.err")"
+  [[ $out == "$target $version" ]] || die "$target's image printed '$out', not '$target $version'"
+done
+for target in ingest dedup-worker; do
+  check=$(pm image inspect --format '{{json .Config.Healthcheck.Test}}' "$registry/$target:$version")
+  [[ $check == "[\"CMD\",\"/usr/local/bin/$target\",\"probe\"]" ]] ||
+    die "$target's health check is $check, not its probe"
+done
+
+# --- the pipeline from the image -------------------------------------------------------------
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+http_port=$(free_port) ingest_admin=$(free_port) worker_admin=$(free_port)
+started=1
+psql -q postgres://postgres@127.0.0.1:5432/postgres -c "CREATE DATABASE $db"
+database_url=postgres://postgres@127.0.0.1:5432/$db
+
+# Write keys as deployed: one key for the source "image-check".
+key=$(run_image --rm "$image" ingest write-key --source image-check 2>"$work/key.entry")
+{ echo "keys:"; sed -n '/^  - source:/,$p' "$work/key.entry"; } >"$work/write-keys.yaml"
+chmod 644 "$work/write-keys.yaml"
+
+common=(--network host --read-only --user 65532:65532 --cap-drop ALL
+  -e LOG_FORMAT=json -e RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2f
+  -e AMQP_EXCHANGE="$queue" -e AMQP_QUEUE="$queue" -e AMQP_DEAD_LETTER_QUEUE="$queue.dead")
+run() { # name args...
+  local name=$1; shift
+  run_image -d --name "$name" "${common[@]}" "$@" >/dev/null
+  containers+=("$name")
+}
+
+log "migrations, then ingest and a worker from the image"
+run_image --rm "${common[@]}" -e DATABASE_URL="$database_url" "$image" dedup-worker migrate \
+  >"$work/migrate.log" 2>&1 || { cat "$work/migrate.log" >&2; die "migrations failed in the image"; }
+run "dedup-check-worker-$suffix" -e DATABASE_URL="$database_url" \
+  -e REDIS_URL=redis://127.0.0.1:6379 -e REDIS_PREFIX="dedup-image-check-$suffix" \
+  -e RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:15672 \
+  -e ADMIN_LISTEN_ADDR="127.0.0.1:$worker_admin" "$image" dedup-worker
+run "dedup-check-ingest-$suffix" -v "$work/write-keys.yaml:/etc/dedup/write-keys.yaml:ro" \
+  -e AUTH=keys -e WRITE_KEYS_PATH=/etc/dedup/write-keys.yaml \
+  -e LISTEN_ADDR="127.0.0.1:$http_port" -e ADMIN_LISTEN_ADDR="127.0.0.1:$ingest_admin" "$image" ingest
+
+logs() { for c in "${containers[@]}"; do echo "--- $c" >&2; pm logs "$c" 2>&1 | tail -20 >&2; done; }
+ready=
+for _ in $(seq 1 100); do
+  if pm exec "dedup-check-ingest-$suffix" ingest probe >/dev/null 2>&1 &&
+    pm exec "dedup-check-worker-$suffix" dedup-worker probe >/dev/null 2>&1; then
+    ready=1; break
+  fi
+  sleep 0.3
+done
+[[ -n $ready ]] || { logs; die "ingest and the worker did not become ready (probe) within 30 s"; }
+
+# A probe against a port nothing listens on must fail, or the health check proves nothing.
+if pm exec -e ADMIN_LISTEN_ADDR=127.0.0.1:1 "dedup-check-ingest-$suffix" ingest probe >/dev/null 2>&1; then
+  die "ingest probe succeeded against a closed port"
+fi
+
+now=$(date -u +%FT%TZ)
+event=$(sed "s/\"event_datetime\": *\"[^\"]*\"/\"event_datetime\": \"$now\"/" samples/app_list.json)
+status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+  -H "Authorization: Bearer $key" --data-binary "$event" "http://127.0.0.1:$http_port/product_events/")
+[[ $status == 202 ]] || { logs; die "POST with the write key answered $status, not 202"; }
+status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+  --data-binary "$event" "http://127.0.0.1:$http_port/product_events/")
+[[ $status == 401 ]] || die "POST without a key answered $status, not 401"
+
+stored=
+for _ in $(seq 1 100); do
+  stored=$(psql -tAq "$database_url" -c "SELECT source FROM product_events" 2>/dev/null || true)
+  [[ -n $stored ]] && break
+  sleep 0.2
+done
+[[ $stored == image-check ]] || { logs; die "the event was not stored (found '$stored')"; }
+
+log "ok: the release images built; from $image ingest and a worker ran read-only as 65532, took an event with a key and stored it"
