@@ -83,8 +83,15 @@ pub struct ChaosReport {
 pub async fn run(mut opts: ChaosOptions, name: &str) -> anyhow::Result<ChaosReport> {
     let iso = Isolation::new(&opts.backends, name);
     iso.create(&opts.backends).await?;
-    let mut processes =
-        Processes::start(&opts.binaries, &opts.backends, &iso, &opts.logs, &[], &[]).await?;
+    let mut processes = Processes::start(
+        &opts.binaries,
+        &opts.backends,
+        &iso,
+        &opts.logs,
+        (1, &[]),
+        &[],
+    )
+    .await?;
     opts.load.addr = processes.ingest_addr;
     opts.load.write_key = processes.write_key.clone();
     opts.load.resend = true;

@@ -89,6 +89,8 @@ pub struct RunOptions {
     pub keep: bool,
     pub worker_env: Vec<(String, String)>,
     pub ingest_env: Vec<(String, String)>,
+    /// Worker processes consuming the one queue (1 unless `--workers`).
+    pub workers: usize,
     pub quiet: bool,
     /// Connections sending hostile requests beside the load (0: none).
     pub hostile_connections: usize,
@@ -128,7 +130,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         &opts.backends,
         iso,
         &opts.logs,
-        &opts.worker_env,
+        (opts.workers, &opts.worker_env),
         &opts.ingest_env,
     )
     .await?;
@@ -147,7 +149,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         counters.clone(),
         stop_progress.clone(),
         opts.quiet,
-        processes.worker_admin,
+        processes.worker_admins.clone(),
         iso.topology.queue.clone(),
         DepthReader::new(&opts.backends.rabbitmq_management, Duration::from_secs(2)).ok(),
         dedup_runtime::queue_depth::vhost_of(&opts.backends.rabbitmq),
@@ -169,13 +171,18 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let deadline = load_end + opts.settle_timeout;
     let (rows, settled_at, scrape) = settle(
         &db,
-        processes.worker_admin,
+        &processes.worker_admins,
         (unique_sent, duplicates_sent),
         deadline,
     )
     .await?;
     stop_progress.cancel();
     let samples = progress.await.context("progress task")?;
+    let mut consumed_per_worker = Vec::new();
+    for admin in &processes.worker_admins {
+        let scrape = scrape_workers(std::slice::from_ref(admin)).await;
+        consumed_per_worker.push(metric_sum(&scrape, "dedup_worker_events_consumed_total") as u64);
+    }
     let latency_breakdown = latency_breakdown(&processes, opts.load.batch, &outcome).await;
     // The workload gives every unique event its own `r`.
     let twice: i64 = sqlx::query_scalar(
@@ -188,7 +195,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let servers_cpu = services::ServerSnapshot::take().since(&servers_before);
     let redis_after = services::redis_memory(&opts.backends, iso).await?;
     let ingest_usage = services::usage(processes.ingest.id());
-    let worker_usage = services::usage(processes.worker.id());
+    let worker_usage = processes.workers_usage();
     processes.stop().await?;
 
     let (steady, depth) = steady_state(&samples, load_start, outcome.elapsed);
@@ -208,6 +215,8 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
             None => "closed loop".to_owned(),
         },
         connections: opts.load.connections,
+        workers: opts.workers,
+        consumed_per_worker,
         batch: opts.load.batch,
         duration_s: secs,
         requests_per_s: counters.accepted_requests.load(Ordering::Relaxed) as f64 / secs,
@@ -279,7 +288,7 @@ async fn progress(
     counters: Arc<Counters>,
     stop: tokio_util::sync::CancellationToken,
     quiet: bool,
-    worker_admin: SocketAddr,
+    worker_admins: Vec<SocketAddr>,
     queue: String,
     reader: Option<DepthReader>,
     vhost: String,
@@ -288,10 +297,7 @@ async fn progress(
     let mut samples = Vec::new();
     let mut last_requests = 0;
     loop {
-        let scrape = http_get(worker_admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default();
+        let scrape = scrape_workers(&worker_admins).await;
         let settled = metric_sum(&scrape, "dedup_worker_events_consumed_total");
         let stored = metric_sum(&scrape, "dedup_worker_events_stored_total");
         let depth = match &reader {
@@ -325,12 +331,25 @@ async fn progress(
     }
 }
 
+/// Every worker's `/metrics`, one after the other: summing a metric over the text sums it over
+/// the workers.
+async fn scrape_workers(admins: &[SocketAddr]) -> String {
+    let mut all = String::new();
+    for admin in admins {
+        if let Ok((_, body)) = http_get(*admin, "/metrics").await {
+            all.push_str(&body);
+            all.push('\n');
+        }
+    }
+    all
+}
+
 /// Waits until every one of `sent.0` unique events is stored and all `sent.0 + sent.1`
-/// events are consumed, or `deadline`. Returns the rows stored, when, and the worker's last
+/// events are consumed, or `deadline`. Returns the rows stored, when, and the workers' last
 /// scrape.
 async fn settle(
     db: &sqlx::PgPool,
-    worker_admin: SocketAddr,
+    worker_admins: &[SocketAddr],
     (unique, duplicates): (u64, u64),
     deadline: Instant,
 ) -> anyhow::Result<(u64, Instant, String)> {
@@ -346,10 +365,7 @@ async fn settle(
     let settled_at = Instant::now();
     // Let the last duplicates be counted too.
     loop {
-        let scrape = http_get(worker_admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default();
+        let scrape = scrape_workers(worker_admins).await;
         let consumed = metric_sum(&scrape, "dedup_worker_events_consumed_total") as u64;
         if consumed >= unique + duplicates || Instant::now() > deadline {
             return Ok((rows, settled_at, scrape));

@@ -125,6 +125,10 @@ struct RunArgs {
     /// Extra ingest settings, KEY=VALUE (repeatable), e.g. COALESCE_FLUSHERS=4.
     #[arg(long = "ingest-env", value_parser = parse_key_value)]
     ingest_env: Vec<(String, String)>,
+    /// Worker processes consuming the queue (the report's worker CPU is theirs together, its
+    /// peak RSS the largest of one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    workers: u32,
     /// After each closed-loop run, an open-loop run this long at half of that run's end-to-end
     /// rate: latency at half the maximum, measured right after the maximum it is half of
     /// (the machine's speed drifts over an hour).
@@ -339,6 +343,7 @@ fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Res
         keep: args.keep,
         worker_env: args.worker_env.clone(),
         ingest_env: args.ingest_env.clone(),
+        workers: args.workers as usize,
         quiet: false,
         hostile_connections: args.hostile,
     })
@@ -453,6 +458,8 @@ async fn main() -> anyhow::Result<()> {
             args.duration = Duration::from_secs(4);
             args.duplicate_delay = Duration::from_millis(200);
             args.settle_timeout = Duration::from_secs(60);
+            // Two workers on the one queue: the smoke run proves they store nothing twice.
+            args.workers = args.workers.max(2);
         }
         let options = run_options(&args, backends.clone(), c.out.join(format!("logs-{stamp}")))?;
         let repeat = if c.smoke { 1 } else { args.repeat };

@@ -100,6 +100,10 @@ pub struct Correctness {
 pub struct RunFigures {
     pub mode: String,
     pub connections: usize,
+    /// Worker processes consuming the queue.
+    pub workers: usize,
+    /// Events each worker process consumed (how the queue split them).
+    pub consumed_per_worker: Vec<u64>,
     pub batch: usize,
     pub duration_s: f64,
     pub requests_per_s: f64,
@@ -293,7 +297,7 @@ impl Report {
         let c = &run.correctness;
         md += &format!(
             "| Figure | Value |\n|---|---|\n\
-             | Load | {} , {} connections, {} event(s)/request, {:.0} s |\n\
+             | Load | {} , {} connections, {} event(s)/request, {:.0} s, {} worker process(es) |\n\
              | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
              | Events/s accepted | {:.0} |\n\
              | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
@@ -303,13 +307,15 @@ impl Report {
              | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
              | Duplicates by tier | {} |\n\
              | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
-             | worker peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
+             | worker peak RSS (largest process) / CPU (all) | {:.1} MiB / {:.1} s |\n\
+             | Events consumed per worker process | {} |\n\
              {}{}\
              | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
             run.mode,
             run.connections,
             run.batch,
             run.duration_s,
+            run.workers,
             run.requests_per_s,
             run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
             ORIGINAL_REQUESTS_PER_S,
@@ -339,6 +345,11 @@ impl Report {
             run.ingest.cpu_seconds,
             run.worker.peak_rss_mib,
             run.worker.cpu_seconds,
+            run.consumed_per_worker
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" / "),
             cpu_per_event_row(run),
             redis_memory_row(run),
             if c.ok { "OK" } else { "FAILED" },
@@ -504,6 +515,8 @@ dedup_ingest_message_bytes_count 20
         RunFigures {
             mode: "closed loop".into(),
             connections: 8,
+            workers: 1,
+            consumed_per_worker: vec![1500],
             batch: 1,
             duration_s: 10.0,
             requests_per_s: 1500.0,

@@ -191,7 +191,7 @@ fn log(logs: &Path, name: &str) -> anyhow::Result<Stdio> {
 }
 
 /// Waits (30 s at most) until every admin server answers `/readyz` with 200.
-async fn ready(admins: [SocketAddr; 2], logs: &Path) -> anyhow::Result<()> {
+async fn ready(admins: Vec<SocketAddr>, logs: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for admin in admins {
         while crate::http_get(admin, "/readyz").await.map(|(s, _)| s) != Ok(200) {
@@ -211,11 +211,12 @@ pub struct Processes {
     pub ingest: Child,
     /// The key the load sends (`None` for an ingest without write keys).
     pub write_key: Option<String>,
-    pub worker: Child,
+    /// One or more worker processes on the same queue, schema and Redis prefix.
+    pub workers: Vec<Child>,
     pub ingest_addr: SocketAddr,
     pub ingest_admin: SocketAddr,
-    pub worker_admin: SocketAddr,
-    /// How the worker was started, to start it again after a kill.
+    pub worker_admins: Vec<SocketAddr>,
+    /// How the first worker was started, to start it again after a kill.
     worker_spec: WorkerSpec,
 }
 
@@ -228,6 +229,8 @@ struct WorkerSpec {
     logs: PathBuf,
     env: Vec<(String, String)>,
     admin: SocketAddr,
+    /// Its log files: worker.log / worker.err, worker-2.log … for the others.
+    log_name: String,
 }
 
 impl WorkerSpec {
@@ -241,8 +244,8 @@ impl WorkerSpec {
             .env("REDIS_PREFIX", &self.iso.name)
             .env("ADMIN_LISTEN_ADDR", self.admin.to_string())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log(&self.logs, "worker.log")?)
-            .stderr(log(&self.logs, "worker.err")?)
+            .stdout(log(&self.logs, &format!("{}.log", self.log_name))?)
+            .stderr(log(&self.logs, &format!("{}.err", self.log_name))?)
             .kill_on_drop(true);
         worker.spawn().context("starting dedup-worker")
     }
@@ -299,31 +302,43 @@ fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
 }
 
 impl Processes {
-    /// Migrates, starts the worker and ingest, and waits until both are ready.
+    /// Migrates, starts `workers` worker processes and ingest, and waits until all are ready.
     pub async fn start(
         bins: &Binaries,
         backends: &Backends,
         iso: &Isolation,
         logs: &Path,
-        extra_worker_env: &[(String, String)],
+        (workers, extra_worker_env): (usize, &[(String, String)]),
         extra_ingest_env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         bins.check()?;
         migrate(&bins.worker, backends, iso).await?;
 
-        let (ingest_addr, ingest_admin, worker_admin) =
-            (free_port().await?, free_port().await?, free_port().await?);
+        let (ingest_addr, ingest_admin) = (free_port().await?, free_port().await?);
         std::fs::create_dir_all(logs)?;
 
-        let worker_spec = WorkerSpec {
-            bin: bins.worker.clone(),
-            backends: backends.clone(),
-            iso: iso.clone(),
-            logs: logs.to_owned(),
-            env: extra_worker_env.to_vec(),
-            admin: worker_admin,
-        };
-        let worker = worker_spec.spawn()?;
+        let mut specs = Vec::new();
+        for i in 0..workers.max(1) {
+            specs.push(WorkerSpec {
+                bin: bins.worker.clone(),
+                backends: backends.clone(),
+                iso: iso.clone(),
+                logs: logs.to_owned(),
+                env: extra_worker_env.to_vec(),
+                admin: free_port().await?,
+                log_name: if i == 0 {
+                    "worker".to_owned()
+                } else {
+                    format!("worker-{}", i + 1)
+                },
+            });
+        }
+        let workers = specs
+            .iter()
+            .map(WorkerSpec::spawn)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let worker_admins: Vec<SocketAddr> = specs.iter().map(|s| s.admin).collect();
+        let worker_spec = specs.swap_remove(0);
         let write_key = write_key(&bins.ingest, logs).await?;
         let mut ingest = Command::new(&bins.ingest);
         common_env(&mut ingest, backends, iso);
@@ -343,37 +358,51 @@ impl Processes {
             .stderr(log(logs, "ingest.err")?)
             .kill_on_drop(true);
         let ingest = ingest.spawn().context("starting ingest")?;
+        let mut admins = worker_admins.clone();
+        admins.push(ingest_admin);
         let processes = Self {
             ingest,
             write_key,
-            worker,
+            workers,
             ingest_addr,
             ingest_admin,
-            worker_admin,
+            worker_admins,
             worker_spec,
         };
-        ready([ingest_admin, worker_admin], logs).await?;
+        ready(admins, logs).await?;
         Ok(processes)
     }
 
-    /// Kills the worker with SIGKILL (no shutdown of any kind) and starts a new one, which
-    /// gets back from the broker whatever the dead one had not acked.
+    /// Kills the first worker with SIGKILL (no shutdown of any kind) and starts a new one,
+    /// which gets back from the broker whatever the dead one had not acked.
     pub async fn kill_and_restart_worker(&mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.worker.id() {
+        let worker = &mut self.workers[0];
+        if let Some(pid) = worker.id() {
             Command::new("kill")
                 .arg("-KILL")
                 .arg(pid.to_string())
                 .status()
                 .await?;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.worker.wait()).await;
-        self.worker = self.worker_spec.spawn()?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), worker.wait()).await;
+        *worker = self.worker_spec.spawn()?;
         Ok(())
     }
 
-    /// Sends SIGTERM to both and waits for them to exit.
+    /// The workers' CPU seconds together, and the largest peak RSS of one of them.
+    pub fn workers_usage(&self) -> Usage {
+        self.workers
+            .iter()
+            .map(|w| usage(w.id()))
+            .fold(Usage::default(), |all, one| Usage {
+                peak_rss_mib: all.peak_rss_mib.max(one.peak_rss_mib),
+                cpu_seconds: all.cpu_seconds + one.cpu_seconds,
+            })
+    }
+
+    /// Sends SIGTERM to every process and waits for them to exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        for child in [&mut self.ingest, &mut self.worker] {
+        for child in std::iter::once(&mut self.ingest).chain(self.workers.iter_mut()) {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill")
                     .arg("-TERM")
