@@ -233,6 +233,10 @@ for label, values in value_sets.items():
             check(pod.get("imagePullSecrets") == [{"name": "regcred"}] and pod.get("nodeSelector") == {"pool": "events"}
                   and pod.get("tolerations", [{}])[0].get("key") == "dedicated" and pod.get("priorityClassName") == "high",
                   f"placed: {doc['kind']}/{doc['metadata']['name']} is not placed as the values say")
+        images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")
+                  for c in (d["spec"] if d["kind"] == "Pod" else d["spec"]["template"]["spec"])["containers"]}
+        images.add(pipeline["spec"]["image"])
+        check(all(i.startswith("registry.example/") for i in images), f"global.imageRegistry: every image from it, got {images}")
         check(pipeline["spec"]["pods"] == {"imagePullSecrets": ["regcred"], "nodeSelector": {"pool": "events"},
                                            "tolerations": values["tolerations"], "priorityClassName": "high"},
               f"placed: the pipeline's pods carry the placement, got {pipeline['spec'].get('pods')}")

@@ -8,7 +8,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
-{{- define "dedup.image" -}}{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}{{- end }}
+{{- /* The registry every image is pulled from: image.registry, else global.imageRegistry (as
+  umbrella charts set it), else none (the references as written). */ -}}
+{{- define "dedup.registry" -}}
+{{- $global := (.Values.global | default dict).imageRegistry | default "" -}}
+{{- with (.Values.image.registry | default $global) }}{{ trimSuffix "/" . }}/{{ end -}}
+{{- end }}
+{{- define "dedup.image" -}}{{ include "dedup.registry" . }}{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}{{- end }}
 
 {{- define "dedup.secretName" -}}{{ default (printf "%s-urls" (include "dedup.name" .)) .Values.connections.existingSecret }}{{- end }}
 
