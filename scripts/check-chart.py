@@ -341,6 +341,8 @@ for label, values in value_sets.items():
         check(pdbs.get("rel-dedup-worker", {}).get("maxUnavailable") == 1
               and pdbs["rel-dedup-worker"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "worker",
               f"defaults: a PodDisruptionBudget for the workers, got {pdbs}")
+        check(pdbs.get("rel-dedup-operator", {}).get("maxUnavailable") == 1,
+              f"defaults: a PodDisruptionBudget keeps one of the two operator replicas, got {pdbs}")
         for claim in (c for d in docs if d["kind"] == "StatefulSet" for c in d["spec"]["volumeClaimTemplates"]):
             check(claim["spec"]["resources"]["requests"]["storage"], "every bundled service has a persistent volume")
         operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-dedup-operator")
