@@ -30,10 +30,19 @@ cleanup() {
     for q in "$queue" "$queue.dead"; do
       curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
     done
-    curl -s -o /dev/null -u guest:guest -X DELETE \
-      "http://127.0.0.1:15672/api/exchanges/%2F/$queue" || true
+    for x in "$queue" "$queue.dlx"; do
+      curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/exchanges/%2F/$x" || true
+    done
     redis-cli --scan --pattern "dedup-image-check-$suffix:*" 2>/dev/null |
       xargs -r redis-cli del >/dev/null 2>&1 || true
+  fi
+  # vfs storage copies the whole file system for every layer (~1 GB each for the build
+  # stage): keep only the bases, so repeated runs do not fill the disk.
+  if [[ ${built:-} ]]; then
+    for target in dedup ingest dedup-worker dedup-operator; do
+      pm rmi -f "$registry/$target:$version" >/dev/null 2>&1 || true
+    done
+    for _ in 1 2 3; do pm image prune -f >/dev/null 2>&1 || true; done
   fi
   rm -rf "$conf_dir" "$work"
 }
@@ -108,6 +117,7 @@ version=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/dedup/Chart.yaml)
 registry=${REGISTRY:-localhost/dedup-check}
 image=$registry/dedup:$version
 log "building the release images as $registry/*:$version"
+built=1
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
   scripts/release-image.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "the images did not build"; }
