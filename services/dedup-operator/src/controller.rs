@@ -242,7 +242,9 @@ async fn reconcile_inner(pipeline: Arc<DedupPipeline>, ctx: &Context) -> Result<
             &Patch::Apply(&resources::worker_deployment(
                 &pipeline,
                 &checksum,
-                (mode == AutoscalingMode::Operator).then_some(decision.replicas),
+                // Other modes write back the replicas they found: leaving the field out would
+                // hand it back to its default (1) whenever no other manager owns it yet.
+                Some(decision.replicas),
             )),
         )
         .await?;

@@ -713,11 +713,11 @@ pub fn scaled_object(pipeline: &DedupPipeline) -> serde_json::Value {
 }
 
 /// Every object the operator applies for `pipeline`, as it would on its first reconcile
-/// (workers at `minReplicas` when the operator scales them), for `dedup-operator render`.
+/// (workers at `minReplicas`), for `dedup-operator render`.
 pub fn all(pipeline: &DedupPipeline) -> Result<Vec<serde_json::Value>, serde_json::Error> {
     let config = config_map(pipeline);
     let checksum = config_checksum(&config);
-    let replicas = operator_scales(pipeline).then_some(pipeline.spec.worker.min_replicas);
+    let replicas = Some(pipeline.spec.worker.min_replicas);
     let typed = |mut v: serde_json::Value, api_version: &str, kind: &str| {
         v["apiVersion"] = api_version.into();
         v["kind"] = kind.into();
@@ -746,11 +746,6 @@ pub fn all(pipeline: &DedupPipeline) -> Result<Vec<serde_json::Value>, serde_jso
         objects.push(scaled_object(pipeline));
     }
     Ok(objects)
-}
-
-/// Whether the operator sets the worker replicas itself.
-pub fn operator_scales(pipeline: &DedupPipeline) -> bool {
-    pipeline.spec.worker.autoscaling.mode == AutoscalingMode::Operator
 }
 
 #[cfg(test)]

@@ -423,7 +423,7 @@ fn with_mode(mode: &str) -> DedupPipeline {
     p
 }
 
-/// `keda` mode: the worker Deployment is applied without replicas (KEDA's HPA owns them), then
+/// `keda` mode: the worker Deployment is applied with the replicas it has (KEDA's HPA sets them), then
 /// the TriggerAuthentication and the ScaledObject; the queue is not read and the status says
 /// who scales.
 #[tokio::test]
@@ -433,7 +433,10 @@ async fn keda_mode_applies_a_scaled_object_and_leaves_the_replicas() {
     let server = tokio::spawn(async move {
         expect_workloads(&mut handle, 3).await;
         let worker = expect_worker_apply(&mut handle, 3).await;
-        assert!(worker["spec"].get("replicas").is_none(), "{worker}");
+        assert_eq!(
+            worker["spec"]["replicas"], 3,
+            "the replicas KEDA set are written back as found, never reset: {worker}"
+        );
         let auth = expect(
             &mut handle,
             Method::PATCH,
