@@ -54,6 +54,15 @@ pub struct Config {
     /// Prefix of every Redis key; also the Redis Cluster hash tag.
     #[arg(long, env = "REDIS_PREFIX", default_value = "dedup")]
     pub redis_prefix: String,
+    /// REDIS_URL is one node of a Redis Cluster (the others are discovered from it).
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
+    /// Hash tags the recent keys are spread over: 1 keeps them in one slot (one server's
+    /// worth); with a Redis Cluster, a few times its primaries (e.g. 64) spreads them over all.
+    /// Changing it makes the keys already in Redis unknown until they expire: PostgreSQL
+    /// still decides.
+    #[arg(long, env = "REDIS_KEY_BUCKETS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub redis_key_buckets: u32,
     /// Bound on one Redis call; past it the batch carries on with PostgreSQL alone.
     #[arg(long, env = "REDIS_TIMEOUT", value_parser = parse_duration, default_value = "500ms")]
     pub redis_timeout: Duration,

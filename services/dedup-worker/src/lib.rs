@@ -88,6 +88,8 @@ impl Worker {
             RedisSettings {
                 url: config.redis_url.clone(),
                 prefix: config.redis_prefix.clone(),
+                key_buckets: config.redis_key_buckets,
+                cluster: config.redis_cluster,
                 recent_ttl: config.dedup_window,
                 timeout: config.redis_timeout,
                 retry_interval: config.redis_retry_interval,

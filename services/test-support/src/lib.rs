@@ -17,6 +17,7 @@ pub mod events;
 pub mod otlp;
 pub mod process;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod tls;
 
 pub use env::TestEnv;

@@ -31,6 +31,8 @@ async fn check_answers_recorded_keys_only_across_large_batches() {
         RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             prefix: env.redis_prefix.clone(),
+            key_buckets: 1,
+            cluster: false,
             recent_ttl: Duration::from_secs(600),
             timeout: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
@@ -109,6 +111,8 @@ async fn the_tier_runs_over_verified_tls() {
         )
         .into(),
         prefix: "{tls}".into(),
+        key_buckets: 1,
+        cluster: false,
         recent_ttl: Duration::from_secs(600),
         timeout: Duration::from_secs(5),
         retry_interval: Duration::from_secs(1),
@@ -126,4 +130,137 @@ async fn the_tier_runs_over_verified_tls() {
         None,
         "an unknown CA is refused"
     );
+}
+
+/// Against a real three-node Redis Cluster with the keys spread over 64 hash tags: a batch's
+/// check and record (pipelines per slot, sent at once) answer as against one server, in
+/// order, and the keys land on every node. With one hash tag they would all sit on one.
+#[tokio::test]
+async fn keys_spread_over_a_redis_cluster_and_answers_stay_in_order() {
+    let cluster =
+        tokio::task::spawn_blocking(|| test_support::redis_cluster::RedisCluster::start("tier"))
+            .await
+            .expect("cluster");
+    let settings = |buckets| RedisSettings {
+        url: cluster.url().into(),
+        prefix: "dedup".into(),
+        key_buckets: buckets,
+        cluster: true,
+        recent_ttl: Duration::from_secs(600),
+        timeout: Duration::from_secs(5),
+        retry_interval: Duration::from_secs(1),
+        ca_pem: None,
+    };
+    let tier = RedisTier::new(settings(64), Metrics::new()).expect("tier");
+    let stored = items(0..2_500);
+    let fresh = items(10_000..12_500);
+    let before = tier.check(&stored).await.expect("the cluster answers");
+    assert!(before.iter().all(|known| !known), "nothing is known yet");
+    tier.record(&stored).await;
+    let mixed: Vec<Item> = stored
+        .iter()
+        .zip(&fresh)
+        .flat_map(|(a, b)| [*a, *b])
+        .collect();
+    let after = tier.check(&mixed).await.expect("the cluster answers");
+    let expected: Vec<bool> = (0..5_000).map(|i| i % 2 == 0).collect();
+    assert!(
+        after == expected,
+        "recorded keys known, new keys not, in order"
+    );
+    assert!(!tier.is_degraded());
+    let spread = cluster.keys_per_node();
+    assert_eq!(spread.iter().sum::<u64>(), 2_500, "{spread:?}");
+    assert!(
+        spread.iter().all(|&n| n > 2_500 / 10),
+        "every node holds a fair share of the keys: {spread:?}"
+    );
+
+    // One hash tag (the default): correct too, but every key on one node.
+    let single = RedisTier::new(
+        RedisSettings {
+            prefix: "one".into(),
+            ..settings(1)
+        },
+        Metrics::new(),
+    )
+    .expect("tier");
+    let few = items(50_000..50_300);
+    single.record(&few).await;
+    assert!(
+        single
+            .check(&few)
+            .await
+            .expect("answers")
+            .iter()
+            .all(|k| *k)
+    );
+    let after_single = cluster.keys_per_node();
+    let grew: Vec<u64> = after_single
+        .iter()
+        .zip(&spread)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(
+        grew.iter().filter(|&&n| n > 0).count(),
+        1,
+        "one hash tag puts every key on one node: {grew:?}"
+    );
+
+    // The cluster gone: no answer (PostgreSQL decides), and the tier says it is degraded.
+    drop(cluster);
+    assert_eq!(tier.check(&few).await, None);
+    assert!(tier.is_degraded());
+}
+
+/// Several hash tags on one server: the groups go as one pipeline (the other groups' commands
+/// joined to the first) and the answers still come back in the items' order.
+#[tokio::test]
+async fn buckets_on_one_server_answer_in_order() {
+    let env = TestEnv::new("redisbuckets").await;
+    let tier = RedisTier::new(
+        RedisSettings {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: env.redis_prefix.clone(),
+            key_buckets: 8,
+            cluster: false,
+            recent_ttl: Duration::from_secs(600),
+            timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(1),
+            ca_pem: None,
+        },
+        Metrics::new(),
+    )
+    .expect("tier");
+    let stored = items(0..1_500);
+    tier.record(&stored).await;
+    let mixed: Vec<Item> = stored
+        .iter()
+        .zip(&items(20_000..21_500))
+        .flat_map(|(a, b)| [*a, *b])
+        .collect();
+    let after = tier.check(&mixed).await.expect("Redis answers");
+    let expected: Vec<bool> = (0..3_000).map(|i| i % 2 == 0).collect();
+    assert!(
+        after == expected,
+        "recorded keys known, new keys not, in order"
+    );
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}:*", env.redis_prefix))
+        .await
+        .expect("SCAN");
+    // TestEnv removes `{prefix}:*` only: these keys carry a bucket in their tag.
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let tags: std::collections::BTreeSet<&str> =
+        keys.iter().filter_map(|k| k.split('}').next()).collect();
+    assert_eq!(keys.len(), 1_500);
+    assert_eq!(tags.len(), 8, "keys under all 8 hash tags: {tags:?}");
 }
