@@ -24,20 +24,54 @@ fn items(range: std::ops::Range<u32>) -> Vec<Item> {
         .collect()
 }
 
+/// The tier's settings for the local Redis (or another server at `url`).
+fn settings(url: &str, prefix: &str, key_buckets: u32, cluster: bool) -> RedisSettings {
+    RedisSettings {
+        url: url.into(),
+        prefix: prefix.to_owned(),
+        key_buckets,
+        cluster,
+        recent_ttl: Duration::from_secs(600),
+        timeout: Duration::from_secs(5),
+        retry_interval: Duration::from_secs(1),
+        ca_pem: None,
+    }
+}
+
+/// Checks `stored` (recorded) and `fresh` interleaved: recorded keys known, new ones not, and
+/// an answer out of order would show.
+async fn assert_answers_in_order(tier: &RedisTier, stored: &[Item], fresh: &[Item]) {
+    let mixed: Vec<Item> = stored
+        .iter()
+        .zip(fresh)
+        .flat_map(|(a, b)| [*a, *b])
+        .collect();
+    let expected: Vec<bool> = (0..mixed.len()).map(|i| i % 2 == 0).collect();
+    let after = tier.check(&mixed).await.expect("Redis answers");
+    assert!(
+        after == expected,
+        "recorded keys known, new keys not, in order"
+    );
+}
+
+/// A connection to the local Redis and its keys matching `pattern`.
+async fn local_keys(pattern: &str) -> (redis::aio::MultiplexedConnection, Vec<String>) {
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    let keys = test_support::env::scan_keys(&mut conn, pattern)
+        .await
+        .expect("SCAN");
+    (conn, keys)
+}
+
 #[tokio::test]
 async fn check_answers_recorded_keys_only_across_large_batches() {
     let env = TestEnv::new("redistier").await;
     let tier = RedisTier::new(
-        RedisSettings {
-            url: "redis://127.0.0.1:6379".into(),
-            prefix: env.redis_prefix.clone(),
-            key_buckets: 1,
-            cluster: false,
-            recent_ttl: Duration::from_secs(600),
-            timeout: Duration::from_secs(5),
-            retry_interval: Duration::from_secs(1),
-            ca_pem: None,
-        },
+        settings("redis://127.0.0.1:6379", &env.redis_prefix, 1, false),
         Metrics::new(),
     )
     .expect("tier");
@@ -51,27 +85,9 @@ async fn check_answers_recorded_keys_only_across_large_batches() {
     assert!(before.iter().all(|known| !known), "nothing is known yet");
     tier.record(&stored).await;
 
-    // Interleaved, so an answer out of order would show.
-    let mixed: Vec<Item> = stored
-        .iter()
-        .zip(&fresh)
-        .flat_map(|(a, b)| [*a, *b])
-        .collect();
-    let after = tier.check(&mixed).await.expect("Redis answers");
-    let expected: Vec<bool> = (0..5_000).map(|i| i % 2 == 0).collect();
-    assert!(
-        after == expected,
-        "recorded keys known, new keys not, in order"
-    );
+    assert_answers_in_order(&tier, &stored, &fresh).await;
 
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis");
-    let recent = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", env.redis_prefix))
-        .await
-        .expect("SCAN");
+    let (mut conn, recent) = local_keys(&format!("{{{}}}:*", env.redis_prefix)).await;
     assert_eq!(
         recent.len(),
         2_500,
@@ -141,33 +157,14 @@ async fn keys_spread_over_a_redis_cluster_and_answers_stay_in_order() {
         tokio::task::spawn_blocking(|| test_support::redis_cluster::RedisCluster::start("tier"))
             .await
             .expect("cluster");
-    let settings = |buckets| RedisSettings {
-        url: cluster.url().into(),
-        prefix: "dedup".into(),
-        key_buckets: buckets,
-        cluster: true,
-        recent_ttl: Duration::from_secs(600),
-        timeout: Duration::from_secs(5),
-        retry_interval: Duration::from_secs(1),
-        ca_pem: None,
-    };
-    let tier = RedisTier::new(settings(64), Metrics::new()).expect("tier");
+    let url = cluster.url();
+    let tier = RedisTier::new(settings(&url, "dedup", 64, true), Metrics::new()).expect("tier");
     let stored = items(0..2_500);
     let fresh = items(10_000..12_500);
     let before = tier.check(&stored).await.expect("the cluster answers");
     assert!(before.iter().all(|known| !known), "nothing is known yet");
     tier.record(&stored).await;
-    let mixed: Vec<Item> = stored
-        .iter()
-        .zip(&fresh)
-        .flat_map(|(a, b)| [*a, *b])
-        .collect();
-    let after = tier.check(&mixed).await.expect("the cluster answers");
-    let expected: Vec<bool> = (0..5_000).map(|i| i % 2 == 0).collect();
-    assert!(
-        after == expected,
-        "recorded keys known, new keys not, in order"
-    );
+    assert_answers_in_order(&tier, &stored, &fresh).await;
     assert!(!tier.is_degraded());
     let spread = cluster.keys_per_node();
     assert_eq!(spread.iter().sum::<u64>(), 2_500, "{spread:?}");
@@ -177,14 +174,7 @@ async fn keys_spread_over_a_redis_cluster_and_answers_stay_in_order() {
     );
 
     // One hash tag (the default): correct too, but every key on one node.
-    let single = RedisTier::new(
-        RedisSettings {
-            prefix: "one".into(),
-            ..settings(1)
-        },
-        Metrics::new(),
-    )
-    .expect("tier");
+    let single = RedisTier::new(settings(&url, "one", 1, true), Metrics::new()).expect("tier");
     let few = items(50_000..50_300);
     single.record(&few).await;
     assert!(
@@ -219,40 +209,14 @@ async fn keys_spread_over_a_redis_cluster_and_answers_stay_in_order() {
 async fn buckets_on_one_server_answer_in_order() {
     let env = TestEnv::new("redisbuckets").await;
     let tier = RedisTier::new(
-        RedisSettings {
-            url: "redis://127.0.0.1:6379".into(),
-            prefix: env.redis_prefix.clone(),
-            key_buckets: 8,
-            cluster: false,
-            recent_ttl: Duration::from_secs(600),
-            timeout: Duration::from_secs(5),
-            retry_interval: Duration::from_secs(1),
-            ca_pem: None,
-        },
+        settings("redis://127.0.0.1:6379", &env.redis_prefix, 8, false),
         Metrics::new(),
     )
     .expect("tier");
     let stored = items(0..1_500);
     tier.record(&stored).await;
-    let mixed: Vec<Item> = stored
-        .iter()
-        .zip(&items(20_000..21_500))
-        .flat_map(|(a, b)| [*a, *b])
-        .collect();
-    let after = tier.check(&mixed).await.expect("Redis answers");
-    let expected: Vec<bool> = (0..3_000).map(|i| i % 2 == 0).collect();
-    assert!(
-        after == expected,
-        "recorded keys known, new keys not, in order"
-    );
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis");
-    let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}:*", env.redis_prefix))
-        .await
-        .expect("SCAN");
+    assert_answers_in_order(&tier, &stored, &items(20_000..21_500)).await;
+    let (mut conn, keys) = local_keys(&format!("{{{}:*", env.redis_prefix)).await;
     // TestEnv removes `{prefix}:*` only: these keys carry a bucket in their tag.
     let _: () = redis::cmd("DEL")
         .arg(&keys)
