@@ -129,14 +129,34 @@ async fn report_scaling(
         Observation::Unavailable(_) => "queue depth unreadable".to_owned(),
         Observation::External => "set by KEDA or by hand".to_owned(),
     };
+    let note = format!(
+        "workers {from} → {} ({:?}, {depth})",
+        decision.replicas, decision.reason
+    );
+    publish(
+        ctx,
+        pipeline,
+        EventType::Normal,
+        ("ScaledWorkers", "Scale"),
+        note,
+    )
+    .await;
+}
+
+/// Publishes an event about `pipeline`, best effort: a lost event never fails the reconcile
+/// (the API server may be what failed).
+async fn publish(
+    ctx: &Context,
+    pipeline: &DedupPipeline,
+    type_: EventType,
+    (reason, action): (&str, &str),
+    note: String,
+) {
     let event = Event {
-        type_: EventType::Normal,
-        reason: "ScaledWorkers".to_owned(),
-        note: Some(format!(
-            "workers {from} → {} ({:?}, {depth})",
-            decision.replicas, decision.reason
-        )),
-        action: "Scale".to_owned(),
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
         secondary: None,
     };
     if let Err(e) = ctx
@@ -144,27 +164,22 @@ async fn report_scaling(
         .publish(&event, &pipeline.object_ref(&()))
         .await
     {
-        tracing::debug!(error = %e, "Could not publish the scaling event.");
+        tracing::debug!(error = %e, reason, "Could not publish the event.");
     }
 }
 
 /// Makes a failed reconcile visible on the resource: a Warning event and a Degraded
 /// condition. Both are best effort — the API server may be what failed.
 async fn report_failure(pipeline: &DedupPipeline, error: &Error, ctx: &Context) {
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "ReconcileFailed".to_owned(),
-        note: Some(error.to_string().chars().take(1000).collect()),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &pipeline.object_ref(&()))
-        .await
-    {
-        tracing::debug!(error = %e, "Could not publish the failure event.");
-    }
+    let note = error.to_string().chars().take(1000).collect();
+    publish(
+        ctx,
+        pipeline,
+        EventType::Warning,
+        ("ReconcileFailed", "Reconcile"),
+        note,
+    )
+    .await;
     let Some(namespace) = pipeline.namespace() else {
         return;
     };
