@@ -71,7 +71,8 @@ value_sets = {
         "worker": {"minReplicas": 0, "settings": {"BATCH_SIZE": "500", "RETENTION": "30d"},
                    "autoscaling": {"mode": "keda", "activation": 5, "vhost": "events",
                                    "scaleUpLimit": {"pods": 4, "percent": 100, "periodSeconds": 30}}},
-        "ingest": {"settings": {"MAX_BODY_BYTES": "65536"}}}},
+        "ingest": {"settings": {"MAX_BODY_BYTES": "65536"}},
+        "dedup": {"queueShards": 4}}},
     "operator autoscaling on the publish rate": {"pipeline": {"worker": {"autoscaling": {
         "metric": "messageRate", "targetPublishRatePerWorker": 300, "scaleUpLimit": {"percent": 50}}}}},
     "autoscaling left to the user": {"pipeline": {"worker": {"autoscaling": {"mode": "none"}}}},
@@ -265,6 +266,11 @@ for label, values in value_sets.items():
         trigger = scaled["spec"]["triggers"][0]["metadata"]
         check(trigger["vhostName"] == "events" and trigger["activationValue"] == "5" and trigger["protocol"] == "http"
               and scaled["spec"]["minReplicaCount"] == 0, f"keda: the ScaledObject follows the values, got {scaled['spec']}")
+        check(trigger.get("useRegex") == "true" and trigger.get("operation") == "sum"
+              and trigger["queueName"] == r"^(product_events|product_events\.1|product_events\.2|product_events\.3)$",
+              f"keda: four queue shards are summed by an exact pattern, got {trigger}")
+        config = next(d for d in applied if d["kind"] == "ConfigMap")
+        check(config["data"].get("AMQP_QUEUE_SHARDS") == "4", f"keda: the shards reach both binaries, got {config['data']}")
         worker = next(d for d in applied if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-worker"))
         env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
         check(env.get("BATCH_SIZE") == "500" and env.get("RETENTION") == "30d",

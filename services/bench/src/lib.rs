@@ -91,6 +91,8 @@ pub struct RunOptions {
     pub ingest_env: Vec<(String, String)>,
     /// Worker processes consuming the one queue (1 unless `--workers`).
     pub workers: usize,
+    /// Queues the events are spread over (1 unless `--queue-shards`).
+    pub queue_shards: u16,
     pub quiet: bool,
     /// Connections sending hostile requests beside the load (0: none).
     pub hostile_connections: usize,
@@ -115,7 +117,8 @@ struct Sample {
 
 /// Starts the pipeline, drives the load, waits for every event to settle, checks correctness.
 pub async fn run_pipeline(mut opts: RunOptions, name: &str) -> anyhow::Result<RunFigures> {
-    let iso = Isolation::new(&opts.backends, name);
+    let mut iso = Isolation::new(&opts.backends, name);
+    iso.topology.shards = opts.queue_shards.max(1);
     iso.create(&opts.backends).await?;
     let result = run_isolated(&mut opts, &iso).await;
     if !opts.keep {
@@ -150,7 +153,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         stop_progress.clone(),
         opts.quiet,
         processes.worker_admins.clone(),
-        iso.topology.queue.clone(),
+        iso.topology.queues(),
         DepthReader::new(&opts.backends.rabbitmq_management, Duration::from_secs(2)).ok(),
         dedup_runtime::queue_depth::vhost_of(&opts.backends.rabbitmq),
     ));
@@ -216,6 +219,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         },
         connections: opts.load.connections,
         workers: opts.workers,
+        queue_shards: opts.queue_shards.max(1),
         consumed_per_worker,
         batch: opts.load.batch,
         duration_s: secs,
@@ -289,7 +293,7 @@ async fn progress(
     stop: tokio_util::sync::CancellationToken,
     quiet: bool,
     worker_admins: Vec<SocketAddr>,
-    queue: String,
+    queues: Vec<String>,
     reader: Option<DepthReader>,
     vhost: String,
 ) -> Vec<Sample> {
@@ -302,7 +306,7 @@ async fn progress(
         let stored = metric_sum(&scrape, "dedup_worker_events_stored_total");
         let depth = match &reader {
             Some(r) => r
-                .read(&vhost, &queue)
+                .read_sum(&vhost, &queues)
                 .await
                 .map(|d| d.total() as i64)
                 .unwrap_or(-1),

@@ -129,6 +129,10 @@ struct RunArgs {
     /// peak RSS the largest of one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     workers: u32,
+    /// Queues the events are spread over by dedup key (AMQP_QUEUE_SHARDS of ingest and the
+    /// workers); every worker consumes all of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queue_shards: u16,
     /// After each closed-loop run, an open-loop run this long at half of that run's end-to-end
     /// rate: latency at half the maximum, measured right after the maximum it is half of
     /// (the machine's speed drifts over an hour).
@@ -344,6 +348,7 @@ fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Res
         worker_env: args.worker_env.clone(),
         ingest_env: args.ingest_env.clone(),
         workers: args.workers as usize,
+        queue_shards: args.queue_shards,
         quiet: false,
         hostile_connections: args.hostile,
     })
@@ -458,8 +463,10 @@ async fn main() -> anyhow::Result<()> {
             args.duration = Duration::from_secs(4);
             args.duplicate_delay = Duration::from_millis(200);
             args.settle_timeout = Duration::from_secs(60);
-            // Two workers on the one queue: the smoke run proves they store nothing twice.
+            // Two workers on two queues: the smoke run proves that both workers consuming
+            // both shards store nothing twice.
             args.workers = args.workers.max(2);
+            args.queue_shards = args.queue_shards.max(2);
         }
         let options = run_options(&args, backends.clone(), c.out.join(format!("logs-{stamp}")))?;
         let repeat = if c.smoke { 1 } else { args.repeat };

@@ -102,6 +102,8 @@ pub struct RunFigures {
     pub connections: usize,
     /// Worker processes consuming the queue.
     pub workers: usize,
+    /// Queues the events were spread over.
+    pub queue_shards: u16,
     /// Events each worker process consumed (how the queue split them).
     pub consumed_per_worker: Vec<u64>,
     pub batch: usize,
@@ -297,7 +299,7 @@ impl Report {
         let c = &run.correctness;
         md += &format!(
             "| Figure | Value |\n|---|---|\n\
-             | Load | {} , {} connections, {} event(s)/request, {:.0} s, {} worker process(es) |\n\
+             | Load | {} , {} connections, {} event(s)/request, {:.0} s, {} worker process(es), {} queue(s) |\n\
              | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
              | Events/s accepted | {:.0} |\n\
              | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
@@ -316,6 +318,7 @@ impl Report {
             run.batch,
             run.duration_s,
             run.workers,
+            run.queue_shards,
             run.requests_per_s,
             run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
             ORIGINAL_REQUESTS_PER_S,
@@ -516,6 +519,7 @@ dedup_ingest_message_bytes_count 20
             mode: "closed loop".into(),
             connections: 8,
             workers: 1,
+            queue_shards: 1,
             consumed_per_worker: vec![1500],
             batch: 1,
             duration_s: 10.0,

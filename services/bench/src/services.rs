@@ -102,7 +102,9 @@ impl Isolation {
         {
             if let Ok(channel) = conn.create_channel().await {
                 let t = &self.topology;
-                for q in [&t.queue, &t.dead_letter_queue()] {
+                let mut queues = t.queues();
+                queues.push(t.dead_letter_queue());
+                for q in &queues {
                     let _ = channel
                         .queue_delete(q.as_str().into(), Default::default())
                         .await;
@@ -296,6 +298,7 @@ fn common_env(command: &mut Command, backends: &Backends, iso: &Isolation) {
         .env("RABBITMQ_MANAGEMENT_URL", &backends.rabbitmq_management)
         .env("AMQP_EXCHANGE", &t.exchange)
         .env("AMQP_QUEUE", &t.queue)
+        .env("AMQP_QUEUE_SHARDS", t.shards.to_string())
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .env_remove("DEDUP_CONFIG");

@@ -3,6 +3,12 @@
 //! A durable direct exchange routes to a durable queue (quorum by default: replicated in a
 //! cluster, with a delivery limit that dead-letters poison messages). The queue dead-letters to
 //! a second exchange and queue, where the worker also sends events it cannot accept.
+//!
+//! Past what one queue carries, the queue is split into shards (`AMQP_QUEUE_SHARDS`): shard 0
+//! keeps the queue's own name, shard `i` is named `<queue>.<i>`, each bound with its own name
+//! as routing key and all dead-lettering to the one dead-letter queue. ingest routes every
+//! event by its dedup key ([`shard_of`]), so every copy of an event goes to one shard, and every
+//! worker consumes all of them.
 
 use clap::{Args, ValueEnum};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -69,6 +75,36 @@ pub struct Topology {
     /// Deliveries after which a message that keeps failing is dead-lettered (quorum queues).
     #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
+    /// Queues the events are spread over by their dedup key (AMQP_QUEUE, then AMQP_QUEUE.1 …),
+    /// each consumed by every worker: past one queue leader's message rate. ingest and the
+    /// workers must agree on it. Lowering it leaves the queues past the new count unconsumed:
+    /// let them drain first.
+    #[arg(long, env = "AMQP_QUEUE_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
+}
+
+/// The queue of shard `shard` of `queue`: the queue's own name for shard 0 (so one shard is the
+/// plain queue, and going to more keeps it consumed), else `<queue>.<shard>`. The one place the
+/// naming rule lives; the operator and KEDA's trigger rely on it.
+pub fn shard_queue(queue: &str, shard: u16) -> String {
+    match shard {
+        0 => queue.to_owned(),
+        n => format!("{queue}.{n}"),
+    }
+}
+
+/// The `shards` queues of `queue`, shard 0 first.
+pub fn shard_queues(queue: &str, shards: u16) -> Vec<String> {
+    (0..shards.max(1)).map(|i| shard_queue(queue, i)).collect()
+}
+
+/// The shard of `count` that an event with dedup key bytes `key` goes to. It reads the key's
+/// second half (Redis buckets read the first), so one shard's keys still spread over every
+/// Redis bucket.
+pub fn shard_of(key: &[u8; 16], count: u16) -> u16 {
+    let tail = u64::from_le_bytes(key[8..].try_into().unwrap_or_default());
+    // The remainder is below `count`, a u16.
+    (tail % u64::from(count.max(1))) as u16
 }
 
 impl Topology {
@@ -87,9 +123,24 @@ impl Topology {
             .unwrap_or_else(|| format!("{}.dlq", self.queue))
     }
 
-    /// Routing key of the main queue.
+    /// The queue of shard `shard` ([`shard_queue`]).
+    pub fn shard_queue(&self, shard: u16) -> String {
+        shard_queue(&self.queue, shard)
+    }
+
+    /// Every queue the workers consume, shard 0 first.
+    pub fn queues(&self) -> Vec<String> {
+        shard_queues(&self.queue, self.shards)
+    }
+
+    /// Routing key of the main queue (shard 0).
     pub fn routing_key(&self) -> ShortString {
         ShortString::from(self.queue.as_str())
+    }
+
+    /// Routing key of shard `shard`'s queue: its name.
+    pub fn shard_routing_key(&self, shard: u16) -> ShortString {
+        ShortString::from(self.shard_queue(shard))
     }
 
     /// Routing key of the dead-letter queue.
@@ -134,22 +185,24 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                self.queue_arguments(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                self.routing_key(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for queue in self.queues() {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    self.queue_arguments(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    queue.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -190,6 +243,7 @@ impl Topology {
             dead_letter_queue_name: None,
             queue_type: QueueType::Quorum,
             delivery_limit: 20,
+            shards: 1,
         }
     }
 }
@@ -199,12 +253,44 @@ pub fn describe_declare_error(topology: &Topology, error: &lapin::Error) -> Stri
     let text = error.to_string();
     if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
         format!(
-            "queue {:?} or {:?} already exists with different arguments ({text}); make \
-             AMQP_QUEUE_TYPE / AMQP_DELIVERY_LIMIT match it, or delete the queue",
+            "queue {:?} (or a shard of it) or {:?} already exists with different arguments \
+             ({text}); make AMQP_QUEUE_TYPE / AMQP_DELIVERY_LIMIT match it, or delete the queue",
             topology.queue,
             topology.dead_letter_queue()
         )
     } else {
         format!("could not declare the AMQP topology: {text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_zero_keeps_the_queue_name_and_the_others_are_numbered() {
+        let mut topology = Topology::prefixed("t");
+        assert_eq!(topology.queues(), vec!["t.events"]);
+        topology.shards = 3;
+        assert_eq!(
+            topology.queues(),
+            vec!["t.events", "t.events.1", "t.events.2"]
+        );
+        assert_eq!(topology.shard_routing_key(2).as_str(), "t.events.2");
+        // Dead letters of every shard go to the one dead-letter queue named after the queue.
+        assert_eq!(topology.dead_letter_queue(), "t.events.dlq");
+    }
+
+    #[test]
+    fn shards_spread_keys_and_one_shard_takes_everything() {
+        let mut seen = [0u32; 4];
+        for i in 0u32..4000 {
+            let key = *blake3::hash(&i.to_le_bytes()).as_bytes();
+            let key: [u8; 16] = key[..16].try_into().expect("16 bytes");
+            assert_eq!(shard_of(&key, 1), 0);
+            seen[usize::from(shard_of(&key, 4))] += 1;
+        }
+        // 1000 expected per shard; a hash this far off would be broken.
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
     }
 }

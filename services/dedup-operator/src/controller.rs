@@ -603,7 +603,7 @@ pub fn broker_depth(tls: TlsArgs) -> DepthSource {
                 Ok(reader) => reader,
                 Err(e) => return Observation::Unavailable(e.to_string()),
             };
-            match reader.read(&vhost, &pipeline.spec.dedup.queue).await {
+            match reader.read_sum(&vhost, &pipeline.spec.dedup.queues()).await {
                 Ok(depth) => match pipeline.spec.worker.autoscaling.metric {
                     ScaleMetric::QueueLength => {
                         Observation::Depth(i64::try_from(depth.total()).unwrap_or(i64::MAX))

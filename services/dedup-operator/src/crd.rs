@@ -272,6 +272,12 @@ pub struct DedupSettings {
     /// `AMQP_QUEUE`.
     #[serde(default = "default_queue")]
     pub queue: String,
+    /// `AMQP_QUEUE_SHARDS`: queues the events are spread over by dedup key (the queue, then
+    /// `<queue>.1` …), each consumed by every worker; the workers are scaled on their sum.
+    /// Lower it only once the queues past the new count are empty.
+    #[serde(default = "default_queue_shards")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub queue_shards: u16,
 }
 
 /// Logs, metrics and traces.
@@ -370,6 +376,9 @@ fn default_window() -> String {
 fn default_queue() -> String {
     "product_events".into()
 }
+fn default_queue_shards() -> u16 {
+    1
+}
 
 impl Default for IngestSpec {
     fn default() -> Self {
@@ -416,12 +425,20 @@ impl Default for AutoscalingSpec {
     }
 }
 
+impl DedupSettings {
+    /// Every queue the workers consume, as the binaries name them.
+    pub fn queues(&self) -> Vec<String> {
+        dedup_message::topology::shard_queues(&self.queue, self.queue_shards)
+    }
+}
+
 impl Default for DedupSettings {
     fn default() -> Self {
         Self {
             key_fields: default_key_fields(),
             window: default_window(),
             queue: default_queue(),
+            queue_shards: default_queue_shards(),
         }
     }
 }

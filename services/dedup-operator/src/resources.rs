@@ -104,6 +104,10 @@ pub fn config_map(pipeline: &DedupPipeline) -> ConfigMap {
         ("AMQP_QUEUE".to_owned(), spec.dedup.queue.clone()),
         ("AMQP_EXCHANGE".to_owned(), spec.dedup.queue.clone()),
         (
+            "AMQP_QUEUE_SHARDS".to_owned(),
+            spec.dedup.queue_shards.to_string(),
+        ),
+        (
             "DEDUP_KEY_FIELDS".to_owned(),
             spec.dedup.key_fields.join(","),
         ),
@@ -677,6 +681,28 @@ pub fn scaled_object(pipeline: &DedupPipeline) -> serde_json::Value {
         }
         scale_up["policies"] = policies.into();
     }
+    let mut trigger = serde_json::json!({
+        "type": "rabbitmq",
+        "authenticationRef": {"name": names.worker()},
+        "metadata": {
+            "protocol": "http",
+            "mode": mode,
+            "value": target.to_string(),
+            "activationValue": auto.activation.to_string(),
+            "queueName": pipeline.spec.dedup.queue,
+            "vhostName": auto.vhost,
+        },
+    });
+    let queues = pipeline.spec.dedup.queues();
+    if queues.len() > 1 {
+        // Every shard, summed: the workers consume them all. Exactly these names, so a
+        // dead-letter queue or another pipeline's queue never counts.
+        let names: Vec<String> = queues.iter().map(|q| regex::escape(q)).collect();
+        let metadata = &mut trigger["metadata"];
+        metadata["queueName"] = format!("^({})$", names.join("|")).into();
+        metadata["useRegex"] = "true".into();
+        metadata["operation"] = "sum".into();
+    }
     serde_json::json!({
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -696,18 +722,7 @@ pub fn scaled_object(pipeline: &DedupPipeline) -> serde_json::Value {
                     },
                 },
             },
-            "triggers": [{
-                "type": "rabbitmq",
-                "authenticationRef": {"name": names.worker()},
-                "metadata": {
-                    "protocol": "http",
-                    "mode": mode,
-                    "value": target.to_string(),
-                    "activationValue": auto.activation.to_string(),
-                    "queueName": pipeline.spec.dedup.queue,
-                    "vhostName": auto.vhost,
-                },
-            }],
+            "triggers": [trigger],
         },
     })
 }
@@ -1126,5 +1141,40 @@ mod tests {
                 .replicas
                 .is_none()
         );
+    }
+
+    /// A queue split into shards reaches both binaries, and KEDA sums exactly its queues.
+    #[test]
+    fn queue_shards_reach_the_config_and_keda_sums_every_shard() {
+        let mut p = pipeline();
+        p.spec.worker.autoscaling.mode = AutoscalingMode::Keda;
+        let one = scaled_object(&p);
+        assert_eq!(
+            one["spec"]["triggers"][0]["metadata"]["queueName"],
+            "product_events"
+        );
+        assert!(one["spec"]["triggers"][0]["metadata"]["useRegex"].is_null());
+        p.spec.dedup.queue_shards = 3;
+        let data = config_map(&p).data.unwrap();
+        assert_eq!(data["AMQP_QUEUE_SHARDS"], "3");
+        let metadata = &scaled_object(&p)["spec"]["triggers"][0]["metadata"];
+        assert_eq!(
+            metadata["queueName"],
+            r"^(product_events|product_events\.1|product_events\.2)$"
+        );
+        assert_eq!(
+            (&metadata["useRegex"], &metadata["operation"]),
+            (&serde_json::json!("true"), &serde_json::json!("sum"))
+        );
+        let pattern = regex::Regex::new(metadata["queueName"].as_str().unwrap()).unwrap();
+        for (queue, counted) in [
+            ("product_events", true),
+            ("product_events.2", true),
+            ("product_events.3", false),
+            ("product_events.dlq", false),
+            ("product_eventsX1", false),
+        ] {
+            assert_eq!(pattern.is_match(queue), counted, "{queue}");
+        }
     }
 }

@@ -172,6 +172,18 @@ fn ports_probes_and_defaults_are_the_binaries_own() {
         [spec.dedup.queue.as_str()],
         "default queue"
     );
+    for binary in [&worker, &ingest] {
+        assert_eq!(
+            default_of(binary, "AMQP_QUEUE_SHARDS"),
+            [spec.dedup.queue_shards.to_string()],
+            "default queue shards"
+        );
+        assert_eq!(
+            spec.dedup.key_fields,
+            default_of(binary, "DEDUP_KEY_FIELDS"),
+            "default key fields"
+        );
+    }
 
     // The worker's shutdown grace ends before Kubernetes kills the pod.
     let config = resources::config_map(&p).data.expect("data");

@@ -1,7 +1,8 @@
 //! The operator's queue-depth reader end to end: it reads the management URL from the
 //! pipeline's Secret (served here by a mocked API server) and asks the real local RabbitMQ,
-//! which holds a queue filled to a known depth with part of it unacknowledged, then takes a
-//! steady stream of messages (the publish rate of the `messageRate` metric).
+//! which holds a queue split into two shards filled to a known depth with part of it
+//! unacknowledged, then takes a steady stream of messages (the publish rate of the
+//! `messageRate` metric).
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,30 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
             .await
             .expect("publish");
     }
+    // The second shard of the queue, with 4 ready messages: the workers consume both, so the
+    // depth is their sum.
+    let second = format!("{queue}.1");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(second.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .expect("declare");
+    for i in 0..4 {
+        channel
+            .basic_publish(
+                "".into(),
+                second.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("s{i}").as_bytes(),
+                Default::default(),
+            )
+            .await
+            .expect("publish");
+    }
     let holder = conn.create_channel().await.expect("channel");
     holder
         .basic_qos(5, BasicQosOptions::default())
@@ -80,6 +105,7 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
     )
     .expect("spec");
     spec.dedup.queue = queue.clone();
+    spec.dedup.queue_shards = 2;
     let mut pipeline = DedupPipeline::new("events", spec);
     pipeline.metadata.namespace = Some("prod".into());
     let pipeline = std::sync::Arc::new(pipeline);
@@ -105,7 +131,7 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
     // The management API refreshes its figures every few seconds.
     let last = loop {
         let observation = read(client.clone(), pipeline.clone()).await;
-        if observation == Observation::Depth(12) || Instant::now() >= deadline {
+        if observation == Observation::Depth(16) || Instant::now() >= deadline {
             break observation;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -142,11 +168,17 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
     publisher.abort();
     // Clean up before asserting, so a failure leaves no queue behind.
     let _ = holder.close(200, "done".into()).await;
-    let _ = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    for q in [&queue, &second] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
     let _ = conn.close(200, "done".into()).await;
-    assert_eq!(last, Observation::Depth(12), "7 ready + 5 unacknowledged");
+    assert_eq!(
+        last,
+        Observation::Depth(16),
+        "7 ready + 5 unacknowledged on the first shard, 4 ready on the second"
+    );
     assert!(
         matches!(rate, Observation::Rate(r) if r > 10.0 && r < 1000.0),
         "about 100 messages/s published, read {rate:?}"

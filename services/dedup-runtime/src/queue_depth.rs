@@ -202,6 +202,20 @@ impl DepthReader {
                 .map_or(0.0, |d| d.rate),
         })
     }
+
+    /// The depths of `queues` added up (messages and publish rates), read all at once: the
+    /// load of a queue split into shards. Fails if any one cannot be read.
+    pub async fn read_sum(&self, vhost: &str, queues: &[String]) -> Result<QueueDepth, DepthError> {
+        let depths =
+            futures::future::try_join_all(queues.iter().map(|q| self.read(vhost, q))).await?;
+        Ok(depths
+            .iter()
+            .fold(QueueDepth::default(), |sum, d| QueueDepth {
+                ready: sum.ready + d.ready,
+                unacked: sum.unacked + d.unacked,
+                publish_rate: sum.publish_rate + d.publish_rate,
+            }))
+    }
 }
 
 /// The vhost named in an AMQP URL (`amqp://…/%2f` and a missing path both mean `/`).

@@ -78,7 +78,8 @@ pub struct Config {
     #[arg(long, env = "DEDUP_WINDOW", value_parser = parse_duration, default_value = "7d")]
     pub dedup_window: Duration,
     /// Unacknowledged messages the broker may send ahead (AMQP prefetch); lowered at start so
-    /// that PREFETCH full-size messages fit MAX_UNACKED_BYTES.
+    /// that PREFETCH full-size messages fit MAX_UNACKED_BYTES. With AMQP_QUEUE_SHARDS above 1
+    /// it is split evenly over the queues (at least 1 each).
     #[arg(long, env = "PREFETCH", default_value_t = 300)]
     pub prefetch: u16,
     /// Most bytes of unacknowledged messages the worker may hold. A message is at most 2 MiB
@@ -106,7 +107,8 @@ pub struct Config {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
     /// Batches processed at once (while one waits on PostgreSQL, the next asks Redis); acks
-    /// still go in delivery order, after each batch's commit.
+    /// still go in delivery order, after each batch's commit. With AMQP_QUEUE_SHARDS above 1
+    /// it is split evenly over the queues (at least 1 each).
     #[arg(long, env = "BATCHES_IN_FLIGHT", default_value_t = 3)]
     pub batches_in_flight: usize,
     /// Longest wait for a batch to fill before processing what there is.

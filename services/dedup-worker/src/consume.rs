@@ -2,6 +2,10 @@
 //! gathers deliveries into batches (by event count or linger time), hands each batch to the
 //! [`Processor`] and acks it with one multiple-ack after the commit. On connection loss it
 //! reconnects with backoff; whatever was not acked is redelivered by the broker.
+//!
+//! With the queue split into shards (`AMQP_QUEUE_SHARDS`) the worker consumes every shard,
+//! each in a session of its own (connection, channel, batches) sharing one [`Processor`]; the
+//! prefetch and the batches in flight are split among them, so the worker's bounds hold.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -34,112 +38,168 @@ pub struct ConsumerSettings {
     /// `TLS_CA_FILE`'s PEM text, for `amqps://`.
     pub ca_pem: Option<String>,
     pub topology: Topology,
+    /// The worker's prefetch, over all the queues it consumes.
     pub prefetch: u16,
     pub batch_size: usize,
     pub linger: Duration,
     pub reconnect_max_backoff: Duration,
-    /// Batches processed at once; their acks still go in delivery order.
+    /// Batches processed at once, over all the queues; each queue's acks go in delivery order.
     pub batches_in_flight: usize,
 }
 
-/// Whether the worker gets anywhere with what it holds: deliveries in hand and when a batch
-/// last committed. A worker that holds deliveries and commits nothing for a while (a database
-/// refusing every statement, a bug) is stalled: it stops being ready and says so in a metric.
-#[derive(Debug)]
-pub struct Progress {
-    started: std::time::Instant,
-    /// Deliveries received and not yet acked.
-    holding: AtomicUsize,
-    /// Milliseconds after `started` of the last ack, or of the moment the worker began to
-    /// hold deliveries while it held none.
-    last_progress_ms: AtomicU64,
-}
+impl ConsumerSettings {
+    /// The prefetch of each queue's consumer: an even share of the worker's, at least 1.
+    pub fn prefetch_per_queue(&self) -> u16 {
+        (self.prefetch / self.topology.shards.max(1)).max(1)
+    }
 
-impl Default for Progress {
-    fn default() -> Self {
-        Self {
-            started: std::time::Instant::now(),
-            holding: AtomicUsize::new(0),
-            last_progress_ms: AtomicU64::new(0),
-        }
+    /// The batches in flight of each queue's consumer: an even share, at least 1.
+    pub fn batches_in_flight_per_queue(&self) -> usize {
+        (self.batches_in_flight / usize::from(self.topology.shards.max(1))).max(1)
     }
 }
 
+/// Whether the worker gets anywhere with what it holds: per queue, deliveries in hand and when
+/// a batch last committed. A worker that holds deliveries of a queue and commits nothing of
+/// them for a while (a database refusing every statement, a bug) is stalled: it stops being
+/// ready and says so in a metric.
+#[derive(Debug)]
+pub struct Progress {
+    started: std::time::Instant,
+    queues: Vec<QueueProgress>,
+}
+
+#[derive(Debug, Default)]
+struct QueueProgress {
+    /// Deliveries received and not yet acked.
+    holding: AtomicUsize,
+    /// Milliseconds after `started` of the last ack, or of the moment the consumer began to
+    /// hold deliveries while it held none.
+    last_progress_ms: AtomicU64,
+    /// Whether a session is consuming the queue.
+    consuming: AtomicBool,
+}
+
 impl Progress {
+    fn new(queues: usize) -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            queues: (0..queues.max(1))
+                .map(|_| QueueProgress::default())
+                .collect(),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn received(&self) {
-        if self.holding.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.last_progress_ms
-                .store(self.now_ms(), Ordering::Relaxed);
+    fn queue(&self, queue: usize) -> &QueueProgress {
+        &self.queues[queue % self.queues.len()]
+    }
+
+    fn received(&self, queue: usize) {
+        let q = self.queue(queue);
+        if q.holding.fetch_add(1, Ordering::Relaxed) == 0 {
+            q.last_progress_ms.store(self.now_ms(), Ordering::Relaxed);
         }
     }
 
-    fn acked(&self, deliveries: usize) {
-        self.last_progress_ms
-            .store(self.now_ms(), Ordering::Relaxed);
-        let _ = self
+    fn acked(&self, queue: usize, deliveries: usize) {
+        let q = self.queue(queue);
+        q.last_progress_ms.store(self.now_ms(), Ordering::Relaxed);
+        let _ = q
             .holding
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(deliveries))
             });
     }
 
-    /// The session ended: the broker takes back whatever was held.
-    fn released(&self) {
-        self.holding.store(0, Ordering::Relaxed);
+    fn set_consuming(&self, queue: usize, consuming: bool) {
+        self.queue(queue)
+            .consuming
+            .store(consuming, Ordering::Relaxed);
     }
 
-    /// `Some((deliveries held, time without progress))` when the worker holds deliveries and
-    /// has committed nothing for longer than `limit`.
+    /// The session ended: the broker takes back whatever was held.
+    fn released(&self, queue: usize) {
+        let q = self.queue(queue);
+        q.consuming.store(false, Ordering::Relaxed);
+        q.holding.store(0, Ordering::Relaxed);
+    }
+
+    /// True while every queue has a consuming session.
+    pub fn consuming(&self) -> bool {
+        self.queues
+            .iter()
+            .all(|q| q.consuming.load(Ordering::Relaxed))
+    }
+
+    /// `Some((deliveries held, time without progress))` when the worker holds deliveries of a
+    /// queue and has committed nothing of them for longer than `limit` (the longest-idle such
+    /// queue).
     pub fn stalled(&self, limit: Duration) -> Option<(usize, Duration)> {
-        let holding = self.holding.load(Ordering::Relaxed);
-        let idle = Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)),
-        );
-        (holding > 0 && idle > limit).then_some((holding, idle))
+        let now = self.now_ms();
+        self.queues
+            .iter()
+            .filter_map(|q| {
+                let holding = q.holding.load(Ordering::Relaxed);
+                let idle = Duration::from_millis(
+                    now.saturating_sub(q.last_progress_ms.load(Ordering::Relaxed)),
+                );
+                (holding > 0 && idle > limit).then_some((holding, idle))
+            })
+            .max_by_key(|&(_, idle)| idle)
     }
 }
 
-/// The consumer loop of one worker process.
+/// The consumer loops of one worker process, one per queue.
 pub struct Consumer {
     settings: ConsumerSettings,
     processor: Arc<Processor>,
-    /// True while a session is consuming: the worker's readiness.
-    consuming: Arc<AtomicBool>,
-    /// What the worker holds and when it last committed: readiness and the stall metric.
+    /// Per queue, whether it is consumed, what the worker holds of it and when it last
+    /// committed: readiness and the stall metric.
     progress: Arc<Progress>,
+}
+
+/// One queue's consumer: which queue, and its index in [`Progress`].
+#[derive(Clone, Copy)]
+struct QueueRef<'a> {
+    index: usize,
+    name: &'a str,
 }
 
 impl Consumer {
     pub fn new(settings: ConsumerSettings, processor: Arc<Processor>) -> Self {
+        let queues = usize::from(settings.topology.shards.max(1));
         Self {
             settings,
             processor,
-            consuming: Arc::new(AtomicBool::new(false)),
-            progress: Arc::new(Progress::default()),
+            progress: Arc::new(Progress::new(queues)),
         }
-    }
-
-    pub fn consuming_flag(&self) -> Arc<AtomicBool> {
-        self.consuming.clone()
     }
 
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
     }
 
-    /// Consumes until `stop` is cancelled, reconnecting after failures. Returns an error only
-    /// for an injected crash (tests) — every real failure is retried.
+    /// Consumes every queue until `stop` is cancelled, reconnecting after failures. Returns an
+    /// error only for an injected crash (tests) — every real failure is retried.
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
+        let names = self.settings.topology.queues();
+        let loops = names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| self.run_queue(QueueRef { index, name }, stop.clone()));
+        futures::future::try_join_all(loops).await.map(|_| ())
+    }
+
+    /// One queue's sessions, one after the other, until `stop` is cancelled.
+    async fn run_queue(&self, queue: QueueRef<'_>, stop: CancellationToken) -> Result<()> {
         let mut backoff = Backoff::new(self.settings.reconnect_max_backoff);
         while !stop.is_cancelled() {
-            let outcome = self.session(&stop, &mut backoff).await;
-            self.consuming.store(false, Ordering::Relaxed);
-            self.progress.released();
+            let outcome = self.session(queue, &stop, &mut backoff).await;
+            self.progress.released(queue.index);
             match outcome {
                 Ok(()) => return Ok(()),
                 #[cfg(test)]
@@ -151,7 +211,7 @@ impl Consumer {
                         .with_label_values(&[e.stage()])
                         .inc();
                     let delay = backoff.next_delay();
-                    tracing::warn!(queue = %self.settings.topology.queue, error = %e, retry_in = ?delay,
+                    tracing::warn!(queue = %queue.name, error = %e, retry_in = ?delay,
                         "Broker session ended; reconnecting.");
                     tokio::select! {
                         () = stop.cancelled() => return Ok(()),
@@ -163,8 +223,13 @@ impl Consumer {
         Ok(())
     }
 
-    /// One connection's life: consume and process until stopped or broken.
-    async fn session(&self, stop: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+    /// One connection's life: consume `queue` and process until stopped or broken.
+    async fn session(
+        &self,
+        queue: QueueRef<'_>,
+        stop: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<()> {
         let s = &self.settings;
         let connection = tokio::time::timeout(
             Duration::from_secs(10),
@@ -177,7 +242,7 @@ impl Consumer {
                 "connecting to RabbitMQ timed out",
             )))
         })??;
-        let result = self.consume(&connection, stop, backoff).await;
+        let result = self.consume(queue, &connection, stop, backoff).await;
         let (code, text) = match &result {
             Ok(()) => (200, "worker stopping"),
             Err(_) => (320, "worker restarting the session"),
@@ -189,14 +254,20 @@ impl Consumer {
 
     async fn consume(
         &self,
+        queue: QueueRef<'_>,
         connection: &Connection,
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<()> {
         let s = &self.settings;
-        let (channel, dead_letter_channel, mut consumer) = self.open(connection).await?;
-        self.consuming.store(true, Ordering::Relaxed);
+        let (channel, dead_letter_channel, mut consumer) = self.open(queue, connection).await?;
+        self.progress.set_consuming(queue.index, true);
         backoff.reset();
+        let batch_limits = BatchLimits {
+            events: s.batch_size,
+            deliveries: usize::from(s.prefetch_per_queue()),
+            linger: s.linger,
+        };
 
         let mut pending = Pending::default();
         // Batches being processed, oldest first, with the last delivery tag of each. Acks go
@@ -205,8 +276,9 @@ impl Consumer {
         let mut in_flight = InFlight {
             batches: Default::default(),
             progress: self.progress.clone(),
+            queue: queue.index,
         };
-        let max_in_flight = s.batches_in_flight.max(1);
+        let max_in_flight = s.batches_in_flight_per_queue();
         let result: Result<()> = async {
             loop {
                 let linger = async {
@@ -219,7 +291,7 @@ impl Consumer {
                     biased;
                     () = stop.cancelled() => {
                         let batch = pending.take();
-                        return self.finish(&channel, &dead_letter_channel, consumer, batch, &mut in_flight, stop).await;
+                        return self.finish(queue, &channel, &dead_letter_channel, consumer, batch, &mut in_flight, stop).await;
                     }
                     done = in_flight.oldest(), if !in_flight.is_empty() => {
                         in_flight.acknowledge(done, &channel).await?;
@@ -228,8 +300,8 @@ impl Consumer {
                     () = linger => true,
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
-                            self.progress.received();
-                            pending.push(delivery, s)
+                            self.progress.received(queue.index);
+                            pending.push(delivery, &batch_limits)
                         }
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(Error::Amqp(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer")))),
@@ -249,10 +321,11 @@ impl Consumer {
         result
     }
 
-    /// Declares the topology and opens the consuming channel (with its prefetch) and the
-    /// confirmed channel dead letters go out on.
+    /// Declares the topology and opens the channel consuming `queue` (with its prefetch) and
+    /// the confirmed channel dead letters go out on.
     async fn open(
         &self,
+        queue: QueueRef<'_>,
         connection: &Connection,
     ) -> Result<(lapin::Channel, lapin::Channel, lapin::Consumer)> {
         let s = &self.settings;
@@ -265,26 +338,32 @@ impl Consumer {
         dead_letter_channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let prefetch = s.prefetch_per_queue();
         channel
-            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
-                s.topology.queue.as_str().into(),
+                queue.name.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue = %s.topology.queue, prefetch = s.prefetch, batch_size = s.batch_size, "Consuming.");
+        tracing::info!(queue = %queue.name, prefetch, batch_size = s.batch_size, "Consuming.");
         Ok((channel, dead_letter_channel, consumer))
     }
 
     /// Stops consuming and finishes the batches in hand. Deliveries the broker sent before the
     /// cancel are in hand too (they arrive before its answer), so they join the last batch;
     /// anything else goes back to the queue.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the consume loop's state, handed over once"
+    )]
     async fn finish(
         &self,
+        queue: QueueRef<'_>,
         channel: &lapin::Channel,
         dead_letter_channel: &lapin::Channel,
         mut consumer: lapin::Consumer,
@@ -299,7 +378,7 @@ impl Consumer {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout_at(drained_by, consumer.next()).await
         {
-            self.progress.received();
+            self.progress.received(queue.index);
             pending.push(delivery);
         }
         if !pending.is_empty() {
@@ -353,12 +432,12 @@ struct Pending {
 impl Pending {
     /// Adds `delivery`; true when the batch is full (BATCH_SIZE events or a prefetch's worth
     /// of messages).
-    fn push(&mut self, delivery: Delivery, s: &ConsumerSettings) -> bool {
+    fn push(&mut self, delivery: Delivery, limits: &BatchLimits) -> bool {
         self.events += Envelope::event_count(&delivery.properties);
         self.deadline
-            .get_or_insert_with(|| Instant::now() + s.linger);
+            .get_or_insert_with(|| Instant::now() + limits.linger);
         self.deliveries.push(delivery);
-        self.events >= s.batch_size || self.deliveries.len() >= usize::from(s.prefetch.max(1))
+        self.events >= limits.events || self.deliveries.len() >= limits.deliveries.max(1)
     }
 
     /// The deliveries gathered, leaving it empty.
@@ -367,6 +446,14 @@ impl Pending {
         self.deadline = None;
         std::mem::take(&mut self.deliveries)
     }
+}
+
+/// When a queue's batch is full, or due.
+struct BatchLimits {
+    events: usize,
+    /// The queue's prefetch: no more deliveries can arrive before an ack.
+    deliveries: usize,
+    linger: Duration,
 }
 
 /// A batch being processed.
@@ -380,6 +467,8 @@ struct Batch {
 struct InFlight {
     batches: std::collections::VecDeque<Batch>,
     progress: Arc<Progress>,
+    /// The queue's index in `progress`.
+    queue: usize,
 }
 
 impl InFlight {
@@ -414,7 +503,7 @@ impl InFlight {
             channel
                 .basic_ack(batch.last_tag, BasicAckOptions { multiple: true })
                 .await?;
-            self.progress.acked(batch.deliveries);
+            self.progress.acked(self.queue, batch.deliveries);
         }
         Ok(())
     }
@@ -428,5 +517,86 @@ impl InFlight {
         for batch in self.batches.drain(..) {
             batch.task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(prefetch: u16, batches_in_flight: usize, shards: u16) -> ConsumerSettings {
+        let mut topology = Topology::prefixed("t");
+        topology.shards = shards;
+        ConsumerSettings {
+            url: "amqp://127.0.0.1".into(),
+            ca_pem: None,
+            topology,
+            prefetch,
+            batch_size: 500,
+            linger: Duration::from_millis(20),
+            reconnect_max_backoff: Duration::from_secs(1),
+            batches_in_flight,
+        }
+    }
+
+    /// The worker's prefetch and batches in flight are split over its queues, so it holds no
+    /// more than one queue's worth in all, and every queue keeps at least one of each.
+    #[test]
+    fn prefetch_and_batches_are_split_over_the_queues() {
+        let one = settings(300, 3, 1);
+        assert_eq!(
+            (one.prefetch_per_queue(), one.batches_in_flight_per_queue()),
+            (300, 3)
+        );
+        let four = settings(300, 3, 4);
+        assert_eq!(
+            (
+                four.prefetch_per_queue(),
+                four.batches_in_flight_per_queue()
+            ),
+            (75, 1)
+        );
+        let many = settings(2, 1, 8);
+        assert_eq!(
+            (
+                many.prefetch_per_queue(),
+                many.batches_in_flight_per_queue()
+            ),
+            (1, 1)
+        );
+    }
+
+    /// One stalled queue makes the worker stalled even while another commits, and the worker
+    /// consumes only while every queue has a session.
+    #[tokio::test]
+    async fn a_queue_holding_deliveries_without_commits_stalls_the_worker() {
+        let progress = Progress::new(2);
+        assert!(!progress.consuming());
+        progress.set_consuming(0, true);
+        assert!(!progress.consuming(), "one queue of two is not enough");
+        progress.set_consuming(1, true);
+        assert!(progress.consuming());
+        progress.received(0);
+        progress.received(1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        progress.acked(1, 1);
+        // Queue 0 holds one delivery and committed nothing for 5 ms; queue 1 just committed.
+        let stalled = progress.stalled(Duration::from_millis(2));
+        assert!(
+            matches!(stalled, Some((1, idle)) if idle >= Duration::from_millis(5)),
+            "{stalled:?}"
+        );
+        assert_eq!(
+            progress.stalled(Duration::from_secs(60)),
+            None,
+            "not past a longer limit"
+        );
+        progress.released(0);
+        assert_eq!(
+            progress.stalled(Duration::ZERO),
+            None,
+            "the broker took the delivery back"
+        );
+        assert!(!progress.consuming(), "a released queue is not consumed");
     }
 }

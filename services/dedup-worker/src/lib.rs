@@ -38,7 +38,6 @@ mod redis_tier;
 mod store;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -148,11 +147,10 @@ impl Worker {
 
     /// Whether the worker is consuming and getting anywhere, and if not why.
     pub fn readiness(&self) -> Readiness {
-        let consuming = self.consumer.consuming_flag();
         let progress = self.consumer.progress();
         let limit = self.config.stall_timeout;
         Arc::new(move || {
-            if !consuming.load(Ordering::Relaxed) {
+            if !progress.consuming() {
                 return Err("not consuming from RabbitMQ".to_owned());
             }
             match progress.stalled(limit) {
@@ -309,7 +307,9 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     let topology = &config.amqp.topology;
     let mut failing = false;
     loop {
-        for queue in [&topology.queue, &topology.dead_letter_queue()] {
+        let mut queues = topology.queues();
+        queues.push(topology.dead_letter_queue());
+        for queue in &queues {
             match reader.read(&vhost, queue).await {
                 Ok(depth) => {
                     if std::mem::take(&mut failing) {

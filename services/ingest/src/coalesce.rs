@@ -6,6 +6,8 @@
 //! event goes alone at once; under heavy load events naturally share messages, so the
 //! broker's message rate stops capping the event rate. The worker still judges every event
 //! on its own, and a confirm answers only the requests whose events the message carried.
+//! With the queue split into shards, each shard has its own waiting events and flushers: a
+//! message goes to one queue, so it carries only events routed there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +24,10 @@ use crate::publish::{PublishError, Publisher};
 pub struct CoalesceSettings {
     /// Most events packed into one message.
     pub max_events: usize,
-    /// Flusher tasks: how many packed messages may await a confirm at once.
+    /// Flusher tasks per queue shard: how many packed messages may await a confirm at once.
     pub flushers: usize,
+    /// Queue shards (`AMQP_QUEUE_SHARDS`).
+    pub shards: u16,
     /// How long a request waits for its answer before giving up with 503.
     pub timeout: Duration,
 }
@@ -41,7 +45,8 @@ struct Pending {
 
 /// The entry point requests use.
 pub struct Coalescer {
-    queue: mpsc::UnboundedSender<Pending>,
+    /// The waiting events of each queue shard.
+    queues: Vec<mpsc::UnboundedSender<Pending>>,
     publisher: Arc<Publisher>,
     timeout: Duration,
 }
@@ -53,28 +58,34 @@ impl Coalescer {
         settings: &CoalesceSettings,
         stop: &CancellationToken,
     ) -> Arc<Self> {
-        let (queue, receiver) = mpsc::unbounded_channel();
-        // One receiver shared by the flushers: one collects while the others await confirms.
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..settings.flushers.max(1) {
-            tokio::spawn(flush_loop(
-                publisher.clone(),
-                receiver.clone(),
-                settings.max_events.max(1),
-                stop.clone(),
-            ));
+        let mut queues = Vec::new();
+        for shard in 0..settings.shards.max(1) {
+            let (queue, receiver) = mpsc::unbounded_channel();
+            // One receiver shared by the flushers: one collects while the others await confirms.
+            let receiver = Arc::new(Mutex::new(receiver));
+            for _ in 0..settings.flushers.max(1) {
+                tokio::spawn(flush_loop(
+                    publisher.clone(),
+                    receiver.clone(),
+                    shard,
+                    settings.max_events.max(1),
+                    stop.clone(),
+                ));
+            }
+            queues.push(queue);
         }
         Arc::new(Self {
-            queue,
+            queues,
             publisher,
             timeout: settings.timeout,
         })
     }
 
-    /// Publishes one event (an NDJSON line) and waits until the broker confirmed the message
-    /// carrying it.
+    /// Publishes one event (an NDJSON line) to queue shard `shard` and waits until the broker
+    /// confirmed the message carrying it.
     pub async fn publish(
         &self,
+        shard: u16,
         line: Vec<u8>,
         received_at: DateTime<Utc>,
         traceparent: Option<String>,
@@ -93,7 +104,8 @@ impl Coalescer {
             done,
             _permit: permit,
         };
-        self.queue
+        // `shard` comes from `shard_of` over as many shards as there are queues here.
+        self.queues[usize::from(shard) % self.queues.len()]
             .send(pending)
             .map_err(|_| PublishError::NotConnected)?;
         match tokio::time::timeout(self.timeout, answer).await {
@@ -107,6 +119,7 @@ impl Coalescer {
 async fn flush_loop(
     publisher: Arc<Publisher>,
     receiver: Arc<Mutex<mpsc::UnboundedReceiver<Pending>>>,
+    shard: u16,
     max_events: usize,
     stop: CancellationToken,
 ) {
@@ -169,7 +182,7 @@ async fn flush_loop(
                 }
             }
         }
-        let result = publisher.publish_unbounded(&envelope).await;
+        let result = publisher.publish_unbounded(&envelope, shard).await;
         envelope.clear();
         for pending in batch.drain(..) {
             let _ = pending.done.send(result.clone());

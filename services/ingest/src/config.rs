@@ -110,6 +110,11 @@ pub struct Config {
     /// below the worker's PARTITIONS_AHEAD.
     #[arg(long, env = "EVENT_MAX_FUTURE", value_parser = parse_duration, default_value = "1d")]
     pub event_max_future: Duration,
+    /// Fields whose values identify an event (comma-separated, in order), as the workers have
+    /// them: with AMQP_QUEUE_SHARDS above 1 every copy of an event goes to the queue its key
+    /// picks, so repeats meet in one queue.
+    #[arg(long, env = "DEDUP_KEY_FIELDS", value_delimiter = ',', default_values_t = dedup_event::key::DEFAULT_KEY_FIELDS.map(String::from))]
+    pub dedup_key_fields: Vec<String>,
     /// Most events in one batch request; more get 413.
     #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = DEFAULT_MAX_BATCH_EVENTS)]
     pub max_batch_events: usize,
@@ -121,7 +126,7 @@ pub struct Config {
     /// How message bodies are compressed on the queue (the worker reads both).
     #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_message::message::Compression::Lz4)]
     pub message_compression: dedup_message::message::Compression,
-    /// Packed messages that may await a confirm at once. Few is better: the broker's cost is
+    /// Packed messages that may await a confirm at once, per queue shard. Few is better: the broker's cost is
     /// mostly per message (a quorum queue spends ~0.3-1 ms of CPU on each), and while these
     /// await their confirms the next events gather into one message. 2 × MAX_EVENTS_PER_MESSAGE
     /// per confirm round trip is still several times the rate one machine can settle.
@@ -160,6 +165,7 @@ impl Config {
             ("COALESCE_MAX_EVENTS", PACKING_MERGED),
         ])?;
         self.tls.ca_pem()?;
+        self.key_spec()?;
         let most = dedup_message::message::MAX_DECODED_BYTES - 1;
         anyhow::ensure!(
             self.max_body_bytes <= most,
@@ -181,6 +187,12 @@ impl Config {
             self.max_batch_body_bytes
         );
         Ok(())
+    }
+
+    /// The dedup key the events are routed by.
+    pub fn key_spec(&self) -> anyhow::Result<dedup_event::key::KeySpec> {
+        dedup_event::key::KeySpec::new(&self.dedup_key_fields)
+            .map_err(|e| anyhow::anyhow!("DEDUP_KEY_FIELDS: {e}"))
     }
 }
 

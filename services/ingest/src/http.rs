@@ -39,6 +39,10 @@ pub struct Limits {
     pub max_events_per_message: usize,
     /// The accepted range of `event_datetime`.
     pub window: event::Window,
+    /// The dedup key events are routed to their queue by (`DEDUP_KEY_FIELDS`).
+    pub key: dedup_event::key::KeySpec,
+    /// Queues the events are spread over (`AMQP_QUEUE_SHARDS`).
+    pub shards: u16,
     pub request_timeout: Duration,
     pub retry_after: Duration,
 }
@@ -129,19 +133,19 @@ async fn post_event(
     )
     .await?;
     // Only the required fields are parsed; the client's own text travels on as the event.
-    match judge(&state.limits, &bytes, Utc::now()) {
-        Ok(()) => {}
+    let shard = match judge(&state.limits, &bytes, Utc::now()) {
+        Ok(shard) => shard,
         Err(RawError::Malformed(detail)) => return Err(Error::MalformedJson(detail)),
         Err(RawError::Invalid(errors)) => {
             caller.rejected.inc();
             return Err(Error::Invalid(errors));
         }
-    }
+    };
     let line = message::ndjson_line(&bytes).map_err(|e| Error::MalformedJson(e.to_string()))?;
     let traceparent = trace_context::traceparent(&tracing::Span::current());
     state
         .coalescer
-        .publish(line, Utc::now(), traceparent, caller.source.clone())
+        .publish(shard, line, Utc::now(), traceparent, caller.source.clone())
         .await
         .map_err(|e| unavailable(e, &state.limits))?;
     caller.accepted.inc();
@@ -199,13 +203,19 @@ async fn read_gated<'a>(
     Ok((bytes, permit))
 }
 
-/// Whether ingest accepts one event's text: valid, storable, inside the accepted window.
-fn judge(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<(), RawError> {
-    let fields = event::validate_raw(text)?;
+/// Whether ingest accepts one event's text (valid, storable, inside the accepted window), and
+/// if so the queue shard its dedup key routes it to.
+fn judge(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<u16, RawError> {
+    let event = event::parse_raw(text)?;
     limits
         .window
-        .check_fields(&fields, now)
-        .map_err(RawError::Invalid)
+        .check_fields(&event.fields, now)
+        .map_err(RawError::Invalid)?;
+    if limits.shards <= 1 {
+        return Ok(0);
+    }
+    let key = limits.key.key_of_raw(&event);
+    Ok(dedup_message::topology::shard_of(&key.0, limits.shards))
 }
 
 /// Many events (JSON array or NDJSON): every valid one queued and confirmed, every invalid one
@@ -246,12 +256,16 @@ async fn post_batch(
         return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
     }
     // The key's bucket pays for the events that would be queued; none are when it is empty.
-    caller.take(messages.iter().map(Envelope::events).sum())?;
-    let outcomes =
-        futures::future::join_all(messages.iter().map(|m| state.publisher.publish(m))).await;
+    caller.take(messages.iter().map(|(_, m)| m.events()).sum())?;
+    let outcomes = futures::future::join_all(
+        messages
+            .iter()
+            .map(|(shard, m)| state.publisher.publish(m, *shard)),
+    )
+    .await;
     let mut queued = 0;
     let mut first_error = None;
-    for (outcome, message) in outcomes.into_iter().zip(&messages) {
+    for (outcome, (_, message)) in outcomes.into_iter().zip(&messages) {
         match outcome {
             Ok(()) => queued += message.events(),
             Err(e) => {
@@ -261,7 +275,7 @@ async fn post_batch(
     }
     caller.accepted.inc_by(queued as u64);
     if let Some(error) = first_error {
-        let total: usize = messages.iter().map(Envelope::events).sum();
+        let total: usize = messages.iter().map(|(_, m)| m.events()).sum();
         let reason = format!(
             "{error} ({queued} of {total} valid events were queued; resend the whole batch)"
         );
@@ -280,34 +294,43 @@ async fn post_batch(
 }
 
 /// Judges every item of a batch as a single event and packs the accepted ones into
-/// envelopes (an event alone may be up to the single-event limit). Returns the envelopes and
-/// each refused item's errors by index.
+/// envelopes, each for one queue shard (an event alone may be up to the single-event limit).
+/// Returns the envelopes with their shards and each refused item's errors by index.
 fn pack(
     limits: &Limits,
     items: Vec<&[u8]>,
     traceparent: Option<&str>,
     source: Option<&str>,
-) -> (Vec<Envelope>, Vec<ItemErrors>) {
+) -> (Vec<(u16, Envelope)>, Vec<ItemErrors>) {
     let now = Utc::now();
     let mut errors = Vec::new();
-    let mut messages: Vec<Envelope> = Vec::new();
+    let mut messages: Vec<(u16, Envelope)> = Vec::new();
+    // Per shard, the index in `messages` of the envelope still being filled.
+    let mut open: Vec<Option<usize>> = vec![None; usize::from(limits.shards.max(1))];
     for (index, text) in items.into_iter().enumerate() {
-        let outcome = judge_item(limits, text, now).and_then(|()| {
+        let outcome = judge_item(limits, text, now).and_then(|shard| {
             // A line is at most the trimmed text and a newline (a multi-line item
             // re-serialises shorter), so room is checked against that.
             let line_len = text.trim_ascii().len() + 1;
-            let open = messages
-                .last()
-                .is_some_and(|m| m.has_room(line_len, limits.max_events_per_message));
-            if !open {
-                messages.push(Envelope::new());
-            }
-            match messages.last_mut() {
-                Some(message) => message
-                    .push(text, now, traceparent, source)
-                    .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}"))),
-                None => Err(event::non_field_error("Invalid data.")),
-            }
+            let slot = &mut open[usize::from(shard)];
+            let at = match *slot {
+                Some(at)
+                    if messages[at]
+                        .1
+                        .has_room(line_len, limits.max_events_per_message) =>
+                {
+                    at
+                }
+                _ => {
+                    messages.push((shard, Envelope::new()));
+                    *slot = Some(messages.len() - 1);
+                    messages.len() - 1
+                }
+            };
+            messages[at]
+                .1
+                .push(text, now, traceparent, source)
+                .map_err(|e| event::non_field_error(&format!("JSON parse error - {e}")))
         });
         if let Err(field_errors) = outcome {
             errors.push(ItemErrors {
@@ -317,12 +340,13 @@ fn pack(
         }
     }
     // An envelope opened for an item that then failed to re-serialise holds nothing.
-    messages.retain(|m| m.events() > 0);
+    messages.retain(|(_, m)| m.events() > 0);
     (messages, errors)
 }
 
-/// One batch item judged as a single event would be, with its errors in the original's shape.
-fn judge_item(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<(), FieldErrors> {
+/// One batch item judged as a single event would be (its shard, or its errors in the
+/// original's shape).
+fn judge_item(limits: &Limits, text: &[u8], now: DateTime<Utc>) -> Result<u16, FieldErrors> {
     if text.len() > limits.max_body_bytes {
         return Err(event::non_field_error(&format!(
             "Event larger than the {}-byte limit of a single event.",

@@ -202,6 +202,7 @@ pub fn coalesce_settings(config: &Config) -> CoalesceSettings {
     CoalesceSettings {
         max_events: config.max_events_per_message,
         flushers: config.coalesce_flushers,
+        shards: config.amqp.topology.shards,
         timeout: config.confirm_timeout + std::time::Duration::from_secs(1),
     }
 }
@@ -231,6 +232,9 @@ pub fn limits(config: &Config) -> Limits {
             max_age: config.event_max_age,
             max_future: config.event_max_future,
         },
+        // Checked valid at start (Config::check).
+        key: config.key_spec().unwrap_or_default(),
+        shards: config.amqp.topology.shards,
         request_timeout: config.request_timeout,
         retry_after: config.retry_after,
     }

@@ -107,15 +107,19 @@ impl Publisher {
             .map_err(|_| PublishError::Backpressure(self.config.max_in_flight))
     }
 
-    /// Publishes one message and waits for the broker's confirm.
-    pub async fn publish(&self, message: &Envelope) -> Result<(), PublishError> {
+    /// Publishes one message to queue shard `shard` and waits for the broker's confirm.
+    pub async fn publish(&self, message: &Envelope, shard: u16) -> Result<(), PublishError> {
         let _permit = self.acquire()?;
-        self.publish_unbounded(message).await
+        self.publish_unbounded(message, shard).await
     }
 
     /// [`Publisher::publish`] for a caller that already holds in-flight places.
     #[tracing::instrument(level = "debug", skip_all, fields(events = message.events()))]
-    pub async fn publish_unbounded(&self, message: &Envelope) -> Result<(), PublishError> {
+    pub async fn publish_unbounded(
+        &self,
+        message: &Envelope,
+        shard: u16,
+    ) -> Result<(), PublishError> {
         let link = self.current_link().ok_or(PublishError::NotConnected)?;
         let (body, properties) = message.seal(self.config.compression);
         self.metrics.message_bytes.observe(body.len() as f64);
@@ -128,7 +132,7 @@ impl Publisher {
             channel
                 .basic_publish(
                     topology.exchange.as_str().into(),
-                    topology.routing_key(),
+                    topology.shard_routing_key(shard),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -152,7 +156,7 @@ impl Publisher {
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(_returned)))) => {
-                Err(PublishError::Unroutable(topology.queue.clone()))
+                Err(PublishError::Unroutable(topology.shard_queue(shard)))
             }
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             // Confirm mode is set on every channel before it is used.

@@ -157,16 +157,22 @@ impl TestEnv {
         }
     }
 
-    /// Waits (up to `within`) until the test schema holds `rows` rows and the queue has no
-    /// ready message.
+    /// Waits (up to `within`) until the test schema holds `rows` rows and no queue (of any
+    /// shard) has a ready message.
     pub async fn settle(&self, rows: i64, within: Duration) {
         crate::eventually(
             within,
-            &format!("{rows} stored rows and an empty queue"),
+            &format!("{rows} stored rows and empty queues"),
             || async {
-                (self.stored_rows().await == rows
-                    && self.ready_messages(&self.topology.queue).await == 0)
-                    .then_some(())
+                if self.stored_rows().await != rows {
+                    return None;
+                }
+                for queue in self.topology.queues() {
+                    if self.ready_messages(&queue).await != 0 {
+                        return None;
+                    }
+                }
+                Some(())
             },
         )
         .await;
@@ -230,6 +236,16 @@ impl TestEnv {
 
     /// Publishes a raw body to the test's exchange with publisher confirms, as ingest would.
     pub async fn publish_raw(&self, body: &[u8], properties: lapin::BasicProperties) {
+        self.publish_raw_to(0, body, properties).await;
+    }
+
+    /// [`TestEnv::publish_raw`] to the queue of shard `shard`.
+    pub async fn publish_raw_to(
+        &self,
+        shard: u16,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) {
         let channel = self.amqp.create_channel().await.expect("channel");
         channel
             .confirm_select(Default::default())
@@ -238,7 +254,7 @@ impl TestEnv {
         let confirm = channel
             .basic_publish(
                 self.topology.exchange.as_str().into(),
-                self.topology.routing_key(),
+                self.topology.shard_routing_key(shard),
                 Default::default(),
                 body,
                 properties,
@@ -348,7 +364,9 @@ async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
     }
     if let Ok(conn) = Connection::connect(RABBITMQ_URL, ConnectionProperties::default()).await {
         if let Ok(channel) = conn.create_channel().await {
-            for queue in [&topology.queue, &topology.dead_letter_queue()] {
+            let mut queues = topology.queues();
+            queues.push(topology.dead_letter_queue());
+            for queue in &queues {
                 let _ = channel
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;

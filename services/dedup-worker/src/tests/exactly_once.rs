@@ -85,7 +85,7 @@ async fn duplicate_mix_is_stored_once_and_counted_by_tier() {
     settle(&env, 200).await;
     assert_each_once(&env, (0..200).map(|i| format!("mix-{i}"))).await;
     assert_eq!(m.stored.get(), 200);
-    let duplicates: u64 = ["in_batch", "recent_keys", "postgres"]
+    let duplicates: u64 = crate::metrics::TIERS
         .iter()
         .map(|t| m.duplicates.with_label_values(&[*t]).get())
         .sum();
@@ -638,4 +638,77 @@ async fn crash_in_the_oldest_batch_in_flight_leaves_later_batches_unacked() {
     settle(&env, 40).await;
     assert_each_once(&env, (0..40).map(|i| format!("order-{i}"))).await;
     survivor.stop().await.expect("clean stop");
+}
+
+/// Two workers, each consuming all three shards of a split queue: every event is stored once,
+/// including repeats that a mis-routed retry put on another shard than their first copy, and
+/// each worker reports ready only while it consumes every shard.
+#[tokio::test]
+async fn workers_consuming_every_shard_store_each_key_once() {
+    let mut env = TestEnv::new("shards").await;
+    env.topology.shards = 3;
+    let mut config = worker_config(&env);
+    config.batch_size = 20;
+    config.prefetch = 30;
+    let first = WorkerUnderTest::start(config.clone(), None).await;
+    config.migrate_on_start = false;
+    let second = WorkerUnderTest::start(config, None).await;
+    for w in [&first, &second] {
+        let ready = w.worker.readiness();
+        eventually(WAIT, "both workers consuming", || async { ready().ok() }).await;
+    }
+    let originals = unique(240, "shards");
+    // Each event on the shard its index picks, then a copy of every third one on the next
+    // shard: the copies meet only in PostgreSQL (or Redis, once the first is stored).
+    for (i, e) in originals.iter().enumerate() {
+        let body = ndjson(std::slice::from_ref(e));
+        let properties = message::Envelope::properties(Utc::now(), 1);
+        env.publish_raw_to((i % 3) as u16, &body, properties).await;
+    }
+    for (i, e) in originals.iter().enumerate().step_by(3) {
+        let body = ndjson(std::slice::from_ref(e));
+        let properties = message::Envelope::properties(Utc::now(), 1);
+        env.publish_raw_to(((i + 1) % 3) as u16, &body, properties)
+            .await;
+    }
+    settle(&env, 240).await;
+    eventually(WAIT, "all 320 messages consumed", || async {
+        let consumed =
+            first.worker.metrics().consumed.get() + second.worker.metrics().consumed.get();
+        (consumed == 320).then_some(())
+    })
+    .await;
+    for queue in env.topology.queues() {
+        assert_eq!(env.ready_messages(&queue).await, 0, "{queue} drained");
+    }
+    let duplicates: u64 = crate::metrics::TIERS
+        .iter()
+        .map(|t| {
+            first
+                .worker
+                .metrics()
+                .duplicates
+                .with_label_values(&[*t])
+                .get()
+                + second
+                    .worker
+                    .metrics()
+                    .duplicates
+                    .with_label_values(&[*t])
+                    .get()
+        })
+        .sum();
+    assert_eq!(
+        duplicates, 80,
+        "every mis-routed copy counted as a duplicate"
+    );
+    assert_each_once(
+        &env,
+        originals
+            .iter()
+            .map(|e| e["r"].as_str().expect("r").to_owned()),
+    )
+    .await;
+    first.stop().await.expect("clean stop");
+    second.stop().await.expect("clean stop");
 }

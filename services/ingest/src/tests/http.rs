@@ -673,3 +673,58 @@ async fn batches_are_bounded_in_bytes() {
         assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
     }
 }
+
+/// The events of `queue`, as JSON.
+async fn events_in(env: &TestEnv, queue: &str) -> Vec<Value> {
+    env.drain(queue)
+        .await
+        .iter()
+        .flat_map(|(body, _)| {
+            dedup_message::message::lines(body)
+                .map(|l| serde_json::from_slice(l).expect("JSON line"))
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+/// With the queue split into shards, single and batch requests alike put each event on the
+/// shard its dedup key picks: every copy of one event on the same queue, and the events spread
+/// over all of them.
+#[tokio::test]
+async fn sharded_queue_gets_each_event_on_the_queue_of_its_key() {
+    let mut env = TestEnv::new("shards").await;
+    env.topology.shards = 3;
+    let ingest = IngestUnderTest::start(&ingest_config(&env, RABBITMQ), true).await;
+    let spec = dedup_event::key::KeySpec::default();
+    let shard_of = |event: &Value| {
+        let text = event.to_string();
+        let raw = dedup_event::event::parse_raw(text.as_bytes()).expect("valid");
+        dedup_message::topology::shard_of(&spec.key_of_raw(&raw).0, 3)
+    };
+    let singles: Vec<Value> = (0..30).map(|i| event(&format!("single-{i}"))).collect();
+    for e in singles.iter().chain(&singles[..10]) {
+        let answer = post_json(&ingest, "/product_events/", e).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    }
+    let batch: Vec<Value> = (0..30).map(|i| event(&format!("batch-{i}"))).collect();
+    let answer = post_json(&ingest, "/product_events/batch", &json!(batch)).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(answer.body["queued"], 30);
+
+    let mut total = 0;
+    for shard in 0..3u16 {
+        let queue = env.topology.shard_queue(shard);
+        let found = events_in(&env, &queue).await;
+        assert!(!found.is_empty(), "shard {shard} ({queue}) got no events");
+        for e in &found {
+            assert_eq!(shard_of(e), shard, "{e} on {queue}");
+        }
+        // Both copies of a repeated single event are on the same queue.
+        for e in &singles[..10] {
+            let copies = found.iter().filter(|f| *f == e).count();
+            assert_eq!(copies, if shard_of(e) == shard { 2 } else { 0 }, "{e}");
+        }
+        total += found.len();
+    }
+    assert_eq!(total, 30 + 10 + 30, "every event on exactly one queue");
+}
