@@ -44,6 +44,56 @@ pub struct LatencyBreakdown {
     pub confirm_mean_ms: f64,
     /// Events per published message (packing of concurrent requests and batches).
     pub events_per_message: f64,
+    /// The 99th percentiles of the time inside ingest and of the broker's confirm, from
+    /// ingest's histograms (interpolated within a bucket, as Prometheus' histogram_quantile):
+    /// with the client's p99, where the tail's time goes.
+    pub ingest_p99_ms: f64,
+    pub confirm_p99_ms: f64,
+}
+
+/// The `q` quantile in milliseconds of the histogram `name` (its `_bucket` series whose labels
+/// contain `labels`) in a Prometheus scrape, interpolated linearly within the bucket it falls
+/// in; 0 without observations.
+pub fn histogram_quantile_ms(scrape: &str, name: &str, labels: &str, q: f64) -> f64 {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = scrape
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse::<f64>().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let Some(&(_, total)) = buckets.last() else {
+        return 0.0;
+    };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in &buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                // Past the last finite bound: that bound is all that is known.
+                return 1000.0 * lower;
+            }
+            let within = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return 1000.0 * (lower + (le - lower) * within);
+        }
+        (lower, below) = (le, count);
+    }
+    1000.0 * lower
 }
 
 impl LatencyBreakdown {
@@ -80,6 +130,18 @@ impl LatencyBreakdown {
                     0.0
                 }
             },
+            ingest_p99_ms: histogram_quantile_ms(
+                scrape,
+                "dedup_ingest_request_duration_seconds",
+                &format!("route=\"{route}\""),
+                0.99,
+            ),
+            confirm_p99_ms: histogram_quantile_ms(
+                scrape,
+                "dedup_ingest_publish_confirm_duration_seconds",
+                "",
+                0.99,
+            ),
         }
     }
 }
@@ -172,12 +234,12 @@ impl HalfRate {
     /// The pairs as a markdown table, with the medians of p50 and p99 over them.
     fn markdown(pairs: &[HalfRate]) -> String {
         let mut md = String::from(
-            "\n| Latency at half the maximum (open loop, right after each run) | Rate, events/s | Latency p50 / p90 / p99 / p99.9 | Means: client / inside ingest / confirm | Queue depth |\n|---|---|---|---|---|\n",
+            "\n| Latency at half the maximum (open loop, right after each run) | Rate, events/s | Latency p50 / p90 / p99 / p99.9 | Means: client / inside ingest / confirm | p99: inside ingest / confirm | Queue depth |\n|---|---|---|---|---|---|\n",
         );
         for (i, pair) in pairs.iter().enumerate() {
             let f = &pair.figures;
             md += &format!(
-                "| after run {} (maximum {:.0}) | {:.0} sent, {:.0} settled | {:.2} / {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms ({:.1} events/message) | {} → {} |\n",
+                "| after run {} (maximum {:.0}) | {:.0} sent, {:.0} settled | {:.2} / {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms ({:.1} events/message) | {:.1} / {:.1} ms | {} → {} |\n",
                 i + 1,
                 pair.maximum_events_per_s,
                 f.events_accepted_per_s,
@@ -190,6 +252,8 @@ impl HalfRate {
                 f.latency_breakdown.ingest_mean_ms,
                 f.latency_breakdown.confirm_mean_ms,
                 f.latency_breakdown.events_per_message,
+                f.latency_breakdown.ingest_p99_ms,
+                f.latency_breakdown.confirm_p99_ms,
                 f.queue_depth_steady.0,
                 f.queue_depth_steady.1,
             );
@@ -304,6 +368,7 @@ impl Report {
              | Events/s accepted | {:.0} |\n\
              | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
              | Latency means: client / inside ingest / of which broker publish→confirm | {:.2} / {:.2} / {:.2} ms ({:.1} events per message) |\n\
+             | Latency p99: inside ingest / broker publish→confirm (ingest's histograms) | {:.1} / {:.1} ms |\n\
              | End-to-end events/s (first request → last settled) | {:.0} |\n\
              | End-to-end unique events stored/s | {:.0} ({:.0}× the original's {:.0}) |\n\
              | Steady-state events/s settled by the worker | {:.0} (queue depth {} → {}) |\n\
@@ -332,6 +397,8 @@ impl Report {
             run.latency_breakdown.ingest_mean_ms,
             run.latency_breakdown.confirm_mean_ms,
             run.latency_breakdown.events_per_message,
+            run.latency_breakdown.ingest_p99_ms,
+            run.latency_breakdown.confirm_p99_ms,
             run.end_to_end_events_per_s,
             run.end_to_end_stored_per_s,
             run.end_to_end_stored_per_s / ORIGINAL_STORED_PER_S,
@@ -486,6 +553,15 @@ dedup_ingest_events_total{outcome=\"accepted\",source=\"web\"} 60
 dedup_ingest_events_total{outcome=\"accepted\",source=\"ios\"} 40
 dedup_ingest_events_total{outcome=\"rejected\",source=\"web\"} 7
 dedup_ingest_message_bytes_count 20
+dedup_ingest_request_duration_seconds_bucket{route=\"single\",le=\"0.005\"} 50
+dedup_ingest_request_duration_seconds_bucket{route=\"single\",le=\"0.01\"} 90
+dedup_ingest_request_duration_seconds_bucket{route=\"single\",le=\"0.02\"} 98
+dedup_ingest_request_duration_seconds_bucket{route=\"single\",le=\"0.05\"} 100
+dedup_ingest_request_duration_seconds_bucket{route=\"single\",le=\"+Inf\"} 100
+dedup_ingest_request_duration_seconds_bucket{route=\"batch\",le=\"+Inf\"} 1
+dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"0.01\"} 10
+dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"0.02\"} 19
+dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"+Inf\"} 20
 ";
 
     /// Means come from the scrape's sums and counts of the run's route only.
@@ -499,6 +575,10 @@ dedup_ingest_message_bytes_count 20
         assert!((b.ingest_mean_ms - 8.0).abs() < 1e-9, "{b:?}");
         assert!((b.confirm_mean_ms - 15.0).abs() < 1e-9, "{b:?}");
         assert!((b.events_per_message - 5.0).abs() < 1e-9, "{b:?}");
+        // The 99th of 100 falls in (20, 50] ms, where 98 → 100: halfway, 35 ms.
+        assert!((b.ingest_p99_ms - 35.0).abs() < 1e-9, "{b:?}");
+        // The 19.8th of 20 is past the last finite bound: that bound.
+        assert!((b.confirm_p99_ms - 20.0).abs() < 1e-9, "{b:?}");
         let empty = LatencyBreakdown::from_scrape("", "single", &h);
         assert_eq!(
             (
