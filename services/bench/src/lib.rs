@@ -160,7 +160,11 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
 
     let servers_before = services::ServerSnapshot::take();
     let redis_before = services::redis_memory(&opts.backends, iso).await?;
+    let machine_before = services::MachineTicks::take();
     let (outcome, hostile) = drive(opts, &processes, &workload, &counters).await?;
+    let machine_cpu = services::MachineTicks::take()
+        .zip(machine_before)
+        .and_then(|(after, before)| after.since(&before));
     let load_end = Instant::now();
     let load_start = load_end - outcome.elapsed;
     let unique_sent = counters.unique_accepted.load(Ordering::Relaxed);
@@ -233,6 +237,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
             / settled_at.duration_since(load_start).as_secs_f64(),
         steady_events_per_s: steady,
         queue_depth_steady: depth,
+        machine_cpu,
         settle_s: settled_at.duration_since(load_end).as_secs_f64(),
         ingest: ingest_usage,
         worker: worker_usage,

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::ceilings::Ceilings;
-use crate::services::{ServerCpu, Usage};
+use crate::services::{MachineCpu, ServerCpu, Usage};
 
 /// The original Python service on this machine kind, for comparison.
 pub const ORIGINAL_REQUESTS_PER_S: f64 = 150.0;
@@ -188,6 +188,10 @@ pub struct RunFigures {
     /// CPU of the local PostgreSQL, Redis and RabbitMQ from the first request to the last
     /// event settled; `None` when they do not run on this machine.
     pub servers_cpu: Option<ServerCpu>,
+    /// How the machine's CPUs spent the load (busy, waiting on the disk, stolen); `None` where
+    /// /proc/stat cannot be read.
+    #[serde(default)]
+    pub machine_cpu: Option<MachineCpu>,
     /// Keys the worker left in Redis (one per remembered event).
     #[serde(default)]
     pub redis_keys: u64,
@@ -234,12 +238,12 @@ impl HalfRate {
     /// The pairs as a markdown table, with the medians of p50 and p99 over them.
     fn markdown(pairs: &[HalfRate]) -> String {
         let mut md = String::from(
-            "\n| Latency at half the maximum (open loop, right after each run) | Rate, events/s | Latency p50 / p90 / p99 / p99.9 | Means: client / inside ingest / confirm | p99: inside ingest / confirm | Queue depth |\n|---|---|---|---|---|---|\n",
+            "\n| Latency at half the maximum (open loop, right after each run) | Rate, events/s | Latency p50 / p90 / p99 / p99.9 | Means: client / inside ingest / confirm | p99: inside ingest / confirm | CPU busy / iowait / steal | Queue depth |\n|---|---|---|---|---|---|---|\n",
         );
         for (i, pair) in pairs.iter().enumerate() {
             let f = &pair.figures;
             md += &format!(
-                "| after run {} (maximum {:.0}) | {:.0} sent, {:.0} settled | {:.2} / {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms ({:.1} events/message) | {:.1} / {:.1} ms | {} → {} |\n",
+                "| after run {} (maximum {:.0}) | {:.0} sent, {:.0} settled | {:.2} / {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms ({:.1} events/message) | {:.1} / {:.1} ms | {} | {} → {} |\n",
                 i + 1,
                 pair.maximum_events_per_s,
                 f.events_accepted_per_s,
@@ -254,6 +258,10 @@ impl HalfRate {
                 f.latency_breakdown.events_per_message,
                 f.latency_breakdown.ingest_p99_ms,
                 f.latency_breakdown.confirm_p99_ms,
+                f.machine_cpu.map_or("–".to_owned(), |m| format!(
+                    "{:.0} / {:.1} / {:.1} %",
+                    m.busy_pct, m.iowait_pct, m.steal_pct
+                )),
                 f.queue_depth_steady.0,
                 f.queue_depth_steady.1,
             );
@@ -286,6 +294,17 @@ fn cpu_per_event_row(run: &RunFigures) -> String {
             us(cpu.postgresql_s),
             us(cpu.redis_s),
             us(cpu.rabbitmq_s),
+        ),
+        None => String::new(),
+    }
+}
+
+/// The markdown row of how the machine's CPUs spent the load; empty where unknown.
+fn machine_cpu_row(run: &RunFigures) -> String {
+    match &run.machine_cpu {
+        Some(m) => format!(
+            "| Machine CPU during the load: busy / waiting on disk / stolen by the hypervisor | {:.0} / {:.1} / {:.1} % |\n",
+            m.busy_pct, m.iowait_pct, m.steal_pct
         ),
         None => String::new(),
     }
@@ -376,7 +395,7 @@ impl Report {
              | ingest peak RSS / CPU | {:.1} MiB / {:.1} s |\n\
              | worker peak RSS (largest process) / CPU (all) | {:.1} MiB / {:.1} s |\n\
              | Events consumed per worker process | {} |\n\
-             {}{}\
+             {}{}{}\
              | Correctness | {}: {} unique sent, {} rows stored, {} keys stored twice, {} of {} duplicates dropped, {} dead-lettered, {} failed requests |\n",
             run.mode,
             run.connections,
@@ -421,6 +440,7 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" / "),
             cpu_per_event_row(run),
+            machine_cpu_row(run),
             redis_memory_row(run),
             if c.ok { "OK" } else { "FAILED" },
             c.unique_sent,
@@ -611,6 +631,7 @@ dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"+Inf\"} 20
             end_to_end_stored_per_s: 650.0,
             steady_events_per_s: 900.0,
             queue_depth_steady: (3, 4),
+            machine_cpu: None,
             settle_s: 0.5,
             ingest: Usage {
                 peak_rss_mib: 30.0,

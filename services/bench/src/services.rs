@@ -436,6 +436,59 @@ pub struct ServerCpu {
     pub rabbitmq_s: f64,
 }
 
+/// How the machine's CPUs spent a span of the run, in percent of their time: whether the load
+/// left them idle, waited on the disk (fsync), or had the hypervisor take them (steal) — what
+/// a latency tail on a shared machine comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MachineCpu {
+    pub busy_pct: f64,
+    pub iowait_pct: f64,
+    pub steal_pct: f64,
+}
+
+/// The machine's CPU time by state at one moment: /proc/stat's `cpu` line (Linux), in ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTicks {
+    busy: u64,
+    iowait: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl MachineTicks {
+    pub fn take() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let t: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let at = |i: usize| t.get(i).copied().unwrap_or(0);
+        Some(Self {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            iowait: at(4),
+            steal: at(7),
+            total: (0..8).map(at).sum(),
+        })
+    }
+
+    /// The shares of the span since `earlier`; `None` for an empty span.
+    pub fn since(&self, earlier: &MachineTicks) -> Option<MachineCpu> {
+        let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)? as f64;
+        let pct = |now: u64, then: u64| 100.0 * now.saturating_sub(then) as f64 / total;
+        Some(MachineCpu {
+            busy_pct: pct(self.busy, earlier.busy),
+            iowait_pct: pct(self.iowait, earlier.iowait),
+            steal_pct: pct(self.steal, earlier.steal),
+        })
+    }
+}
+
 /// Process names of the servers, in [`ServerCpu`]'s field order.
 const SERVER_PROCESSES: [&str; 3] = ["postgres", "redis-server", "beam.smp"];
 
@@ -514,6 +567,26 @@ pub fn usage(pid: Option<u32>) -> Usage {
     Usage {
         peak_rss_mib: hwm_kib / 1024.0,
         cpu_seconds: parse_stat(&stat).map_or(0.0, |(_, seconds)| seconds),
+    }
+}
+
+#[cfg(test)]
+mod machine_tests {
+    use super::*;
+
+    #[test]
+    fn machine_shares_come_from_the_cpu_line() {
+        let before =
+            MachineTicks::parse("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n").expect("cpu");
+        let after = MachineTicks::parse("cpu  160 0 70 880 30 5 5 50 0 0\n").expect("cpu");
+        // 200 ticks passed: 90 busy (60 user, 20 system, 10 irq), 20 iowait, 10 stolen.
+        let shares = after.since(&before).expect("a span");
+        assert_eq!(
+            (shares.busy_pct, shares.iowait_pct, shares.steal_pct),
+            (45.0, 10.0, 5.0)
+        );
+        assert_eq!(after.since(&after), None);
+        assert!(MachineTicks::parse("intr 1 2").is_none());
     }
 }
 
