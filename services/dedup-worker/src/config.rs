@@ -34,8 +34,10 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/dedup"
     )]
     pub database_url: SecretUrl,
-    /// PostgreSQL connections in the pool.
-    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4)]
+    /// PostgreSQL connections in the pool: BATCHES_IN_FLIGHT and one for maintenance. Every
+    /// worker may open this many, so workers × DB_POOL_SIZE must fit PostgreSQL's
+    /// max_connections (100 by default) beside its other clients.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 7)]
     pub db_pool_size: u32,
     /// Longest a PostgreSQL statement may run before it is cancelled and the batch retried.
     #[arg(long, env = "DB_STATEMENT_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
@@ -109,7 +111,7 @@ pub struct Config {
     /// Batches processed at once (while one waits on PostgreSQL, the next asks Redis); acks
     /// still go in delivery order, after each batch's commit. With AMQP_QUEUE_SHARDS above 1
     /// it is split evenly over the queues (at least 1 each).
-    #[arg(long, env = "BATCHES_IN_FLIGHT", default_value_t = 3)]
+    #[arg(long, env = "BATCHES_IN_FLIGHT", default_value_t = 6)]
     pub batches_in_flight: usize,
     /// Longest wait for a batch to fill before processing what there is.
     #[arg(long, env = "BATCH_LINGER", value_parser = parse_duration, default_value = "20ms")]
