@@ -28,6 +28,31 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// Declares the quorum queue `queue` and publishes `messages` messages to it.
+async fn fill(channel: &lapin::Channel, queue: &str, messages: usize) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .expect("declare");
+    for i in 0..messages {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                Default::default(),
+            )
+            .await
+            .expect("publish");
+    }
+}
+
 #[tokio::test]
 async fn operator_reads_ready_and_unacked_from_the_real_broker() {
     let queue = format!("dedup_operator_depth_{}", std::process::id());
@@ -37,51 +62,11 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
             panic!("RabbitMQ is not reachable at {AMQP}: {e}; run scripts/ensure-services.sh")
         });
     let channel = conn.create_channel().await.expect("channel");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await
-        .expect("declare");
-    for i in 0..12 {
-        channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                format!("m{i}").as_bytes(),
-                Default::default(),
-            )
-            .await
-            .expect("publish");
-    }
+    fill(&channel, &queue, 12).await;
     // The second shard of the queue, with 4 ready messages: the workers consume both, so the
     // depth is their sum.
     let second = format!("{queue}.1");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(second.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await
-        .expect("declare");
-    for i in 0..4 {
-        channel
-            .basic_publish(
-                "".into(),
-                second.as_str().into(),
-                BasicPublishOptions::default(),
-                format!("s{i}").as_bytes(),
-                Default::default(),
-            )
-            .await
-            .expect("publish");
-    }
+    fill(&channel, &second, 4).await;
     let holder = conn.create_channel().await.expect("channel");
     holder
         .basic_qos(5, BasicQosOptions::default())

@@ -69,7 +69,12 @@ async fn post_json(ingest: &IngestUnderTest, uri: &str, value: &Value) -> Answer
 
 /// Events the queue holds, decoded from every message's NDJSON body.
 async fn queued_events(env: &TestEnv) -> Vec<Value> {
-    env.drain(&env.topology.queue)
+    events_in(env, &env.topology.queue).await
+}
+
+/// Events `queue` holds, decoded from every message's NDJSON body.
+async fn events_in(env: &TestEnv, queue: &str) -> Vec<Value> {
+    env.drain(queue)
         .await
         .iter()
         .flat_map(|(body, _)| {
@@ -672,19 +677,6 @@ async fn batches_are_bounded_in_bytes() {
         drop(held);
         assert_eq!(waiting.await.expect("task"), StatusCode::ACCEPTED);
     }
-}
-
-/// The events of `queue`, as JSON.
-async fn events_in(env: &TestEnv, queue: &str) -> Vec<Value> {
-    env.drain(queue)
-        .await
-        .iter()
-        .flat_map(|(body, _)| {
-            dedup_message::message::lines(body)
-                .map(|l| serde_json::from_slice(l).expect("JSON line"))
-                .collect::<Vec<Value>>()
-        })
-        .collect()
 }
 
 /// With the queue split into shards, single and batch requests alike put each event on the
