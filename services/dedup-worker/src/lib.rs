@@ -283,8 +283,12 @@ async fn maintain_partitions(processor: &Processor) -> Result<(), error::Error> 
     Ok(())
 }
 
-/// Reads the depth of the main and dead-letter queues every `queue_depth_interval` into the
-/// `dedup_queue_messages` gauges, until `stop`. Failures are logged once, not fatal.
+/// Reads the depth of the main queue (every shard) and the dead-letter queue every
+/// `queue_depth_interval` into the `dedup_queue_messages` gauges, until `stop`. Failures are
+/// logged once, not fatal. The shard just past AMQP_QUEUE_SHARDS is read too where it exists:
+/// no worker consumes it (the count was lowered before it drained, or ingest splits the queue
+/// into more shards than the workers), so its messages are stranded; its gauge puts it in
+/// front of the backlog alert, and the worker says what to do.
 async fn report_queue_depth(config: Config, metrics: Metrics, stop: CancellationToken) {
     let reader = match config.tls.client_config().map(|tls| {
         DepthReader::with_tls(
@@ -305,7 +309,13 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     };
     let vhost = vhost_of(config.amqp.rabbitmq_url.expose());
     let topology = &config.amqp.topology;
-    let mut failing = false;
+    let set = |queue: &str, depth: &dedup_runtime::queue_depth::QueueDepth| {
+        let gauge = |state: &str| metrics.queue_messages.with_label_values(&[queue, state]);
+        gauge("ready").set(i64::try_from(depth.ready).unwrap_or(i64::MAX));
+        gauge("unacked").set(i64::try_from(depth.unacked).unwrap_or(i64::MAX));
+    };
+    let beyond = topology.shard_queue(topology.shards);
+    let (mut failing, mut stranded) = (false, false);
     loop {
         let mut queues = topology.queues();
         queues.push(topology.dead_letter_queue());
@@ -315,19 +325,28 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
                     if std::mem::take(&mut failing) {
                         tracing::info!("Reading the queue depth again.");
                     }
-                    let gauge = |state: &str| {
-                        metrics
-                            .queue_messages
-                            .with_label_values(&[queue.as_str(), state])
-                    };
-                    gauge("ready").set(i64::try_from(depth.ready).unwrap_or(i64::MAX));
-                    gauge("unacked").set(i64::try_from(depth.unacked).unwrap_or(i64::MAX));
+                    set(queue, &depth);
                 }
                 Err(e) if !failing => {
                     failing = true;
                     tracing::warn!(%queue, error = %e, "Cannot read the queue depth; the gauges are stale.");
                 }
                 Err(_) => {}
+            }
+        }
+        // Mostly absent (an error, ignored); where it exists, reported.
+        if let Ok(depth) = reader.read(&vhost, &beyond).await {
+            set(&beyond, &depth);
+            if depth.total() > 0 && !std::mem::replace(&mut stranded, true) {
+                tracing::error!(
+                    queue = %beyond,
+                    messages = depth.total(),
+                    shards = topology.shards,
+                    "A queue past AMQP_QUEUE_SHARDS holds messages no worker consumes: give ingest \
+                     and the workers the same AMQP_QUEUE_SHARDS, or raise it until that queue drains."
+                );
+            } else if depth.total() == 0 {
+                stranded = false;
             }
         }
         tokio::select! {

@@ -16,6 +16,21 @@ use test_support::{TestEnv, eventually};
 
 const MANAGEMENT: &str = "http://guest:guest@127.0.0.1:15672";
 
+/// The worker's `dedup_queue_messages` gauge for `queue` and `state`, if it has one.
+fn gauge(registry: &prometheus::Registry, queue: &str, state: &str) -> Option<f64> {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == "dedup_queue_messages")
+        .and_then(|family| {
+            family.get_metric().iter().find_map(|m| {
+                let labels = m.get_label();
+                let has = |k: &str, v: &str| labels.iter().any(|l| l.name() == k && l.value() == v);
+                (has("queue", queue) && has("state", state)).then(|| m.get_gauge().get_value())
+            })
+        })
+}
+
 /// 10 messages, 4 of them delivered and held unacked: the reader sees 6 ready and 4 unacked;
 /// the worker's gauges show the 4 held by someone else and 3 dead letters while it drains
 /// the rest, then the main queue at zero once the held ones are released and stored.
@@ -95,20 +110,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
     config.queue_depth_interval = Duration::from_millis(500);
     let worker = WorkerUnderTest::start(config, None).await;
     let registry = worker.worker.metrics().registry.clone();
-    let reported = |queue: &str, state: &str| -> Option<f64> {
-        registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "dedup_queue_messages")
-            .and_then(|family| {
-                family.get_metric().iter().find_map(|m| {
-                    let labels = m.get_label();
-                    let has =
-                        |k: &str, v: &str| labels.iter().any(|l| l.name() == k && l.value() == v);
-                    (has("queue", queue) && has("state", state)).then(|| m.get_gauge().get_value())
-                })
-            })
-    };
+    let reported = |queue: &str, state: &str| gauge(&registry, queue, state);
     eventually(
         Duration::from_secs(30),
         "the gauges to show 4 held elsewhere and 3 dead letters",
@@ -136,5 +138,44 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
         },
     )
     .await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// A shard past the worker's AMQP_QUEUE_SHARDS that holds messages (ingest splitting the queue
+/// into more shards than the workers consume) is not consumed, and is reported: its gauge
+/// shows the stranded messages, for the backlog alert.
+#[tokio::test]
+async fn a_shard_past_the_workers_count_is_reported_not_consumed() {
+    let mut env = TestEnv::new("stranded").await;
+    // ingest's view: two shards, so both queues exist; two events on the second.
+    env.topology.shards = 2;
+    env.declare().await;
+    for i in 0..2 {
+        env.publish_raw_to(
+            1,
+            &ndjson(&[event(&format!("s-{i}"))]),
+            message::Envelope::properties(Utc::now(), 1),
+        )
+        .await;
+    }
+    // The worker's view: one shard.
+    let mut config = worker_config(&env);
+    config.amqp.topology.shards = 1;
+    config.queue_depth_interval = Duration::from_millis(300);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let registry = worker.worker.metrics().registry.clone();
+    let stranded = env.topology.shard_queue(1);
+    eventually(
+        Duration::from_secs(30),
+        "the stranded shard's gauge",
+        || async { (gauge(&registry, &stranded, "ready") == Some(2.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        env.stored_rows().await,
+        0,
+        "nothing consumed from the stranded shard"
+    );
+    assert_eq!(env.ready_messages(&stranded).await, 2);
     worker.stop().await.expect("clean stop");
 }
