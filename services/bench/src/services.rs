@@ -102,9 +102,7 @@ impl Isolation {
         {
             if let Ok(channel) = conn.create_channel().await {
                 let t = &self.topology;
-                let mut queues = t.queues();
-                queues.push(t.dead_letter_queue());
-                for q in &queues {
+                for q in &t.all_queues() {
                     let _ = channel
                         .queue_delete(q.as_str().into(), Default::default())
                         .await;

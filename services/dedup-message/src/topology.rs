@@ -133,9 +133,16 @@ impl Topology {
         shard_queues(&self.queue, self.shards)
     }
 
+    /// Every queue of the topology: the ones the workers consume, then the dead-letter queue.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut queues = self.queues();
+        queues.push(self.dead_letter_queue());
+        queues
+    }
+
     /// Routing key of the main queue (shard 0).
     pub fn routing_key(&self) -> ShortString {
-        ShortString::from(self.queue.as_str())
+        self.shard_routing_key(0)
     }
 
     /// Routing key of shard `shard`'s queue: its name.
@@ -271,6 +278,7 @@ mod tests {
     fn shard_zero_keeps_the_queue_name_and_the_others_are_numbered() {
         let mut topology = Topology::prefixed("t");
         assert_eq!(topology.queues(), vec!["t.events"]);
+        assert_eq!(topology.all_queues(), vec!["t.events", "t.events.dlq"]);
         topology.shards = 3;
         assert_eq!(
             topology.queues(),

@@ -317,9 +317,7 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     let beyond = topology.shard_queue(topology.shards);
     let (mut failing, mut stranded) = (false, false);
     loop {
-        let mut queues = topology.queues();
-        queues.push(topology.dead_letter_queue());
-        for queue in &queues {
+        for queue in &topology.all_queues() {
             match reader.read(&vhost, queue).await {
                 Ok(depth) => {
                     if std::mem::take(&mut failing) {

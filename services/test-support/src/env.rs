@@ -364,9 +364,7 @@ async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
     }
     if let Ok(conn) = Connection::connect(RABBITMQ_URL, ConnectionProperties::default()).await {
         if let Ok(channel) = conn.create_channel().await {
-            let mut queues = topology.queues();
-            queues.push(topology.dead_letter_queue());
-            for queue in &queues {
+            for queue in &topology.all_queues() {
                 let _ = channel
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
