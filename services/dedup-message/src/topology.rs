@@ -160,6 +160,22 @@ impl Topology {
     /// Fails with the broker's `PRECONDITION_FAILED` when a queue already exists with other
     /// arguments (for example classic versus quorum): see [`describe_declare_error`].
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_exchanges_and_dead_letters(channel).await?;
+        for queue in self.queues() {
+            self.declare_queue(channel, &queue).await?;
+        }
+        Ok(())
+    }
+
+    /// Declares what a consumer of `queue` (one of [`Topology::queues`]) needs: both exchanges,
+    /// the dead-letter queue and `queue` itself with its binding. A consumer declares only its
+    /// own queue so that another shard's queue being wrong or missing cannot stop it.
+    pub async fn declare_consumed(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        self.declare_exchanges_and_dead_letters(channel).await?;
+        self.declare_queue(channel, queue).await
+    }
+
+    async fn declare_exchanges_and_dead_letters(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -192,24 +208,27 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        for queue in self.queues() {
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    self.queue_arguments(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    self.exchange.as_str().into(),
-                    queue.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+        Ok(())
+    }
+
+    /// Declares one consumed queue, bound to the exchange under its own name.
+    async fn declare_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable(),
+                self.queue_arguments(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.exchange.as_str().into(),
+                queue.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         Ok(())
     }
 

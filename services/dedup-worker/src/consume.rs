@@ -128,29 +128,45 @@ impl Progress {
         q.holding.store(0, Ordering::Relaxed);
     }
 
-    /// True while every queue has a consuming session.
-    pub fn consuming(&self) -> bool {
+    /// The first queue (its index in the topology's consumed queues) without a consuming
+    /// session, or `None` while every queue has one.
+    pub fn not_consumed(&self) -> Option<usize> {
         self.queues
             .iter()
-            .all(|q| q.consuming.load(Ordering::Relaxed))
+            .position(|q| !q.consuming.load(Ordering::Relaxed))
     }
 
-    /// `Some((deliveries held, time without progress))` when the worker holds deliveries of a
-    /// queue and has committed nothing of them for longer than `limit` (the longest-idle such
-    /// queue).
-    pub fn stalled(&self, limit: Duration) -> Option<(usize, Duration)> {
+    /// `Some(Stall)` when the worker holds deliveries of a queue and has committed nothing of
+    /// them for longer than `limit` (the longest-idle such queue).
+    pub fn stalled(&self, limit: Duration) -> Option<Stall> {
         let now = self.now_ms();
         self.queues
             .iter()
-            .filter_map(|q| {
+            .enumerate()
+            .filter_map(|(queue, q)| {
                 let holding = q.holding.load(Ordering::Relaxed);
                 let idle = Duration::from_millis(
                     now.saturating_sub(q.last_progress_ms.load(Ordering::Relaxed)),
                 );
-                (holding > 0 && idle > limit).then_some((holding, idle))
+                (holding > 0 && idle > limit).then_some(Stall {
+                    queue,
+                    holding,
+                    idle,
+                })
             })
-            .max_by_key(|&(_, idle)| idle)
+            .max_by_key(|stall| stall.idle)
     }
+}
+
+/// A queue whose deliveries the worker holds without committing any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// The queue's index in the topology's consumed queues.
+    pub queue: usize,
+    /// Deliveries held.
+    pub holding: usize,
+    /// Time since the queue's last commit (or since it began to hold deliveries).
+    pub idle: Duration,
 }
 
 /// The consumer loops of one worker process, one per queue.
@@ -330,7 +346,7 @@ impl Consumer {
     ) -> Result<(lapin::Channel, lapin::Channel, lapin::Consumer)> {
         let s = &self.settings;
         let channel = connection.create_channel().await?;
-        if let Err(e) = s.topology.declare(&channel).await {
+        if let Err(e) = s.topology.declare_consumed(&channel, queue.name).await {
             tracing::error!(error = %describe_declare_error(&s.topology, &e), "Cannot declare the queues.");
             return Err(e.into());
         }
@@ -571,11 +587,15 @@ mod tests {
     #[tokio::test]
     async fn a_queue_holding_deliveries_without_commits_stalls_the_worker() {
         let progress = Progress::new(2);
-        assert!(!progress.consuming());
+        assert_eq!(progress.not_consumed(), Some(0));
         progress.set_consuming(0, true);
-        assert!(!progress.consuming(), "one queue of two is not enough");
+        assert_eq!(
+            progress.not_consumed(),
+            Some(1),
+            "one queue of two is not enough"
+        );
         progress.set_consuming(1, true);
-        assert!(progress.consuming());
+        assert_eq!(progress.not_consumed(), None);
         progress.received(0);
         progress.received(1);
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -583,7 +603,7 @@ mod tests {
         // Queue 0 holds one delivery and committed nothing for 5 ms; queue 1 just committed.
         let stalled = progress.stalled(Duration::from_millis(2));
         assert!(
-            matches!(stalled, Some((1, idle)) if idle >= Duration::from_millis(5)),
+            matches!(stalled, Some(Stall { queue: 0, holding: 1, idle }) if idle >= Duration::from_millis(5)),
             "{stalled:?}"
         );
         assert_eq!(
@@ -597,6 +617,10 @@ mod tests {
             None,
             "the broker took the delivery back"
         );
-        assert!(!progress.consuming(), "a released queue is not consumed");
+        assert_eq!(
+            progress.not_consumed(),
+            Some(0),
+            "a released queue is not consumed"
+        );
     }
 }

@@ -149,15 +149,21 @@ impl Worker {
     pub fn readiness(&self) -> Readiness {
         let progress = self.consumer.progress();
         let limit = self.config.stall_timeout;
+        let queues = self.config.amqp.topology.queues();
         Arc::new(move || {
-            if !progress.consuming() {
-                return Err("not consuming from RabbitMQ".to_owned());
+            if let Some(queue) = progress.not_consumed() {
+                return Err(format!(
+                    "not consuming from RabbitMQ queue {}; see the worker's warnings",
+                    queues[queue]
+                ));
             }
             match progress.stalled(limit) {
-                Some((holding, idle)) => Err(format!(
-                    "stalled: {holding} deliveries held and no batch committed for {}s; see \
-                     the worker's warnings and dedup_worker_batch_errors_total",
-                    idle.as_secs()
+                Some(stall) => Err(format!(
+                    "stalled: {} deliveries of queue {} held and no batch committed for {}s; \
+                     see the worker's warnings and dedup_worker_batch_errors_total",
+                    stall.holding,
+                    queues[stall.queue],
+                    stall.idle.as_secs()
                 )),
                 None => Ok(()),
             }
@@ -186,6 +192,7 @@ impl Worker {
         ));
         let stall = tokio::spawn(report_stall(
             self.consumer.progress(),
+            self.config.amqp.topology.queues(),
             self.config.stall_timeout,
             self.processor.metrics.clone(),
             stop.clone(),
@@ -216,6 +223,7 @@ impl Worker {
 /// when the worker stalls and once when it commits again.
 async fn report_stall(
     progress: Arc<consume::Progress>,
+    queues: Vec<String>,
     limit: Duration,
     metrics: Metrics,
     stop: CancellationToken,
@@ -225,10 +233,11 @@ async fn report_stall(
         let stalled = progress.stalled(limit);
         metrics.stalled.set(i64::from(stalled.is_some()));
         match stalled {
-            Some((holding, idle)) if !was_stalled => {
+            Some(stall) if !was_stalled => {
                 tracing::error!(
-                    holding,
-                    idle_seconds = idle.as_secs(),
+                    queue = %queues[stall.queue],
+                    holding = stall.holding,
+                    idle_seconds = stall.idle.as_secs(),
                     "Worker stalled: deliveries held and no batch committed; it reports not ready."
                 );
             }

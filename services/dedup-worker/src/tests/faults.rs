@@ -21,6 +21,33 @@ async fn publish_each(env: &TestEnv, events: &[Value]) {
     env.publish_each(events).await;
 }
 
+/// How many consumers `queue` has, or `None` when it does not exist.
+async fn consumers(env: &TestEnv, queue: &str) -> Option<u32> {
+    let channel = env.amqp.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "done".into()).await;
+    Some(declared.consumer_count())
+}
+
+/// Publishes each event in a message of its own to shard `shard`'s queue.
+async fn publish_to(env: &TestEnv, shard: u16, events: &[Value]) {
+    for e in events {
+        let body = ndjson(std::slice::from_ref(e));
+        let properties = message::Envelope::properties(Utc::now(), 1);
+        env.publish_raw_to(shard, &body, properties).await;
+    }
+}
+
 /// Waits for `rows` rows and an empty queue; no key may be stored twice.
 async fn settle(env: &TestEnv, rows: i64) {
     env.settle(rows, WAIT).await;
@@ -203,4 +230,115 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
         "{reason:?}"
     );
     let _ = channel.close(200, "done".into()).await;
+}
+
+/// One shard's queue becomes unusable while the worker consumes two: here it is deleted and
+/// declared again as a classic queue, so every session for it fails to declare. The other
+/// shard keeps flowing, even through a restart of its own session, the worker reports not
+/// ready naming the broken queue, and once the queue is removed the worker declares it again
+/// and consumes it; nothing is stored twice.
+#[tokio::test]
+async fn one_broken_shard_queue_stops_only_its_own_session() {
+    let mut env = TestEnv::new("brokenshard").await;
+    env.topology.shards = 2;
+    let mut config = worker_config(&env);
+    config.reconnect_max_backoff = Duration::from_millis(500);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let ready = worker.worker.readiness();
+    eventually(WAIT, "the worker consuming both shards", || async {
+        ready().ok()
+    })
+    .await;
+    let originals = unique(60, "brokenshard");
+    publish_to(&env, 0, &originals[..10]).await;
+    publish_to(&env, 1, &originals[10..20]).await;
+    settle(&env, 20).await;
+
+    let amqp_errors = || {
+        worker
+            .worker
+            .metrics()
+            .batch_errors
+            .with_label_values(&["amqp"])
+            .get()
+    };
+    let errors_before = amqp_errors();
+    let broken = env.topology.shard_queue(1);
+    // The worker's session declares the quorum queue again within ~100 ms of losing it;
+    // try until the classic queue is declared first.
+    let mut channel = env.amqp.create_channel().await.expect("channel");
+    for attempt in 1.. {
+        channel
+            .queue_delete(
+                broken.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .expect("delete shard 1's queue");
+        let classic = channel
+            .queue_declare(
+                broken.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if classic.is_ok() {
+            break;
+        }
+        assert!(
+            attempt < 20,
+            "cannot declare the classic queue: {classic:?}"
+        );
+        // A refused declare closes the channel.
+        channel = env.amqp.create_channel().await.expect("channel");
+    }
+    let reason = eventually(
+        WAIT,
+        "the worker not ready for the broken queue",
+        || async { ready().err() },
+    )
+    .await;
+    assert!(reason.contains(&format!("queue {broken};")), "{reason}");
+
+    // Shard 0's session survives shard 1's queue being wrong, even when it has to start
+    // again: its queue deleted (empty), the session ends and declares only its own queue.
+    let shard0 = env.topology.queue.clone();
+    channel
+        .queue_delete(
+            shard0.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete shard 0's queue");
+    eventually(WAIT, "shard 0 declared and consumed again", || async {
+        (consumers(&env, &shard0).await == Some(1)).then_some(())
+    })
+    .await;
+    publish_to(&env, 0, &originals[20..40]).await;
+    settle(&env, 40).await;
+    assert!(
+        amqp_errors() > errors_before,
+        "the failing sessions are counted"
+    );
+    assert!(ready().is_err(), "still not ready while shard 1 is broken");
+
+    // The operator removes the wrong queue: the worker declares it as it should be.
+    channel
+        .queue_delete(
+            broken.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the classic queue");
+    eventually(WAIT, "the worker consuming both shards again", || async {
+        ready().ok()
+    })
+    .await;
+    publish_to(&env, 1, &originals[40..60]).await;
+    settle(&env, 60).await;
+    let _ = channel.close(200, "done".into()).await;
+    worker.stop().await.expect("clean stop");
 }
