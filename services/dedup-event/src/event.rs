@@ -149,7 +149,17 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Name<'a> {
 /// Every member is checked against what PostgreSQL can store, so a valid event is a storable
 /// one.
 pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent<'_>, RawError> {
-    match serde_json::from_slice::<RawObject<'_>>(bytes) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_raw_str(text),
+        // Valid JSON is valid UTF-8: the full parser says where it is not.
+        Err(_) => Err(not_an_event(serde_json::from_slice::<Value>(bytes))),
+    }
+}
+
+/// [`parse_raw`] of text already known to be UTF-8. The whole text is checked once here, not
+/// again piece by piece while parsing (which `from_slice` does for every string and raw value).
+pub fn parse_raw_str(text: &str) -> Result<RawEvent<'_>, RawError> {
+    match serde_json::from_str::<RawObject<'_>>(text) {
         Ok(object) => {
             let mut errors = object.unstorable();
             match validate_fields(|name| object.get(name)) {
@@ -164,14 +174,19 @@ pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent<'_>, RawError> {
             Err(RawError::Invalid(errors))
         }
         // Not an object, or not JSON: the full parser gives the original's messages.
-        Err(_) => match serde_json::from_slice::<Value>(bytes) {
-            Err(e) => Err(RawError::Malformed(e.to_string())),
-            Ok(Value::Null) => Err(RawError::Invalid(non_field_error("No data provided"))),
-            Ok(other) => Err(RawError::Invalid(non_field_error(&format!(
-                "Invalid data. Expected a dictionary, but got {}.",
-                python_type_name(&other)
-            )))),
-        },
+        Err(_) => Err(not_an_event(serde_json::from_str::<Value>(text))),
+    }
+}
+
+/// The error for text that is not a JSON object, from the full parser's verdict on it.
+fn not_an_event(parsed: serde_json::Result<Value>) -> RawError {
+    match parsed {
+        Err(e) => RawError::Malformed(e.to_string()),
+        Ok(Value::Null) => RawError::Invalid(non_field_error("No data provided")),
+        Ok(other) => RawError::Invalid(non_field_error(&format!(
+            "Invalid data. Expected a dictionary, but got {}.",
+            python_type_name(&other)
+        ))),
     }
 }
 
@@ -377,6 +392,52 @@ mod tests {
             "r": "999888777666555",
             "platform": "android",
         })
+    }
+
+    /// Text checked as UTF-8 once gets the same verdict as bytes parsed piece by piece: valid
+    /// events, broken JSON (with the parser's position), non-objects, null, invalid fields and
+    /// bytes that are not UTF-8 inside and outside strings.
+    #[test]
+    fn utf8_checked_once_gives_the_same_verdicts() {
+        let cases: Vec<Vec<u8>> = vec![
+            valid().to_string().into_bytes(),
+            with("r", json!("caf\u{e9} \u{1F600}"))
+                .to_string()
+                .into_bytes(),
+            br#"{"sid": "s", "r": "#.to_vec(),
+            b"[1, 2]".to_vec(),
+            b"null".to_vec(),
+            with("sid", json!(7)).to_string().into_bytes(),
+            with("sid", json!("a\u{0}b")).to_string().into_bytes(),
+        ];
+        for case in &cases {
+            let by_bytes = serde_json::from_slice::<RawObject<'_>>(case).map(|o| o.0.len());
+            let text = std::str::from_utf8(case).expect("UTF-8 case");
+            assert_eq!(
+                parse_raw(case).map(|e| e.fields),
+                parse_raw_str(text).map(|e| e.fields),
+                "{text}"
+            );
+            assert_eq!(
+                by_bytes.is_ok(),
+                serde_json::from_str::<RawObject<'_>>(text).is_ok(),
+                "{text}"
+            );
+        }
+        let mut not_utf8 = valid().to_string().into_bytes();
+        let at = not_utf8.len() - 3;
+        not_utf8[at] = 0xff;
+        match parse_raw(&not_utf8).map(|e| e.fields) {
+            Err(RawError::Malformed(detail)) => assert!(
+                detail.contains("invalid unicode code point") && detail.contains("column"),
+                "{detail}"
+            ),
+            other => panic!("bytes that are not UTF-8 were judged {other:?}"),
+        }
+        assert!(matches!(
+            parse_raw(b"\xff{}"),
+            Err(RawError::Malformed(detail)) if detail.contains("line 1 column 1")
+        ));
     }
 
     fn with(field: &str, value: Value) -> Value {

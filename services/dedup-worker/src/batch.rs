@@ -141,7 +141,7 @@ pub fn decode<'a>(
                 }
             };
             // Only the fields the key and the columns need are parsed; the text is stored.
-            let event = match event::parse_raw(raw.as_bytes()) {
+            let event = match event::parse_raw_str(raw) {
                 Ok(event) => event,
                 Err(RawError::Malformed(detail)) => {
                     out.dead_letters.push(DeadLetter {
