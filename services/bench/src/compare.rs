@@ -1,8 +1,12 @@
 //! A/B comparison of two builds: the same load against the baseline's binaries and the
-//! candidate's, alternately (A B A B …) so the machine's drift falls on both, and every
-//! figure reported as the candidate's ratio to the baseline per pair, with the median and the
-//! spread. CPU per event and ratios measured this way are what compare across builds; absolute
-//! rates from different hours do not.
+//! candidate's, alternately, and every figure reported as the candidate's ratio to the
+//! baseline per pair, with the median and the spread. CPU per event and ratios measured this
+//! way are what compare across builds; absolute rates from different hours do not.
+//!
+//! The order within a pair alternates too (A B, B A, A B, …): a run leaves work behind for
+//! the next (the servers' background writing, a machine drifting slower over the minutes), and
+//! with a fixed order all of it would fall on the second build. Each run also starts after a
+//! PostgreSQL `CHECKPOINT` (see `run_pipeline`).
 
 use serde::Serialize;
 
@@ -68,7 +72,8 @@ fn figures(run: &RunFigures) -> Vec<(&'static str, bool, f64)> {
     ]
 }
 
-/// Runs `pairs` pairs, baseline first in each, and collects every figure.
+/// Runs `pairs` pairs, the baseline first in odd pairs and second in even ones, and collects
+/// every figure.
 pub async fn run(
     baseline: RunOptions,
     candidate: RunOptions,
@@ -81,9 +86,17 @@ pub async fn run(
         ok: true,
     };
     for pair in 1..=pairs {
-        for (side, options) in [("baseline", &baseline), ("candidate", &candidate)] {
+        for side in run_order(pair) {
+            let options = if side == "baseline" {
+                &baseline
+            } else {
+                &candidate
+            };
             eprintln!("compare: pair {pair} of {pairs}, {side}");
-            let run = run_pipeline(options.clone(), &format!("{name}_{side}_{pair}")).await?;
+            // Names of one length: the name prefixes every Redis key, and a longer key can
+            // cross an allocator size class and change the bytes per key by ~10 %.
+            let run =
+                run_pipeline(options.clone(), &format!("{name}_{}_{pair}", &side[..4])).await?;
             comparison.ok &= run.correctness.ok;
             if !run.correctness.ok {
                 eprintln!(
@@ -95,6 +108,16 @@ pub async fn run(
         }
     }
     Ok(comparison)
+}
+
+/// The two builds in the order pair `pair` (counted from 1) runs them: the baseline first in
+/// odd pairs, second in even ones.
+fn run_order(pair: usize) -> [&'static str; 2] {
+    if pair % 2 == 1 {
+        ["baseline", "candidate"]
+    } else {
+        ["candidate", "baseline"]
+    }
 }
 
 impl Comparison {
@@ -120,7 +143,7 @@ impl Comparison {
     /// The table: each figure's values per pair, and the ratio's median and range.
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "| Figure ({} pairs, baseline → candidate per pair) | Values | Candidate / baseline: median (range) |\n|---|---|---|\n",
+            "| Figure ({} pairs, baseline → candidate per pair; the baseline ran first in odd pairs) | Values | Candidate / baseline: median (range) |\n|---|---|---|\n",
             self.pairs
         );
         for f in &self.figures {
@@ -189,5 +212,21 @@ mod tests {
         );
         c.ok = false;
         assert!(c.markdown().contains("proves nothing"));
+    }
+
+    /// Each build runs first in every other pair, so over an even number of pairs what a run
+    /// leaves for the next falls on both builds equally.
+    #[test]
+    fn the_order_within_a_pair_alternates() {
+        let orders: Vec<_> = (1..=4).map(run_order).collect();
+        assert_eq!(
+            orders,
+            [
+                ["baseline", "candidate"],
+                ["candidate", "baseline"],
+                ["baseline", "candidate"],
+                ["candidate", "baseline"],
+            ]
+        );
     }
 }

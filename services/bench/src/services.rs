@@ -128,6 +128,27 @@ impl Isolation {
     }
 }
 
+/// Asks PostgreSQL to write every dirty page now (`CHECKPOINT`). Only a superuser or a member
+/// of `pg_checkpoint` may; otherwise the run goes on and says what it may then include.
+pub async fn checkpoint(backends: &Backends) {
+    let url = format!("{}/{}", backends.postgres, backends.database);
+    let done = async {
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await?;
+        sqlx::query("CHECKPOINT").execute(&db).await?;
+        db.close().await;
+        Ok::<_, sqlx::Error>(())
+    };
+    if let Err(e) = done.await {
+        eprintln!(
+            "warning: CHECKPOINT before the run failed ({e}); PostgreSQL's CPU in this run may \
+             include writing what an earlier one left (grant pg_checkpoint to the benchmark's user)"
+        );
+    }
+}
+
 /// Creates the tables in the isolation's schema with `dedup-worker migrate`.
 pub async fn migrate(worker: &Path, backends: &Backends, iso: &Isolation) -> anyhow::Result<()> {
     let mut migrate = Command::new(worker);
