@@ -48,6 +48,14 @@ async fn publish_to(env: &TestEnv, shard: u16, events: &[Value]) {
     }
 }
 
+/// Deletes one of the test's queues; `what` says which when the broker refuses.
+async fn delete_queue(channel: &lapin::Channel, queue: &str, what: &str) {
+    channel
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 /// Waits for `rows` rows and an empty queue; no key may be stored twice.
 async fn settle(env: &TestEnv, rows: i64) {
     env.settle(rows, WAIT).await;
@@ -169,13 +177,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
     let mut env = TestEnv::new("deliverylimit").await;
     // The test's queue, declared again with a delivery limit of 2.
     let channel = env.amqp.create_channel().await.expect("channel");
-    channel
-        .queue_delete(
-            env.topology.queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .expect("delete the queue");
+    delete_queue(&channel, env.topology.queue.as_str(), "delete the queue").await;
     env.topology.delivery_limit = 2;
     env.declare().await;
     env.publish_raw(
@@ -268,13 +270,7 @@ async fn one_broken_shard_queue_stops_only_its_own_session() {
     // try until the classic queue is declared first.
     let mut channel = env.amqp.create_channel().await.expect("channel");
     for attempt in 1.. {
-        channel
-            .queue_delete(
-                broken.as_str().into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await
-            .expect("delete shard 1's queue");
+        delete_queue(&channel, broken.as_str(), "delete shard 1's queue").await;
         let classic = channel
             .queue_declare(
                 broken.as_str().into(),
@@ -306,13 +302,7 @@ async fn one_broken_shard_queue_stops_only_its_own_session() {
     // Shard 0's session survives shard 1's queue being wrong, even when it has to start
     // again: its queue deleted (empty), the session ends and declares only its own queue.
     let shard0 = env.topology.queue.clone();
-    channel
-        .queue_delete(
-            shard0.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .expect("delete shard 0's queue");
+    delete_queue(&channel, shard0.as_str(), "delete shard 0's queue").await;
     eventually(WAIT, "shard 0 declared and consumed again", || async {
         (consumers(&env, &shard0).await == Some(1)).then_some(())
     })
@@ -326,13 +316,7 @@ async fn one_broken_shard_queue_stops_only_its_own_session() {
     assert!(ready().is_err(), "still not ready while shard 1 is broken");
 
     // The operator removes the wrong queue: the worker declares it as it should be.
-    channel
-        .queue_delete(
-            broken.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .expect("delete the classic queue");
+    delete_queue(&channel, broken.as_str(), "delete the classic queue").await;
     eventually(WAIT, "the worker consuming both shards again", || async {
         ready().ok()
     })
