@@ -6,6 +6,8 @@
 //!
 //! - [`env`]: [`TestEnv`], the isolated slice of PostgreSQL, Redis and RabbitMQ.
 //! - [`proxy`]: [`Proxy`], a cuttable TCP proxy.
+//! - [`rabbitmq_cluster`], [`redis_cluster`]: three-node clusters of their own, for what a
+//!   cluster changes.
 //! - [`client`]: one HTTP/1.1 request; a broker URL through a proxy.
 //! - [`process`]: the real binaries as child processes, for tests that are clients.
 //! - [`otlp`]: a real OTLP/HTTP trace receiver the binaries export to.
@@ -17,6 +19,7 @@ pub mod events;
 pub mod otlp;
 pub mod process;
 pub mod proxy;
+pub mod rabbitmq_cluster;
 pub mod redis_cluster;
 pub mod tls;
 

@@ -1,0 +1,271 @@
+//! A RabbitMQ cluster of its own: three nodes of the machine's RabbitMQ (Debian's package) on
+//! free loopback ports, in a temporary directory with its own Erlang cookie, joined with
+//! `rabbitmqctl join_cluster`; killed and removed on drop. For tests of what a cluster
+//! changes: where quorum queues' leaders live, and a node lost under load.
+//!
+//! The nodes are configured as the docs tell users to configure theirs for queue shards:
+//! `queue_leader_locator = balanced`, so each new queue's leader goes to the node that leads
+//! the fewest.
+//!
+//! Every method blocks (it runs `rabbitmqctl`): call it from `spawn_blocking` or
+//! `block_in_place` inside a test's runtime.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's package keeps the server and CLI scripts that run as the calling user (the
+/// ones on PATH switch to the `rabbitmq` user, whose cookie is not this cluster's).
+const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+/// The RabbitMQ CLI tools' own distribution ports: a node must not take one.
+const CLI_PORTS: std::ops::RangeInclusive<u16> = 35_672..=35_682;
+/// How long one node may take to boot, or to restart its application after joining.
+const BOOT: Duration = Duration::from_secs(90);
+
+/// A running three-node RabbitMQ cluster.
+pub struct RabbitCluster {
+    /// The nodes' AMQP ports, node 0 first.
+    pub ports: Vec<u16>,
+    /// The nodes' Erlang names (`<name>@localhost`).
+    pub nodes: Vec<String>,
+    children: Vec<Option<Child>>,
+    dir: PathBuf,
+}
+
+/// A free loopback port outside the CLI tools' range.
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        if !CLI_PORTS.contains(&port) {
+            return port;
+        }
+    }
+}
+
+impl RabbitCluster {
+    /// Boots three nodes, joins nodes 1 and 2 to node 0 and waits until all three run and
+    /// accept AMQP connections (a few minutes at most; about 20 s on two cores).
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "runs before the test's runtime needs it, from plain blocking code"
+    )]
+    pub fn start(name: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        let server = PathBuf::from(RABBITMQ_BIN).join("rabbitmq-server");
+        assert!(
+            server.exists(),
+            "{} is missing: install Debian's rabbitmq-server package",
+            server.display()
+        );
+        let tag: String = name
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(16)
+            .collect();
+        let dir = std::env::temp_dir().join(format!(
+            "dedup-rabbitmq-cluster-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        // The CLI and the nodes find the cookie in $HOME; it must be private to its owner.
+        let cookie = dir.join(".erlang.cookie");
+        std::fs::write(&cookie, format!("dedup{tag}{}", std::process::id())).expect("cookie");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
+                .expect("cookie mode");
+        }
+        let mut cluster = Self {
+            ports: Vec::new(),
+            nodes: Vec::new(),
+            children: Vec::new(),
+            dir: dir.clone(),
+        };
+        for i in 0..3 {
+            let (port, dist) = (free_port(), free_port());
+            let node = format!("dedup_{tag}_{}_{i}@localhost", std::process::id());
+            let node_dir = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node directory");
+            std::fs::write(
+                node_dir.join("rabbitmq.conf"),
+                format!(
+                    "listeners.tcp.default = 127.0.0.1:{port}\n\
+                     queue_leader_locator = balanced\n"
+                ),
+            )
+            .expect("node config");
+            let log = std::fs::File::create(node_dir.join("server.log")).expect("log");
+            let child = Command::new(&server)
+                .current_dir(&node_dir)
+                .env("HOME", &dir)
+                .env("RABBITMQ_NODENAME", &node)
+                .env("RABBITMQ_NODE_PORT", port.to_string())
+                .env("RABBITMQ_DIST_PORT", dist.to_string())
+                .env("RABBITMQ_CONFIG_FILE", node_dir.join("rabbitmq.conf"))
+                .env("RABBITMQ_MNESIA_BASE", node_dir.join("mnesia"))
+                .env("RABBITMQ_LOG_BASE", node_dir.join("log"))
+                // A file that does not exist: no plugins.
+                .env(
+                    "RABBITMQ_ENABLED_PLUGINS_FILE",
+                    node_dir.join("enabled_plugins"),
+                )
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("rabbitmq-server starts");
+            cluster.ports.push(port);
+            cluster.nodes.push(node);
+            cluster.children.push(Some(child));
+        }
+        for i in 0..3 {
+            cluster.await_amqp(i);
+        }
+        for i in 1..3 {
+            let node = cluster.nodes[i].clone();
+            cluster.ctl_ok(&node, &["stop_app"]);
+            cluster.ctl_ok(&node, &["join_cluster", &cluster.nodes[0].clone()]);
+            cluster.ctl_ok(&node, &["start_app"]);
+            cluster.await_amqp(i);
+        }
+        let running = cluster.running_nodes(0);
+        assert_eq!(
+            running.len(),
+            3,
+            "the cluster has {running:?} running, not all of {:?}",
+            cluster.nodes
+        );
+        cluster
+    }
+
+    /// The AMQP URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.ports[i])
+    }
+
+    /// Which node each quorum queue's leader is on, asked of live node `via`.
+    pub fn leaders(&self, via: usize) -> HashMap<String, String> {
+        let out = self.ctl_ok(
+            &self.nodes[via],
+            &["list_queues", "name", "leader", "--formatter", "json"],
+        );
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).expect("list_queues prints JSON");
+        rows.iter()
+            .filter_map(|row| {
+                Some((
+                    row["name"].as_str()?.to_owned(),
+                    row["leader"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The index of node `name`.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} is not a node of this cluster ({:?})", self.nodes))
+    }
+
+    /// The nodes node `via` sees running.
+    pub fn running_nodes(&self, via: usize) -> Vec<String> {
+        let out = self.ctl_ok(&self.nodes[via], &["cluster_status", "--formatter", "json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("cluster_status prints JSON");
+        status["running_nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter_map(|n| Some(n.as_str()?.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs node `i` (its whole process group), as a crashed machine.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            kill_group(&mut child);
+        }
+    }
+
+    /// Waits until node `i` accepts TCP connections on its AMQP port, which it opens last.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "called from start, plain blocking code"
+    )]
+    fn await_amqp(&self, i: usize) {
+        let deadline = Instant::now() + BOOT;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+        while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "RabbitMQ node {} did not open port {} within {BOOT:?}: {}",
+                self.nodes[i],
+                self.ports[i],
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `rabbitmqctl -n node args…` with this cluster's cookie; panics with its output
+    /// and the node's log when it fails.
+    fn ctl_ok(&self, node: &str, args: &[&str]) -> Output {
+        let out = Command::new(PathBuf::from(RABBITMQ_BIN).join("rabbitmqctl"))
+            .env("HOME", &self.dir)
+            .args(["-n", node, "-q"])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {node} {args:?} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.nodes
+                .iter()
+                .position(|n| n == node)
+                .map(|i| self.log(i))
+                .unwrap_or_default()
+        );
+        out
+    }
+
+    /// The end of node `i`'s console output.
+    fn log(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("n{i}")).join("server.log"))
+            .unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text.get(start..).unwrap_or(&text).to_owned()
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.wait();
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for mut child in self.children.iter_mut().filter_map(Option::take) {
+            kill_group(&mut child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
