@@ -122,7 +122,9 @@ pub async fn run_pipeline(mut opts: RunOptions, name: &str) -> anyhow::Result<Ru
     iso.create(&opts.backends).await?;
     // Dirty pages an earlier run (or its dropped schema) left would be written by
     // PostgreSQL's checkpointer during this run and counted in its CPU: write them first.
-    services::checkpoint(&opts.backends).await;
+    if let Err(warning) = services::checkpoint(&opts.backends).await {
+        eprintln!("warning: {warning}");
+    }
     let result = run_isolated(&mut opts, &iso).await;
     if !opts.keep {
         iso.remove(&opts.backends).await;

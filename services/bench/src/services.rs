@@ -129,24 +129,25 @@ impl Isolation {
 }
 
 /// Asks PostgreSQL to write every dirty page now (`CHECKPOINT`). Only a superuser or a member
-/// of `pg_checkpoint` may; otherwise the run goes on and says what it may then include.
-pub async fn checkpoint(backends: &Backends) {
+/// of `pg_checkpoint` may; otherwise the run goes on, and the error says what the run's
+/// PostgreSQL figures may then include and how to allow it.
+pub async fn checkpoint(backends: &Backends) -> Result<(), String> {
     let url = format!("{}/{}", backends.postgres, backends.database);
     let done = async {
         let db = PgPoolOptions::new()
             .max_connections(1)
             .connect(&url)
             .await?;
-        sqlx::query("CHECKPOINT").execute(&db).await?;
+        let result = sqlx::query("CHECKPOINT").execute(&db).await;
         db.close().await;
-        Ok::<_, sqlx::Error>(())
+        result.map(drop)
     };
-    if let Err(e) = done.await {
-        eprintln!(
-            "warning: CHECKPOINT before the run failed ({e}); PostgreSQL's CPU in this run may \
-             include writing what an earlier one left (grant pg_checkpoint to the benchmark's user)"
-        );
-    }
+    done.await.map_err(|e: sqlx::Error| {
+        format!(
+            "CHECKPOINT before the run failed ({e}); PostgreSQL's CPU in this run may include \
+             writing what an earlier one left (grant pg_checkpoint to the benchmark's user)"
+        )
+    })
 }
 
 /// Creates the tables in the isolation's schema with `dedup-worker migrate`.
@@ -652,5 +653,59 @@ mod tests {
                 "no {name} process in /proc: the local services must be running (scripts/ensure-services.sh)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    fn backends_as(user: &str) -> Backends {
+        Backends {
+            postgres: format!("postgres://{user}@127.0.0.1:5432"),
+            database: "test".into(),
+            rabbitmq: String::new(),
+            rabbitmq_management: String::new(),
+            redis: String::new(),
+        }
+    }
+
+    /// Role statements from the test itself (the role's name is made here, not input).
+    async fn admin_sql(admin: &sqlx::PgPool, sql: String, what: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(admin)
+            .await
+            .expect(what);
+    }
+
+    /// The run's CHECKPOINT against the real server: done as a superuser; refused to a role
+    /// without `pg_checkpoint` with a message that says what to grant; and that grant is
+    /// enough.
+    #[tokio::test]
+    async fn checkpoint_refused_says_what_to_grant_and_the_grant_is_enough() {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(test_support::env::POSTGRES_URL)
+            .await
+            .expect("PostgreSQL is not running: start it with scripts/ensure-services.sh");
+        let role = format!("dedup_bench_plain_{}", std::process::id());
+        admin_sql(&admin, format!("DROP ROLE IF EXISTS {role}"), "drop role").await;
+        admin_sql(&admin, format!("CREATE ROLE {role} LOGIN"), "create role").await;
+
+        let as_superuser = checkpoint(&backends_as("postgres")).await;
+        let refused = checkpoint(&backends_as(&role)).await;
+        admin_sql(&admin, format!("GRANT pg_checkpoint TO {role}"), "grant").await;
+        let granted = checkpoint(&backends_as(&role)).await;
+        admin_sql(&admin, format!("DROP ROLE {role}"), "drop role").await;
+
+        assert_eq!(as_superuser, Ok(()));
+        let warning = refused.expect_err("a role without pg_checkpoint may not CHECKPOINT");
+        assert!(
+            warning.starts_with("CHECKPOINT before the run failed")
+                && warning.contains("must be superuser")
+                && warning.contains("grant pg_checkpoint to the benchmark's user"),
+            "{warning}"
+        );
+        assert_eq!(granted, Ok(()));
     }
 }
