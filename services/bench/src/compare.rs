@@ -155,10 +155,9 @@ impl Comparison {
                 .collect();
             let mut ratios: Vec<f64> = f.ratios().into_iter().filter(|r| r.is_finite()).collect();
             ratios.sort_by(f64::total_cmp);
-            let summary = match (ratios.first(), ratios.last()) {
-                (Some(low), Some(high)) => format!(
-                    "**{:.3}** ({low:.3}–{high:.3}){}",
-                    ratios[ratios.len() / 2],
+            let summary = match (ratios.first(), ratios.last(), median_ratio(&ratios)) {
+                (Some(low), Some(high), Some(median)) => format!(
+                    "**{median:.3}** ({low:.3}–{high:.3}){}",
                     if f.lower_is_better {
                         ", lower is better"
                     } else {
@@ -173,6 +172,18 @@ impl Comparison {
             md += "\n**A run failed its correctness check: the comparison proves nothing.**\n";
         }
         md
+    }
+}
+
+/// The median of sorted ratios; with an even count, the geometric mean of the middle two.
+/// With the order alternating, a run that gains from going second puts half the pairs above
+/// the true ratio and half below it: the upper middle alone would be one of the biased halves.
+fn median_ratio(sorted: &[f64]) -> Option<f64> {
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[mid]),
+        _ => Some((sorted[mid - 1] * sorted[mid]).sqrt()),
     }
 }
 
@@ -212,6 +223,28 @@ mod tests {
         );
         c.ok = false;
         assert!(c.markdown().contains("proves nothing"));
+    }
+
+    /// Four pairs where going second is worth ×0.8 on a true ratio of 1.0: the ratios are
+    /// 0.8, 1.25, 0.8, 1.25 (+ noise). The median is the middle two's geometric mean, ~1.0,
+    /// not the upper middle (1.25).
+    #[test]
+    fn an_even_number_of_pairs_has_the_middle_twos_median() {
+        let c = Comparison {
+            pairs: 4,
+            figures: vec![Figure {
+                name: "CPU µs/event, whole box",
+                lower_is_better: true,
+                baseline: vec![100.0, 80.0, 100.0, 80.0],
+                candidate: vec![80.0, 100.0, 81.0, 101.0],
+            }],
+            ok: true,
+        };
+        let md = c.markdown();
+        assert!(md.contains("**1.006** (0.800–1.262)"), "{md}");
+        assert_eq!(median_ratio(&[]), None);
+        assert_eq!(median_ratio(&[0.5, 0.7, 2.0]), Some(0.7));
+        assert_eq!(median_ratio(&[0.5, 2.0]), Some(1.0));
     }
 
     /// Each build runs first in every other pair, so over an even number of pairs what a run
