@@ -79,9 +79,12 @@ pub struct Topology {
     /// each consumed by every worker: past one queue leader's message rate. ingest and the
     /// workers must agree on it. Lowering it leaves the queues past the new count unconsumed:
     /// let them drain first.
-    #[arg(long, env = "AMQP_QUEUE_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "AMQP_QUEUE_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_SHARDS)))]
     pub shards: u16,
 }
+
+/// The most shards a queue may be split into (`AMQP_QUEUE_SHARDS`, the resource's `shards`).
+pub const MAX_SHARDS: u16 = 1024;
 
 /// The queue of shard `shard` of `queue`: the queue's own name for shard 0 (so one shard is the
 /// plain queue, and going to more keeps it consumed), else `<queue>.<shard>`. The one place the

@@ -43,7 +43,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dedup_event::KeySpec;
 use dedup_runtime::admin::{self, Readiness};
-use dedup_runtime::queue_depth::{DepthReader, vhost_of};
+use dedup_runtime::queue_depth::{DepthError, DepthReader, vhost_of};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::Config;
@@ -294,10 +294,10 @@ async fn maintain_partitions(processor: &Processor) -> Result<(), error::Error> 
 
 /// Reads the depth of the main queue (every shard) and the dead-letter queue every
 /// `queue_depth_interval` into the `dedup_queue_messages` gauges, until `stop`. Failures are
-/// logged once, not fatal. The shard just past AMQP_QUEUE_SHARDS is read too where it exists:
-/// no worker consumes it (the count was lowered before it drained, or ingest splits the queue
-/// into more shards than the workers), so its messages are stranded; its gauge puts it in
-/// front of the backlog alert, and the worker says what to do.
+/// logged once, not fatal. The shards past AMQP_QUEUE_SHARDS are read too while they exist:
+/// no worker consumes them (the count was lowered before they drained, or ingest splits the
+/// queue into more shards than the workers), so their messages are stranded; their gauges put
+/// them in front of the backlog alert, and the worker says what to do.
 async fn report_queue_depth(config: Config, metrics: Metrics, stop: CancellationToken) {
     let reader = match config.tls.client_config().map(|tls| {
         DepthReader::with_tls(
@@ -323,8 +323,8 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
         gauge("ready").set(i64::try_from(depth.ready).unwrap_or(i64::MAX));
         gauge("unacked").set(i64::try_from(depth.unacked).unwrap_or(i64::MAX));
     };
-    let beyond = topology.shard_queue(topology.shards);
-    let (mut failing, mut stranded) = (false, false);
+    let mut beyond = Beyond::default();
+    let mut failing = false;
     loop {
         for queue in &topology.all_queues() {
             match reader.read(&vhost, queue).await {
@@ -341,25 +341,69 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
                 Err(_) => {}
             }
         }
-        // Mostly absent (an error, ignored); where it exists, reported.
-        if let Ok(depth) = reader.read(&vhost, &beyond).await {
-            set(&beyond, &depth);
-            if depth.total() > 0 && !std::mem::replace(&mut stranded, true) {
+        beyond.read(&reader, &vhost, topology, &metrics, &set).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(config.queue_depth_interval) => {}
+        }
+    }
+}
+
+/// The shard queues past AMQP_QUEUE_SHARDS that exist, as last read.
+#[derive(Default)]
+struct Beyond {
+    /// Each one's name, and whether its stranded messages were already logged.
+    queues: Vec<(String, bool)>,
+}
+
+impl Beyond {
+    /// Reads the shards from AMQP_QUEUE_SHARDS on, up to the first that does not exist (they
+    /// are numbered without gaps, so that is where they end): mostly one read that finds
+    /// nothing. Each is gauged and, when it holds messages, logged once until it empties. The
+    /// gauges of queues gone since are removed, so an alert does not fire on a deleted queue.
+    async fn read(
+        &mut self,
+        reader: &DepthReader,
+        vhost: &str,
+        topology: &dedup_message::topology::Topology,
+        metrics: &Metrics,
+        set: &impl Fn(&str, &dedup_runtime::queue_depth::QueueDepth),
+    ) {
+        let mut found = Vec::new();
+        for shard in topology.shards..dedup_message::topology::MAX_SHARDS {
+            let queue = topology.shard_queue(shard);
+            // Not found ends the shards; any other failure ends this round's reading, and
+            // what was found before stays as it was.
+            let depth = match reader.read(vhost, &queue).await {
+                Ok(depth) => depth,
+                Err(DepthError::NoSuchQueue { .. }) => break,
+                Err(_) => return,
+            };
+            set(&queue, &depth);
+            let logged = self.queues.iter().any(|(q, logged)| *q == queue && *logged);
+            let stranded = depth.total() > 0;
+            if stranded && !logged {
                 tracing::error!(
-                    queue = %beyond,
+                    %queue,
                     messages = depth.total(),
                     shards = topology.shards,
                     "A queue past AMQP_QUEUE_SHARDS holds messages no worker consumes: give ingest \
                      and the workers the same AMQP_QUEUE_SHARDS, or raise it until that queue drains."
                 );
-            } else if depth.total() == 0 {
-                stranded = false;
+            }
+            found.push((queue, stranded));
+        }
+        for (gone, _) in self
+            .queues
+            .iter()
+            .filter(|(q, _)| !found.iter().any(|(f, _)| f == q))
+        {
+            for state in ["ready", "unacked"] {
+                // Absent already is fine: nothing to remove.
+                let _ = metrics.queue_messages.remove_label_values(&[gone, state]);
             }
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(config.queue_depth_interval) => {}
-        }
+        self.queues = found;
     }
 }
 

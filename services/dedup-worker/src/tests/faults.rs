@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::support::{WorkerUnderTest, worker_config};
+use super::support::{WorkerUnderTest, delete_queue, worker_config};
 use chrono::Utc;
 use dedup_message::message;
 use futures::StreamExt;
@@ -46,14 +46,6 @@ async fn publish_to(env: &TestEnv, shard: u16, events: &[Value]) {
         let properties = message::Envelope::properties(Utc::now(), 1);
         env.publish_raw_to(shard, &body, properties).await;
     }
-}
-
-/// Deletes one of the test's queues; `what` says which when the broker refuses.
-async fn delete_queue(channel: &lapin::Channel, queue: &str, what: &str) {
-    channel
-        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 /// Waits for `rows` rows and an empty queue; no key may be stored twice.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::support::{WorkerUnderTest, worker_config};
+use super::support::{WorkerUnderTest, delete_queue, worker_config};
 use chrono::Utc;
 use dedup_message::message;
 use dedup_runtime::queue_depth::{DepthError, DepthReader, vhost_of};
@@ -141,22 +141,26 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
     worker.stop().await.expect("clean stop");
 }
 
-/// A shard past the worker's AMQP_QUEUE_SHARDS that holds messages (ingest splitting the queue
-/// into more shards than the workers consume) is not consumed, and is reported: its gauge
-/// shows the stranded messages, for the backlog alert.
+/// The shards past the worker's AMQP_QUEUE_SHARDS that hold messages (ingest splitting the
+/// queue into more shards than the workers consume, or the count lowered before they drained)
+/// are not consumed, and are reported, every one of them: their gauges show the stranded
+/// messages, for the backlog alert. A stranded queue deleted since loses its gauges, so the
+/// alert does not go on firing for it.
 #[tokio::test]
-async fn a_shard_past_the_workers_count_is_reported_not_consumed() {
+async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
     let mut env = TestEnv::new("stranded").await;
-    // ingest's view: two shards, so both queues exist; two events on the second.
-    env.topology.shards = 2;
+    // ingest's view: three shards, so all three queues exist; events on the second and third.
+    env.topology.shards = 3;
     env.declare().await;
-    for i in 0..2 {
-        env.publish_raw_to(
-            1,
-            &ndjson(&[event(&format!("s-{i}"))]),
-            message::Envelope::properties(Utc::now(), 1),
-        )
-        .await;
+    for (shard, events) in [(1, 2), (2, 3)] {
+        for i in 0..events {
+            env.publish_raw_to(
+                shard,
+                &ndjson(&[event(&format!("s{shard}-{i}"))]),
+                message::Envelope::properties(Utc::now(), 1),
+            )
+            .await;
+        }
     }
     // The worker's view: one shard.
     let mut config = worker_config(&env);
@@ -164,18 +168,46 @@ async fn a_shard_past_the_workers_count_is_reported_not_consumed() {
     config.queue_depth_interval = Duration::from_millis(300);
     let worker = WorkerUnderTest::start(config, None).await;
     let registry = worker.worker.metrics().registry.clone();
-    let stranded = env.topology.shard_queue(1);
+    let (first, second) = (env.topology.shard_queue(1), env.topology.shard_queue(2));
     eventually(
         Duration::from_secs(30),
-        "the stranded shard's gauge",
-        || async { (gauge(&registry, &stranded, "ready") == Some(2.0)).then_some(()) },
+        "both stranded shards' gauges",
+        || async {
+            (gauge(&registry, &first, "ready") == Some(2.0)
+                && gauge(&registry, &second, "ready") == Some(3.0))
+            .then_some(())
+        },
     )
     .await;
     assert_eq!(
+        gauge(&registry, &env.topology.shard_queue(3), "ready"),
+        None,
+        "no gauge for a shard that does not exist"
+    );
+    assert_eq!(
         env.stored_rows().await,
         0,
-        "nothing consumed from the stranded shard"
+        "nothing consumed from the stranded shards"
     );
-    assert_eq!(env.ready_messages(&stranded).await, 2);
+    assert_eq!(env.ready_messages(&first).await, 2);
+    assert_eq!(env.ready_messages(&second).await, 3);
+
+    let channel = env.amqp.create_channel().await.expect("channel");
+    delete_queue(&channel, &second, "delete shard 2's queue").await;
+    eventually(
+        Duration::from_secs(30),
+        "the deleted shard's gauges to go",
+        || async {
+            (gauge(&registry, &second, "ready").is_none()
+                && gauge(&registry, &second, "unacked").is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        gauge(&registry, &first, "ready"),
+        Some(2.0),
+        "the shard still there is still reported"
+    );
     worker.stop().await.expect("clean stop");
 }

@@ -89,3 +89,11 @@ async fn migrate_once(worker: &Worker) {
         .await
         .expect("migrations apply to the test schema");
 }
+
+/// Deletes one of the test's queues; `what` says which when the broker refuses.
+pub async fn delete_queue(channel: &lapin::Channel, queue: &str, what: &str) {
+    channel
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
