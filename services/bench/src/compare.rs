@@ -140,10 +140,12 @@ impl Comparison {
         }
     }
 
-    /// The table: each figure's values per pair, and the ratio's median and range.
+    /// The table: each figure's values per pair, and the ratio's median, range and geometric
+    /// mean over every pair (with an even number of pairs, each build first in half of them,
+    /// the order's effect cancels in it).
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "| Figure ({} pairs, baseline → candidate per pair; the baseline ran first in odd pairs) | Values | Candidate / baseline: median (range) |\n|---|---|---|\n",
+            "| Figure ({} pairs, baseline → candidate per pair; the baseline ran first in odd pairs) | Values | Candidate / baseline: median (range); geometric mean |\n|---|---|---|\n",
             self.pairs
         );
         for f in &self.figures {
@@ -157,7 +159,8 @@ impl Comparison {
             ratios.sort_by(f64::total_cmp);
             let summary = match (ratios.first(), ratios.last(), median_ratio(&ratios)) {
                 (Some(low), Some(high), Some(median)) => format!(
-                    "**{median:.3}** ({low:.3}–{high:.3}){}",
+                    "**{median:.3}** ({low:.3}–{high:.3}); {:.3}{}",
+                    geometric_mean(&ratios),
                     if f.lower_is_better {
                         ", lower is better"
                     } else {
@@ -185,6 +188,12 @@ fn median_ratio(sorted: &[f64]) -> Option<f64> {
         n if n % 2 == 1 => Some(sorted[mid]),
         _ => Some((sorted[mid - 1] * sorted[mid]).sqrt()),
     }
+}
+
+/// The geometric mean of positive ratios (the mean of their logarithms): ×2 and ×0.5 average
+/// to ×1.
+fn geometric_mean(ratios: &[f64]) -> f64 {
+    (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp()
 }
 
 fn short(value: f64) -> String {
@@ -218,7 +227,7 @@ mod tests {
         assert_eq!(c.figures[0].ratios(), [0.5, 0.6, 0.5]);
         let md = c.markdown();
         assert!(
-            md.contains("| CPU µs/event, ingest | 40.0 → 20.0, 50.0 → 30.0, 44.0 → 22.0 | **0.500** (0.500–0.600), lower is better |"),
+            md.contains("| CPU µs/event, ingest | 40.0 → 20.0, 50.0 → 30.0, 44.0 → 22.0 | **0.500** (0.500–0.600); 0.531, lower is better |"),
             "{md}"
         );
         c.ok = false;
@@ -227,7 +236,7 @@ mod tests {
 
     /// Four pairs where going second is worth ×0.8 on a true ratio of 1.0: the ratios are
     /// 0.8, 1.25, 0.8, 1.25 (+ noise). The median is the middle two's geometric mean, ~1.0,
-    /// not the upper middle (1.25).
+    /// not the upper middle (1.25); so is the geometric mean of all four.
     #[test]
     fn an_even_number_of_pairs_has_the_middle_twos_median() {
         let c = Comparison {
@@ -241,7 +250,8 @@ mod tests {
             ok: true,
         };
         let md = c.markdown();
-        assert!(md.contains("**1.006** (0.800–1.262)"), "{md}");
+        assert!(md.contains("**1.006** (0.800–1.262); 1.006"), "{md}");
+        assert!((geometric_mean(&[2.0, 0.5]) - 1.0).abs() < 1e-12);
         assert_eq!(median_ratio(&[]), None);
         assert_eq!(median_ratio(&[0.5, 0.7, 2.0]), Some(0.7));
         assert_eq!(median_ratio(&[0.5, 2.0]), Some(1.0));
