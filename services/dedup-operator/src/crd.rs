@@ -276,7 +276,7 @@ pub struct DedupSettings {
     /// `<queue>.1` …), each consumed by every worker; the workers are scaled on their sum.
     /// Lower it only once the queues past the new count are empty.
     #[serde(default = "default_queue_shards")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = dedup_message::topology::MAX_SHARDS))]
     pub queue_shards: u16,
 }
 
