@@ -33,6 +33,16 @@ impl QueueDepth {
     }
 }
 
+/// Where a quorum queue lives: the node leading it and the nodes holding its replicas (the
+/// leader among them). Both are empty for a queue of another type.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct Placement {
+    #[serde(default)]
+    pub leader: Option<String>,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
 /// Why the depth could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DepthError {
@@ -61,6 +71,8 @@ struct QueueInfo {
     messages_unacknowledged: u64,
     #[serde(default)]
     message_stats: Option<MessageStats>,
+    #[serde(flatten)]
+    placement: Placement,
 }
 
 #[derive(Deserialize)]
@@ -156,8 +168,17 @@ impl DepthReader {
 
     /// The depth of `queue` in `vhost`.
     pub async fn read(&self, vhost: &str, queue: &str) -> Result<QueueDepth, DepthError> {
+        Ok(self.read_placed(vhost, queue).await?.0)
+    }
+
+    /// The depth of `queue` in `vhost`, and where it lives.
+    pub async fn read_placed(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<(QueueDepth, Placement), DepthError> {
         let uri = format!(
-            "{}/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged,message_stats.publish_details.rate",
+            "{}/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged,message_stats.publish_details.rate,leader,members",
             self.base,
             utf8_percent_encode(vhost, NON_ALPHANUMERIC),
             utf8_percent_encode(queue, NON_ALPHANUMERIC)
@@ -193,14 +214,15 @@ impl DepthReader {
         }
         let info: QueueInfo =
             serde_json::from_slice(&body).map_err(|e| DepthError::Decode(e.to_string()))?;
-        Ok(QueueDepth {
+        let depth = QueueDepth {
             ready: info.messages_ready,
             unacked: info.messages_unacknowledged,
             publish_rate: info
                 .message_stats
                 .and_then(|s| s.publish_details)
                 .map_or(0.0, |d| d.rate),
-        })
+        };
+        Ok((depth, info.placement))
     }
 
     /// The depths of `queues` added up (messages and publish rates), read all at once: the

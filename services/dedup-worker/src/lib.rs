@@ -43,7 +43,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dedup_event::KeySpec;
 use dedup_runtime::admin::{self, Readiness};
-use dedup_runtime::queue_depth::{DepthError, DepthReader, vhost_of};
+use dedup_runtime::queue_depth::{DepthError, DepthReader, Placement, vhost_of};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::Config;
@@ -325,14 +325,20 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     };
     let mut beyond = Beyond::default();
     let mut failing = false;
+    let mut together: Option<String> = None;
     loop {
+        let shards = topology.queues();
+        let mut placements = Vec::with_capacity(shards.len());
         for queue in &topology.all_queues() {
-            match reader.read(&vhost, queue).await {
-                Ok(depth) => {
+            match reader.read_placed(&vhost, queue).await {
+                Ok((depth, placement)) => {
                     if std::mem::take(&mut failing) {
                         tracing::info!("Reading the queue depth again.");
                     }
                     set(queue, &depth);
+                    if shards.contains(queue) {
+                        placements.push(placement);
+                    }
                 }
                 Err(e) if !failing => {
                     failing = true;
@@ -341,12 +347,51 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
                 Err(_) => {}
             }
         }
+        // Judged only on a round that read every shard.
+        if placements.len() == shards.len() {
+            let now = leaders_together(&placements).map(str::to_owned);
+            if now != together {
+                match &now {
+                    Some(node) => tracing::warn!(
+                        %node,
+                        shards = shards.len(),
+                        "Every shard queue's leader is on one node, so that node does all the \
+                         queues' work and the shards gain nothing. Set queue_leader_locator = \
+                         balanced in rabbitmq.conf and run `rabbitmq-queues rebalance quorum`."
+                    ),
+                    None => tracing::info!("The shard queues' leaders are on several nodes now."),
+                }
+                metrics
+                    .shard_leaders_on_one_node
+                    .set(i64::from(now.is_some()));
+                together = now;
+            }
+        }
         beyond.read(&reader, &vhost, topology, &metrics, &set).await;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.queue_depth_interval) => {}
         }
     }
+}
+
+/// The node leading every one of two or more quorum queues, when their replicas span more
+/// than one node: RabbitMQ's default locator puts a new queue's leader on the declaring client's
+/// node, so shards declared through one connection all land there. `None` for one queue, a
+/// single-node broker, leaders on several nodes, or queues without leaders (classic queues).
+fn leaders_together(placements: &[Placement]) -> Option<&str> {
+    let [first, rest @ ..] = placements else {
+        return None;
+    };
+    let leader = first.leader.as_deref()?;
+    let same = rest.iter().all(|p| p.leader.as_deref() == Some(leader));
+    let mut nodes: Vec<&str> = placements
+        .iter()
+        .flat_map(|p| p.members.iter().map(String::as_str))
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    (!rest.is_empty() && same && nodes.len() > 1).then_some(leader)
 }
 
 /// The shard queues past AMQP_QUEUE_SHARDS that exist, as last read.

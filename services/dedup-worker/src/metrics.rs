@@ -41,6 +41,8 @@ pub struct Metrics {
     pub partitions: IntCounterVec,
     /// Ready and unacknowledged messages per queue, read from the broker.
     pub queue_messages: IntGaugeVec,
+    /// 1 while every shard queue's leader is on one node of a cluster.
+    pub shard_leaders_on_one_node: IntGauge,
 }
 
 impl Metrics {
@@ -133,6 +135,13 @@ impl Metrics {
                 &["queue", "state"],
             )
             .expect("valid metric"),
+            shard_leaders_on_one_node: IntGauge::new(
+                "dedup_queue_shard_leaders_on_one_node",
+                "1 while all the shard queues (AMQP_QUEUE_SHARDS of 2 or more) have their leader \
+                 on one node although their replicas span several: that node does every shard's \
+                 work.",
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.consumed.clone()),
@@ -149,6 +158,7 @@ impl Metrics {
             Box::new(m.stalled.clone()),
             Box::new(m.partitions.clone()),
             Box::new(m.queue_messages.clone()),
+            Box::new(m.shard_leaders_on_one_node.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

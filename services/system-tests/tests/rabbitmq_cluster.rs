@@ -161,3 +161,66 @@ async fn shards_spread_over_cluster_nodes_and_a_lost_leader_loses_nothing() {
          leaders before: {shard_leaders:?}; {victim_queue} now led by {new_leader}"
     );
 }
+
+/// With RabbitMQ's default locator, shards declared through one node all have their leader
+/// there: the worker says so (gauge and log) while it lasts, and stops once
+/// `rabbitmq-queues rebalance quorum` has spread them, as its message tells the user to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reports_shard_leaders_all_on_one_node_until_they_are_rebalanced() {
+    let cluster =
+        tokio::task::spawn_blocking(|| RabbitCluster::start_with_default_locator("onenode"))
+            .await
+            .expect("the cluster starts");
+    let env = TestEnv::new("rmqonenode").await;
+    let queues: Vec<String> = dedup_message::topology::shard_queues(&env.topology.queue, SHARDS);
+
+    // The worker declares the shards through node 0 and reads them through node 1's
+    // management API.
+    let worker = Launch::worker(&env)
+        .set("RABBITMQ_URL", cluster.url(0))
+        .set("RABBITMQ_MANAGEMENT_URL", cluster.management_url(1))
+        .set("AMQP_QUEUE_SHARDS", SHARDS)
+        .set("QUEUE_DEPTH_INTERVAL", "200ms")
+        .start()
+        .await;
+    let leaders = tokio::task::block_in_place(|| cluster.leaders(0));
+    let led_by: BTreeSet<&String> = queues.iter().filter_map(|q| leaders.get(q)).collect();
+    assert_eq!(
+        led_by.into_iter().collect::<Vec<_>>(),
+        vec![&cluster.nodes[0]],
+        "every shard led by the declaring node: {leaders:?}"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the worker reports the leaders on one node",
+        || async {
+            (worker.metric("dedup_queue_shard_leaders_on_one_node").await == 1.0).then_some(())
+        },
+    )
+    .await;
+    // Its depth gauges came through node 1 too: one pair per shard and the dead letters.
+    assert_eq!(
+        worker
+            .metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("dedup_queue_messages{") && l.contains("state=\"ready\""))
+            .count(),
+        queues.len() + 1,
+        "a ready gauge for each shard and the dead-letter queue"
+    );
+
+    tokio::task::block_in_place(|| cluster.rebalance(0));
+    let leaders = tokio::task::block_in_place(|| cluster.leaders(0));
+    let led_by: BTreeSet<&String> = queues.iter().filter_map(|q| leaders.get(q)).collect();
+    assert!(led_by.len() > 1, "rebalanced over the nodes: {leaders:?}");
+    eventually(
+        Duration::from_secs(30),
+        "the worker no longer reports the leaders on one node",
+        || async {
+            (worker.metric("dedup_queue_shard_leaders_on_one_node").await == 0.0).then_some(())
+        },
+    )
+    .await;
+    assert!(worker.stop().await, "the worker stops cleanly");
+}

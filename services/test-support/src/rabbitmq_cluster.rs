@@ -3,9 +3,10 @@
 //! `rabbitmqctl join_cluster`; killed and removed on drop. For tests of what a cluster
 //! changes: where quorum queues' leaders live, and a node lost under load.
 //!
-//! The nodes are configured as the docs tell users to configure theirs for queue shards:
-//! `queue_leader_locator = balanced`, so each new queue's leader goes to the node that leads
-//! the fewest.
+//! [`RabbitCluster::start`] configures the nodes as the docs tell users to configure theirs
+//! for queue shards: `queue_leader_locator = balanced`, so each new queue's leader goes to the
+//! node that leads the fewest. [`RabbitCluster::start_with_default_locator`] leaves RabbitMQ's
+//! default, which puts it on the declaring client's node. Every node runs the management plugin.
 //!
 //! Every method blocks (it runs `rabbitmqctl`): call it from `spawn_blocking` or
 //! `block_in_place` inside a test's runtime.
@@ -28,6 +29,8 @@ const BOOT: Duration = Duration::from_secs(90);
 pub struct RabbitCluster {
     /// The nodes' AMQP ports, node 0 first.
     pub ports: Vec<u16>,
+    /// The nodes' management API ports.
+    pub management_ports: Vec<u16>,
     /// The nodes' Erlang names (`<name>@localhost`).
     pub nodes: Vec<String>,
     children: Vec<Option<Child>>,
@@ -50,11 +53,21 @@ fn free_port() -> u16 {
 impl RabbitCluster {
     /// Boots three nodes, joins nodes 1 and 2 to node 0 and waits until all three run and
     /// accept AMQP connections (a few minutes at most; about 20 s on two cores).
+    pub fn start(name: &str) -> Self {
+        Self::boot(name, "balanced")
+    }
+
+    /// Like [`start`](Self::start), with RabbitMQ's default `queue_leader_locator`
+    /// (`client-local`).
+    pub fn start_with_default_locator(name: &str) -> Self {
+        Self::boot(name, "client-local")
+    }
+
     #[allow(
         clippy::disallowed_methods,
         reason = "runs before the test's runtime needs it, from plain blocking code"
     )]
-    pub fn start(name: &str) -> Self {
+    fn boot(name: &str, locator: &str) -> Self {
         use std::os::unix::process::CommandExt;
         let server = PathBuf::from(RABBITMQ_BIN).join("rabbitmq-server");
         assert!(
@@ -83,12 +96,13 @@ impl RabbitCluster {
         }
         let mut cluster = Self {
             ports: Vec::new(),
+            management_ports: Vec::new(),
             nodes: Vec::new(),
             children: Vec::new(),
             dir: dir.clone(),
         };
         for i in 0..3 {
-            let (port, dist) = (free_port(), free_port());
+            let (port, dist, management) = (free_port(), free_port(), free_port());
             let node = format!("dedup_{tag}_{}_{i}@localhost", std::process::id());
             let node_dir = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).expect("node directory");
@@ -96,10 +110,14 @@ impl RabbitCluster {
                 node_dir.join("rabbitmq.conf"),
                 format!(
                     "listeners.tcp.default = 127.0.0.1:{port}\n\
-                     queue_leader_locator = balanced\n"
+                     management.tcp.ip = 127.0.0.1\n\
+                     management.tcp.port = {management}\n\
+                     queue_leader_locator = {locator}\n"
                 ),
             )
             .expect("node config");
+            std::fs::write(node_dir.join("enabled_plugins"), "[rabbitmq_management].\n")
+                .expect("node plugins");
             let log = std::fs::File::create(node_dir.join("server.log")).expect("log");
             let child = Command::new(&server)
                 .current_dir(&node_dir)
@@ -110,7 +128,6 @@ impl RabbitCluster {
                 .env("RABBITMQ_CONFIG_FILE", node_dir.join("rabbitmq.conf"))
                 .env("RABBITMQ_MNESIA_BASE", node_dir.join("mnesia"))
                 .env("RABBITMQ_LOG_BASE", node_dir.join("log"))
-                // A file that does not exist: no plugins.
                 .env(
                     "RABBITMQ_ENABLED_PLUGINS_FILE",
                     node_dir.join("enabled_plugins"),
@@ -122,6 +139,7 @@ impl RabbitCluster {
                 .spawn()
                 .expect("rabbitmq-server starts");
             cluster.ports.push(port);
+            cluster.management_ports.push(management);
             cluster.nodes.push(node);
             cluster.children.push(Some(child));
         }
@@ -148,6 +166,21 @@ impl RabbitCluster {
     /// The AMQP URL of node `i`.
     pub fn url(&self, i: usize) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.ports[i])
+    }
+
+    /// The management API URL of node `i`.
+    pub fn management_url(&self, i: usize) -> String {
+        format!("http://guest:guest@127.0.0.1:{}", self.management_ports[i])
+    }
+
+    /// Moves quorum queues' leaders so each node leads about as many
+    /// (`rabbitmq-queues rebalance quorum`, through node `via`).
+    pub fn rebalance(&self, via: usize) {
+        self.cli_ok(
+            "rabbitmq-queues",
+            &self.nodes[via],
+            &["rebalance", "quorum"],
+        );
     }
 
     /// Which node each quorum queue's leader is on, asked of live node `via`.
@@ -222,7 +255,13 @@ impl RabbitCluster {
     /// Runs `rabbitmqctl -n node args…` with this cluster's cookie; panics with its output
     /// and the node's log when it fails.
     fn ctl_ok(&self, node: &str, args: &[&str]) -> Output {
-        let out = Command::new(PathBuf::from(RABBITMQ_BIN).join("rabbitmqctl"))
+        self.cli_ok("rabbitmqctl", node, args)
+    }
+
+    /// Runs the CLI tool `tool -n node args…` with this cluster's cookie; panics with its
+    /// output and the node's log when it fails.
+    fn cli_ok(&self, tool: &str, node: &str, args: &[&str]) -> Output {
+        let out = Command::new(PathBuf::from(RABBITMQ_BIN).join(tool))
             .env("HOME", &self.dir)
             .args(["-n", node, "-q"])
             .args(args)
@@ -230,7 +269,7 @@ impl RabbitCluster {
             .expect("rabbitmqctl runs");
         assert!(
             out.status.success(),
-            "rabbitmqctl -n {node} {args:?} failed: {}{}\n{}",
+            "{tool} -n {node} {args:?} failed: {}{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             self.nodes

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::support::{WorkerUnderTest, delete_queue, worker_config};
 use chrono::Utc;
 use dedup_message::message;
-use dedup_runtime::queue_depth::{DepthError, DepthReader, vhost_of};
+use dedup_runtime::queue_depth::{DepthError, DepthReader, Placement, vhost_of};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -210,4 +210,87 @@ async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
         "the shard still there is still reported"
     );
     worker.stop().await.expect("clean stop");
+}
+
+/// Where each shard's leader is, as the real broker reports it: one node leads and holds them
+/// all, which on a single-node broker is no warning.
+#[tokio::test]
+async fn the_shards_placement_is_read_and_one_node_alone_is_no_warning() {
+    let mut env = TestEnv::new("placement").await;
+    env.topology.shards = 2;
+    env.declare().await;
+    let reader = DepthReader::new(MANAGEMENT, Duration::from_secs(5)).expect("reader");
+    let vhost = vhost_of(RABBITMQ_URL);
+    let mut placements = Vec::new();
+    for queue in env.topology.queues() {
+        let (_, placement) = reader.read_placed(&vhost, &queue).await.expect("read");
+        let leader = placement
+            .leader
+            .clone()
+            .expect("a quorum queue has a leader");
+        assert_eq!(
+            placement.members,
+            vec![leader],
+            "{queue}: one member, its leader"
+        );
+        placements.push(placement);
+    }
+    assert_eq!(crate::leaders_together(&placements), None);
+
+    let mut config = worker_config(&env);
+    config.amqp.topology.shards = 2;
+    config.queue_depth_interval = Duration::from_millis(300);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let registry = worker.worker.metrics().registry.clone();
+    let queue = env.topology.shard_queue(1);
+    eventually(Duration::from_secs(30), "shard 1's gauge", || async {
+        gauge(&registry, &queue, "ready").map(|_| ())
+    })
+    .await;
+    let together = registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == "dedup_queue_shard_leaders_on_one_node")
+        .map(|f| f.get_metric()[0].get_gauge().get_value());
+    assert_eq!(together, Some(0.0));
+    worker.stop().await.expect("clean stop");
+}
+
+/// The judgement itself: two or more queues, every leader on one node, replicas on several.
+#[test]
+fn leaders_together_needs_several_queues_one_leader_and_several_nodes() {
+    let placed = |leader: Option<&str>, members: &[&str]| Placement {
+        leader: leader.map(str::to_owned),
+        members: members.iter().map(|m| (*m).to_owned()).collect(),
+    };
+    let cluster = ["a", "b", "c"];
+    let on_a = placed(Some("a"), &cluster);
+    let on_b = placed(Some("b"), &cluster);
+    assert_eq!(
+        crate::leaders_together(&[on_a.clone(), on_a.clone(), on_a.clone()]),
+        Some("a")
+    );
+    assert_eq!(
+        crate::leaders_together(&[on_a.clone(), on_b, on_a.clone()]),
+        None
+    );
+    assert_eq!(
+        crate::leaders_together(std::slice::from_ref(&on_a)),
+        None,
+        "one queue"
+    );
+    assert_eq!(crate::leaders_together(&[]), None);
+    let alone = placed(Some("a"), &["a"]);
+    assert_eq!(
+        crate::leaders_together(&[alone.clone(), alone]),
+        None,
+        "a single-node broker"
+    );
+    let classic = placed(None, &[]);
+    assert_eq!(crate::leaders_together(&[classic.clone(), classic]), None);
+    assert_eq!(
+        crate::leaders_together(&[on_a, placed(None, &[])]),
+        None,
+        "a queue without a leader"
+    );
 }
