@@ -6,15 +6,24 @@
 //! (SIGTERM) releases the Lease; one that dies stops renewing it, and a standby takes it once
 //! it expires. A leader that finds it lost the Lease stops at once (the process exits and
 //! Kubernetes restarts it as a standby), as client-go's leader election does.
+//!
+//! A leader that cannot renew also stops, before its Lease can expire: it reads the Lease
+//! every quarter of the renew margin, and once the last renewal it saw is older than the
+//! Lease's duration less half the margin, it stops (client-go's renew deadline). So a leader
+//! cut off from the API server does not work on while a standby takes the Lease and starts
+//! working too, provided the nodes' clocks differ by less than a quarter of the margin.
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use prometheus::IntGauge;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How the operator elects its leader.
@@ -36,7 +45,8 @@ pub struct LeaderArgs {
     /// replaced within this time.
     #[arg(long, env = "LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
     pub lease_duration: Duration,
-    /// The leader renews this long before the Lease would expire; also the clock skew between
+    /// The leader renews this long before the Lease would expire, and stops working half of it
+    /// before expiry if no renewal got through; a quarter of it is the clock skew between
     /// nodes the election tolerates.
     #[arg(long, env = "LEASE_RENEW_MARGIN", value_parser = humantime::parse_duration, default_value = "5s")]
     pub lease_renew_margin: Duration,
@@ -51,6 +61,9 @@ pub enum Term {
     Stopped,
     /// Another replica holds the Lease now: the work was stopped mid-way.
     Lost,
+    /// The Lease was not renewed in time (the API server unreachable or refusing): the work
+    /// was stopped before the Lease could expire.
+    NotRenewed,
 }
 
 /// Waits for the Lease, runs `work` while holding it, releases it after. `stop` ends the wait
@@ -72,14 +85,21 @@ where
     } else {
         args.lease_namespace.clone()
     };
-    let mut builder = LeaseManagerBuilder::new(client, &args.lease_name)
+    let identity = if args.identity.is_empty() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!("dedup-operator-{}-{nanos}", std::process::id())
+    } else {
+        args.identity.clone()
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
         .with_namespace(&namespace)
         .with_duration(duration)
-        .with_grace(margin);
-    if !args.identity.is_empty() {
-        builder = builder.with_identity(&args.identity);
-    }
-    let manager = builder.build().await.with_context(|| {
+        .with_grace(margin)
+        .with_identity(&identity);
+    let manager = manager.build().await.with_context(|| {
         format!(
             "cannot read or create the Lease {namespace}/{}: the operator needs get, create and \
              patch on leases (coordination.k8s.io) in {namespace} (k8s/rbac.yaml), or run it \
@@ -93,27 +113,92 @@ where
         () = stop.cancelled() => false,
         changed = leading.wait_for(|leader| *leader) => changed.is_ok(),
     };
-    let term = if acquired {
+    let (term, fenced) = if acquired {
         tracing::info!("Leading: this replica runs the controllers.");
         leading_gauge.set(1);
-        let term = tokio::select! {
-            () = work => Term::Finished,
-            _ = leading.wait_for(|leader| !*leader) => Term::Lost,
+        let fence = Fence {
+            leases: &leases,
+            name: &args.lease_name,
+            identity: &identity,
+            duration: Duration::from_secs(duration),
+            margin: Duration::from_secs(margin),
+        };
+        let (term, fenced) = tokio::select! {
+            () = work => (Term::Finished, false),
+            _ = leading.wait_for(|leader| !*leader) => (Term::Lost, false),
+            term = fence.watch() => (term, true),
         };
         leading_gauge.set(0);
-        term
+        (term, fenced)
     } else {
-        Term::Stopped
+        (Term::Stopped, false)
     };
-    // Closing the channel makes the manager release the Lease (if held) and return.
-    drop(leading);
-    match task.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "Could not release the Lease; it expires."),
-        Err(e) => tracing::warn!(error = %e, "The Lease task failed; the Lease expires."),
+    if fenced {
+        // The manager still believes it holds the Lease: releasing would clear another
+        // holder's, or wait on an API server that does not answer. The Lease expires.
+        task.abort();
+    } else {
+        // Closing the channel makes the manager release the Lease (if held) and return.
+        drop(leading);
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Could not release the Lease; it expires."),
+            Err(e) => tracing::warn!(error = %e, "The Lease task failed; the Lease expires."),
+        }
     }
-    if term == Term::Lost {
-        tracing::error!("Lost the Lease to another replica: stopping.");
+    match term {
+        Term::Lost => tracing::error!("Lost the Lease to another replica: stopping."),
+        Term::NotRenewed => tracing::error!(
+            "Could not renew the Lease in time: stopping before it expires, so that a standby \
+             can take over. Check this pod's access to the Kubernetes API server."
+        ),
+        Term::Finished | Term::Stopped => {}
     }
     Ok(term)
+}
+
+/// Stops a leader whose Lease renewals have not been seen in time.
+struct Fence<'a> {
+    leases: &'a Api<Lease>,
+    name: &'a str,
+    identity: &'a str,
+    duration: Duration,
+    margin: Duration,
+}
+
+impl Fence<'_> {
+    /// Returns when the leader must stop: another holder ([`Term::Lost`]), or no renewal seen
+    /// by half the margin before the Lease would expire ([`Term::NotRenewed`]). Runs while
+    /// leading. The manager renews a whole margin before expiry, so a renewal that succeeds is
+    /// seen in time; the last read, at the deadline, ends by a quarter margin before expiry.
+    async fn watch(&self) -> Term {
+        let every = (self.margin / 4).max(Duration::from_millis(100));
+        let valid_for = self.duration.saturating_sub(self.margin / 2);
+        // Leading began with a renewal just now.
+        let mut deadline = Instant::now() + valid_for;
+        loop {
+            tokio::time::sleep_until(deadline.min(Instant::now() + every)).await;
+            match tokio::time::timeout(every, self.leases.get(self.name)).await {
+                Ok(Ok(lease)) => {
+                    let spec = lease.spec.unwrap_or_default();
+                    if spec.holder_identity.as_deref() != Some(self.identity) {
+                        return Term::Lost;
+                    }
+                    // The renewal time is this replica's own clock: its manager wrote it.
+                    if let Some(renewed) = spec.renew_time {
+                        let age = Timestamp::now()
+                            .duration_since(renewed.0)
+                            .try_into()
+                            .unwrap_or_default();
+                        deadline = Instant::now() + valid_for.saturating_sub(age);
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "Cannot read the Lease."),
+                Err(_) => tracing::warn!("Reading the Lease timed out."),
+            }
+            if Instant::now() >= deadline {
+                return Term::NotRenewed;
+            }
+        }
+    }
 }

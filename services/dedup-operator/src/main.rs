@@ -178,12 +178,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     stop.cancel();
     let _ = admin_task.await;
-    if term == Term::Lost {
-        anyhow::bail!(
+    match term {
+        Term::Lost => anyhow::bail!(
             "another replica took the Lease {:?}: exiting so that only one operator scales the \
              workers (Kubernetes restarts this one as a standby)",
             args.leader.lease_name
-        );
+        ),
+        Term::NotRenewed => anyhow::bail!(
+            "could not renew the Lease {:?} within LEASE_DURATION less LEASE_RENEW_MARGIN: \
+             exiting before it expires, so that a standby can take over (Kubernetes restarts \
+             this one as a standby); check this pod's access to the API server",
+            args.leader.lease_name
+        ),
+        Term::Finished | Term::Stopped => {}
     }
     tracing::info!("dedup-operator stopped.");
     Ok(())

@@ -114,6 +114,12 @@ async fn patch_lease(
 }
 
 async fn fake_api() -> (Shared, kube::Client) {
+    let (fake, addr) = fake_server().await;
+    (fake, client_at(&format!("http://{addr}")))
+}
+
+/// The fake API server and its address.
+async fn fake_server() -> (Shared, std::net::SocketAddr) {
     let fake: Shared = Arc::default();
     let app = Router::new()
         .route(
@@ -128,10 +134,17 @@ async fn fake_api() -> (Shared, kube::Client) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("test setup");
-    let url = format!("http://{}", listener.local_addr().expect("test setup"));
+    let addr = listener.local_addr().expect("test setup");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let config = kube::Config::new(url.parse().expect("test setup"));
-    (fake, kube::Client::try_from(config).expect("test setup"))
+    (fake, addr)
+}
+
+fn client_at(url: &str) -> kube::Client {
+    let mut config = kube::Config::new(url.parse().expect("test setup"));
+    // A cut connection fails fast, as against a real API server that went away.
+    config.connect_timeout = Some(Duration::from_millis(500));
+    config.read_timeout = Some(Duration::from_secs(1));
+    kube::Client::try_from(config).expect("test setup")
 }
 
 fn args(identity: &str) -> LeaderArgs {
@@ -161,8 +174,9 @@ fn candidate(client: &kube::Client, identity: &str, working: &Arc<AtomicUsize>) 
         async move {
             let others = working.fetch_add(1, Ordering::SeqCst);
             assert_eq!(others, 0, "two candidates work at once");
+            // Counted out when the work ends or is dropped (its leader stopped it).
+            let _working = Working(working);
             stop.cancelled().await;
-            working.fetch_sub(1, Ordering::SeqCst);
         }
     };
     let task = tokio::spawn({
@@ -171,6 +185,14 @@ fn candidate(client: &kube::Client, identity: &str, working: &Arc<AtomicUsize>) 
         async move { leader::lead(client, &args, &gauge, stop, work).await }
     });
     Candidate { gauge, stop, task }
+}
+
+struct Working(Arc<AtomicUsize>);
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn wait_leading(c: &Candidate, within: Duration) -> bool {
@@ -251,8 +273,7 @@ async fn a_dead_leader_is_replaced_after_the_lease_expires() {
     let a = first_leader(&client, &fake, &working).await;
     a.task.abort();
     let _ = a.task.await;
-    // Its work died with it.
-    working.store(0, Ordering::SeqCst);
+    assert_eq!(working.load(Ordering::SeqCst), 0, "its work died with it");
     let b = candidate(&client, "operator-b", &working);
     assert!(
         wait_leading(&b, Duration::from_secs(8)).await,
@@ -288,6 +309,65 @@ async fn a_leader_that_lost_the_lease_stops_working() {
     assert_eq!(term, Term::Lost);
     assert_eq!(a.gauge.get(), 0);
     assert_eq!(holder(&fake).as_deref(), Some("operator-z"));
+}
+
+/// A leader cut off from the API server (its renewals fail) stops working before its Lease
+/// can expire, so the standby that takes the Lease after expiry never works beside it; the
+/// work counter panics on any overlap. Hanging instead of refusing (a dead router) ends the
+/// same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
+    for hang in [false, true] {
+        let (fake, addr) = fake_server().await;
+        let client = client_at(&format!("http://{addr}"));
+        let proxy = test_support::proxy::Proxy::start(addr).await;
+        let through_proxy = client_at(&format!("http://{}", proxy.addr()));
+        let working = Arc::new(AtomicUsize::new(0));
+        let a = first_leader(&through_proxy, &fake, &working).await;
+        let b = candidate(&client, "operator-b", &working);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(holder(&fake).as_deref(), Some("operator-a"), "a renews");
+
+        if hang {
+            proxy.hang();
+        } else {
+            proxy.cut();
+        }
+        // Nothing of a's reaches the API now: this was its last renewal.
+        let expiry = renew_time(&fake) + chrono::Duration::seconds(2);
+        let term = tokio::time::timeout(Duration::from_secs(5), a.task)
+            .await
+            .expect("a kept working though it could not renew")
+            .expect("the candidate's task panicked")
+            .expect("lead failed");
+        let stopped_at = chrono::Utc::now();
+        assert_eq!(term, Term::NotRenewed, "hang: {hang}");
+        assert_eq!(a.gauge.get(), 0);
+        // It stopped before the Lease it last renewed expired (duration 2 s).
+        assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
+        assert!(
+            stopped_at < expiry,
+            "a stopped at {stopped_at}, after its Lease expired at {expiry} (hang: {hang})"
+        );
+        // The standby takes over once the Lease expires.
+        assert!(
+            wait_leading(&b, Duration::from_secs(8)).await,
+            "b never took over (hang: {hang})"
+        );
+        assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
+        assert_eq!(stop(b).await, Term::Finished);
+    }
+}
+
+fn renew_time(fake: &Shared) -> chrono::DateTime<chrono::Utc> {
+    let fake = fake.lock().expect("test setup");
+    let text = fake.lease.as_ref().expect("a Lease")["spec"]["renewTime"]
+        .as_str()
+        .expect("a renewTime")
+        .to_owned();
+    chrono::DateTime::parse_from_rfc3339(&text)
+        .expect("an RFC 3339 renewTime")
+        .to_utc()
 }
 
 /// Without the RBAC for Leases the operator stops at once and says what it needs.
