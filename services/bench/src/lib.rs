@@ -93,6 +93,8 @@ pub struct RunOptions {
     pub workers: usize,
     /// Queues the events are spread over (1 unless `--queue-shards`).
     pub queue_shards: u16,
+    /// Rows in today's partition before the load (0 unless `--prefill-rows`).
+    pub prefill_rows: u64,
     pub quiet: bool,
     /// Connections sending hostile requests beside the load (0: none).
     pub hostile_connections: usize,
@@ -142,6 +144,9 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         &opts.ingest_env,
     )
     .await?;
+    if opts.prefill_rows > 0 {
+        services::prefill(&opts.backends, iso, opts.prefill_rows).await?;
+    }
     opts.load.addr = processes.ingest_addr;
     opts.load.write_key = processes.write_key.clone();
     let workload = Arc::new(Workload::new(
@@ -192,9 +197,12 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let servers_cpu = services::ServerSnapshot::take().since(&servers_before);
     let ingest_usage = services::usage(processes.ingest.id());
     let worker_usage = processes.workers_usage();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM product_events")
-        .fetch_one(&db)
-        .await?;
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM product_events WHERE {}",
+        services::not_prefilled()
+    )))
+    .fetch_one(&db)
+    .await?;
     let rows = rows as u64;
     stop_progress.cancel();
     let samples = progress.await.context("progress task")?;
@@ -205,9 +213,11 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     }
     let latency_breakdown = latency_breakdown(&processes, opts.load.batch, &outcome).await;
     // The workload gives every unique event its own `r`.
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT r FROM product_events GROUP BY r HAVING count(*) > 1) t",
-    )
+    let twice: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM (SELECT r FROM product_events WHERE {} GROUP BY r \
+         HAVING count(*) > 1) t",
+        services::not_prefilled()
+    )))
     .fetch_one(&db)
     .await?;
     db.close().await;
@@ -234,6 +244,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         connections: opts.load.connections,
         workers: opts.workers,
         queue_shards: opts.queue_shards.max(1),
+        prefill_rows: opts.prefill_rows,
         consumed_per_worker,
         batch: opts.load.batch,
         duration_s: secs,

@@ -166,6 +166,8 @@ pub struct RunFigures {
     pub workers: usize,
     /// Queues the events were spread over.
     pub queue_shards: u16,
+    /// Rows in today's partition before the load.
+    pub prefill_rows: u64,
     /// Events each worker process consumed (how the queue split them).
     pub consumed_per_worker: Vec<u64>,
     pub batch: usize,
@@ -382,7 +384,7 @@ impl Report {
         let c = &run.correctness;
         md += &format!(
             "| Figure | Value |\n|---|---|\n\
-             | Load | {} , {} connections, {} event(s)/request, {:.0} s, {} worker process(es), {} queue(s) |\n\
+             | Load | {} , {} connections, {} event(s)/request, {:.0} s, {} worker process(es), {} queue(s), table prefilled with {} rows |\n\
              | Requests/s accepted | {:.0} ({:.0}× the original's {:.0}) |\n\
              | Events/s accepted | {:.0} |\n\
              | Latency p50 / p90 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms |\n\
@@ -403,6 +405,7 @@ impl Report {
             run.duration_s,
             run.workers,
             run.queue_shards,
+            run.prefill_rows,
             run.requests_per_s,
             run.requests_per_s / ORIGINAL_REQUESTS_PER_S,
             ORIGINAL_REQUESTS_PER_S,
@@ -620,6 +623,7 @@ dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"+Inf\"} 20
             connections: 8,
             workers: 1,
             queue_shards: 1,
+            prefill_rows: 0,
             consumed_per_worker: vec![1500],
             batch: 1,
             duration_s: 10.0,
