@@ -45,9 +45,9 @@ pub struct LeaderArgs {
     /// replaced within this time.
     #[arg(long, env = "LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
     pub lease_duration: Duration,
-    /// The leader renews this long before the Lease would expire, and stops working half of it
-    /// before expiry if no renewal got through; a quarter of it is the clock skew between
-    /// nodes the election tolerates.
+    /// The leader renews this long before the Lease would expire; if no renewal got through,
+    /// it stops working at least a quarter of this before expiry. That quarter is the clock
+    /// skew between nodes the election tolerates.
     #[arg(long, env = "LEASE_RENEW_MARGIN", value_parser = humantime::parse_duration, default_value = "5s")]
     pub lease_renew_margin: Duration,
 }
