@@ -183,21 +183,13 @@ async fn a_worker_reports_shard_leaders_all_on_one_node_until_they_are_rebalance
         .set("QUEUE_DEPTH_INTERVAL", "200ms")
         .start()
         .await;
-    let leaders = tokio::task::block_in_place(|| cluster.leaders(0));
-    let led_by: BTreeSet<&String> = queues.iter().filter_map(|q| leaders.get(q)).collect();
+    let led_by = shard_leader_nodes(&cluster, &queues);
     assert_eq!(
-        led_by.into_iter().collect::<Vec<_>>(),
+        led_by.iter().collect::<Vec<_>>(),
         vec![&cluster.nodes[0]],
-        "every shard led by the declaring node: {leaders:?}"
+        "every shard led by the declaring node"
     );
-    eventually(
-        Duration::from_secs(30),
-        "the worker reports the leaders on one node",
-        || async {
-            (worker.metric("dedup_queue_shard_leaders_on_one_node").await == 1.0).then_some(())
-        },
-    )
-    .await;
+    leaders_on_one_node_reported(&worker, true).await;
     // Its depth gauges came through node 1 too: one pair per shard and the dead letters.
     assert_eq!(
         worker
@@ -211,16 +203,35 @@ async fn a_worker_reports_shard_leaders_all_on_one_node_until_they_are_rebalance
     );
 
     tokio::task::block_in_place(|| cluster.rebalance(0));
+    let led_by = shard_leader_nodes(&cluster, &queues);
+    assert!(led_by.len() > 1, "rebalanced over the nodes: {led_by:?}");
+    leaders_on_one_node_reported(&worker, false).await;
+    assert!(worker.stop().await, "the worker stops cleanly");
+}
+
+/// The nodes leading `queues`, asked of node 0.
+fn shard_leader_nodes(cluster: &RabbitCluster, queues: &[String]) -> BTreeSet<String> {
     let leaders = tokio::task::block_in_place(|| cluster.leaders(0));
-    let led_by: BTreeSet<&String> = queues.iter().filter_map(|q| leaders.get(q)).collect();
-    assert!(led_by.len() > 1, "rebalanced over the nodes: {leaders:?}");
+    queues
+        .iter()
+        .map(|q| {
+            leaders
+                .get(q)
+                .unwrap_or_else(|| panic!("{q} is not a quorum queue: {leaders:?}"))
+                .clone()
+        })
+        .collect()
+}
+
+/// Waits until the worker's gauge says the shard leaders are (or are not) all on one node.
+async fn leaders_on_one_node_reported(worker: &Service, together: bool) {
+    let want = f64::from(u8::from(together));
     eventually(
         Duration::from_secs(30),
-        "the worker no longer reports the leaders on one node",
+        &format!("the worker's dedup_queue_shard_leaders_on_one_node to be {want}"),
         || async {
-            (worker.metric("dedup_queue_shard_leaders_on_one_node").await == 0.0).then_some(())
+            (worker.metric("dedup_queue_shard_leaders_on_one_node").await == want).then_some(())
         },
     )
     .await;
-    assert!(worker.stop().await, "the worker stops cleanly");
 }
