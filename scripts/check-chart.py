@@ -65,7 +65,9 @@ value_sets = {
         "priorityClassName": "high", "redis": {"resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
         "monitoring": {"labels": {"release": "kps"}, "annotations": {"team": "data"},
         "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}, "serviceMonitors": {"enabled": True}}},
-    "storage class, existing claim": {"postgresql": {"existingClaim": "pg-data"}, "redis": {"storageClass": "fast"}},
+    "storage class, existing claim": {"postgresql": {"existingClaim": "pg-data",
+                                                     "settings": {"shared_buffers": "512MB", "wal_compression": None}},
+                                      "redis": {"storageClass": "fast"}},
     "existing credentials and URLs": {"credentials": {"existingSecret": "vault-creds"}, "connections": {"existingSecret": "vault-urls"}},
     "keda autoscaling, extra settings": {"pipeline": {
         "worker": {"minReplicas": 0, "settings": {"BATCH_SIZE": "500", "RETENTION": "30d"},
@@ -103,6 +105,39 @@ target_dir = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 operator_bin = os.path.join(target_dir, "debug", "dedup-operator")
 if not os.path.exists(operator_bin):
     subprocess.run(["cargo", "build", "-q", "--locked", "-p", "dedup-operator"], cwd=ROOT, check=True)
+
+
+def check_postgres_takes(args):
+    """Starts nothing: asks the machine's PostgreSQL server binary (`postgres -C`, on a scratch
+    data directory) to read each `-c name=value` of `args`, so a name or value it does not take
+    fails here instead of in a cluster's crash-looping pod."""
+    import glob
+    import pwd
+    import shutil
+    import tempfile
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not bins:
+        check(False, "no PostgreSQL server binary under /usr/lib/postgresql: install postgresql")
+        return
+    postgres, initdb = bins[-1], os.path.join(os.path.dirname(bins[-1]), "initdb")
+    # The server refuses to run as root: run it as the postgres user where this is root.
+    as_user = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]
+    scratch = tempfile.mkdtemp(prefix="dedup-pg-settings-")
+    try:
+        if as_user:
+            user = pwd.getpwnam("postgres")
+            os.chown(scratch, user.pw_uid, user.pw_gid)
+        data = os.path.join(scratch, "data")
+        subprocess.run(as_user + [initdb, "-D", data, "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True)
+        for name_value in args[1::2]:
+            name, value = name_value.split("=", 1)
+            done = subprocess.run(as_user + [postgres, "-D", data, "-c", name_value, "-C", name],
+                                  capture_output=True, text=True)
+            check(done.returncode == 0 and done.stdout.strip() != "",
+                  f"postgresql.settings: PostgreSQL ({postgres}) does not take {name_value}: {done.stderr.strip()}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def operator_objects(pipeline):
@@ -250,6 +285,9 @@ for label, values in value_sets.items():
     if label == "storage class, existing claim":
         sts = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "StatefulSet"}
         pg = sts["rel-dedup-postgresql"]
+        args = pg["template"]["spec"]["containers"][0].get("args")
+        check(args == ["-c", "checkpoint_timeout=15min", "-c", "max_wal_size=2GB", "-c", "shared_buffers=512MB"],
+              f"postgresql.settings: a setting added and a default dropped with null, got {args}")
         check("volumeClaimTemplates" not in pg and {"name": "data", "persistentVolumeClaim": {"claimName": "pg-data"}} in pg["template"]["spec"]["volumes"],
               "existingClaim: PostgreSQL uses the given claim and makes none")
         check(sts["rel-dedup-redis"]["volumeClaimTemplates"][0]["spec"].get("storageClassName") == "fast"
@@ -328,6 +366,11 @@ for label, values in value_sets.items():
               f"defaults: a NetworkPolicy for each bundled service, got {policies}")
         sts = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
         check(sts == {"rel-dedup-rabbitmq", "rel-dedup-redis", "rel-dedup-postgresql"}, f"defaults: bundled services expected, got {sts}")
+        pg = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "rel-dedup-postgresql")
+        pg_args = pg["spec"]["template"]["spec"]["containers"][0].get("args")
+        check(pg_args == ["-c", "checkpoint_timeout=15min", "-c", "max_wal_size=2GB", "-c", "wal_compression=lz4"],
+              f"defaults: the bundled PostgreSQL's settings, got {pg_args}")
+        check_postgres_takes(pg_args)
         urls = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-urls"))["stringData"]
         creds = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-credentials"))["data"]
         import base64
