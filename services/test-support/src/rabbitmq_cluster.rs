@@ -37,17 +37,22 @@ pub struct RabbitCluster {
     dir: PathBuf,
 }
 
-/// A free loopback port outside the CLI tools' range.
-fn free_port() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+/// Held while a cluster boots: between choosing its free ports and its nodes listening on
+/// them, a second cluster booting in the same test process could choose the same ones.
+static BOOTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `n` distinct free loopback ports outside the CLI tools' range: each stays bound until all
+/// are chosen, so none is chosen twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    while held.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = listener.local_addr().expect("a bound port").port();
         if !CLI_PORTS.contains(&port) {
-            return port;
+            held.push((port, listener));
         }
     }
+    held.into_iter().map(|(port, _)| port).collect()
 }
 
 impl RabbitCluster {
@@ -69,6 +74,7 @@ impl RabbitCluster {
     )]
     fn boot(name: &str, locator: &str) -> Self {
         use std::os::unix::process::CommandExt;
+        let _booting = BOOTING.lock().unwrap_or_else(|e| e.into_inner());
         let server = PathBuf::from(RABBITMQ_BIN).join("rabbitmq-server");
         assert!(
             server.exists(),
@@ -101,8 +107,9 @@ impl RabbitCluster {
             children: Vec::new(),
             dir: dir.clone(),
         };
-        for i in 0..3 {
-            let (port, dist, management) = (free_port(), free_port(), free_port());
+        let ports = free_ports(9);
+        for (i, node_ports) in ports.chunks_exact(3).enumerate() {
+            let (port, dist, management) = (node_ports[0], node_ports[1], node_ports[2]);
             let node = format!("dedup_{tag}_{}_{i}@localhost", std::process::id());
             let node_dir = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).expect("node directory");
