@@ -147,14 +147,20 @@ fn client_at(url: &str) -> kube::Client {
     kube::Client::try_from(config).expect("test setup")
 }
 
+/// The Lease's duration and renew margin in these tests: short, with room for a slow
+/// renewal on a loaded machine (the leader renews 3 s before expiry and stops 1.5 s before it
+/// if no renewal got through).
+const LEASE_SECS: u64 = 6;
+const MARGIN_SECS: u64 = 3;
+
 fn args(identity: &str) -> LeaderArgs {
     LeaderArgs {
         leader_election: true,
         lease_name: "dedup-operator".into(),
         lease_namespace: "dedup".into(),
         identity: identity.into(),
-        lease_duration: Duration::from_secs(2),
-        lease_renew_margin: Duration::from_secs(1),
+        lease_duration: Duration::from_secs(LEASE_SECS),
+        lease_renew_margin: Duration::from_secs(MARGIN_SECS),
     }
 }
 
@@ -245,8 +251,8 @@ async fn a_stopped_leader_hands_over_and_only_one_works() {
     let working = Arc::new(AtomicUsize::new(0));
     let a = first_leader(&client, &fake, &working).await;
     let b = candidate(&client, "operator-b", &working);
-    // Three lease durations: a renews, b never leads.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Two lease durations: a renews, b never leads.
+    tokio::time::sleep(Duration::from_secs(2 * LEASE_SECS)).await;
     assert_eq!(b.gauge.get(), 0, "b led while a held the Lease");
     assert_eq!(working.load(Ordering::SeqCst), 1);
     assert_eq!(holder(&fake).as_deref(), Some("operator-a"));
@@ -276,7 +282,7 @@ async fn a_dead_leader_is_replaced_after_the_lease_expires() {
     assert_eq!(working.load(Ordering::SeqCst), 0, "its work died with it");
     let b = candidate(&client, "operator-b", &working);
     assert!(
-        wait_leading(&b, Duration::from_secs(8)).await,
+        wait_leading(&b, Duration::from_secs(2 * LEASE_SECS)).await,
         "b never replaced a dead leader"
     );
     assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
@@ -325,7 +331,7 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
         let working = Arc::new(AtomicUsize::new(0));
         let a = first_leader(&through_proxy, &fake, &working).await;
         let b = candidate(&client, "operator-b", &working);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(LEASE_SECS)).await;
         assert_eq!(holder(&fake).as_deref(), Some("operator-a"), "a renews");
 
         if hang {
@@ -334,8 +340,9 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
             proxy.cut();
         }
         // Nothing of a's reaches the API now: this was its last renewal.
-        let expiry = renew_time(&fake) + chrono::Duration::seconds(2);
-        let term = tokio::time::timeout(Duration::from_secs(5), a.task)
+        let expiry = renew_time(&fake)
+            + chrono::TimeDelta::from_std(Duration::from_secs(LEASE_SECS)).expect("test setup");
+        let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), a.task)
             .await
             .expect("a kept working though it could not renew")
             .expect("the candidate's task panicked")
@@ -343,7 +350,7 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
         let stopped_at = chrono::Utc::now();
         assert_eq!(term, Term::NotRenewed, "hang: {hang}");
         assert_eq!(a.gauge.get(), 0);
-        // It stopped before the Lease it last renewed expired (duration 2 s).
+        // It stopped before the Lease it last renewed expired.
         assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
         assert!(
             stopped_at < expiry,
@@ -351,7 +358,7 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
         );
         // The standby takes over once the Lease expires.
         assert!(
-            wait_leading(&b, Duration::from_secs(8)).await,
+            wait_leading(&b, Duration::from_secs(2 * LEASE_SECS)).await,
             "b never took over (hang: {hang})"
         );
         assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
