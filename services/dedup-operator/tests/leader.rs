@@ -1,6 +1,6 @@
 //! Leader election against a stateful fake of the Lease API: one replica leads at a time, a
 //! stopped leader hands over, a dead one is replaced once its Lease expires, and a leader that
-//! finds another holder stops its work.
+//! finds another holder, or cannot renew (cut off, or refused), stops its work.
 //!
 //! The fake keeps one Lease and, like the API server's server-side apply, remembers which
 //! field manager set each spec field: an apply that would change a field another manager owns
@@ -28,8 +28,9 @@ struct Fake {
     /// spec field → the field manager that last set it.
     owners: HashMap<String, String>,
     version: u64,
-    /// Answer every request with 403, as an API server without the RBAC would.
-    forbid: bool,
+    /// Answer every request with this status: 403 as an API server without the RBAC would,
+    /// 500 as one that is failing.
+    refuse: Option<StatusCode>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -38,6 +39,10 @@ fn status(code: StatusCode, reason: &str) -> Response {
     let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
         "message": reason, "reason": reason, "code": code.as_u16()});
     (code, axum::Json(body)).into_response()
+}
+
+fn refused(code: StatusCode) -> Response {
+    status(code, code.canonical_reason().unwrap_or("Refused"))
 }
 
 fn bump(fake: &mut Fake) -> Value {
@@ -49,8 +54,8 @@ fn bump(fake: &mut Fake) -> Value {
 
 async fn get_lease(State(fake): State<Shared>) -> Response {
     let fake = fake.lock().expect("test setup");
-    if fake.forbid {
-        return status(StatusCode::FORBIDDEN, "Forbidden");
+    if let Some(code) = fake.refuse {
+        return refused(code);
     }
     match &fake.lease {
         Some(lease) => axum::Json(lease.clone()).into_response(),
@@ -60,8 +65,8 @@ async fn get_lease(State(fake): State<Shared>) -> Response {
 
 async fn create_lease(State(fake): State<Shared>, body: Bytes) -> Response {
     let mut fake = fake.lock().expect("test setup");
-    if fake.forbid {
-        return status(StatusCode::FORBIDDEN, "Forbidden");
+    if let Some(code) = fake.refuse {
+        return refused(code);
     }
     if fake.lease.is_some() {
         return status(StatusCode::CONFLICT, "AlreadyExists");
@@ -81,6 +86,9 @@ async fn patch_lease(
     body: Bytes,
 ) -> Response {
     let mut fake = fake.lock().expect("test setup");
+    if let Some(code) = fake.refuse {
+        return refused(code);
+    }
     let Some(lease) = fake.lease.clone() else {
         return status(StatusCode::NOT_FOUND, "NotFound");
     };
@@ -366,6 +374,47 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
     }
 }
 
+/// A leader whose API server answers but refuses every request (500 while it fails, 403 when
+/// the operator's RBAC was taken away) stops before its Lease expires, like one cut off; once
+/// the API server answers again, the standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_the_api_refuses_stops_before_its_lease_expires() {
+    for code in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::FORBIDDEN] {
+        let (fake, client) = fake_api().await;
+        let working = Arc::new(AtomicUsize::new(0));
+        let a = first_leader(&client, &fake, &working).await;
+        let b = candidate(&client, "operator-b", &working);
+        tokio::time::sleep(Duration::from_secs(LEASE_SECS)).await;
+        assert_eq!(holder(&fake).as_deref(), Some("operator-a"), "a renews");
+
+        fake.lock().expect("test setup").refuse = Some(code);
+        let expiry = renew_time(&fake)
+            + chrono::TimeDelta::from_std(Duration::from_secs(LEASE_SECS)).expect("test setup");
+        let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), a.task)
+            .await
+            .expect("a kept working though every renewal was refused")
+            .expect("the candidate's task panicked")
+            .expect("lead failed");
+        let stopped_at = chrono::Utc::now();
+        assert_eq!(term, Term::NotRenewed, "{code}");
+        assert_eq!(a.gauge.get(), 0);
+        assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
+        assert!(
+            stopped_at < expiry,
+            "a stopped at {stopped_at}, after its Lease expired at {expiry} ({code})"
+        );
+        assert_eq!(b.gauge.get(), 0, "b led while the API refused it ({code})");
+
+        fake.lock().expect("test setup").refuse = None;
+        assert!(
+            wait_leading(&b, Duration::from_secs(2 * LEASE_SECS)).await,
+            "b never took over ({code})"
+        );
+        assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
+        assert_eq!(stop(b).await, Term::Finished);
+    }
+}
+
 fn renew_time(fake: &Shared) -> chrono::DateTime<chrono::Utc> {
     let fake = fake.lock().expect("test setup");
     let text = fake.lease.as_ref().expect("a Lease")["spec"]["renewTime"]
@@ -381,7 +430,7 @@ fn renew_time(fake: &Shared) -> chrono::DateTime<chrono::Utc> {
 #[tokio::test]
 async fn without_lease_rights_the_error_names_them() {
     let (fake, client) = fake_api().await;
-    fake.lock().expect("test setup").forbid = true;
+    fake.lock().expect("test setup").refuse = Some(StatusCode::FORBIDDEN);
     let gauge = IntGauge::new("leading", "leading").expect("test setup");
     let error = leader::lead(
         client,
