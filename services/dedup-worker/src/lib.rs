@@ -325,7 +325,7 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     };
     let mut beyond = Beyond::default();
     let mut failing = false;
-    let mut together: Option<String> = None;
+    let mut verdict = LeaderVerdict::default();
     loop {
         let shards = topology.queues();
         let mut placements = Vec::with_capacity(shards.len());
@@ -347,31 +347,49 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
                 Err(_) => {}
             }
         }
-        // Judged only on a round that read every shard.
-        if placements.len() == shards.len() {
-            let now = leaders_together(&placements).map(str::to_owned);
-            if now != together {
-                match &now {
-                    Some(node) => tracing::warn!(
-                        %node,
-                        shards = shards.len(),
-                        "Every shard queue's leader is on one node, so that node does all the \
-                         queues' work and the shards gain nothing. Set queue_leader_locator = \
-                         balanced in rabbitmq.conf and run `rabbitmq-queues rebalance quorum`."
-                    ),
-                    None => tracing::info!("The shard queues' leaders are on several nodes now."),
-                }
-                metrics
-                    .shard_leaders_on_one_node
-                    .set(i64::from(now.is_some()));
-                together = now;
+        if let Some(now) = verdict.judge(shards.len(), &placements) {
+            match now {
+                Some(node) => tracing::warn!(
+                    %node,
+                    shards = shards.len(),
+                    "Every shard queue's leader is on one node, so that node does all the \
+                     queues' work and the shards gain nothing. Set queue_leader_locator = \
+                     balanced in rabbitmq.conf and run `rabbitmq-queues rebalance quorum`."
+                ),
+                None => tracing::info!("The shard queues' leaders are on several nodes now."),
             }
+            metrics
+                .shard_leaders_on_one_node
+                .set(i64::from(now.is_some()));
         }
         beyond.read(&reader, &vhost, topology, &metrics, &set).await;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.queue_depth_interval) => {}
         }
+    }
+}
+
+/// Whether the shard queues' leaders all sit on one node, as last judged.
+#[derive(Default)]
+struct LeaderVerdict {
+    together: Option<String>,
+}
+
+impl LeaderVerdict {
+    /// Judges one round's placements; returns the new verdict when it changed (the node
+    /// leading them all, or `None` once they spread). A round that read fewer than all
+    /// `shards` changes nothing: one failed read neither raises nor clears the warning.
+    fn judge(&mut self, shards: usize, placements: &[Placement]) -> Option<Option<&str>> {
+        if placements.len() != shards {
+            return None;
+        }
+        let now = leaders_together(placements).map(str::to_owned);
+        if now == self.together {
+            return None;
+        }
+        self.together = now;
+        Some(self.together.as_deref())
     }
 }
 

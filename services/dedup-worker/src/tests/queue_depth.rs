@@ -294,3 +294,39 @@ fn leaders_together_needs_several_queues_one_leader_and_several_nodes() {
         "a queue without a leader"
     );
 }
+
+/// The verdict changes only on a round that read every shard: a round missing one (its read
+/// failed) keeps the warning raised, or keeps it down, until a full round says otherwise.
+#[test]
+fn a_round_missing_a_shard_keeps_the_last_verdict() {
+    let placed = |leader: &str| Placement {
+        leader: Some(leader.to_owned()),
+        members: vec!["a".into(), "b".into(), "c".into()],
+    };
+    let together = [placed("a"), placed("a"), placed("a")];
+    let spread = [placed("a"), placed("b"), placed("c")];
+    let mut verdict = crate::LeaderVerdict::default();
+    assert_eq!(
+        verdict.judge(3, &spread),
+        None,
+        "spread from the start: no change"
+    );
+    assert_eq!(
+        verdict.judge(3, &together[..2]),
+        None,
+        "two of three read, both on a: not judged"
+    );
+    assert_eq!(verdict.judge(3, &together), Some(Some("a")));
+    assert_eq!(verdict.judge(3, &together), None, "said once");
+    assert_eq!(
+        verdict.judge(3, &spread[1..]),
+        None,
+        "a round missing a shard does not clear it"
+    );
+    assert_eq!(
+        verdict.judge(3, &[]),
+        None,
+        "nor does a round that read nothing"
+    );
+    assert_eq!(verdict.judge(3, &spread), Some(None));
+}
