@@ -80,7 +80,7 @@ struct Common {
     #[arg(long, global = true, default_value_t = 20_000)]
     ceiling_events: usize,
     /// Batch size for the PostgreSQL and Redis ceilings (the worker's BATCH_SIZE).
-    #[arg(long, global = true, default_value_t = 500)]
+    #[arg(long, global = true, default_value_t = 1000)]
     ceiling_batch: usize,
     /// Where the JSON and markdown reports (and the services' logs) go.
     #[arg(long, global = true, default_value = "bench-results")]

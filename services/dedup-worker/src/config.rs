@@ -106,7 +106,7 @@ pub struct Config {
     #[arg(long, env = "STALL_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
     pub stall_timeout: Duration,
     /// Events per batch: one Redis round trip and one PostgreSQL statement each.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
     /// Batches processed at once (while one waits on PostgreSQL, the next asks Redis); acks
     /// still go in delivery order, after each batch's commit. With AMQP_QUEUE_SHARDS above 1
