@@ -348,22 +348,7 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
             proxy.cut();
         }
         // Nothing of a's reaches the API now: this was its last renewal.
-        let expiry = renew_time(&fake)
-            + chrono::TimeDelta::from_std(Duration::from_secs(LEASE_SECS)).expect("test setup");
-        let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), a.task)
-            .await
-            .expect("a kept working though it could not renew")
-            .expect("the candidate's task panicked")
-            .expect("lead failed");
-        let stopped_at = chrono::Utc::now();
-        assert_eq!(term, Term::NotRenewed, "hang: {hang}");
-        assert_eq!(a.gauge.get(), 0);
-        // It stopped before the Lease it last renewed expired.
-        assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
-        assert!(
-            stopped_at < expiry,
-            "a stopped at {stopped_at}, after its Lease expired at {expiry} (hang: {hang})"
-        );
+        stops_before_expiry(&fake, a, &working, &format!("hang: {hang}")).await;
         // The standby takes over once the Lease expires.
         assert!(
             wait_leading(&b, Duration::from_secs(2 * LEASE_SECS)).await,
@@ -388,21 +373,7 @@ async fn a_leader_the_api_refuses_stops_before_its_lease_expires() {
         assert_eq!(holder(&fake).as_deref(), Some("operator-a"), "a renews");
 
         fake.lock().expect("test setup").refuse = Some(code);
-        let expiry = renew_time(&fake)
-            + chrono::TimeDelta::from_std(Duration::from_secs(LEASE_SECS)).expect("test setup");
-        let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), a.task)
-            .await
-            .expect("a kept working though every renewal was refused")
-            .expect("the candidate's task panicked")
-            .expect("lead failed");
-        let stopped_at = chrono::Utc::now();
-        assert_eq!(term, Term::NotRenewed, "{code}");
-        assert_eq!(a.gauge.get(), 0);
-        assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
-        assert!(
-            stopped_at < expiry,
-            "a stopped at {stopped_at}, after its Lease expired at {expiry} ({code})"
-        );
+        stops_before_expiry(&fake, a, &working, code.as_str()).await;
         assert_eq!(b.gauge.get(), 0, "b led while the API refused it ({code})");
 
         fake.lock().expect("test setup").refuse = None;
@@ -413,6 +384,30 @@ async fn a_leader_the_api_refuses_stops_before_its_lease_expires() {
         assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
         assert_eq!(stop(b).await, Term::Finished);
     }
+}
+
+/// Waits for leader `a`, whose renewals no longer get through, to end its term: it must stop
+/// with [`Term::NotRenewed`], its work ended, before the Lease it last renewed expires.
+async fn stops_before_expiry(fake: &Shared, a: Candidate, working: &AtomicUsize, case: &str) {
+    let expiry = renew_time(fake)
+        + chrono::TimeDelta::from_std(Duration::from_secs(LEASE_SECS)).expect("test setup");
+    let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), a.task)
+        .await
+        .unwrap_or_else(|_| panic!("a kept working though it could not renew ({case})"))
+        .expect("the candidate's task panicked")
+        .expect("lead failed");
+    let stopped_at = chrono::Utc::now();
+    assert_eq!(term, Term::NotRenewed, "{case}");
+    assert_eq!(a.gauge.get(), 0, "{case}");
+    assert_eq!(
+        working.load(Ordering::SeqCst),
+        0,
+        "a's work stopped ({case})"
+    );
+    assert!(
+        stopped_at < expiry,
+        "a stopped at {stopped_at}, after its Lease expired at {expiry} ({case})"
+    );
 }
 
 fn renew_time(fake: &Shared) -> chrono::DateTime<chrono::Utc> {
