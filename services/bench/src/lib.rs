@@ -199,7 +199,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let worker_usage = processes.workers_usage();
     let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM product_events WHERE {}",
-        services::not_prefilled()
+        services::not_prefilled(opts.prefill_rows > 0)
     )))
     .fetch_one(&db)
     .await?;
@@ -216,7 +216,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let twice: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM (SELECT r FROM product_events WHERE {} GROUP BY r \
          HAVING count(*) > 1) t",
-        services::not_prefilled()
+        services::not_prefilled(opts.prefill_rows > 0)
     )))
     .fetch_one(&db)
     .await?;

@@ -153,9 +153,15 @@ pub async fn checkpoint(backends: &Backends) -> Result<(), String> {
 /// The `source` of prefilled rows, which no event of the load has.
 const PREFILL_SOURCE: &str = "dedup-bench prefill";
 
-/// SQL condition for the rows the load stored, leaving out the prefilled ones.
-pub fn not_prefilled() -> String {
-    format!("source IS DISTINCT FROM '{PREFILL_SOURCE}'")
+/// SQL condition for the rows the load stored, leaving out the prefilled ones. Without a
+/// prefill it names no column, so a build whose table has no `source` column (a compare's
+/// older baseline) can still be measured.
+pub fn not_prefilled(prefilled: bool) -> String {
+    if prefilled {
+        format!("source IS DISTINCT FROM '{PREFILL_SOURCE}'")
+    } else {
+        "TRUE".to_owned()
+    }
 }
 
 /// Puts `rows` rows into today's partition (UTC, the day the load's events carry) in steps of
