@@ -1,20 +1,24 @@
 //! Packing concurrent single-event requests into shared messages.
 //!
-//! Each request hands its event to a queue and waits. A few flusher tasks take whatever is
-//! waiting — as much as one [`Envelope`] takes — publish it as one confirmed message
-//! and answer every request in it. Nothing waits for a batch to fill: under light load each
-//! event goes alone at once; under heavy load events naturally share messages, so the
-//! broker's message rate stops capping the event rate. The worker still judges every event
-//! on its own, and a confirm answers only the requests whose events the message carried.
-//! With the queue split into shards, each shard has its own waiting events and flushers: a
-//! message goes to one queue, so it carries only events routed there.
+//! Each request hands its event to a queue and waits. Flusher tasks take whatever is waiting —
+//! as much as one [`Envelope`] takes — publish it as one confirmed message and answer every
+//! request in it. Nothing waits for a batch to fill: when no message is awaiting its confirm,
+//! an event goes at once, alone if it is alone. While one is, the next events gather until
+//! their message is full or that confirm comes back (as Nagle's algorithm does for TCP
+//! segments), so a busy ingest sends few, full messages: the broker's cost is mostly per
+//! message. A full message goes at once beside those in flight, up to the flushers' number,
+//! so the rate is never capped at one message per confirm round trip. The worker still
+//! judges every event on its own, and a confirm answers only the requests whose events the
+//! message carried. With the queue split into shards, each shard has its own waiting events
+//! and flushers: a message goes to one queue, so it carries only events routed there.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dedup_message::message::Envelope;
-use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::{PublishError, Publisher};
@@ -24,7 +28,8 @@ use crate::publish::{PublishError, Publisher};
 pub struct CoalesceSettings {
     /// Most events packed into one message.
     pub max_events: usize,
-    /// Flusher tasks per queue shard: how many packed messages may await a confirm at once.
+    /// Flusher tasks per queue shard: how many packed messages may await a confirm at once
+    /// (all but the first only when full).
     pub flushers: usize,
     /// Queue shards (`AMQP_QUEUE_SHARDS`).
     pub shards: u16,
@@ -62,11 +67,15 @@ impl Coalescer {
         for shard in 0..settings.shards.max(1) {
             let (queue, receiver) = mpsc::unbounded_channel();
             // One receiver shared by the flushers: one collects while the others await confirms.
-            let receiver = Arc::new(Mutex::new(receiver));
+            let shared = Arc::new(Shard {
+                receiver: Mutex::new(receiver),
+                in_flight: AtomicUsize::new(0),
+                confirmed: Notify::new(),
+            });
             for _ in 0..settings.flushers.max(1) {
                 tokio::spawn(flush_loop(
                     publisher.clone(),
-                    receiver.clone(),
+                    shared.clone(),
                     shard,
                     settings.max_events.max(1),
                     stop.clone(),
@@ -116,9 +125,19 @@ impl Coalescer {
     }
 }
 
+/// What the flushers of one queue shard share.
+struct Shard {
+    /// The shard's waiting events; the flusher holding the lock is the one that packs them.
+    receiver: Mutex<mpsc::UnboundedReceiver<Pending>>,
+    /// Messages of this shard awaiting their confirm.
+    in_flight: AtomicUsize,
+    /// Signalled whenever one of them is answered.
+    confirmed: Notify,
+}
+
 async fn flush_loop(
     publisher: Arc<Publisher>,
-    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Pending>>>,
+    shard_state: Arc<Shard>,
     shard: u16,
     max_events: usize,
     stop: CancellationToken,
@@ -127,6 +146,15 @@ async fn flush_loop(
     let mut envelope = Envelope::new();
     // An event that found the last envelope full starts the next.
     let mut carried: Option<Pending> = None;
+    let push = |envelope: &mut Envelope, batch: &mut Vec<Pending>, pending: Pending| {
+        envelope.push_line(
+            &pending.line,
+            pending.received_at,
+            pending.traceparent.as_deref(),
+            pending.source.as_deref(),
+        );
+        batch.push(pending);
+    };
     loop {
         {
             // The lock is held from the first event to the last taken: the flusher that
@@ -134,55 +162,59 @@ async fn flush_loop(
             // already: it goes with whatever waits now, never waiting for the lock itself.
             let mut receiver = match carried.take() {
                 Some(first) => {
-                    envelope.push_line(
-                        &first.line,
-                        first.received_at,
-                        first.traceparent.as_deref(),
-                        first.source.as_deref(),
-                    );
-                    batch.push(first);
-                    receiver.try_lock().ok()
+                    push(&mut envelope, &mut batch, first);
+                    shard_state.receiver.try_lock().ok()
                 }
                 None => {
-                    let mut receiver = receiver.lock().await;
+                    let mut receiver = shard_state.receiver.lock().await;
                     let first = tokio::select! {
                         () = stop.cancelled() => None,
                         first = receiver.recv() => first,
                     };
                     let Some(first) = first else { return };
-                    envelope.push_line(
-                        &first.line,
-                        first.received_at,
-                        first.traceparent.as_deref(),
-                        first.source.as_deref(),
-                    );
-                    batch.push(first);
+                    push(&mut envelope, &mut batch, first);
                     Some(receiver)
                 }
             };
-            // A full envelope leaves the next event in the queue for another flusher.
-            while let Some(receiver) = receiver.as_mut()
-                && envelope.events() < max_events
-            {
-                match receiver.try_recv() {
-                    Ok(next) if !envelope.has_room(next.line.len(), max_events) => {
-                        carried = Some(next);
+            if let Some(receiver) = receiver.as_mut() {
+                loop {
+                    // An event that does not fit is carried to the next message.
+                    while carried.is_none() && envelope.events() < max_events {
+                        match receiver.try_recv() {
+                            Ok(next) if !envelope.has_room(next.line.len(), max_events) => {
+                                carried = Some(next);
+                                break;
+                            }
+                            Ok(next) => push(&mut envelope, &mut batch, next),
+                            Err(_) => break,
+                        }
+                    }
+                    let full = carried.is_some() || envelope.events() >= max_events;
+                    if full || shard_state.in_flight.load(Ordering::Acquire) == 0 {
                         break;
                     }
-                    Ok(next) => {
-                        envelope.push_line(
-                            &next.line,
-                            next.received_at,
-                            next.traceparent.as_deref(),
-                            next.source.as_deref(),
-                        );
-                        batch.push(next);
+                    // A message is awaiting its confirm: gather until this one is full or
+                    // that confirm comes back. A confirm answered between the check above
+                    // and here is not missed: `notify_one` keeps a permit for the next wait.
+                    tokio::select! {
+                        () = shard_state.confirmed.notified() => {}
+                        () = stop.cancelled() => break,
+                        next = receiver.recv() => match next {
+                            Some(next) if !envelope.has_room(next.line.len(), max_events) => {
+                                carried = Some(next);
+                            }
+                            Some(next) => push(&mut envelope, &mut batch, next),
+                            None => break,
+                        },
                     }
-                    Err(_) => break,
                 }
             }
+            // Counted before the lock is let go, so the next flusher to take it sees it.
+            shard_state.in_flight.fetch_add(1, Ordering::AcqRel);
         }
         let result = publisher.publish_unbounded(&envelope, shard).await;
+        shard_state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shard_state.confirmed.notify_one();
         envelope.clear();
         for pending in batch.drain(..) {
             let _ = pending.done.send(result.clone());

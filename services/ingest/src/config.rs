@@ -126,10 +126,11 @@ pub struct Config {
     /// How message bodies are compressed on the queue (the worker reads both).
     #[arg(long, env = "MESSAGE_COMPRESSION", value_enum, default_value_t = dedup_message::message::Compression::Lz4)]
     pub message_compression: dedup_message::message::Compression,
-    /// Packed messages that may await a confirm at once, per queue shard. Few is better: the broker's cost is
-    /// mostly per message (a quorum queue spends ~0.3-1 ms of CPU on each), and while these
-    /// await their confirms the next events gather into one message. 2 × MAX_EVENTS_PER_MESSAGE
-    /// per confirm round trip is still several times the rate one machine can settle.
+    /// Packed messages of single events that may await a confirm at once, per queue shard.
+    /// Only the first may go part full: while it awaits its confirm, the next events gather
+    /// until their message is full or that confirm comes back, since the broker's cost is
+    /// mostly per message (a quorum queue spends ~0.3-1 ms of CPU on each). Full messages go
+    /// beside it up to this number, so the rate is not capped at one message per round trip.
     #[arg(long, env = "COALESCE_FLUSHERS", default_value_t = 2)]
     pub coalesce_flushers: usize,
     /// AMQP channels publishing in parallel; each carries many unconfirmed messages at once.

@@ -99,6 +99,13 @@ impl Publisher {
             && self.current_link().is_some_and(|link| link.is_healthy())
     }
 
+    /// Places taken among those allowed in flight: events waiting to be published or awaiting
+    /// their confirm.
+    #[cfg(test)]
+    pub(crate) fn places_taken(&self) -> usize {
+        self.config.max_in_flight - self.in_flight.available_permits()
+    }
+
     /// Takes one place among the publishes allowed in flight, or fails with back-pressure.
     pub fn acquire(&self) -> Result<OwnedSemaphorePermit, PublishError> {
         self.in_flight

@@ -1,13 +1,17 @@
 //! A TCP proxy in front of a real service. Code under test connects through it; the test
-//! cuts it to make the service "go away" (live connections reset, new ones refused), or hangs
-//! it (connections stay open and nothing passes, as behind a dead router), and restores it —
-//! without touching the shared service other tests use.
+//! cuts it to make the service "go away" (live connections reset, new ones refused), hangs
+//! it (connections stay open and nothing passes, as behind a dead router), and restores it,
+//! or pauses it (bytes wait in the proxy, as behind a slow link) and resumes it — without
+//! touching the shared service other tests use.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// A running proxy; dropping it stops it.
@@ -26,6 +30,8 @@ struct State {
     held: Mutex<Vec<TcpStream>>,
     /// Cancelled by `cut` to end every live connection; replaced by `restore`.
     live: Mutex<CancellationToken>,
+    /// While true, bytes read from either side are held until [`Proxy::resume`].
+    paused: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -41,6 +47,7 @@ impl Proxy {
             hanging: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
             live: Mutex::new(CancellationToken::new()),
+            paused: watch::Sender::new(false),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
@@ -77,6 +84,19 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Holds every byte in the proxy, both ways, until [`Proxy::resume`]: connections stay
+    /// up and nothing is lost, as over a link that stalls for a while.
+    pub fn pause(&self) {
+        self.state.paused.send_replace(true);
+    }
+
+    /// Forwards what [`Proxy::pause`] held, and everything after it.
+    pub fn resume(&self) {
+        self.state.paused.send_replace(false);
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -105,23 +125,67 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
         let upstream = state.upstream;
         let state = state.clone();
         tokio::spawn(async move {
-            let Ok(mut server) = TcpStream::connect(upstream).await else {
+            let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
             };
-            let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            tokio::select! {
-                () = live.cancelled() => {
-                    if state.hanging.load(Ordering::SeqCst) {
-                        state.held.lock().expect("proxy lock").extend([client, server]);
-                    } else {
-                        let _ = client.set_zero_linger();
-                        let _ = server.set_zero_linger();
-                    }
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let cancelled = {
+                let up = pump(
+                    &mut client_read,
+                    &mut server_write,
+                    state.paused.subscribe(),
+                );
+                let down = pump(
+                    &mut server_read,
+                    &mut client_write,
+                    state.paused.subscribe(),
+                );
+                tokio::select! {
+                    () = live.cancelled() => true,
+                    _ = futures::future::try_join(up, down) => false,
                 }
-                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            };
+            let (Ok(client), Ok(server)) = (
+                client_read.reunite(client_write),
+                server_read.reunite(server_write),
+            ) else {
+                return;
+            };
+            if !cancelled {
+                return;
+            }
+            if state.hanging.load(Ordering::SeqCst) {
+                state
+                    .held
+                    .lock()
+                    .expect("proxy lock")
+                    .extend([client, server]);
+            } else {
+                let _ = client.set_zero_linger();
+                let _ = server.set_zero_linger();
             }
         });
+    }
+}
+
+/// Copies one direction until end of stream (then shuts the other side's writing down), each
+/// chunk only while the proxy is not paused.
+async fn pump(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        // The sender lives as long as the proxy; without it there is nothing left to wait for.
+        let _ = paused.wait_for(|paused| !*paused).await;
+        to.write_all(&buf[..n]).await?;
     }
 }

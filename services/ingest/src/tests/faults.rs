@@ -251,3 +251,141 @@ async fn requests_past_max_in_flight_publishes_get_503_at_once() {
         assert_eq!(task.await.expect("task").0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }
+
+/// The events' `r`s of each message on the queue, in order.
+async fn messages_by_r(env: &TestEnv) -> Vec<Vec<String>> {
+    env.drain(&env.topology.queue)
+        .await
+        .iter()
+        .map(|(body, _)| {
+            let mut rs: Vec<String> = dedup_message::message::lines(body)
+                .map(|l| {
+                    serde_json::from_slice::<Value>(l).expect("JSON")["r"]
+                        .as_str()
+                        .expect("r")
+                        .to_owned()
+                })
+                .collect();
+            rs.sort();
+            rs
+        })
+        .collect()
+}
+
+/// Sends single events named `r` one at a time while the broker is slow, each once the one
+/// before is held by ingest, so every flusher has its chance to take it alone. `held`:
+/// events ingest holds before the first of them.
+async fn post_one_by_one(
+    ingest: &IngestUnderTest,
+    held: usize,
+    rs: Vec<String>,
+) -> Vec<tokio::task::JoinHandle<(StatusCode, Option<String>, String)>> {
+    let mut answers = Vec::new();
+    for (i, r) in rs.into_iter().enumerate() {
+        let held = held + i + 1;
+        let router = ingest.router.clone();
+        answers.push(tokio::spawn(async move { post(&router, &r).await }));
+        let publisher = ingest.publisher.clone();
+        eventually(WAIT, "ingest to hold the event", || async {
+            (publisher.places_taken() >= held).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    answers
+}
+
+/// A slow broker: while one message awaits its confirm, the single events arriving meanwhile
+/// gather into the next message instead of leaving alone beside it (the broker's cost is
+/// mostly per message), and each is confirmed once the broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arriving_while_a_confirm_is_pending_share_the_next_message() {
+    let env = TestEnv::new("gather").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
+    config.confirm_timeout = Duration::from_secs(30);
+    config.coalesce_flushers = 2;
+    // The posts declare no length, so each holds a whole MAX_BODY_BYTES of the gate.
+    config.max_body_bytes_in_flight = 64 * config.max_body_bytes;
+    let ingest = IngestUnderTest::start(&config, true).await;
+    assert_eq!(post(&ingest.router, "warm").await.0, StatusCode::ACCEPTED);
+    // The answer can come a moment before its flusher lets go of the event's place.
+    let publisher = ingest.publisher.clone();
+    eventually(WAIT, "ingest to let go of the first event", || async {
+        (publisher.places_taken() == 0).then_some(())
+    })
+    .await;
+
+    proxy.pause();
+    let mut answers = post_one_by_one(&ingest, 0, vec!["first".to_owned()]).await;
+    let metrics = ingest.metrics.clone();
+    eventually(
+        WAIT,
+        "the first event's message to await its confirm",
+        || async { (metrics.publishes_in_flight.get() == 1).then_some(()) },
+    )
+    .await;
+    let later: Vec<String> = (0..20).map(|i| format!("later-{i:02}")).collect();
+    answers.extend(post_one_by_one(&ingest, 1, later.clone()).await);
+    assert_eq!(
+        ingest.metrics.publishes_in_flight.get(),
+        1,
+        "only the first message is out while its confirm is pending"
+    );
+    proxy.resume();
+    for answer in answers {
+        let answer = answer.await.expect("task");
+        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.2);
+    }
+    assert_eq!(
+        messages_by_r(&env).await,
+        vec![vec!["warm".to_owned()], vec!["first".to_owned()], later],
+        "one message each for the events before, and one for all that waited"
+    );
+}
+
+/// A full message does not wait for a pending confirm: it goes beside it (up to
+/// COALESCE_FLUSHERS messages in flight), so a busy ingest is not held to one message per
+/// confirm round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_message_goes_beside_a_pending_one() {
+    let env = TestEnv::new("fullgoes").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
+    config.confirm_timeout = Duration::from_secs(30);
+    config.coalesce_flushers = 2;
+    // The posts declare no length, so each holds a whole MAX_BODY_BYTES of the gate.
+    config.max_body_bytes_in_flight = 64 * config.max_body_bytes;
+    config.max_events_per_message = 5;
+    let ingest = IngestUnderTest::start(&config, true).await;
+
+    proxy.pause();
+    let mut answers = post_one_by_one(&ingest, 0, vec!["first".to_owned()]).await;
+    let metrics = ingest.metrics.clone();
+    eventually(
+        WAIT,
+        "the first event's message to await its confirm",
+        || async { (metrics.publishes_in_flight.get() == 1).then_some(()) },
+    )
+    .await;
+    let later: Vec<String> = (0..10).map(|i| format!("later-{i:02}")).collect();
+    answers.extend(post_one_by_one(&ingest, 1, later.clone()).await);
+    eventually(WAIT, "the full message to go beside the first", || async {
+        (metrics.publishes_in_flight.get() == 2).then_some(())
+    })
+    .await;
+    proxy.resume();
+    for answer in answers {
+        let answer = answer.await.expect("task");
+        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.2);
+    }
+    assert_eq!(
+        messages_by_r(&env).await,
+        vec![
+            vec!["first".to_owned()],
+            later[..5].to_vec(),
+            later[5..].to_vec()
+        ],
+        "the first alone, then two full messages"
+    );
+}
