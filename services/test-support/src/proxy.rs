@@ -82,9 +82,7 @@ impl Proxy {
         self.state.held.lock().expect("proxy lock").clear();
         self.state.open.store(true, Ordering::SeqCst);
     }
-}
 
-impl Proxy {
     /// Holds every byte in the proxy, both ways, until [`Proxy::resume`]: connections stay
     /// up and nothing is lost, as over a link that stalls for a while.
     pub fn pause(&self) {

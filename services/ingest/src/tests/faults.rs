@@ -295,19 +295,58 @@ async fn post_one_by_one(
     answers
 }
 
+/// ingest through a proxy the test pauses, with two flushers and `max_events` to a message.
+async fn behind_a_pausable_broker(env: &TestEnv, max_events: usize) -> (Proxy, IngestUnderTest) {
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = ingest_config(env, &amqp_url_via(proxy.addr()));
+    config.confirm_timeout = Duration::from_secs(30);
+    config.coalesce_flushers = 2;
+    config.max_events_per_message = max_events;
+    // The posts declare no length, so each holds a whole MAX_BODY_BYTES of the gate.
+    config.max_body_bytes_in_flight = 64 * config.max_body_bytes;
+    let ingest = IngestUnderTest::start(&config, true).await;
+    (proxy, ingest)
+}
+
+/// Pauses the proxy and sends "first", then the events named `later` one by one once its
+/// message awaits its confirm; the requests' answers to come.
+async fn first_then_later_while_paused(
+    proxy: &Proxy,
+    ingest: &IngestUnderTest,
+    later: &[String],
+) -> Vec<tokio::task::JoinHandle<(StatusCode, Option<String>, String)>> {
+    proxy.pause();
+    let mut answers = post_one_by_one(ingest, 0, vec!["first".to_owned()]).await;
+    let metrics = ingest.metrics.clone();
+    eventually(
+        WAIT,
+        "the first event's message to await its confirm",
+        || async { (metrics.publishes_in_flight.get() == 1).then_some(()) },
+    )
+    .await;
+    answers.extend(post_one_by_one(ingest, 1, later.to_vec()).await);
+    answers
+}
+
+/// Resumes the proxy; every request is then answered 202.
+async fn resume_and_expect_all_accepted(
+    proxy: &Proxy,
+    answers: Vec<tokio::task::JoinHandle<(StatusCode, Option<String>, String)>>,
+) {
+    proxy.resume();
+    for answer in answers {
+        let answer = answer.await.expect("task");
+        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.2);
+    }
+}
+
 /// A slow broker: while one message awaits its confirm, the single events arriving meanwhile
 /// gather into the next message instead of leaving alone beside it (the broker's cost is
 /// mostly per message), and each is confirmed once the broker answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arriving_while_a_confirm_is_pending_share_the_next_message() {
     let env = TestEnv::new("gather").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
-    config.confirm_timeout = Duration::from_secs(30);
-    config.coalesce_flushers = 2;
-    // The posts declare no length, so each holds a whole MAX_BODY_BYTES of the gate.
-    config.max_body_bytes_in_flight = 64 * config.max_body_bytes;
-    let ingest = IngestUnderTest::start(&config, true).await;
+    let (proxy, ingest) = behind_a_pausable_broker(&env, 128).await;
     assert_eq!(post(&ingest.router, "warm").await.0, StatusCode::ACCEPTED);
     // The answer can come a moment before its flusher lets go of the event's place.
     let publisher = ingest.publisher.clone();
@@ -316,27 +355,14 @@ async fn events_arriving_while_a_confirm_is_pending_share_the_next_message() {
     })
     .await;
 
-    proxy.pause();
-    let mut answers = post_one_by_one(&ingest, 0, vec!["first".to_owned()]).await;
-    let metrics = ingest.metrics.clone();
-    eventually(
-        WAIT,
-        "the first event's message to await its confirm",
-        || async { (metrics.publishes_in_flight.get() == 1).then_some(()) },
-    )
-    .await;
     let later: Vec<String> = (0..20).map(|i| format!("later-{i:02}")).collect();
-    answers.extend(post_one_by_one(&ingest, 1, later.clone()).await);
+    let answers = first_then_later_while_paused(&proxy, &ingest, &later).await;
     assert_eq!(
         ingest.metrics.publishes_in_flight.get(),
         1,
         "only the first message is out while its confirm is pending"
     );
-    proxy.resume();
-    for answer in answers {
-        let answer = answer.await.expect("task");
-        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.2);
-    }
+    resume_and_expect_all_accepted(&proxy, answers).await;
     assert_eq!(
         messages_by_r(&env).await,
         vec![vec!["warm".to_owned()], vec!["first".to_owned()], later],
@@ -350,35 +376,16 @@ async fn events_arriving_while_a_confirm_is_pending_share_the_next_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_message_goes_beside_a_pending_one() {
     let env = TestEnv::new("fullgoes").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    let mut config = ingest_config(&env, &amqp_url_via(proxy.addr()));
-    config.confirm_timeout = Duration::from_secs(30);
-    config.coalesce_flushers = 2;
-    // The posts declare no length, so each holds a whole MAX_BODY_BYTES of the gate.
-    config.max_body_bytes_in_flight = 64 * config.max_body_bytes;
-    config.max_events_per_message = 5;
-    let ingest = IngestUnderTest::start(&config, true).await;
+    let (proxy, ingest) = behind_a_pausable_broker(&env, 5).await;
 
-    proxy.pause();
-    let mut answers = post_one_by_one(&ingest, 0, vec!["first".to_owned()]).await;
-    let metrics = ingest.metrics.clone();
-    eventually(
-        WAIT,
-        "the first event's message to await its confirm",
-        || async { (metrics.publishes_in_flight.get() == 1).then_some(()) },
-    )
-    .await;
     let later: Vec<String> = (0..10).map(|i| format!("later-{i:02}")).collect();
-    answers.extend(post_one_by_one(&ingest, 1, later.clone()).await);
+    let answers = first_then_later_while_paused(&proxy, &ingest, &later).await;
+    let metrics = ingest.metrics.clone();
     eventually(WAIT, "the full message to go beside the first", || async {
         (metrics.publishes_in_flight.get() == 2).then_some(())
     })
     .await;
-    proxy.resume();
-    for answer in answers {
-        let answer = answer.await.expect("task");
-        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.2);
-    }
+    resume_and_expect_all_accepted(&proxy, answers).await;
     assert_eq!(
         messages_by_r(&env).await,
         vec![
