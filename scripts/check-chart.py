@@ -401,9 +401,9 @@ for label, values in value_sets.items():
               f"defaults: two operator replicas electing a leader on a Lease in the release namespace, got {env}")
         lease_role = next((d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "rel-dedup-operator-leader"), None)
         check(lease_role is not None and lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                                                  "verbs": ["get", "create", "patch"]}]
+                                                                  "verbs": ["get", "create", "update"]}]
               and any(d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "rel-dedup-operator-leader" for d in docs),
-              "defaults: the operator may get, create and patch its Lease")
+              "defaults: the operator may get, create and update its Lease")
         check({"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Secret", "Job", "DedupPipeline"} <= set(kinds),
               f"defaults: missing kinds, got {sorted(set(kinds))}")
 

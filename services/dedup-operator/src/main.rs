@@ -185,7 +185,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.leader.lease_name
         ),
         Term::NotRenewed => anyhow::bail!(
-            "could not renew the Lease {:?} within LEASE_DURATION less LEASE_RENEW_MARGIN: \
+            "could not renew the Lease {:?} within LEASE_DURATION less half LEASE_RENEW_MARGIN: \
              exiting before it expires, so that a standby can take over (Kubernetes restarts \
              this one as a standby); check this pod's access to the API server",
             args.leader.lease_name

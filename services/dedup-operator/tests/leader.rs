@@ -1,20 +1,21 @@
 //! Leader election against a stateful fake of the Lease API: one replica leads at a time, a
-//! stopped leader hands over, a dead one is replaced once its Lease expires, and a leader that
-//! finds another holder, or cannot renew (cut off, or refused), stops its work.
+//! stopped leader hands over, a dead one is replaced once its Lease has not changed for its
+//! duration, and a leader that finds another holder, or cannot renew (cut off, or refused),
+//! stops its work.
 //!
-//! The fake keeps one Lease and, like the API server's server-side apply, remembers which
-//! field manager set each spec field: an apply that would change a field another manager owns
-//! is a 409 Conflict, which is what keeps two candidates from taking a free Lease at once.
+//! The fake keeps one Lease and, like the API server, bumps its `resourceVersion` on every
+//! write and refuses a replace that names another version (409 Conflict): that is what keeps
+//! two candidates from taking a free Lease at once, and a standby from taking one that was
+//! renewed after it looked.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use dedup_operator::leader::{self, LeaderArgs, Term};
@@ -25,9 +26,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct Fake {
     lease: Option<Value>,
-    /// spec field → the field manager that last set it.
-    owners: HashMap<String, String>,
     version: u64,
+    /// Before the next replace, write a renewal as the holder would.
+    renew_before_next_write: bool,
+    /// Replaces refused because the Lease changed since the writer read it.
+    stale_writes: usize,
     /// Answer every request with this status: 403 as an API server without the RBAC would,
     /// 500 as one that is failing.
     refuse: Option<StatusCode>,
@@ -79,46 +82,39 @@ async fn create_lease(State(fake): State<Shared>, body: Bytes) -> Response {
     (StatusCode::CREATED, axum::Json(bump(&mut fake))).into_response()
 }
 
-async fn patch_lease(
-    State(fake): State<Shared>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn replace_lease(State(fake): State<Shared>, body: Bytes) -> Response {
     let mut fake = fake.lock().expect("test setup");
     if let Some(code) = fake.refuse {
         return refused(code);
     }
-    let Some(lease) = fake.lease.clone() else {
+    if fake.renew_before_next_write {
+        // The holder renews between this writer's read and its write.
+        fake.renew_before_next_write = false;
+        renew_as_holder(&mut fake, chrono::Utc::now());
+    }
+    let Some(current) = &fake.lease else {
         return status(StatusCode::NOT_FOUND, "NotFound");
     };
-    let manager = query.get("fieldManager").cloned().unwrap_or_default();
-    let apply = headers
-        .get("content-type")
-        .is_some_and(|c| c.as_bytes().starts_with(b"application/apply-patch"));
-    let patch: Value = serde_json::from_slice(&body).expect("patch json");
-    let fields = patch["spec"].as_object().cloned().unwrap_or_default();
-    if apply {
-        for (field, value) in &fields {
-            let owner = fake.owners.get(field);
-            if lease["spec"].get(field) != Some(value) && owner.is_some_and(|o| o != &manager) {
-                return status(StatusCode::CONFLICT, "Conflict");
-            }
-        }
+    let lease: Value = serde_json::from_slice(&body).expect("lease json");
+    // As on the API server, a replace without a version is unconditional.
+    let version = &lease["metadata"]["resourceVersion"];
+    if !version.is_null() && *version != current["metadata"]["resourceVersion"] {
+        fake.stale_writes += 1;
+        return status(StatusCode::CONFLICT, "Conflict");
     }
-    for (field, value) in fields {
-        let spec = fake.lease.as_mut().expect("test setup")["spec"]
-            .as_object_mut()
-            .expect("test setup");
-        if value.is_null() {
-            spec.remove(&field);
-            fake.owners.remove(&field);
-        } else {
-            spec.insert(field.clone(), value);
-            fake.owners.insert(field, manager.clone());
-        }
-    }
+    fake.lease = Some(lease);
     axum::Json(bump(&mut fake)).into_response()
+}
+
+/// The current holder writes its renewal, stamped `renewed_at` by its own clock.
+fn renew_as_holder(fake: &mut Fake, renewed_at: chrono::DateTime<chrono::Utc>) {
+    let lease = fake.lease.as_mut().expect("a Lease");
+    lease["spec"]["renewTime"] = json!(micro_time(renewed_at));
+    bump(fake);
+}
+
+fn micro_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 async fn fake_api() -> (Shared, kube::Client) {
@@ -136,7 +132,7 @@ async fn fake_server() -> (Shared, std::net::SocketAddr) {
         )
         .route(
             "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
-            get(get_lease).patch(patch_lease),
+            get(get_lease).put(replace_lease),
         )
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -306,14 +302,13 @@ async fn a_leader_that_lost_the_lease_stops_working() {
     let a = first_leader(&client, &fake, &working).await;
     {
         let mut fake = fake.lock().expect("test setup");
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let now = micro_time(chrono::Utc::now());
         let spec = &mut fake.lease.as_mut().expect("test setup")["spec"];
         spec["holderIdentity"] = json!("operator-z");
         spec["renewTime"] = json!(now);
         spec["acquireTime"] = json!(now);
         spec["leaseDurationSeconds"] = json!(30);
-        fake.owners
-            .insert("holderIdentity".into(), "someone-else".into());
+        bump(&mut fake);
     }
     let term = tokio::time::timeout(Duration::from_secs(8), a.task)
         .await
@@ -421,6 +416,97 @@ fn renew_time(fake: &Shared) -> chrono::DateTime<chrono::Utc> {
         .to_utc()
 }
 
+/// Puts a Lease held by `holder`, a replica with no process here, renewed at `renewed_at` by
+/// its clock.
+fn seed_lease(fake: &Shared, holder: &str, renewed_at: chrono::DateTime<chrono::Utc>) {
+    let mut fake = fake.lock().expect("test setup");
+    fake.lease = Some(json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "dedup-operator", "namespace": "dedup"},
+        "spec": {
+            "holderIdentity": holder,
+            "acquireTime": micro_time(renewed_at),
+            "renewTime": micro_time(renewed_at),
+            "leaseDurationSeconds": LEASE_SECS,
+            "leaseTransitions": 0,
+        },
+    }));
+    bump(&mut fake);
+}
+
+/// A standby decides on what it read. When the holder renews between that read and the
+/// standby's write, the write is refused and changes nothing; the standby times the new
+/// version afresh and takes the Lease only once that one has not changed for a duration.
+#[tokio::test]
+async fn a_take_decided_on_a_stale_read_changes_nothing() {
+    let (fake, client) = fake_api().await;
+    seed_lease(&fake, "operator-z", chrono::Utc::now());
+    fake.lock().expect("test setup").renew_before_next_write = true;
+    let working = Arc::new(AtomicUsize::new(0));
+    let b = candidate(&client, "operator-b", &working);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * LEASE_SECS);
+    while fake.lock().expect("test setup").stale_writes == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never tried to take a Lease unchanged for its duration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(holder(&fake).as_deref(), Some("operator-z"));
+    assert_eq!(b.gauge.get(), 0, "b led on a refused write");
+    // z's renewal restarted b's clock: nearly a whole duration later z still holds it.
+    tokio::time::sleep(Duration::from_secs(LEASE_SECS - 1)).await;
+    assert_eq!(holder(&fake).as_deref(), Some("operator-z"));
+    assert_eq!(
+        b.gauge.get(),
+        0,
+        "b took a Lease renewed less than a duration ago"
+    );
+    assert!(
+        wait_leading(&b, Duration::from_secs(3)).await,
+        "b never took the Lease z stopped renewing"
+    );
+    assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
+    assert_eq!(stop(b).await, Term::Finished);
+}
+
+/// A standby times the Lease by its own clock, from when it saw each version, never by the
+/// holder's `renewTime`: a holder whose clock is an hour behind keeps the Lease while it
+/// renews, and one whose clock is an hour ahead is replaced a duration after it died.
+#[tokio::test]
+async fn a_standby_times_the_lease_by_its_own_clock() {
+    for offset in [chrono::TimeDelta::hours(-1), chrono::TimeDelta::hours(1)] {
+        let (fake, client) = fake_api().await;
+        seed_lease(&fake, "operator-z", chrono::Utc::now() + offset);
+        let working = Arc::new(AtomicUsize::new(0));
+        let b = candidate(&client, "operator-b", &working);
+        let renewing = tokio::spawn({
+            let fake = fake.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let mut fake = fake.lock().expect("test setup");
+                    renew_as_holder(&mut fake, chrono::Utc::now() + offset);
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(LEASE_SECS * 3 / 2)).await;
+        assert_eq!(
+            b.gauge.get(),
+            0,
+            "b took a renewed Lease (z's clock off by {offset})"
+        );
+        assert_eq!(holder(&fake).as_deref(), Some("operator-z"));
+        renewing.abort();
+        assert!(
+            wait_leading(&b, Duration::from_secs(LEASE_SECS + 3)).await,
+            "b never replaced z, dead, with its clock off by {offset}"
+        );
+        assert_eq!(stop(b).await, Term::Finished);
+    }
+}
+
 /// Without the RBAC for Leases the operator stops at once and says what it needs.
 #[tokio::test]
 async fn without_lease_rights_the_error_names_them() {
@@ -438,7 +524,7 @@ async fn without_lease_rights_the_error_names_them() {
     .expect_err("403 must fail");
     let message = format!("{error:#}");
     assert!(
-        message.contains("get, create and patch on leases"),
+        message.contains("get, create and update on leases"),
         "{message}"
     );
     assert!(message.contains("dedup/dedup-operator"), "{message}");
