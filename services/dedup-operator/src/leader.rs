@@ -241,30 +241,37 @@ impl Election {
         }
     }
 
-    /// The spec of a Lease this replica takes (or renews, when it already holds `old`).
+    /// The spec of a Lease this replica creates (`old` none), takes, or renews (holding `old`).
     fn taken(&self, old: Option<LeaseSpec>) -> LeaseSpec {
         let now = Some(MicroTime(Timestamp::now()));
-        let old = old.unwrap_or_default();
-        let ours = old.holder_identity.as_deref() == Some(&self.identity);
-        let transitions = old.lease_transitions.unwrap_or(0);
+        let (old, transitions) = match old {
+            None => (LeaseSpec::default(), 0),
+            Some(old) if old.holder_identity.as_deref() == Some(&self.identity) => {
+                let transitions = old.lease_transitions.unwrap_or(0);
+                return LeaseSpec {
+                    renew_time: now,
+                    lease_duration_seconds: Some(self.duration_seconds()),
+                    lease_transitions: Some(transitions),
+                    ..old
+                };
+            }
+            Some(old) => {
+                let transitions = old.lease_transitions.unwrap_or(0).saturating_add(1);
+                (old, transitions)
+            }
+        };
         LeaseSpec {
-            acquire_time: if ours {
-                old.acquire_time.clone()
-            } else {
-                now.clone()
-            },
-            lease_transitions: Some(if ours || old.holder_identity.is_none() {
-                transitions
-            } else {
-                transitions + 1
-            }),
             holder_identity: Some(self.identity.clone()),
+            acquire_time: now.clone(),
             renew_time: now,
-            lease_duration_seconds: Some(
-                i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX),
-            ),
+            lease_duration_seconds: Some(self.duration_seconds()),
+            lease_transitions: Some(transitions),
             ..old
         }
+    }
+
+    fn duration_seconds(&self) -> i32 {
+        i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX)
     }
 
     /// Renews the Lease while leading, from `taken` (when the attempt that took it began);

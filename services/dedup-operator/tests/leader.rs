@@ -240,6 +240,11 @@ async fn stop(c: Candidate) -> Term {
         .expect("lead failed")
 }
 
+fn transitions(fake: &Shared) -> Option<i64> {
+    let fake = fake.lock().expect("test setup");
+    fake.lease.as_ref()?["spec"]["leaseTransitions"].as_i64()
+}
+
 fn holder(fake: &Shared) -> Option<String> {
     let fake = fake.lock().expect("test setup");
     fake.lease.as_ref()?["spec"]["holderIdentity"]
@@ -260,6 +265,7 @@ async fn a_stopped_leader_hands_over_and_only_one_works() {
     assert_eq!(b.gauge.get(), 0, "b led while a held the Lease");
     assert_eq!(working.load(Ordering::SeqCst), 1);
     assert_eq!(holder(&fake).as_deref(), Some("operator-a"));
+    assert_eq!(transitions(&fake), Some(0), "renewals are not transitions");
 
     let a_gauge = a.gauge.clone();
     assert_eq!(stop(a).await, Term::Finished);
@@ -269,6 +275,7 @@ async fn a_stopped_leader_hands_over_and_only_one_works() {
         "b never took over"
     );
     assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
+    assert_eq!(transitions(&fake), Some(1), "a handover is a transition");
     assert_eq!(working.load(Ordering::SeqCst), 1);
     assert_eq!(stop(b).await, Term::Finished);
     // A stopped leader leaves the Lease free.
