@@ -167,9 +167,11 @@ async fn flush_loop(
                 }
                 None => {
                     let mut receiver = shard_state.receiver.lock().await;
+                    // Waiting events first: a flusher stops only once its queue is empty.
                     let first = tokio::select! {
-                        () = stop.cancelled() => None,
+                        biased;
                         first = receiver.recv() => first,
+                        () = stop.cancelled() => None,
                     };
                     let Some(first) = first else { return };
                     push(&mut envelope, &mut batch, first);

@@ -396,3 +396,44 @@ async fn a_full_message_goes_beside_a_pending_one() {
         "the first alone, then two full messages"
     );
 }
+
+/// The link is cut while a message awaits its confirm and the next events gather behind it:
+/// every request is answered long before the confirm timeout, the pending one with 503; the
+/// gathered ones with 503, or 202 if they went out on a new link, and then they are on the
+/// queue. Nothing waits on a link that is gone, and ingest goes on on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_while_events_gather_answers_every_request() {
+    let env = TestEnv::new("cutgather").await;
+    let (proxy, ingest) = behind_a_pausable_broker(&env, 128).await;
+    let later: Vec<String> = (0..10).map(|i| format!("later-{i:02}")).collect();
+    let answers = first_then_later_while_paused(&proxy, &ingest, &later).await;
+    proxy.cut();
+    let mut accepted = Vec::new();
+    let rs = std::iter::once("first".to_owned()).chain(later.iter().cloned());
+    for (r, answer) in rs.zip(answers) {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .unwrap_or_else(|_| panic!("{r} was not answered long before the confirm timeout"))
+            .expect("task");
+        if r == "first" || answer.0 != StatusCode::ACCEPTED {
+            assert_retry_later(&answer, "");
+        } else {
+            accepted.push(r);
+        }
+    }
+    proxy.resume();
+    proxy.restore();
+    let publisher = ingest.publisher.clone();
+    eventually(WAIT, "ingest to reconnect", || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    let queued: Vec<String> = messages_by_r(&env).await.concat();
+    for r in accepted.iter().chain(["after".to_owned()].iter()) {
+        assert!(
+            queued.contains(r),
+            "{r} was accepted but is not on the queue: {queued:?}"
+        );
+    }
+}
