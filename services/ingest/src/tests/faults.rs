@@ -56,6 +56,17 @@ fn assert_retry_later(answer: &(StatusCode, Option<String>, String), reason: &st
     );
 }
 
+/// Restores the proxy; ingest reconnects by itself and the next event is accepted.
+async fn restore_and_expect_recovery(proxy: &Proxy, ingest: &IngestUnderTest) {
+    proxy.restore();
+    let publisher = ingest.publisher.clone();
+    eventually(WAIT, "ingest to reconnect", || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+}
+
 /// A link that hangs without a reset: requests get 503 after CONFIRM_TIMEOUT; missed
 /// heartbeats end the link, and ingest reconnects once the broker answers again.
 #[tokio::test]
@@ -75,12 +86,7 @@ async fn a_hung_broker_link_gives_503_after_the_confirm_timeout_and_is_replaced(
         (!publisher.is_connected()).then_some(())
     })
     .await;
-    proxy.restore();
-    eventually(WAIT, "ingest to reconnect", || async {
-        publisher.is_connected().then_some(())
-    })
-    .await;
-    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    restore_and_expect_recovery(&proxy, &ingest).await;
     // Only the confirmed events are on the queue; the 503'd one may or may not be (the client
     // resends it, and the worker drops the copy).
     let queued: Vec<String> = env
@@ -122,13 +128,7 @@ async fn a_link_cut_while_a_confirm_is_pending_gives_503() {
         .expect("task");
     assert_eq!(answer.0, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.2);
     assert_eq!(answer.1.as_deref(), Some("2"));
-    proxy.restore();
-    let publisher = ingest.publisher.clone();
-    eventually(WAIT, "ingest to reconnect", || async {
-        publisher.is_connected().then_some(())
-    })
-    .await;
-    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    restore_and_expect_recovery(&proxy, &ingest).await;
 }
 
 /// The broker nacks (a full queue that rejects publishes): 503, never 202.
@@ -422,13 +422,7 @@ async fn a_link_cut_while_events_gather_answers_every_request() {
         }
     }
     proxy.resume();
-    proxy.restore();
-    let publisher = ingest.publisher.clone();
-    eventually(WAIT, "ingest to reconnect", || async {
-        publisher.is_connected().then_some(())
-    })
-    .await;
-    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    restore_and_expect_recovery(&proxy, &ingest).await;
     let queued: Vec<String> = messages_by_r(&env).await.concat();
     for r in accepted.iter().chain(["after".to_owned()].iter()) {
         assert!(
