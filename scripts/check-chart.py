@@ -344,6 +344,9 @@ for label, values in value_sets.items():
         for rule in role["rules"]:
             if "secrets" in rule["resources"]:
                 check(rule["verbs"] == ["get"], f"[{label}] the operator may only get Secrets by name, not {rule['verbs']}")
+            # What the operator server-side applies (a patch) must stay patchable.
+            if {"deployments", "services", "configmaps"} & set(rule["resources"]):
+                check("patch" in rule["verbs"], f"[{label}] the operator server-side applies {rule['resources']}: it needs patch, has {rule['verbs']}")
     if label == "open ingest":
         check(pipeline["spec"]["ingest"]["auth"] == "none" and "writeKeysSecret" not in pipeline["spec"]["ingest"],
               "auth none: no key Secret named")
