@@ -301,7 +301,34 @@ impl Election {
     }
 
     /// Renews the Lease if this replica holds it; `Ok(false)` when another does (or it is gone).
+    /// A conflict (someone wrote it since the read) is an error: the next attempt reads again.
     async fn renew(&self) -> Result<bool, kube::Error> {
+        self.replace_held(|spec| self.taken(Some(spec))).await
+    }
+
+    /// Leaves the Lease free for a standby, if this replica still holds it. Bounded: on an API
+    /// server that does not answer, the Lease expires instead.
+    async fn release(&self) {
+        let attempt = self.replace_held(|spec| LeaseSpec {
+            holder_identity: None,
+            acquire_time: None,
+            renew_time: None,
+            lease_duration_seconds: None,
+            ..spec
+        });
+        match tokio::time::timeout(self.every * 2, attempt).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Could not release the Lease; it expires."),
+            Err(_) => tracing::warn!("Releasing the Lease timed out; it expires."),
+        }
+    }
+
+    /// Reads the Lease and, if this replica holds it, replaces its spec with `write(spec)`,
+    /// conditioned on the version read. `Ok(false)`: another replica holds it, or it is gone.
+    async fn replace_held(
+        &self,
+        write: impl FnOnce(LeaseSpec) -> LeaseSpec,
+    ) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.leases.get_opt(&self.name).await? else {
             return Ok(false);
         };
@@ -309,42 +336,11 @@ impl Election {
         if spec.holder_identity.as_deref() != Some(&self.identity) {
             return Ok(false);
         }
-        lease.spec = Some(self.taken(Some(spec)));
-        // A conflict (someone wrote it since the read) is an error: the next attempt reads again.
+        lease.spec = Some(write(spec));
         self.leases
             .replace(&self.name, &PostParams::default(), &lease)
             .await
             .map(|_| true)
-    }
-
-    /// Leaves the Lease free for a standby, if this replica still holds it. Bounded: on an API
-    /// server that does not answer, the Lease expires instead.
-    async fn release(&self) {
-        let attempt = async {
-            let Some(mut lease) = self.leases.get_opt(&self.name).await? else {
-                return Ok(());
-            };
-            let spec = lease.spec.take().unwrap_or_default();
-            if spec.holder_identity.as_deref() != Some(&self.identity) {
-                return Ok(());
-            }
-            lease.spec = Some(LeaseSpec {
-                holder_identity: None,
-                acquire_time: None,
-                renew_time: None,
-                lease_duration_seconds: None,
-                ..spec
-            });
-            self.leases
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await
-                .map(|_| ())
-        };
-        match tokio::time::timeout(self.every * 2, attempt).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "Could not release the Lease; it expires."),
-            Err(_) => tracing::warn!("Releasing the Lease timed out; it expires."),
-        }
     }
 }
 
