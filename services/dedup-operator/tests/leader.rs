@@ -144,10 +144,14 @@ async fn fake_server() -> (Shared, std::net::SocketAddr) {
 }
 
 fn client_at(url: &str) -> kube::Client {
+    client_with_read_timeout(url, Some(Duration::from_secs(1)))
+}
+
+fn client_with_read_timeout(url: &str, read_timeout: Option<Duration>) -> kube::Client {
     let mut config = kube::Config::new(url.parse().expect("test setup"));
     // A cut connection fails fast, as against a real API server that went away.
     config.connect_timeout = Some(Duration::from_millis(500));
-    config.read_timeout = Some(Duration::from_secs(1));
+    config.read_timeout = read_timeout;
     kube::Client::try_from(config).expect("test setup")
 }
 
@@ -359,6 +363,41 @@ async fn a_leader_cut_off_from_the_api_stops_before_its_lease_expires() {
         assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
         assert_eq!(stop(b).await, Term::Finished);
     }
+}
+
+/// A leader told to stop while the API server hangs (its client has no read timeout of its
+/// own) still stops: the release gives up after two renewal periods, the Lease keeps naming
+/// the stopped leader, and the standby takes it once it has not changed for its duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopping_while_the_api_hangs_does_not_hang_with_it() {
+    let (fake, addr) = fake_server().await;
+    let client = client_at(&format!("http://{addr}"));
+    let proxy = test_support::proxy::Proxy::start(addr).await;
+    let through_proxy = client_with_read_timeout(&format!("http://{}", proxy.addr()), None);
+    let working = Arc::new(AtomicUsize::new(0));
+    let a = first_leader(&through_proxy, &fake, &working).await;
+    let b = candidate(&client, "operator-b", &working);
+
+    proxy.hang();
+    // The release is bounded by two renewal periods (1.5 s here); the Lease's duration is the
+    // point past which a hanging release would be a bug, not a slow one.
+    let term = tokio::time::timeout(Duration::from_secs(LEASE_SECS), stop(a))
+        .await
+        .expect("a's shutdown hung with the API server");
+    assert_eq!(term, Term::Finished);
+    assert_eq!(working.load(Ordering::SeqCst), 0, "a's work stopped");
+    assert_eq!(
+        holder(&fake).as_deref(),
+        Some("operator-a"),
+        "nothing of a's release reached the API"
+    );
+    assert!(
+        wait_leading(&b, Duration::from_secs(2 * LEASE_SECS)).await,
+        "b never took the Lease a could not release"
+    );
+    assert_eq!(holder(&fake).as_deref(), Some("operator-b"));
+    assert_eq!(transitions(&fake), Some(1));
+    assert_eq!(stop(b).await, Term::Finished);
 }
 
 /// A leader whose API server answers but refuses every request (500 while it fails, 403 when
