@@ -32,6 +32,24 @@ def check(ok, message):
         problems.append(message)
 
 
+def check_operator_rules(role, where):
+    """The operator's own rights: Secrets only by name, and patch on what it server-side applies."""
+    for rule in role["rules"]:
+        if "secrets" in rule["resources"]:
+            check(rule["verbs"] == ["get"], f"{where}: the operator may only get Secrets by name, not {rule['verbs']}")
+        if {"deployments", "services", "configmaps"} & set(rule["resources"]):
+            check("patch" in rule["verbs"], f"{where}: the operator server-side applies {rule['resources']}: it needs patch, has {rule['verbs']}")
+
+
+def rights(role):
+    """A role's rules as (API group, resource, verb) triples, however they are grouped."""
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+# The default render's operator roles, which k8s/rbac.yaml must grant alike.
+chart_operator_roles = {}
+
 crd_text = open(os.path.join(CHART, "crds", "dedup-pipeline.yaml")).read()
 check(crd_text == open(os.path.join(ROOT, "k8s", "crd", "dedup-pipeline.yaml")).read(),
       "charts/dedup/crds/dedup-pipeline.yaml differs from k8s/crd/dedup-pipeline.yaml (copy the generated CRD)")
@@ -341,12 +359,10 @@ for label, values in value_sets.items():
         env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
         check(env.get("WATCH_NAMESPACES") == "prod,team-b", f"namespace-scoped: WATCH_NAMESPACES, got {env}")
     for role in (d for d in docs if d["kind"] in ("Role", "ClusterRole") and d["metadata"]["name"].endswith("-operator")):
-        for rule in role["rules"]:
-            if "secrets" in rule["resources"]:
-                check(rule["verbs"] == ["get"], f"[{label}] the operator may only get Secrets by name, not {rule['verbs']}")
-            # What the operator server-side applies (a patch) must stay patchable.
-            if {"deployments", "services", "configmaps"} & set(rule["resources"]):
-                check("patch" in rule["verbs"], f"[{label}] the operator server-side applies {rule['resources']}: it needs patch, has {rule['verbs']}")
+        check_operator_rules(role, f"[{label}] {role['kind']}/{role['metadata']['name']}")
+    if label == "defaults":
+        chart_operator_roles = {d["kind"]: d for d in docs if d["kind"] in ("Role", "ClusterRole")
+                                and d["metadata"]["name"].endswith(("-operator", "-operator-leader"))}
     if label == "open ingest":
         check(pipeline["spec"]["ingest"]["auth"] == "none" and "writeKeysSecret" not in pipeline["spec"]["ingest"],
               "auth none: no key Secret named")
@@ -474,6 +490,19 @@ for manifest in ("operator.yaml", "rbac.yaml", "example-pipeline.yaml"):
                 kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
             problems.append(f"{where}: {e.message}")
+# k8s/rbac.yaml grants the operator what the chart's default render grants it: the same rights
+# in its ClusterRole and in its leader-election Role.
+plain_roles = {d["kind"]: d for d in yaml.safe_load_all(open(os.path.join(ROOT, "k8s", "rbac.yaml")))
+               if d["kind"] in ("Role", "ClusterRole")}
+check(set(plain_roles) == {"Role", "ClusterRole"} == set(chart_operator_roles),
+      f"k8s/rbac.yaml and the chart's defaults each have the operator's ClusterRole and leader Role: "
+      f"{sorted(plain_roles)} / {sorted(chart_operator_roles)}")
+for kind, role in plain_roles.items():
+    check_operator_rules(role, f"k8s/rbac.yaml: {kind}/{role['metadata']['name']}")
+    if kind in chart_operator_roles:
+        plain, charted = rights(role), rights(chart_operator_roles[kind])
+        check(plain == charted, f"k8s/rbac.yaml: {kind}/{role['metadata']['name']} differs from the chart's: "
+                                f"only in k8s/ {sorted(plain - charted)}, only in the chart {sorted(charted - plain)}")
 kustomization = yaml.safe_load(open(os.path.join(ROOT, "k8s", "kustomization.yaml")))
 for resource in kustomization["resources"]:
     check(os.path.exists(os.path.join(ROOT, "k8s", resource)), f"k8s/kustomization.yaml lists missing {resource}")
