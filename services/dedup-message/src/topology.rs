@@ -54,6 +54,22 @@ pub async fn connect(url: &str, ca_pem: Option<&str>) -> lapin::Result<lapin::Co
         .await
 }
 
+/// How long closing a connection or channel may wait for the broker's answer. A broker that
+/// hangs never answers, and a wait on it would outlast the pod's grace period (SIGKILL comes
+/// 5 s after SHUTDOWN_GRACE) or stall a reconnection; the close is then abandoned, and the
+/// socket goes with the process or the dropped connection.
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Closes `connection` with `code` and `text`, waiting at most [`CLOSE_WAIT`] for the broker.
+pub async fn close_connection(connection: &lapin::Connection, code: u16, text: &str) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, connection.close(code, text.into())).await;
+}
+
+/// Closes `channel` with `code` and `text`, waiting at most [`CLOSE_WAIT`] for the broker.
+pub async fn close_channel(channel: &lapin::Channel, code: u16, text: &str) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, channel.close(code, text.into())).await;
+}
+
 /// Names and shape of the queues. Both binaries must agree on these.
 #[derive(Debug, Clone, Args)]
 pub struct Topology {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dedup_message::message::Envelope;
-use dedup_message::topology::{Topology, describe_declare_error};
+use dedup_message::topology::{Topology, close_channel, close_connection, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
 use lapin::Connection;
@@ -263,8 +263,7 @@ impl Consumer {
             Ok(()) => (200, "worker stopping"),
             Err(_) => (320, "worker restarting the session"),
         };
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), connection.close(code, text.into())).await;
+        close_connection(&connection, code, text).await;
         result
     }
 
@@ -403,10 +402,8 @@ impl Consumer {
         while !in_flight.is_empty() {
             in_flight.complete_oldest(channel).await?;
         }
-        let _ = dead_letter_channel
-            .close(200, "worker stopping".into())
-            .await;
-        let _ = channel.close(200, "worker stopping".into()).await;
+        close_channel(dead_letter_channel, 200, "worker stopping").await;
+        close_channel(channel, 200, "worker stopping").await;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dedup_message::message::Envelope;
-use dedup_message::topology::{Topology, describe_declare_error};
+use dedup_message::topology::{Topology, close_channel, close_connection, describe_declare_error};
 use dedup_runtime::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -202,13 +202,13 @@ impl Publisher {
                     tokio::select! {
                         () = stop.cancelled() => {
                             self.set_link(None);
-                            let _ = link.connection.close(200, "ingest shutting down".into()).await;
+                            close_connection(&link.connection, 200, "ingest shutting down").await;
                             break;
                         }
                         () = self.wait_until_broken(&link) => {}
                     }
                     self.set_link(None);
-                    let _ = link.connection.close(320, "reconnecting".into()).await;
+                    close_connection(&link.connection, 320, "reconnecting").await;
                     tracing::warn!("Broker connection lost; reconnecting.");
                 }
                 Err(error) => {
@@ -241,7 +241,7 @@ impl Publisher {
             .declare(&declare_channel)
             .await
             .map_err(|e| describe_declare_error(&self.config.topology, &e))?;
-        let _ = declare_channel.close(200, "declared".into()).await;
+        close_channel(&declare_channel, 200, "declared").await;
         let mut channels = Vec::with_capacity(self.config.channels.max(1));
         for _ in 0..self.config.channels.max(1) {
             let channel = connection

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::support::{IngestUnderTest, ingest_config};
+use super::support::{IngestUnderTest, ingest_config, messages_by_r};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
@@ -250,26 +250,6 @@ async fn requests_past_max_in_flight_publishes_get_503_at_once() {
     for task in waiting {
         assert_eq!(task.await.expect("task").0, StatusCode::SERVICE_UNAVAILABLE);
     }
-}
-
-/// The events' `r`s of each message on the queue, in order.
-async fn messages_by_r(env: &TestEnv) -> Vec<Vec<String>> {
-    env.drain(&env.topology.queue)
-        .await
-        .iter()
-        .map(|(body, _)| {
-            let mut rs: Vec<String> = dedup_message::message::lines(body)
-                .map(|l| {
-                    serde_json::from_slice::<Value>(l).expect("JSON")["r"]
-                        .as_str()
-                        .expect("r")
-                        .to_owned()
-                })
-                .collect();
-            rs.sort();
-            rs
-        })
-        .collect()
 }
 
 /// Sends single events named `r` one at a time while the broker is slow, each once the one

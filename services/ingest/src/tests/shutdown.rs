@@ -2,13 +2,19 @@
 
 use std::time::Duration;
 
-use super::support::{IngestServer, ingest_config};
-use test_support::TestEnv;
+use std::net::SocketAddr;
+
+use super::support::{IngestServer, ingest_config, messages_by_r};
+use test_support::client::{amqp_url_via, http_request};
 use test_support::events::event;
+use test_support::{Proxy, TestEnv, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const RABBITMQ_ADDR: &str = "127.0.0.1:5672";
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A request whose body is still arriving when shutdown starts is completed (202, queued),
 /// then the server exits.
@@ -57,4 +63,150 @@ async fn shutdown_drains_the_request_in_flight() {
         TcpStream::connect(addr).await.is_err(),
         "no new connections after shutdown"
     );
+}
+
+/// ingest serving on real ports behind a proxy the test pauses, with `grace` to drain on
+/// shutdown and a confirm timeout far past anything the tests wait for.
+async fn serving_behind_a_pausable_broker(env: &TestEnv, grace: Duration) -> (Proxy, IngestServer) {
+    let proxy = Proxy::start(RABBITMQ_ADDR.parse().expect("addr")).await;
+    let mut config = ingest_config(env, &amqp_url_via(proxy.addr()));
+    config.confirm_timeout = Duration::from_secs(60);
+    config.request_timeout = Duration::from_secs(60);
+    config.coalesce_flushers = 2;
+    config.max_events_per_message = 128;
+    config.shutdown_grace = grace;
+    let server = IngestServer::start(config).await;
+    (proxy, server)
+}
+
+/// Posts the event named `r` on its own connection; the raw answer, empty if the connection
+/// closed without one.
+fn post(addr: SocketAddr, r: &str) -> JoinHandle<String> {
+    let body = event(r).to_string();
+    tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /product_events/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.write_all(body.as_bytes()).await.expect("body");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+/// ingest's `dedup_ingest_publishes_in_flight`, read from its admin server.
+async fn publishes_in_flight(admin: SocketAddr) -> i64 {
+    let (status, text) = http_request(admin, "GET", "/metrics", "text/plain", b"").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("dedup_ingest_publishes_in_flight "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dedup_ingest_publishes_in_flight in {text}"))
+}
+
+/// Pauses the broker link, posts "first" and waits until its message awaits its confirm, then
+/// posts the events named `later`, which gather behind it; the answers to come, "first"'s
+/// first.
+async fn first_then_later_while_paused(
+    proxy: &Proxy,
+    server: &IngestServer,
+    later: &[String],
+) -> Vec<JoinHandle<String>> {
+    proxy.pause();
+    let mut answers = vec![post(server.addr, "first")];
+    let admin = server.admin_addr;
+    eventually(
+        WAIT,
+        "the first event's message to await its confirm",
+        || async { (publishes_in_flight(admin).await == 1).then_some(()) },
+    )
+    .await;
+    answers.extend(later.iter().map(|r| post(server.addr, r)));
+    // Long enough on loopback for ingest to read each 2 KB body and hold its event.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        publishes_in_flight(admin).await,
+        1,
+        "the later events gather behind the pending confirm"
+    );
+    answers
+}
+
+/// SIGTERM while events gather behind a pending confirm: ingest neither answers them early
+/// nor exits; when the confirm comes back, the gathered events go out as one message, every
+/// request is answered 202, and then ingest exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_publishes_the_events_gathered_behind_a_pending_confirm() {
+    let env = TestEnv::new("draingather").await;
+    let (proxy, mut server) = serving_behind_a_pausable_broker(&env, Duration::from_secs(30)).await;
+    let later: Vec<String> = (0..10).map(|i| format!("later-{i:02}")).collect();
+    let answers = first_then_later_while_paused(&proxy, &server, &later).await;
+
+    server.shutdown();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !server.task.is_finished(),
+        "ingest waits for the requests whose events it holds"
+    );
+    assert!(
+        answers.iter().all(|a| !a.is_finished()),
+        "no request is answered before its event is confirmed"
+    );
+
+    proxy.resume();
+    for answer in answers {
+        let answer = tokio::time::timeout(WAIT, answer)
+            .await
+            .expect("answered once the broker confirms")
+            .expect("task");
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), server.task)
+        .await
+        .expect("ingest exits once drained")
+        .expect("task")
+        .expect("clean exit");
+    assert_eq!(
+        messages_by_r(&env).await,
+        vec![vec!["first".to_owned()], later],
+        "the first event's message, then one for all that gathered behind it"
+    );
+}
+
+/// SIGTERM while the broker never confirms: ingest exits once the grace period runs out, and no
+/// request whose event was not confirmed is answered 202 (each is closed unanswered or gets
+/// 503), so every client retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_after_the_grace_period_without_a_false_202() {
+    let env = TestEnv::new("draingrace").await;
+    let grace = Duration::from_secs(1);
+    let (proxy, mut server) = serving_behind_a_pausable_broker(&env, grace).await;
+    let later: Vec<String> = (0..5).map(|i| format!("later-{i}")).collect();
+    let answers = first_then_later_while_paused(&proxy, &server, &later).await;
+
+    let started = std::time::Instant::now();
+    server.shutdown();
+    tokio::time::timeout(grace + Duration::from_secs(5), server.task)
+        .await
+        .expect("ingest exits soon after the grace period")
+        .expect("task")
+        .expect("clean exit");
+    assert!(
+        started.elapsed() >= grace,
+        "ingest waited out the grace period for the requests in flight"
+    );
+    for answer in answers {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("every connection is answered or closed soon after ingest exits")
+            .expect("task");
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+            "an unconfirmed event was answered: {answer}"
+        );
+    }
+    drop(proxy);
 }

@@ -11,6 +11,7 @@ use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use clap::Parser;
+use serde_json::Value;
 use test_support::TestEnv;
 use test_support::client::http_request;
 use tokio::task::JoinHandle;
@@ -26,6 +27,26 @@ pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> crate::Config {
     config.reconnect_max_backoff = Duration::from_millis(300);
     config.retry_after = Duration::from_secs(2);
     config
+}
+
+/// The events' `r`s of each message on the queue, in order.
+pub async fn messages_by_r(env: &TestEnv) -> Vec<Vec<String>> {
+    env.drain(&env.topology.queue)
+        .await
+        .iter()
+        .map(|(body, _)| {
+            let mut rs: Vec<String> = dedup_message::message::lines(body)
+                .map(|l| {
+                    serde_json::from_slice::<Value>(l).expect("JSON")["r"]
+                        .as_str()
+                        .expect("r")
+                        .to_owned()
+                })
+                .collect();
+            rs.sort();
+            rs
+        })
+        .collect()
 }
 
 /// A running ingest: the router to drive with `oneshot`, and its publisher.
@@ -105,9 +126,13 @@ impl Drop for IngestUnderTest {
     }
 }
 
-/// A real ingest server on loopback ports, serving until [`IngestServer::shutdown`].
+/// A real ingest server on loopback ports, serving until [`IngestServer::shutdown`]. It runs
+/// on a runtime of its own, dropped when `serve` returns, as the process would exit: whatever
+/// it leaves behind (a connection still open, a task still waiting) goes with it.
 pub struct IngestServer {
     pub addr: SocketAddr,
+    /// The admin server (metrics, health), which stops when shutdown starts.
+    pub admin_addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
@@ -115,20 +140,34 @@ pub struct IngestServer {
 impl IngestServer {
     /// Binds ephemeral ports, starts `crate::serve` and waits (10 s at most) until ready.
     pub async fn start(config: crate::Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let bind = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.set_nonblocking(true).expect("non-blocking");
+            listener
+        };
+        let (listener, admin) = (bind(), bind());
         let (addr, admin_addr) = (
             listener.local_addr().expect("addr"),
             admin.local_addr().expect("addr"),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(crate::serve(config, listener, admin, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let served = runtime.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let admin = tokio::net::TcpListener::from_std(admin).expect("listener");
+                crate::serve(config, listener, admin, async {
+                    let _ = stopped.await;
+                })
+                .await
+            });
+            drop(runtime);
+            served
+        });
         test_support::eventually(Duration::from_secs(10), "ingest to be ready", || async {
             (http_request(admin_addr, "GET", "/readyz", "text/plain", b"")
                 .await
@@ -139,6 +178,7 @@ impl IngestServer {
         .await;
         Self {
             addr,
+            admin_addr,
             stop: Some(stop),
             task,
         }
