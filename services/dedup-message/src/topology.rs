@@ -54,7 +54,8 @@ pub async fn connect(url: &str, ca_pem: Option<&str>) -> lapin::Result<lapin::Co
         .await
 }
 
-/// How long closing a connection or channel may wait for the broker's answer. A broker that
+/// How long closing a connection or channel (or cancelling a consumer) may wait for the
+/// broker's answer. A broker that
 /// hangs never answers, and a wait on it would outlast the pod's grace period (SIGKILL comes
 /// 5 s after SHUTDOWN_GRACE) or stall a reconnection; the close is then abandoned, and the
 /// socket goes with the process or the dropped connection.

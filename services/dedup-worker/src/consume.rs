@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dedup_message::message::Envelope;
-use dedup_message::topology::{Topology, close_channel, close_connection, describe_declare_error};
+use dedup_message::topology::{
+    CLOSE_WAIT, Topology, close_channel, close_connection, describe_declare_error,
+};
 use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
 use lapin::Connection;
@@ -386,9 +388,12 @@ impl Consumer {
         in_flight: &mut InFlight,
         stop: &CancellationToken,
     ) -> Result<()> {
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        // A hung broker never answers the cancel; past CLOSE_WAIT the worker goes on without it.
+        let _ = tokio::time::timeout(
+            CLOSE_WAIT,
+            channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+        )
+        .await;
         let drained_by = Instant::now() + SHUTDOWN_DRAIN;
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout_at(drained_by, consumer.next()).await
@@ -402,8 +407,10 @@ impl Consumer {
         while !in_flight.is_empty() {
             in_flight.complete_oldest(channel).await?;
         }
-        close_channel(dead_letter_channel, 200, "worker stopping").await;
-        close_channel(channel, 200, "worker stopping").await;
+        tokio::join!(
+            close_channel(dead_letter_channel, 200, "worker stopping"),
+            close_channel(channel, 200, "worker stopping"),
+        );
         Ok(())
     }
 

@@ -161,6 +161,35 @@ async fn a_hung_broker_link_is_ended_by_heartbeats_and_nothing_is_lost() {
     worker.stop().await.expect("clean stop");
 }
 
+/// The worker is stopped while the broker link hangs (before heartbeats end the session):
+/// closing its channels and connection waits at most `CLOSE_WAIT` each for a broker that never
+/// answers, so it stops within seconds instead of using up its grace period.
+#[tokio::test]
+async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
+    let env = TestEnv::new("mqhangstop").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut config = worker_config(&env);
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    config.shutdown_grace = Duration::from_secs(60);
+    let worker = WorkerUnderTest::start(config, None).await;
+    let ready = worker.worker.readiness();
+    eventually(WAIT, "the worker consuming", || async { ready().ok() }).await;
+    publish_each(&env, &unique(20, "mqhangstop")).await;
+    settle(&env, 20).await;
+
+    proxy.hang();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), worker.stop())
+        .await
+        .expect("the worker stops without waiting out its 60 s grace for the hung broker");
+    stopped.expect("clean stop");
+    proxy.restore();
+    assert_eq!(
+        env.ready_messages(&env.topology.queue).await,
+        0,
+        "everything was acked before the hang"
+    );
+}
+
 /// A message that keeps coming back (here: a consumer rejects it with requeue, as a worker
 /// crashing on it would) is moved by the quorum queue to the dead-letter queue after
 /// AMQP_DELIVERY_LIMIT returns, instead of blocking the queue forever.
