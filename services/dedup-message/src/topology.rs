@@ -55,10 +55,9 @@ pub async fn connect(url: &str, ca_pem: Option<&str>) -> lapin::Result<lapin::Co
 }
 
 /// How long closing a connection or channel (or cancelling a consumer) may wait for the
-/// broker's answer. A broker that
-/// hangs never answers, and a wait on it would outlast the pod's grace period (SIGKILL comes
-/// 5 s after SHUTDOWN_GRACE) or stall a reconnection; the close is then abandoned, and the
-/// socket goes with the process or the dropped connection.
+/// broker's answer. A broker that hangs never answers, and a wait on it would outlast the
+/// pod's grace period (SIGKILL comes 5 s after SHUTDOWN_GRACE) or stall a reconnection; the
+/// close is then abandoned, and the socket goes with the process or the dropped connection.
 pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Closes `connection` with `code` and `text`, waiting at most [`CLOSE_WAIT`] for the broker.

@@ -162,8 +162,9 @@ async fn a_hung_broker_link_is_ended_by_heartbeats_and_nothing_is_lost() {
 }
 
 /// The worker is stopped while the broker link hangs (before heartbeats end the session):
-/// closing its channels and connection waits at most `CLOSE_WAIT` each for a broker that never
-/// answers, so it stops within seconds instead of using up its grace period.
+/// cancelling its consumer, closing its channels and closing its connection each wait at most
+/// `CLOSE_WAIT` for a broker that never answers, so it stops within seconds instead of using
+/// up its grace period.
 #[tokio::test]
 async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
     let env = TestEnv::new("mqhangstop").await;

@@ -1,8 +1,7 @@
 //! On SIGTERM ingest stops taking new connections but finishes the requests in flight.
 
-use std::time::Duration;
-
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::support::{IngestServer, ingest_config, messages_by_r};
 use test_support::client::{amqp_url_via, http_request};
