@@ -48,11 +48,9 @@ async fn shutdown_drains_the_request_in_flight() {
         .expect("response");
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
-    tokio::time::timeout(Duration::from_secs(10), server.task)
-        .await
-        .expect("the server exits once drained")
-        .expect("task")
-        .expect("clean exit");
+    server
+        .exits_within(Duration::from_secs(10), "the server exits once drained")
+        .await;
     assert_eq!(
         env.ready_messages(&env.topology.queue).await,
         1,
@@ -163,11 +161,9 @@ async fn shutdown_publishes_the_events_gathered_behind_a_pending_confirm() {
             .expect("task");
         assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
     }
-    tokio::time::timeout(Duration::from_secs(10), server.task)
-        .await
-        .expect("ingest exits once drained")
-        .expect("task")
-        .expect("clean exit");
+    server
+        .exits_within(Duration::from_secs(10), "ingest exits once drained")
+        .await;
     assert_eq!(
         messages_by_r(&env).await,
         vec![vec!["first".to_owned()], later],
@@ -188,11 +184,12 @@ async fn shutdown_ends_after_the_grace_period_without_a_false_202() {
 
     let started = std::time::Instant::now();
     server.shutdown();
-    tokio::time::timeout(grace + Duration::from_secs(5), server.task)
-        .await
-        .expect("ingest exits soon after the grace period")
-        .expect("task")
-        .expect("clean exit");
+    server
+        .exits_within(
+            grace + Duration::from_secs(5),
+            "ingest exits soon after the grace period",
+        )
+        .await;
     assert!(
         started.elapsed() >= grace,
         "ingest waited out the grace period for the requests in flight"

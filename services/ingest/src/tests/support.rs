@@ -184,6 +184,16 @@ impl IngestServer {
         }
     }
 
+    /// Waits for the server to end, cleanly, within `within`; `what` names the wait when it
+    /// runs out.
+    pub async fn exits_within(self, within: Duration, what: &str) {
+        tokio::time::timeout(within, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within {within:?}"))
+            .expect("the server's task")
+            .expect("a clean exit");
+    }
+
     /// Starts the graceful shutdown (as SIGTERM would).
     pub fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
