@@ -54,6 +54,13 @@ pub async fn connect(url: &str, ca_pem: Option<&str>) -> lapin::Result<lapin::Co
         .await
 }
 
+/// How long connecting to the broker may take, and then, separately, the setup on the new
+/// connection (its channels, declaring the topology, qos, consuming). A broker that hangs
+/// part-way never answers; without a bound the reconnection would wait for the client to miss
+/// its heartbeats (two intervals, two minutes at RabbitMQ's default), publishing or consuming
+/// nothing meanwhile.
+pub const SETUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long closing a connection or channel (or cancelling a consumer) may wait for the
 /// broker's answer. A broker that hangs never answers, and a wait on it would outlast the
 /// pod's grace period (SIGKILL comes 5 s after SHUTDOWN_GRACE) or stall a reconnection; the

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dedup_message::message::Envelope;
 use dedup_message::topology::{
-    CLOSE_WAIT, Topology, close_channel, close_connection, describe_declare_error,
+    CLOSE_WAIT, SETUP_WAIT, Topology, close_channel, close_connection, describe_declare_error,
 };
 use dedup_runtime::backoff::Backoff;
 use futures::StreamExt;
@@ -249,17 +249,14 @@ impl Consumer {
         backoff: &mut Backoff,
     ) -> Result<()> {
         let s = &self.settings;
-        let connection = tokio::time::timeout(
-            Duration::from_secs(10),
+        let connect = tokio::time::timeout(
+            SETUP_WAIT,
             dedup_message::topology::connect(s.url.expose(), s.ca_pem.as_deref()),
-        )
-        .await
-        .map_err(|_| {
-            Error::Amqp(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connecting to RabbitMQ timed out",
-            )))
-        })??;
+        );
+        let connection = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            connected = connect => connected.map_err(|_| timed_out("connecting to RabbitMQ"))??,
+        };
         let result = self.consume(queue, &connection, stop, backoff).await;
         let (code, text) = match &result {
             Ok(()) => (200, "worker stopping"),
@@ -277,7 +274,13 @@ impl Consumer {
         backoff: &mut Backoff,
     ) -> Result<()> {
         let s = &self.settings;
-        let (channel, dead_letter_channel, mut consumer) = self.open(queue, connection).await?;
+        let open = tokio::time::timeout(SETUP_WAIT, self.open(queue, connection));
+        let (channel, dead_letter_channel, mut consumer) = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            opened = open => opened.map_err(|_| timed_out(
+                "the broker accepted the connection but opening the channels and the consumer"
+            ))??,
+        };
         self.progress.set_consuming(queue.index, true);
         backoff.reset();
         let batch_limits = BatchLimits {
@@ -538,6 +541,14 @@ impl InFlight {
             batch.task.abort();
         }
     }
+}
+
+/// The error for a step with the broker that took longer than [`SETUP_WAIT`].
+fn timed_out(what: &str) -> Error {
+    Error::Amqp(lapin::Error::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out after {SETUP_WAIT:?}"),
+    )))
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dedup_message::message::Envelope;
-use dedup_message::topology::{Topology, close_channel, close_connection, describe_declare_error};
+use dedup_message::topology::{
+    SETUP_WAIT, Topology, close_channel, close_connection, describe_declare_error,
+};
 use dedup_runtime::backoff::Backoff;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -228,10 +230,31 @@ impl Publisher {
             self.config.url.expose(),
             self.config.ca_pem.as_deref(),
         );
-        let connection = tokio::time::timeout(Duration::from_secs(10), connect)
+        let connection = tokio::time::timeout(SETUP_WAIT, connect)
             .await
-            .map_err(|_| "connecting timed out after 10s".to_owned())?
+            .map_err(|_| format!("connecting timed out after {SETUP_WAIT:?}"))?
             .map_err(|e| format!("{e}"))?;
+        match tokio::time::timeout(SETUP_WAIT, self.set_up(&connection)).await {
+            Ok(Ok(channels)) => Ok(Link {
+                connection,
+                channels,
+            }),
+            Ok(Err(e)) => {
+                close_connection(&connection, 320, "setup failed").await;
+                Err(e)
+            }
+            Err(_) => {
+                close_connection(&connection, 320, "setup timed out").await;
+                Err(format!(
+                    "the broker accepted the connection but did not answer its setup (channels, \
+                     declaring the queues) within {SETUP_WAIT:?}"
+                ))
+            }
+        }
+    }
+
+    /// Declares the topology and opens the confirmed channels on a new `connection`.
+    async fn set_up(&self, connection: &Connection) -> Result<Vec<Channel>, String> {
         let declare_channel = connection
             .create_channel()
             .await
@@ -254,10 +277,7 @@ impl Publisher {
                 .map_err(|e| e.to_string())?;
             channels.push(channel);
         }
-        Ok(Link {
-            connection,
-            channels,
-        })
+        Ok(channels)
     }
 
     /// Returns once the connection or one of its channels is no longer usable.

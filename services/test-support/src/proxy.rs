@@ -1,11 +1,12 @@
 //! A TCP proxy in front of a real service. Code under test connects through it; the test
 //! cuts it to make the service "go away" (live connections reset, new ones refused), hangs
 //! it (connections stay open and nothing passes, as behind a dead router), and restores it,
-//! or pauses it (bytes wait in the proxy, as behind a slow link) and resumes it — without
-//! touching the shared service other tests use.
+//! or pauses it (bytes wait in the proxy, as behind a slow link) and resumes it, or stalls the
+//! one connection that sends a given request (as a broker that hangs mid-conversation) —
+//! without touching the shared service other tests use.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,6 +14,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// The body of an AMQP 0-9-1 `channel.open` method frame as it follows the frame's type and
+/// channel number: its size (5), class 20 (channel), method 10 (open). For
+/// [`Proxy::stall_on`]: a client's first channel, right after the connection's handshake.
+pub const AMQP_CHANNEL_OPEN: &[u8] = &[0, 0, 0, 5, 0, 20, 0, 10];
 
 /// A running proxy; dropping it stops it.
 pub struct Proxy {
@@ -32,6 +38,10 @@ struct State {
     live: Mutex<CancellationToken>,
     /// While true, bytes read from either side are held until [`Proxy::resume`].
     paused: watch::Sender<bool>,
+    /// Set by [`Proxy::stall_on`]: the bytes whose sending stalls a connection, once.
+    stall_on: Mutex<Option<Vec<u8>>>,
+    /// How many connections [`Proxy::stall_on`] has stalled.
+    stalled: AtomicUsize,
 }
 
 impl Proxy {
@@ -48,6 +58,8 @@ impl Proxy {
             held: Mutex::new(Vec::new()),
             live: Mutex::new(CancellationToken::new()),
             paused: watch::Sender::new(false),
+            stall_on: Mutex::new(None),
+            stalled: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
@@ -93,6 +105,19 @@ impl Proxy {
     pub fn resume(&self) {
         self.state.paused.send_replace(false);
     }
+
+    /// The next connection whose client sends `request` (within one read) stops there: that
+    /// read and everything after it, both ways, is never forwarded, and the connection stays
+    /// open, as with a server that hangs before answering. Only that one connection; the
+    /// others, and later ones, pass as before.
+    pub fn stall_on(&self, request: &[u8]) {
+        *self.state.stall_on.lock().expect("proxy lock") = Some(request.to_vec());
+    }
+
+    /// How many connections [`Proxy::stall_on`] has stalled so far.
+    pub fn stalled(&self) -> usize {
+        self.state.stalled.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -130,16 +155,21 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
             let _ = server.set_nodelay(true);
             let (mut client_read, mut client_write) = client.into_split();
             let (mut server_read, mut server_write) = server.into_split();
+            let stalled = AtomicBool::new(false);
             let cancelled = {
                 let up = pump(
                     &mut client_read,
                     &mut server_write,
                     state.paused.subscribe(),
+                    &stalled,
+                    Some(&state),
                 );
                 let down = pump(
                     &mut server_read,
                     &mut client_write,
                     state.paused.subscribe(),
+                    &stalled,
+                    None,
                 );
                 tokio::select! {
                     () = live.cancelled() => true,
@@ -170,11 +200,15 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
 }
 
 /// Copies one direction until end of stream (then shuts the other side's writing down), each
-/// chunk only while the proxy is not paused.
+/// chunk only while the proxy is not paused and the connection not `stalled`. `watch` is given
+/// for the client's direction: a chunk there holding [`Proxy::stall_on`]'s request sets
+/// `stalled`, which both directions share.
 async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
     mut paused: watch::Receiver<bool>,
+    stalled: &AtomicBool,
+    watch: Option<&State>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -182,8 +216,22 @@ async fn pump(
         if n == 0 {
             return to.shutdown().await;
         }
+        if let Some(state) = watch {
+            let mut stall_on = state.stall_on.lock().expect("proxy lock");
+            let hit = stall_on
+                .as_deref()
+                .is_some_and(|request| buf[..n].windows(request.len()).any(|w| w == request));
+            if hit {
+                *stall_on = None;
+                stalled.store(true, Ordering::SeqCst);
+                state.stalled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         // The sender lives as long as the proxy; without it there is nothing left to wait for.
         let _ = paused.wait_for(|paused| !*paused).await;
+        if stalled.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         to.write_all(&buf[..n]).await?;
     }
 }

@@ -191,6 +191,48 @@ async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
     );
 }
 
+/// A broker that accepts the connection, then hangs before the first channel is open, costs
+/// the worker one SETUP_WAIT: it gives that connection up and consumes through a new one.
+/// Unbounded, the setup waited until the client missed the broker's heartbeats (two minutes
+/// at RabbitMQ's default), consuming nothing all that time.
+#[tokio::test]
+async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
+    let env = TestEnv::new("mqsetuphang").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
+    let mut config = worker_config(&env);
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    publish_each(&env, &unique(20, "mqsetuphang")).await;
+    let worker = WorkerUnderTest::start(config, None).await;
+    let bound = dedup_message::topology::SETUP_WAIT + Duration::from_secs(8);
+    tokio::time::timeout(bound, settle(&env, 20))
+        .await
+        .expect("the worker gave the hung setup up and consumed through a new connection");
+    assert_eq!(proxy.stalled(), 1, "the first connection's setup stalled");
+    worker.stop().await.expect("clean stop");
+}
+
+/// A worker stopped while its broker hangs in the setup stops at once: the setup is not
+/// waited out.
+#[tokio::test]
+async fn a_worker_stopped_during_a_hung_setup_stops_at_once() {
+    let env = TestEnv::new("mqsetupstop").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
+    let mut config = worker_config(&env);
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    let worker = WorkerUnderTest::start(config, None).await;
+    eventually(WAIT, "the first channel stalled", || async {
+        (proxy.stalled() == 1).then_some(())
+    })
+    .await;
+    // Closing the stalled connection waits CLOSE_WAIT (2 s) for an answer that never comes.
+    tokio::time::timeout(Duration::from_secs(5), worker.stop())
+        .await
+        .expect("the worker stops without waiting out the hung setup")
+        .expect("clean stop");
+}
+
 /// A message that keeps coming back (here: a consumer rejects it with requeue, as a worker
 /// crashing on it would) is moved by the quorum queue to the dead-letter queue after
 /// AMQP_DELIVERY_LIMIT returns, instead of blocking the queue forever.

@@ -67,6 +67,36 @@ async fn restore_and_expect_recovery(proxy: &Proxy, ingest: &IngestUnderTest) {
     assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
 }
 
+/// A broker that accepts the connection, then hangs before the first channel is open, costs
+/// ingest one SETUP_WAIT: it gives that connection up and connects again. Unbounded, the
+/// setup waited until the client missed the broker's heartbeats (two minutes at RabbitMQ's
+/// default), answering 503 all that time.
+#[tokio::test]
+async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
+    let env = TestEnv::new("setuphang").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
+    let config = ingest_config(&env, &amqp_url_via(proxy.addr()));
+    let ingest = IngestUnderTest::start(&config, false).await;
+    eventually(WAIT, "the first channel stalled", || async {
+        (proxy.stalled() == 1).then_some(())
+    })
+    .await;
+    assert_retry_later(
+        &post(&ingest.router, "during").await,
+        "the message broker is unreachable",
+    );
+    let publisher = ingest.publisher.clone();
+    let bound = dedup_message::topology::SETUP_WAIT + Duration::from_secs(8);
+    eventually(bound, "ingest to connect again", || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    assert_eq!(post(&ingest.router, "after").await.0, StatusCode::ACCEPTED);
+    assert_eq!(proxy.stalled(), 1, "only the first connection stalled");
+    assert_eq!(messages_by_r(&env).await, vec![vec!["after".to_owned()]]);
+}
+
 /// A link that hangs without a reset: requests get 503 after CONFIRM_TIMEOUT; missed
 /// heartbeats end the link, and ingest reconnects once the broker answers again.
 #[tokio::test]
