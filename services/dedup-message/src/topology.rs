@@ -119,6 +119,31 @@ pub fn shard_queue(queue: &str, shard: u16) -> String {
     }
 }
 
+/// A regular expression (as RabbitMQ's management API reads one) matching the names of
+/// `queue`'s shards past shard 0, `<queue>.<n>`, and nothing else.
+pub fn shard_queue_pattern(queue: &str) -> String {
+    let mut pattern = String::from("^");
+    for c in queue.chars() {
+        // A backslash before any ASCII character that is not a letter or digit makes it literal.
+        if c.is_ascii() && !c.is_ascii_alphanumeric() {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str(r"\.[1-9][0-9]*$");
+    pattern
+}
+
+/// The shard number of `name` when it names a shard of `queue` past shard 0 (the inverse of
+/// [`shard_queue`] there).
+pub fn shard_number(queue: &str, name: &str) -> Option<u16> {
+    let digits = name.strip_prefix(queue)?.strip_prefix('.')?;
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| n > 0)
+}
+
 /// The `shards` queues of `queue`, shard 0 first.
 pub fn shard_queues(queue: &str, shards: u16) -> Vec<String> {
     (0..shards.max(1)).map(|i| shard_queue(queue, i)).collect()
@@ -318,6 +343,34 @@ pub fn describe_declare_error(topology: &Topology, error: &lapin::Error) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_names_are_recognised_and_nothing_else() {
+        for (name, shard) in [
+            ("t.events.1", Some(1)),
+            ("t.events.1023", Some(1023)),
+            ("t.events", None),
+            ("t.events.0", None),
+            ("t.events.01", None),
+            ("t.events.dlq", None),
+            ("t.events.1.dlq", None),
+            ("t.eventsx.1", None),
+            ("t.events.99999", None),
+        ] {
+            assert_eq!(shard_number("t.events", name), shard, "{name}");
+        }
+        for n in [1, 7, 1024] {
+            assert_eq!(
+                shard_number("t.events", &shard_queue("t.events", n)),
+                Some(n)
+            );
+        }
+        // The name's own dots and other signs are literal in the pattern.
+        assert_eq!(
+            shard_queue_pattern("t.ev+ents"),
+            r"^t\.ev\+ents\.[1-9][0-9]*$"
+        );
+    }
 
     #[test]
     fn shard_zero_keeps_the_queue_name_and_the_others_are_numbered() {

@@ -43,7 +43,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dedup_event::KeySpec;
 use dedup_runtime::admin::{self, Readiness};
-use dedup_runtime::queue_depth::{DepthError, DepthReader, Placement, vhost_of};
+use dedup_runtime::queue_depth::{DepthReader, Placement, vhost_of};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::Config;
@@ -420,10 +420,10 @@ struct Beyond {
 }
 
 impl Beyond {
-    /// Reads the shards from AMQP_QUEUE_SHARDS on, up to the first that does not exist (they
-    /// are numbered without gaps, so that is where they end): mostly one read that finds
-    /// nothing. Each is gauged and, when it holds messages, logged once until it empties. The
-    /// gauges of queues gone since are removed, so an alert does not fire on a deleted queue.
+    /// Reads the shards numbered AMQP_QUEUE_SHARDS and up that exist, whatever their numbers
+    /// (one listing by name; mostly it finds nothing). Each is gauged and, when it holds
+    /// messages, logged once until it empties. The gauges of queues gone since are removed,
+    /// so an alert does not fire on a deleted queue. A failed listing changes nothing.
     async fn read(
         &mut self,
         reader: &DepthReader,
@@ -432,16 +432,19 @@ impl Beyond {
         metrics: &Metrics,
         set: &impl Fn(&str, &dedup_runtime::queue_depth::QueueDepth),
     ) {
+        let pattern = dedup_message::topology::shard_queue_pattern(&topology.queue);
+        let Ok(mut listed) = reader.list(vhost, &pattern).await else {
+            return;
+        };
+        listed.retain(|(queue, _)| {
+            dedup_message::topology::shard_number(&topology.queue, queue)
+                .is_some_and(|n| n >= topology.shards)
+        });
+        listed.sort_by_key(|(queue, _)| {
+            dedup_message::topology::shard_number(&topology.queue, queue)
+        });
         let mut found = Vec::new();
-        for shard in topology.shards..dedup_message::topology::MAX_SHARDS {
-            let queue = topology.shard_queue(shard);
-            // Not found ends the shards; any other failure ends this round's reading, and
-            // what was found before stays as it was.
-            let depth = match reader.read(vhost, &queue).await {
-                Ok(depth) => depth,
-                Err(DepthError::NoSuchQueue { .. }) => break,
-                Err(_) => return,
-            };
+        for (queue, depth) in listed {
             set(&queue, &depth);
             let logged = self.queues.iter().any(|(q, logged)| *q == queue && *logged);
             let stranded = depth.total() > 0;

@@ -86,10 +86,19 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
         matches!(missing, Err(DepthError::NoSuchQueue { .. })),
         "{missing:?}"
     );
+    let nothing = reader
+        .list(&vhost, "^no-such-queue-for-dedup-tests\\..*$")
+        .await
+        .expect("an empty listing");
+    assert!(nothing.is_empty(), "{nothing:?}");
     let closed =
         DepthReader::new("http://guest:guest@127.0.0.1:9", Duration::from_secs(2)).expect("reader");
     assert!(matches!(
         closed.read(&vhost, &env.topology.queue).await,
+        Err(DepthError::Unreachable(_))
+    ));
+    assert!(matches!(
+        closed.list(&vhost, "^.*$").await,
         Err(DepthError::Unreachable(_))
     ));
 
@@ -143,16 +152,16 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
 
 /// The shards past the worker's AMQP_QUEUE_SHARDS that hold messages (ingest splitting the
 /// queue into more shards than the workers consume, or the count lowered before they drained)
-/// are not consumed, and are reported, every one of them: their gauges show the stranded
-/// messages, for the backlog alert. A stranded queue deleted since loses its gauges, so the
-/// alert does not go on firing for it.
+/// are not consumed, and are reported, every one of them, past a gap in their numbers too:
+/// their gauges show the stranded messages, for the backlog alert. A stranded queue deleted
+/// since loses its gauges, so the alert does not go on firing for it.
 #[tokio::test]
 async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
     let mut env = TestEnv::new("stranded").await;
-    // ingest's view: three shards, so all three queues exist; events on the second and third.
-    env.topology.shards = 3;
+    // ingest's view: four shards, so all four queues exist; events on the second and fourth.
+    env.topology.shards = 4;
     env.declare().await;
-    for (shard, events) in [(1, 2), (2, 3)] {
+    for (shard, events) in [(1, 2), (3, 3)] {
         for i in 0..events {
             env.publish_raw_to(
                 shard,
@@ -162,13 +171,21 @@ async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
             .await;
         }
     }
+    let channel = env.amqp.create_channel().await.expect("channel");
+    // A gap: shard 2's queue deleted (by hand, say), shard 3's still there.
+    delete_queue(
+        &channel,
+        &env.topology.shard_queue(2),
+        "delete shard 2's queue",
+    )
+    .await;
     // The worker's view: one shard.
     let mut config = worker_config(&env);
     config.amqp.topology.shards = 1;
     config.queue_depth_interval = Duration::from_millis(300);
     let worker = WorkerUnderTest::start(config, None).await;
     let registry = worker.worker.metrics().registry.clone();
-    let (first, second) = (env.topology.shard_queue(1), env.topology.shard_queue(2));
+    let (first, second) = (env.topology.shard_queue(1), env.topology.shard_queue(3));
     eventually(
         Duration::from_secs(30),
         "both stranded shards' gauges",
@@ -179,10 +196,17 @@ async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
         },
     )
     .await;
+    for missing in [2, 4] {
+        assert_eq!(
+            gauge(&registry, &env.topology.shard_queue(missing), "ready"),
+            None,
+            "no gauge for a shard that does not exist"
+        );
+    }
     assert_eq!(
-        gauge(&registry, &env.topology.shard_queue(3), "ready"),
-        None,
-        "no gauge for a shard that does not exist"
+        gauge(&registry, &env.topology.dead_letter_queue(), "ready"),
+        Some(0.0),
+        "the dead-letter queue is gauged as itself"
     );
     assert_eq!(
         env.stored_rows().await,
@@ -192,8 +216,7 @@ async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
     assert_eq!(env.ready_messages(&first).await, 2);
     assert_eq!(env.ready_messages(&second).await, 3);
 
-    let channel = env.amqp.create_channel().await.expect("channel");
-    delete_queue(&channel, &second, "delete shard 2's queue").await;
+    delete_queue(&channel, &second, "delete shard 3's queue").await;
     eventually(
         Duration::from_secs(30),
         "the deleted shard's gauges to go",
