@@ -191,6 +191,16 @@ async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
     );
 }
 
+/// A worker config whose broker link goes through a proxy that stalls the first connection
+/// at its first channel.open, right after the handshake.
+async fn stalling_setup(env: &TestEnv) -> (Proxy, crate::Config) {
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
+    let mut config = worker_config(env);
+    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    (proxy, config)
+}
+
 /// A broker that accepts the connection, then hangs before the first channel is open, costs
 /// the worker one SETUP_WAIT: it gives that connection up and consumes through a new one.
 /// Unbounded, the setup waited until the client missed the broker's heartbeats (two minutes
@@ -198,10 +208,7 @@ async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
 #[tokio::test]
 async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
     let env = TestEnv::new("mqsetuphang").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
-    let mut config = worker_config(&env);
-    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    let (proxy, config) = stalling_setup(&env).await;
     publish_each(&env, &unique(20, "mqsetuphang")).await;
     let worker = WorkerUnderTest::start(config, None).await;
     let bound = dedup_message::topology::SETUP_WAIT + Duration::from_secs(8);
@@ -217,10 +224,7 @@ async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
 #[tokio::test]
 async fn a_worker_stopped_during_a_hung_setup_stops_at_once() {
     let env = TestEnv::new("mqsetupstop").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
-    let mut config = worker_config(&env);
-    config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
+    let (proxy, config) = stalling_setup(&env).await;
     let worker = WorkerUnderTest::start(config, None).await;
     eventually(WAIT, "the first channel stalled", || async {
         (proxy.stalled() == 1).then_some(())
