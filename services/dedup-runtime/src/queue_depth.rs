@@ -85,6 +85,20 @@ struct QueueInfo {
     placement: Placement,
 }
 
+impl QueueInfo {
+    fn depth(&self) -> QueueDepth {
+        QueueDepth {
+            ready: self.messages_ready,
+            unacked: self.messages_unacknowledged,
+            publish_rate: self
+                .message_stats
+                .as_ref()
+                .and_then(|s| s.publish_details.as_ref())
+                .map_or(0.0, |d| d.rate),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct MessageStats {
     #[serde(default)]
@@ -205,15 +219,7 @@ impl DepthReader {
         }
         let info: QueueInfo =
             serde_json::from_slice(&body).map_err(|e| DepthError::Decode(e.to_string()))?;
-        let depth = QueueDepth {
-            ready: info.messages_ready,
-            unacked: info.messages_unacknowledged,
-            publish_rate: info
-                .message_stats
-                .and_then(|s| s.publish_details)
-                .map_or(0.0, |d| d.rate),
-        };
-        Ok((depth, info.placement))
+        Ok((info.depth(), info.placement))
     }
 
     /// Every queue in `vhost` whose name matches `pattern` (a regular expression as RabbitMQ
@@ -233,10 +239,8 @@ impl DepthReader {
         #[derive(Deserialize)]
         struct Listed {
             name: String,
-            #[serde(default)]
-            messages_ready: u64,
-            #[serde(default)]
-            messages_unacknowledged: u64,
+            #[serde(flatten)]
+            info: QueueInfo,
         }
         let mut found = Vec::new();
         let mut page = 1;
@@ -253,14 +257,7 @@ impl DepthReader {
             }
             let listed: Page =
                 serde_json::from_slice(&body).map_err(|e| DepthError::Decode(e.to_string()))?;
-            found.extend(listed.items.into_iter().map(|q| {
-                let depth = QueueDepth {
-                    ready: q.messages_ready,
-                    unacked: q.messages_unacknowledged,
-                    publish_rate: 0.0,
-                };
-                (q.name, depth)
-            }));
+            found.extend(listed.items.into_iter().map(|q| (q.name, q.info.depth())));
             if page >= listed.page_count {
                 return Ok(found);
             }
