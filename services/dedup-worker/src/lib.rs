@@ -319,7 +319,12 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
     let vhost = vhost_of(config.amqp.rabbitmq_url.expose());
     let topology = &config.amqp.topology;
     let set = |queue: &str, depth: &dedup_runtime::queue_depth::QueueDepth| {
-        let gauge = |state: &str| metrics.queue_messages.with_label_values(&[queue, state]);
+        let labels = QueueLabels::of(topology, queue);
+        let gauge = |state| {
+            metrics
+                .queue_messages
+                .with_label_values(&labels.with(state))
+        };
         gauge("ready").set(i64::try_from(depth.ready).unwrap_or(i64::MAX));
         gauge("unacked").set(i64::try_from(depth.unacked).unwrap_or(i64::MAX));
     };
@@ -367,6 +372,35 @@ async fn report_queue_depth(config: Config, metrics: Metrics, stop: Cancellation
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.queue_depth_interval) => {}
         }
+    }
+}
+
+/// The labels of a queue's `dedup_queue_messages` gauges besides `state`. The role and the
+/// main queue come from the worker's own topology, so alerts and dashboards tell the dead-letter
+/// queue and a queue's shards by label, whatever the queues are named.
+struct QueueLabels<'a> {
+    queue: &'a str,
+    role: &'static str,
+    main_queue: &'a str,
+}
+
+impl<'a> QueueLabels<'a> {
+    fn of(topology: &'a dedup_message::topology::Topology, queue: &'a str) -> Self {
+        let role = if queue == topology.dead_letter_queue() {
+            "dead_letter"
+        } else {
+            "events"
+        };
+        Self {
+            queue,
+            role,
+            main_queue: &topology.queue,
+        }
+    }
+
+    /// The label values in the gauge's order: queue, state, role, main_queue.
+    fn with(&self, state: &'a str) -> [&'a str; 4] {
+        [self.queue, state, self.role, self.main_queue]
     }
 }
 
@@ -464,9 +498,12 @@ impl Beyond {
             .iter()
             .filter(|(q, _)| !found.iter().any(|(f, _)| f == q))
         {
+            let labels = QueueLabels::of(topology, gone);
             for state in ["ready", "unacked"] {
                 // Absent already is fine: nothing to remove.
-                let _ = metrics.queue_messages.remove_label_values(&[gone, state]);
+                let _ = metrics
+                    .queue_messages
+                    .remove_label_values(&labels.with(state));
             }
         }
         self.queues = found;

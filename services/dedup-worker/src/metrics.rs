@@ -130,9 +130,11 @@ impl Metrics {
             queue_messages: IntGaugeVec::new(
                 Opts::new(
                     "dedup_queue_messages",
-                    "Messages in the queue, by state (ready, unacked), as the broker reports them.",
+                    "Messages in the queue, by state (ready, unacked), as the broker reports them; \
+                     role is events (the main queue and its shards) or dead_letter, main_queue \
+                     the AMQP_QUEUE they belong to.",
                 ),
-                &["queue", "state"],
+                &["queue", "state", "role", "main_queue"],
             )
             .expect("valid metric"),
             shard_leaders_on_one_node: IntGauge::new(

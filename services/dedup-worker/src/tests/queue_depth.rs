@@ -31,6 +31,34 @@ fn gauge(registry: &prometheus::Registry, queue: &str, state: &str) -> Option<f6
         })
 }
 
+/// The `role` and `main_queue` labels of the worker's `dedup_queue_messages` gauges for `queue`:
+/// one pair for all its states.
+fn roles(registry: &prometheus::Registry, queue: &str) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "dedup_queue_messages")
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "queue" && l.value() == queue)
+        })
+        .map(|m| {
+            let label = |k: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == k)
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default()
+            };
+            (label("role"), label("main_queue"))
+        })
+        .collect();
+    found.dedup();
+    found
+}
+
 /// 10 messages, 4 of them delivered and held unacked: the reader sees 6 ready and 4 unacked;
 /// the worker's gauges show the 4 held by someone else and 3 dead letters while it drains
 /// the rest, then the main queue at zero once the held ones are released and stored.
@@ -208,6 +236,20 @@ async fn the_shards_past_the_workers_count_are_reported_not_consumed() {
         Some(0.0),
         "the dead-letter queue is gauged as itself"
     );
+    // The labels the alerts sum a queue's shards by and leave the dead letters out by.
+    let main = env.topology.queue.clone();
+    for (queue, role) in [
+        (&main, "events"),
+        (&first, "events"),
+        (&second, "events"),
+        (&env.topology.dead_letter_queue(), "dead_letter"),
+    ] {
+        assert_eq!(
+            roles(&registry, queue),
+            vec![(role.to_owned(), main.clone())],
+            "{queue}'s role and main queue"
+        );
+    }
     assert_eq!(
         env.stored_rows().await,
         0,
@@ -352,4 +394,30 @@ fn a_round_missing_a_shard_keeps_the_last_verdict() {
         "nor does a round that read nothing"
     );
     assert_eq!(verdict.judge(3, &spread), Some(None));
+}
+
+/// A queue's role comes from the worker's topology, not from its name: a dead-letter queue
+/// named anything is `dead_letter`, a queue named like one (`….dlq`) that is not is `events`.
+#[test]
+fn queue_labels_take_the_role_from_the_topology() {
+    let mut topology = dedup_message::topology::Topology::prefixed("roles");
+    topology.shards = 3;
+    topology.dead_letter_queue_name = Some("parked".into());
+    let of = |queue: &str| {
+        let labels = crate::QueueLabels::of(&topology, queue);
+        labels.with("ready").map(str::to_owned)
+    };
+    assert_eq!(
+        of("roles.events.2"),
+        ["roles.events.2", "ready", "events", "roles.events"]
+    );
+    assert_eq!(
+        of("parked"),
+        ["parked", "ready", "dead_letter", "roles.events"]
+    );
+    assert_eq!(
+        of("roles.events.dlq"),
+        ["roles.events.dlq", "ready", "events", "roles.events"],
+        "not this topology's dead-letter queue"
+    );
 }
