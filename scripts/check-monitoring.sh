@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Checks the monitoring files the chart and docker compose ship: the alert rules parse and
 # pass their promtool unit tests, and every PromQL expression of the Grafana dashboard parses.
-# Installs promtool (Debian package `prometheus`) when it is missing.
+# Installs promtool and prometheus (Debian package `prometheus`) when either is missing; the
+# system tests run the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=charts/dedup/files
 
-if ! command -v promtool >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "promtool is missing: apt-get install prometheus" >&2; exit 1; }
-  echo "installing promtool (Debian package prometheus)" >&2
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "promtool or prometheus is missing: apt-get install prometheus" >&2; exit 1; }
+  echo "installing promtool and prometheus (Debian package prometheus)" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of the project against the local PostgreSQL, Redis and RabbitMQ (started if
-# they are down), then checks the monitoring, compose and Helm chart files, and (where podman
+# they are down), checks the monitoring, compose and Helm chart files, and (where podman
 # can run) builds the release images and runs the pipeline from them. This is the README's test
 # command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
+# The monitoring files first: quick, and it installs Prometheus, which a system test runs.
+scripts/check-monitoring.sh
 # A hung test fails loudly after 20 minutes instead of running into CI's limit (the suite takes
 # about a minute once built).
 # The binaries first: services/system-tests runs them as processes (target/debug/ingest, …).
@@ -23,7 +25,6 @@ DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug
 # The fuzz targets over their committed seeds (the hostile inputs that once stalled the
 # pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
 scripts/fuzz.sh --replay
-scripts/check-monitoring.sh
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate

@@ -156,6 +156,12 @@ impl Metrics {
         ] {
             vec.with_label_values(labels);
         }
+        // The event routes' status classes too: the error ratio reads 0 %, not "no data".
+        for route in ["single", "batch"] {
+            for class in ["2xx", "4xx", "5xx"] {
+                requests.with_label_values(&[route, class]);
+            }
+        }
         let hot = HotSeries {
             single_2xx: requests.with_label_values(&["single", "2xx"]),
             single_seconds: request_seconds.with_label_values(&["single"]),

@@ -10,5 +10,6 @@
 //! - `tests/poison.rs`: hostile and careless input through the real services.
 //! - `tests/trace_context.rs`: one trace from the request to the worker's batch span, through
 //!   the binaries' OTLP exporters to a real receiver.
-//! - `tests/monitoring.rs`: the dashboard's and alerts' metrics exist, scraped by Prometheus.
+//! - `tests/monitoring.rs`: the dashboard's and alerts' metrics exist, and a real Prometheus
+//!   scraping the binaries answers their queries.
 //! - `tests/readme.rs`: every setting of both binaries is in the README.

@@ -11,6 +11,7 @@
 //! - [`client`]: one HTTP/1.1 request; a broker URL through a proxy.
 //! - [`process`]: the real binaries as child processes, for tests that are clients.
 //! - [`otlp`]: a real OTLP/HTTP trace receiver the binaries export to.
+//! - [`prometheus`]: a real Prometheus server scraping the binaries.
 //! - [`events`]: valid events with chosen keys, and the real samples.
 
 pub mod client;
@@ -18,6 +19,7 @@ pub mod env;
 pub mod events;
 pub mod otlp;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod rabbitmq_cluster;
 pub mod redis_cluster;
