@@ -133,7 +133,12 @@ pub struct DepthReader {
     /// `Basic …` header value, when the URL carried credentials.
     authorization: Option<String>,
     timeout: Duration,
+    /// Queues per request of [`DepthReader::list`].
+    page_size: u32,
 }
+
+/// Queues per listing request by default: RabbitMQ's own default page size.
+pub const LIST_PAGE_SIZE: u32 = 500;
 
 impl DepthReader {
     /// A reader for `management_url` (`http://user:password@host:15672`, or `https://`
@@ -187,7 +192,14 @@ impl DepthReader {
             base: format!("{}://{host}:{port}", url.scheme()),
             authorization,
             timeout,
+            page_size: LIST_PAGE_SIZE,
         })
+    }
+
+    /// The same reader, listing `page_size` queues per request (at least 1).
+    pub fn with_page_size(mut self, page_size: u32) -> Self {
+        self.page_size = page_size.max(1);
+        self
     }
 
     /// The depth of `queue` in `vhost`.
@@ -224,7 +236,7 @@ impl DepthReader {
 
     /// Every queue in `vhost` whose name matches `pattern` (a regular expression as RabbitMQ
     /// reads one, anchor it with `^…$`), with its depth; publish rates are not read. One
-    /// request per 500 queues.
+    /// request per page of queues ([`LIST_PAGE_SIZE`] unless set).
     pub async fn list(
         &self,
         vhost: &str,
@@ -246,10 +258,11 @@ impl DepthReader {
         let mut page = 1;
         loop {
             let uri = format!(
-                "{}/api/queues/{}?page={page}&page_size=500&use_regex=true&name={}&columns=name,messages_ready,messages_unacknowledged",
+                "{}/api/queues/{}?page={page}&page_size={page_size}&use_regex=true&name={}&columns=name,messages_ready,messages_unacknowledged",
                 self.base,
                 utf8_percent_encode(vhost, NON_ALPHANUMERIC),
-                utf8_percent_encode(pattern, NON_ALPHANUMERIC)
+                utf8_percent_encode(pattern, NON_ALPHANUMERIC),
+                page_size = self.page_size,
             );
             let (status, body) = self.get(&uri).await?;
             if !status.is_success() {

@@ -421,3 +421,46 @@ fn queue_labels_take_the_role_from_the_topology() {
         "not this topology's dead-letter queue"
     );
 }
+
+/// The shard listing follows RabbitMQ's pages to the last (five queues, two per page, against
+/// the real management API), and a refusal (a wrong password: 401) is an error that says so,
+/// not an empty listing.
+#[tokio::test]
+async fn the_listing_reads_every_page_and_reports_a_refusal() {
+    let mut env = TestEnv::new("listing").await;
+    env.topology.shards = 6;
+    env.declare().await;
+    let vhost = vhost_of(RABBITMQ_URL);
+    let pattern = dedup_message::topology::shard_queue_pattern(&env.topology.queue);
+    let expected: Vec<String> = (1..6).map(|n| env.topology.shard_queue(n)).collect();
+    for page_size in [2, 500] {
+        let reader = DepthReader::new(MANAGEMENT, Duration::from_secs(5))
+            .expect("reader")
+            .with_page_size(page_size);
+        let mut names: Vec<String> = reader
+            .list(&vhost, &pattern)
+            .await
+            .expect("list the shards")
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        assert_eq!(names, expected, "{page_size} per page");
+    }
+    let refused = DepthReader::new(
+        "http://guest:not-the-password@127.0.0.1:15672",
+        Duration::from_secs(5),
+    )
+    .expect("reader")
+    .list(&vhost, &pattern)
+    .await;
+    match refused {
+        Err(e @ DepthError::Status { status: 401, .. }) => {
+            assert!(
+                !e.to_string().contains("not-the-password"),
+                "the password is not shown: {e}"
+            );
+        }
+        other => panic!("a 401 refusal, got {other:?}"),
+    }
+}
