@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::{event, sample_app_list};
 use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
@@ -21,26 +21,12 @@ async fn sample_posted_twice_over_http_is_stored_once() {
 
     let sample = sample_app_list().to_string();
     for _ in 0..2 {
-        let (status, body) = http_request(
-            addr,
-            "POST",
-            "/product_events/",
-            "application/json",
-            sample.as_bytes(),
-        )
-        .await;
+        let (status, body) = post_json(addr, "/product_events/", sample.as_bytes()).await;
         assert_eq!((status, body.as_str()), (202, r#"{"status":"queued"}"#));
     }
     let batch =
         serde_json::json!([event("e-1"), event("e-2"), event("e-1"), {"sid": 1}]).to_string();
-    let (status, body) = http_request(
-        addr,
-        "POST",
-        "/product_events/batch",
-        "application/json",
-        batch.as_bytes(),
-    )
-    .await;
+    let (status, body) = post_json(addr, "/product_events/batch", batch.as_bytes()).await;
     assert_eq!(status, 202, "{body}");
 
     eventually(Duration::from_secs(20), "three stored rows", || async {

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::event;
 use test_support::process::Launch;
 use test_support::prometheus::Prometheus;
@@ -59,14 +59,7 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
         event("m-1").to_string(),
         "{}".to_owned(),
     ] {
-        http_request(
-            addr,
-            "POST",
-            "/product_events/",
-            "application/json",
-            body.as_bytes(),
-        )
-        .await;
+        post_json(addr, "/product_events/", body.as_bytes()).await;
     }
     eventually(
         Duration::from_secs(20),
@@ -134,24 +127,11 @@ async fn a_real_prometheus_answers_the_dashboard_and_the_alerts() {
             event(&format!("p-{round}")).to_string(),
             "{}".to_owned(),
         ] {
-            http_request(
-                addr,
-                "POST",
-                "/product_events/",
-                "application/json",
-                body.as_bytes(),
-            )
-            .await;
+            post_json(addr, "/product_events/", body.as_bytes()).await;
         }
         let batch = serde_json::json!([event(&format!("b-{round}")), event(&format!("p-{round}"))]);
-        let (status, body) = http_request(
-            addr,
-            "POST",
-            "/product_events/batch",
-            "application/json",
-            batch.to_string().as_bytes(),
-        )
-        .await;
+        let (status, body) =
+            post_json(addr, "/product_events/batch", batch.to_string().as_bytes()).await;
         assert_eq!(status, 202, "{body}");
         env.publish_raw(
             b"not an event\n",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use dedup_message::message;
 use serde_json::Value;
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::{event, ndjson, test_datetime};
 use test_support::process::Launch;
 use test_support::{TestEnv, eventually};
@@ -30,16 +30,8 @@ async fn hostile_events_get_400_and_the_queue_keeps_flowing() {
     let worker = Launch::worker(&env).start().await;
     let ingest = Launch::ingest(&env, RABBITMQ).start().await;
     let addr = ingest.addr();
-    let post = |body: String| async move {
-        http_request(
-            addr,
-            "POST",
-            "/product_events/",
-            "application/json",
-            body.as_bytes(),
-        )
-        .await
-    };
+    let post =
+        |body: String| async move { post_json(addr, "/product_events/", body.as_bytes()).await };
     let extra = r#""platform":"android""#;
     let refused: Vec<(String, &str)> = vec![
         (hostile("h", extra, r#""platform":"\u0000""#), "platform"),

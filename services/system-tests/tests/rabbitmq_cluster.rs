@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::event;
 use test_support::process::{Launch, Service};
 use test_support::rabbitmq_cluster::RabbitCluster;
@@ -20,14 +20,7 @@ async fn post_until_accepted(ingest: &Service, path: &str, body: &str) -> u32 {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (status, answer) = http_request(
-            ingest.addr(),
-            "POST",
-            path,
-            "application/json",
-            body.as_bytes(),
-        )
-        .await;
+        let (status, answer) = post_json(ingest.addr(), path, body.as_bytes()).await;
         match status {
             202 => return attempts,
             // The broker did not confirm in time or the link is being rebuilt: retry.

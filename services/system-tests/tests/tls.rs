@@ -9,7 +9,7 @@ use std::time::Duration;
 use dedup_runtime::queue_depth::DepthReader;
 use dedup_runtime::tls::TlsArgs;
 use sqlx::postgres::PgConnectOptions;
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::event;
 use test_support::process::Launch;
 use test_support::tls::{self, TestCa};
@@ -98,14 +98,7 @@ async fn every_backend_connection_runs_over_verified_tls() {
         .await;
     for r in ["t-1", "t-2", "t-1"] {
         let body = event(r).to_string();
-        let (status, answer) = http_request(
-            ingest.addr(),
-            "POST",
-            "/product_events/",
-            "application/json",
-            body.as_bytes(),
-        )
-        .await;
+        let (status, answer) = post_json(ingest.addr(), "/product_events/", body.as_bytes()).await;
         assert_eq!(status, 202, "{answer}");
     }
     let options = PgConnectOptions::from_str(&database)

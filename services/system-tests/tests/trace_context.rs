@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use test_support::client::http_request;
+use test_support::client::post_json;
 use test_support::events::event;
 use test_support::otlp::OtlpReceiver;
 use test_support::process::Launch;
@@ -25,11 +25,9 @@ async fn worker_batch_span_links_the_ingest_request_trace() {
         .set("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
         .start()
         .await;
-    let (status, body) = http_request(
+    let (status, body) = post_json(
         ingest.addr(),
-        "POST",
         "/product_events/",
-        "application/json",
         event("traced").to_string().as_bytes(),
     )
     .await;

@@ -20,6 +20,11 @@ pub async fn http_request(
     (answer.status, answer.body)
 }
 
+/// [`http_request`] POSTing a JSON `body` to `path`: how clients send events.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
+    http_request(addr, "POST", path, "application/json", body).await
+}
+
 /// An HTTP answer: status, headers (names lower-cased) and body.
 #[derive(Debug, Clone)]
 pub struct Answer {
