@@ -20,6 +20,11 @@ use tokio_util::sync::CancellationToken;
 /// [`Proxy::stall_on`]: a client's first channel, right after the connection's handshake.
 pub const AMQP_CHANNEL_OPEN: &[u8] = &[0, 0, 0, 5, 0, 20, 0, 10];
 
+/// The class and method of an AMQP 0-9-1 `basic.consume` method frame: class 60 (basic),
+/// method 20 (consume). Its size varies with the queue's name and the consumer tag, so it is
+/// left out. For [`Proxy::stall_on`]: the last step of a consumer's setup.
+pub const AMQP_BASIC_CONSUME: &[u8] = &[0, 60, 0, 20];
+
 /// A running proxy; dropping it stops it.
 pub struct Proxy {
     addr: SocketAddr,

@@ -193,9 +193,9 @@ async fn a_worker_stopped_while_the_broker_hangs_does_not_wait_out_its_grace() {
 
 /// A worker config whose broker link goes through a proxy that stalls the first connection
 /// at its first channel.open, right after the handshake.
-async fn stalling_setup(env: &TestEnv) -> (Proxy, crate::Config) {
+async fn stalling_setup(env: &TestEnv, request: &[u8]) -> (Proxy, crate::Config) {
     let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    proxy.stall_on(test_support::proxy::AMQP_CHANNEL_OPEN);
+    proxy.stall_on(request);
     let mut config = worker_config(env);
     config.amqp.rabbitmq_url = amqp_url_via(proxy.addr()).into();
     (proxy, config)
@@ -208,7 +208,7 @@ async fn stalling_setup(env: &TestEnv) -> (Proxy, crate::Config) {
 #[tokio::test]
 async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
     let env = TestEnv::new("mqsetuphang").await;
-    let (proxy, config) = stalling_setup(&env).await;
+    let (proxy, config) = stalling_setup(&env, test_support::proxy::AMQP_CHANNEL_OPEN).await;
     publish_each(&env, &unique(20, "mqsetuphang")).await;
     let worker = WorkerUnderTest::start(config, None).await;
     let bound = dedup_message::topology::SETUP_WAIT + Duration::from_secs(8);
@@ -219,12 +219,32 @@ async fn a_broker_hanging_during_the_setup_is_given_up_after_the_setup_wait() {
     worker.stop().await.expect("clean stop");
 }
 
+/// The same at the setup's last step: the queue declared and qos set, the broker hangs on
+/// `basic.consume`. The worker gives that connection up after one SETUP_WAIT as well.
+#[tokio::test]
+async fn a_broker_hanging_at_the_consume_step_is_given_up_after_the_setup_wait() {
+    let env = TestEnv::new("mqconsumehang").await;
+    let (proxy, config) = stalling_setup(&env, test_support::proxy::AMQP_BASIC_CONSUME).await;
+    publish_each(&env, &unique(20, "mqconsumehang")).await;
+    let worker = WorkerUnderTest::start(config, None).await;
+    let bound = dedup_message::topology::SETUP_WAIT + Duration::from_secs(8);
+    tokio::time::timeout(bound, settle(&env, 20))
+        .await
+        .expect("the worker gave the hung consume up and consumed through a new connection");
+    assert_eq!(
+        proxy.stalled(),
+        1,
+        "the first connection's basic.consume stalled"
+    );
+    worker.stop().await.expect("clean stop");
+}
+
 /// A worker stopped while its broker hangs in the setup stops at once: the setup is not
 /// waited out.
 #[tokio::test]
 async fn a_worker_stopped_during_a_hung_setup_stops_at_once() {
     let env = TestEnv::new("mqsetupstop").await;
-    let (proxy, config) = stalling_setup(&env).await;
+    let (proxy, config) = stalling_setup(&env, test_support::proxy::AMQP_CHANNEL_OPEN).await;
     let worker = WorkerUnderTest::start(config, None).await;
     eventually(WAIT, "the first channel stalled", || async {
         (proxy.stalled() == 1).then_some(())
