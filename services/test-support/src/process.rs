@@ -28,7 +28,8 @@ pub fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
-fn free_port() -> SocketAddr {
+/// A loopback address no one listens on at the moment of asking.
+pub(crate) fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
@@ -24,6 +25,7 @@ pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Prometheus {
     /// Its HTTP API.
     pub addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
     dir: PathBuf,
     _child: Child,
 }
@@ -48,10 +50,7 @@ impl Prometheus {
             ));
         }
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
-        let addr = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            probe.local_addr().expect("addr")
-        };
+        let addr = crate::process::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("Prometheus's log");
         let child = Command::new("prometheus")
             .arg(format!(
@@ -77,6 +76,7 @@ impl Prometheus {
             });
         let server = Self {
             addr,
+            client: Client::builder(TokioExecutor::new()).build_http(),
             dir,
             _child: child,
         };
@@ -92,7 +92,6 @@ impl Prometheus {
     /// Evaluates `expr` now; the result's series (each `{"metric": {…}, "value": [t, "v"]}`),
     /// or the error Prometheus gives for it.
     pub async fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let request = hyper::Request::post(format!("http://{}/api/v1/query", self.addr))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(format!(
@@ -100,7 +99,8 @@ impl Prometheus {
                 utf8_percent_encode(expr, NON_ALPHANUMERIC)
             ))))
             .expect("a valid request");
-        let response = client
+        let response = self
+            .client
             .request(request)
             .await
             .map_err(|e| format!("Prometheus at {}: {e}", self.addr))?;

@@ -91,10 +91,7 @@ fn run(program: &str, args: &[&str]) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    crate::process::free_port().port()
 }
 
 /// A server process in its own process group, killed whole on drop.
