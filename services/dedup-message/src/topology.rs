@@ -122,15 +122,30 @@ pub fn shard_queue(queue: &str, shard: u16) -> String {
 /// A regular expression (as RabbitMQ's management API reads one) matching the names of
 /// `queue`'s shards past shard 0, `<queue>.<n>`, and nothing else.
 pub fn shard_queue_pattern(queue: &str) -> String {
-    let mut pattern = String::from("^");
-    for c in queue.chars() {
-        // A backslash before any ASCII character that is not a letter or digit makes it literal.
-        if c.is_ascii() && !c.is_ascii_alphanumeric() {
+    format!(r"{CASE_SENSITIVE}^{}\.[1-9][0-9]*$", literal(queue))
+}
+
+/// A regular expression (as RabbitMQ's management API, and so KEDA's RabbitMQ scaler, reads
+/// one) matching exactly the names in `names`.
+pub fn exact_names_pattern<S: AsRef<str>>(names: &[S]) -> String {
+    let names: Vec<String> = names.iter().map(|n| literal(n.as_ref())).collect();
+    format!("{CASE_SENSITIVE}^({})$", names.join("|"))
+}
+
+/// RabbitMQ's management API matches a `name` regex caselessly, but queue names are
+/// case-sensitive: without this, `Product_Events` would count as `product_events`.
+const CASE_SENSITIVE: &str = "(?-i)";
+
+/// `name` as a pattern matching itself: a backslash before each character that means
+/// something outside a class (the same set in PCRE, which RabbitMQ uses, and Rust's regex).
+fn literal(name: &str) -> String {
+    let mut pattern = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if r"\.+*?()|[]{}^$".contains(c) {
             pattern.push('\\');
         }
         pattern.push(c);
     }
-    pattern.push_str(r"\.[1-9][0-9]*$");
     pattern
 }
 
@@ -368,7 +383,11 @@ mod tests {
         // The name's own dots and other signs are literal in the pattern.
         assert_eq!(
             shard_queue_pattern("t.ev+ents"),
-            r"^t\.ev\+ents\.[1-9][0-9]*$"
+            r"(?-i)^t\.ev\+ents\.[1-9][0-9]*$"
+        );
+        assert_eq!(
+            exact_names_pattern(&["t.ev+ents", "t.ev+ents.1"]),
+            r"(?-i)^(t\.ev\+ents|t\.ev\+ents\.1)$"
         );
     }
 

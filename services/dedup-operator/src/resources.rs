@@ -697,9 +697,8 @@ pub fn scaled_object(pipeline: &DedupPipeline) -> serde_json::Value {
     if queues.len() > 1 {
         // Every shard, summed: the workers consume them all. Exactly these names, so a
         // dead-letter queue or another pipeline's queue never counts.
-        let names: Vec<String> = queues.iter().map(|q| regex::escape(q)).collect();
         let metadata = &mut trigger["metadata"];
-        metadata["queueName"] = format!("^({})$", names.join("|")).into();
+        metadata["queueName"] = dedup_message::topology::exact_names_pattern(&queues).into();
         metadata["useRegex"] = "true".into();
         metadata["operation"] = "sum".into();
     }
@@ -1160,7 +1159,7 @@ mod tests {
         let metadata = &scaled_object(&p)["spec"]["triggers"][0]["metadata"];
         assert_eq!(
             metadata["queueName"],
-            r"^(product_events|product_events\.1|product_events\.2)$"
+            r"(?-i)^(product_events|product_events\.1|product_events\.2)$"
         );
         assert_eq!(
             (&metadata["useRegex"], &metadata["operation"]),
@@ -1173,6 +1172,7 @@ mod tests {
             ("product_events.3", false),
             ("product_events.dlq", false),
             ("product_eventsX1", false),
+            ("Product_Events.1", false),
         ] {
             assert_eq!(pattern.is_match(queue), counted, "{queue}");
         }

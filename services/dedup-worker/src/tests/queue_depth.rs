@@ -423,13 +423,28 @@ fn queue_labels_take_the_role_from_the_topology() {
 }
 
 /// The shard listing follows RabbitMQ's pages to the last (five queues, two per page, against
-/// the real management API), and a refusal (a wrong password: 401) is an error that says so,
-/// not an empty listing.
+/// the real management API) and leaves out a queue whose name differs only in case (the API
+/// matches caselessly unless the pattern says otherwise); a refusal (a wrong password: 401) is
+/// an error that says so, not an empty listing.
 #[tokio::test]
 async fn the_listing_reads_every_page_and_reports_a_refusal() {
     let mut env = TestEnv::new("listing").await;
     env.topology.shards = 6;
     env.declare().await;
+    // Exclusive: the broker deletes it with the test's connection, whatever the test does.
+    let other_case = format!("{}.1", env.topology.queue.to_uppercase());
+    let channel = env.amqp.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            other_case.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("declare a queue named like shard 1 in capitals");
     let vhost = vhost_of(RABBITMQ_URL);
     let pattern = dedup_message::topology::shard_queue_pattern(&env.topology.queue);
     let expected: Vec<String> = (1..6).map(|n| env.topology.shard_queue(n)).collect();
