@@ -65,6 +65,21 @@ if [[ ${1:-} == --can-run ]]; then
   command -v podman >/dev/null && command -v runc >/dev/null && pm info >/dev/null 2>&1
   exit $?
 fi
+if [[ ${1:-} == --install ]]; then
+  # What this script needs, from Debian's packages, as scripts/ensure-services.sh installs the
+  # services: so that a new machine (and CI on it) builds and runs the image instead of skipping.
+  tools=(podman runc debootstrap uidmap)
+  missing=()
+  for t in podman runc debootstrap newuidmap; do command -v "$t" >/dev/null || missing+=("$t"); done
+  ((${#missing[@]})) || exit 0
+  [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null ||
+    die "${missing[*]} missing and not root on Debian: install them (apt-get install ${tools[*]})"
+  log "installing ${tools[*]} from Debian packages"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" \
+    >/dev/null
+  exit 0
+fi
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
 

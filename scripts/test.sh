@@ -29,8 +29,10 @@ python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
 python3 scripts/check-chart.py
-# The image, built from the Dockerfile and run (scripts/check-image.sh): only where podman can
-# start containers; elsewhere say so, loudly.
+# The image, built from the Dockerfile and run (scripts/check-image.sh), with podman installed
+# first where it is missing (as root on Debian); where podman still cannot start containers
+# (not root, or a kernel that refuses), say so, loudly.
+scripts/check-image.sh --can-run || scripts/check-image.sh --install || true
 if scripts/check-image.sh --can-run; then
   scripts/check-image.sh
 else
