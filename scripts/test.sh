@@ -2,29 +2,39 @@
 # Runs every test of the project against the local PostgreSQL, Redis and RabbitMQ (started if
 # they are down), checks the monitoring, compose and Helm chart files, and (where podman
 # can run) builds the release images and runs the pipeline from them. This is the README's test
-# command and what CI runs.
+# command and what CI runs. Each part's start is printed with the seconds since the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+part() { printf '\n--- test.sh: %s (%ss)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
+part "services"
 scripts/ensure-services.sh
+part "monitoring files"
 # The monitoring files first: quick, and it installs Prometheus, which a system test runs.
 scripts/check-monitoring.sh
 # A hung test fails loudly after 20 minutes instead of running into CI's limit (the suite takes
 # about a minute once built).
 # The binaries first: services/system-tests runs them as processes (target/debug/ingest, …).
+part "build"
 cargo build --workspace --locked --bins --tests
+part "tests of the workspace"
 timeout --signal=KILL 20m cargo test --workspace --locked --exclude ingest --exclude dedup-worker "$@"
 # ingest's and the worker's own tests live inside their crates (their modules are private), so
 # each crate's tests share one process, and with it the broker client's global runtime: a test
 # that hangs or cuts a link must not overlap the others. One test at a time there.
+part "tests of ingest and dedup-worker, one at a time"
 timeout --signal=KILL 20m cargo test --locked -p ingest -p dedup-worker "$@" -- --test-threads=1
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
+part "benchmark smoke run"
 target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench
 DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
   "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
 # The fuzz targets over their committed seeds (the hostile inputs that once stalled the
 # pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
+part "fuzz targets over their seeds"
 scripts/fuzz.sh --replay
+part "compose and chart files"
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
@@ -32,9 +42,11 @@ python3 scripts/check-chart.py
 # The image, built from the Dockerfile and run (scripts/check-image.sh), with podman installed
 # first where it is missing (as root on Debian); where podman still cannot start containers
 # (not root, or a kernel that refuses), say so, loudly.
+part "the image"
 scripts/check-image.sh --can-run || scripts/check-image.sh --install || true
 if scripts/check-image.sh --can-run; then
   scripts/check-image.sh
 else
   echo "!!! podman cannot run here: the image was NOT built or run (apt-get install podman runc debootstrap)" >&2
 fi
+part "done"
