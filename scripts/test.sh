@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project against the local PostgreSQL, Redis and RabbitMQ (started if
-# they are down), checks the monitoring, compose and Helm chart files, and (where podman
-# can run) builds the release images and runs the pipeline from them. This is the README's test
-# command and what CI runs. Each part's start is printed with the seconds since the start.
+# they are down), checks the monitoring, compose and Helm chart files, and builds the release
+# images and runs the pipeline from them (installing podman as root on Debian). This is the
+# README's test command and what CI runs. Each part's start is printed with the seconds since
+# the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -12,11 +13,11 @@ scripts/ensure-services.sh
 part "monitoring files"
 # The monitoring files first: quick, and it installs Prometheus, which a system test runs.
 scripts/check-monitoring.sh
-# A hung test fails loudly after 20 minutes instead of running into CI's limit (the suite takes
-# about a minute once built).
 # The binaries first: services/system-tests runs them as processes (target/debug/ingest, …).
 part "build"
 cargo build --workspace --locked --bins --tests
+# A hung test fails loudly after 20 minutes instead of running into CI's limit (each of the two
+# test runs takes about three minutes once built, on two cores).
 part "tests of the workspace"
 timeout --signal=KILL 20m cargo test --workspace --locked --exclude ingest --exclude dedup-worker "$@"
 # ingest's and the worker's own tests live inside their crates (their modules are private), so
@@ -40,10 +41,12 @@ python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
 python3 scripts/check-chart.py
 # The image, built from the Dockerfile and run (scripts/check-image.sh), with podman installed
-# first where it is missing (as root on Debian); where podman still cannot start containers
-# (not root, or a kernel that refuses), say so, loudly.
+# first where it is missing (as root on Debian; a failed install fails the tests). Where podman
+# still cannot start containers (not root, or a kernel that refuses), say so, loudly.
 part "the image"
-scripts/check-image.sh --can-run || scripts/check-image.sh --install || true
+installed=0
+scripts/check-image.sh --can-run || scripts/check-image.sh --install || installed=$?
+[ "$installed" = 0 ] || [ "$installed" = 3 ] || exit "$installed"
 if scripts/check-image.sh --can-run; then
   scripts/check-image.sh
 else
