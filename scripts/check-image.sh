@@ -72,16 +72,11 @@ if [[ ${1:-} == --install ]]; then
   missing=()
   for t in podman runc debootstrap newuidmap; do command -v "$t" >/dev/null || missing+=("$t"); done
   ((${#missing[@]})) || exit 0
-  # Exit status 3: nothing this script may install here (scripts/test.sh then skips, loudly).
-  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-    log "${missing[*]} missing and not root on Debian: install them (apt-get install ${tools[*]})"
-    exit 3
-  fi
-  log "installing ${tools[*]} from Debian packages"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" \
-    >/dev/null
-  exit 0
+  # Its exit status: 3 when nothing may be installed here (scripts/test.sh then skips,
+  # loudly), 1 when apt-get failed (the tests fail).
+  status=0
+  scripts/apt-install.sh check-image "${tools[@]}" || status=$?
+  exit "$status"
 fi
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"

@@ -8,10 +8,7 @@ cd "$(dirname "$0")/.."
 files=charts/dedup/files
 
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "promtool or prometheus is missing: apt-get install prometheus" >&2; exit 1; }
-  echo "installing promtool and prometheus (Debian package prometheus)" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  scripts/apt-install.sh check-monitoring prometheus || exit 1
 fi
 
 promtool check rules "$files/prometheus/alerts.yaml"

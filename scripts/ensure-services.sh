@@ -17,12 +17,8 @@ wait_for() { # name port seconds
   die "$name did not open 127.0.0.1:$port within ${seconds}s"
 }
 
-apt_install() {
-  [ "$(id -u)" = 0 ] || die "$* missing and not root: install it (apt-get install $*)"
-  log "installing $* from Debian packages"
-  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# The servers come from Debian's packages where missing; without them nothing can be tested.
+apt_install() { "$(dirname "$0")/apt-install.sh" ensure-services "$@" || exit 1; }
 
 # PostgreSQL (trust auth on 127.0.0.1, as this machine kind is set up).
 if ! port_open 5432; then

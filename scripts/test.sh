@@ -10,6 +10,10 @@ start=$(date +%s)
 part() { printf '\n--- test.sh: %s (%ss)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
 part "services"
 scripts/ensure-services.sh
+# What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
+# outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
+part "the package installer"
+scripts/check-apt-install.sh
 part "monitoring files"
 # The monitoring files first: quick, and it installs Prometheus, which a system test runs.
 scripts/check-monitoring.sh
