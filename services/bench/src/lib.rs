@@ -93,7 +93,7 @@ pub struct RunOptions {
     pub workers: usize,
     /// Queues the events are spread over (1 unless `--queue-shards`).
     pub queue_shards: u16,
-    /// Rows in today's partition before the load (0 unless `--prefill-rows`).
+    /// Rows in the partition of the load's day before the load (0 unless `--prefill-rows`).
     pub prefill_rows: u64,
     pub quiet: bool,
     /// Connections sending hostile requests beside the load (0: none).
@@ -144,16 +144,17 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         &opts.ingest_env,
     )
     .await?;
-    if opts.prefill_rows > 0 {
-        services::prefill(&opts.backends, iso, opts.prefill_rows).await?;
-    }
-    opts.load.addr = processes.ingest_addr;
-    opts.load.write_key = processes.write_key.clone();
     let workload = Arc::new(Workload::new(
         &iso.name,
         opts.duplicates,
         opts.duplicate_delay,
     )?);
+    // The day the events carry, even when a long prefill runs past midnight UTC.
+    if opts.prefill_rows > 0 {
+        services::prefill(&opts.backends, iso, workload.day(), opts.prefill_rows).await?;
+    }
+    opts.load.addr = processes.ingest_addr;
+    opts.load.write_key = processes.write_key.clone();
     let counters = Arc::new(Counters::default());
 
     // Progress: once a second, what was sent and what the worker settled.

@@ -138,9 +138,10 @@ struct RunArgs {
     /// (the machine's speed drifts over an hour).
     #[arg(long, value_parser = parse_duration)]
     half_rate_latency: Option<Duration>,
-    /// Rows put into today's partition before the load (random keys, small payloads), then
-    /// a CHECKPOINT: the unique index a day partition holds later in the day, which makes each
-    /// insert cost more (docs/scaling.md). 0: the run starts from an empty table.
+    /// Rows put into the partition of the load's day before the load (random keys, small
+    /// payloads), then a CHECKPOINT: the unique index a day partition holds later in the day,
+    /// which makes each insert cost more (docs/scaling.md). 0: the run starts from an empty
+    /// table.
     #[arg(long, default_value_t = 0)]
     prefill_rows: u64,
     /// Keep the run's schema, queues and Redis keys afterwards.

@@ -166,7 +166,7 @@ pub struct RunFigures {
     pub workers: usize,
     /// Queues the events were spread over.
     pub queue_shards: u16,
-    /// Rows in today's partition before the load.
+    /// Rows in the partition of the load's day before the load.
     pub prefill_rows: u64,
     /// Events each worker process consumed (how the queue split them).
     pub consumed_per_worker: Vec<u64>,

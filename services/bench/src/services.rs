@@ -164,22 +164,26 @@ pub fn not_prefilled(prefilled: bool) -> String {
     }
 }
 
-/// Puts `rows` rows into today's partition (UTC, the day the load's events carry) in steps of
-/// a million, saying how far it got, then checkpoints so the run does not pay for writing
+/// Puts `rows` rows into the partition of `day` (the UTC day the load's events carry) in steps
+/// of a million, saying how far it got, then checkpoints so the run does not pay for writing
 /// them. Their keys are random and their payloads small: what they add is the unique index
 /// the load's inserts go into, ~53 bytes a row.
-pub async fn prefill(backends: &Backends, iso: &Isolation, rows: u64) -> anyhow::Result<()> {
+pub async fn prefill(
+    backends: &Backends,
+    iso: &Isolation,
+    day: chrono::NaiveDate,
+    rows: u64,
+) -> anyhow::Result<()> {
     const STEP: u64 = 1_000_000;
     let db = PgPoolOptions::new()
         .max_connections(1)
         .connect(&iso.database_url)
         .await?;
-    let today = chrono::Utc::now().date_naive();
     sqlx::query("SELECT dedup_ensure_partitions(ARRAY[$1::date])")
-        .bind(today)
+        .bind(day)
         .execute(&db)
         .await
-        .context("creating today's partition for the prefill")?;
+        .with_context(|| format!("creating the partition of {day} for the prefill"))?;
     let started = std::time::Instant::now();
     let (mut done, mut stored) = (0, 0);
     while done < rows {
@@ -190,13 +194,13 @@ pub async fn prefill(backends: &Backends, iso: &Isolation, rows: u64) -> anyhow:
              SELECT $1, gen_random_uuid(), now(), 'prefill', 'prefill', 'prefill', \
              'prefill-' || ($2 + g), '{}', now(), $3 FROM generate_series(1, $4) g",
         )
-        .bind(today)
+        .bind(day)
         .bind(i64::try_from(done)?)
         .bind(PREFILL_SOURCE)
         .bind(i64::try_from(step)?)
         .execute(&db)
         .await
-        .context("prefilling today's partition")?;
+        .with_context(|| format!("prefilling the partition of {day}"))?;
         stored += inserted.rows_affected();
         done += step;
         eprintln!(

@@ -29,6 +29,8 @@ pub struct Workload {
     next_unique: AtomicU64,
     /// Accepted unique events waiting to be repeated: (accepted at, number).
     repeatable: Mutex<VecDeque<(Instant, u64)>>,
+    /// The UTC day every event of the run carries (its partition).
+    day: chrono::NaiveDate,
 }
 
 impl Workload {
@@ -39,10 +41,8 @@ impl Workload {
         );
         let mut sample = serde_json::from_str::<serde_json::Value>(SAMPLE)?;
         // Dated now: ingest accepts only event date-times inside its window.
-        sample["event_datetime"] = chrono::Utc::now()
-            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-            .to_string()
-            .into();
+        let now = chrono::Utc::now();
+        sample["event_datetime"] = now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string().into();
         let compact = serde_json::to_string(&sample)?;
         let marker = "\"r\":\"51234\"";
         let at = compact
@@ -59,7 +59,13 @@ impl Workload {
             sequence: AtomicU64::new(0),
             next_unique: AtomicU64::new(0),
             repeatable: Mutex::new(VecDeque::new()),
+            day: now.date_naive(),
         })
+    }
+
+    /// The UTC day every event of the run carries, so the partition its inserts go into.
+    pub fn day(&self) -> chrono::NaiveDate {
+        self.day
     }
 
     /// Whether send number `i` should be a repeat: exactly `share` of all sends, evenly spread.
@@ -152,7 +158,8 @@ mod tests {
         );
     }
 
-    /// Bodies are the sample with only `r` changed, and valid events.
+    /// Bodies are the sample with only `r` changed, and valid events, dated on the day the
+    /// prefill fills (the UTC day of their `event_datetime`, the partition they go into).
     #[test]
     fn bodies_are_valid_sample_events_with_unique_r() {
         let w = Workload::new("run1", 0.3, Duration::ZERO).unwrap();
@@ -160,6 +167,11 @@ mod tests {
         w.body(42, &mut body);
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["r"], "run1-42");
+        let at = chrono::DateTime::parse_from_rfc3339(value["event_datetime"].as_str().unwrap());
+        assert_eq!(
+            at.unwrap().with_timezone(&chrono::Utc).date_naive(),
+            w.day()
+        );
         assert_eq!(value["event_name"], "app_list");
         assert!(dedup_event::event::validate_raw(value.to_string().as_bytes()).is_ok());
         assert!(body.len() > 1500, "about 2 KB: {}", body.len());
