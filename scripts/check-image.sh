@@ -23,6 +23,12 @@ containers=()
 conf_dir=$(mktemp -d)
 work=$(mktemp -d)
 cleanup() {
+  # Interrupted while building: stop the build (podman, under release-image.sh) too.
+  if [[ ${build:-} ]] && kill -0 "$build" 2>/dev/null; then
+    pkill -TERM -P "$build" 2>/dev/null || true
+    kill "$build" 2>/dev/null || true
+    wait "$build" 2>/dev/null || true
+  fi
   if [[ ${started:-} ]]; then
     for c in "${containers[@]}"; do pm rm -f "$c" >/dev/null 2>&1 || true; done
     psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
@@ -129,11 +135,23 @@ fi
 version=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/dedup/Chart.yaml)
 registry=${REGISTRY:-localhost/dedup-check}
 image=$registry/dedup:$version
-log "building the release images as $registry/*:$version"
+log "building the release images as $registry/*:$version (a release build: minutes, more on a new machine)"
 built=1
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
-  scripts/release-image.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "the images did not build"; }
+  scripts/release-image.sh >"$work/build.log" 2>&1 &
+build=$!
+# Progress every 30 s: which image, its build step, and the crates cargo has compiled so far.
+build_started=$SECONDS
+while kill -0 "$build" 2>/dev/null; do
+  for _ in $(seq 1 30); do kill -0 "$build" 2>/dev/null && sleep 1; done
+  kill -0 "$build" 2>/dev/null || break
+  building=$(sed -n 's/^building \([^ ]*\) .*/\1/p' "$work/build.log" | tail -1)
+  step=$(grep -o '^\[[0-9]*/[0-9]*\] STEP [0-9]*/[0-9]*: [A-Z]*' "$work/build.log" | tail -1 || true)
+  log "... $((SECONDS - build_started)) s: ${building:-the first image}, ${step:-starting}," \
+    "$(grep -c '^ *Compiling ' "$work/build.log" || true) crates compiled"
+done
+wait "$build" || { tail -40 "$work/build.log" >&2; die "the images did not build"; }
 for target in dedup ingest dedup-worker dedup-operator; do
   user=$(pm image inspect --format '{{.Config.User}}' "$registry/$target:$version")
   [[ $user == 65532:65532 ]] || die "$target runs as '$user', not 65532:65532"

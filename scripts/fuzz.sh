@@ -19,7 +19,7 @@ seconds=60
 if [ "${1:-}" = "--replay" ]; then replay=1; shift; elif [ -n "${1:-}" ]; then seconds=$1; shift; fi
 [ $# -gt 0 ] && targets=("$@")
 if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "installing cargo-fuzz (crates.io)" >&2
+  echo "installing cargo-fuzz from crates.io (a few minutes, once per machine)" >&2
   cargo install --locked --quiet cargo-fuzz
 fi
 export RUSTC_BOOTSTRAP=1
