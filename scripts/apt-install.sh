@@ -24,7 +24,10 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 # Another apt-get (a second test run installing the same) holds dpkg's lock: wait for it.
 apt_get() { apt-get -qq -o DPkg::Lock::Timeout=300 "$@" >"$out" 2>&1; }
-install() { DEBIAN_FRONTEND=noninteractive apt_get install -y --no-install-recommends "$@"; }
+# What is installed already stays at its version: this fills gaps, it does not upgrade.
+install() {
+  DEBIAN_FRONTEND=noninteractive apt_get install -y --no-install-recommends --no-upgrade "$@"
+}
 log "installing $* from Debian packages"
 if ! install "$@"; then
   log "updating the package lists, then trying again"
