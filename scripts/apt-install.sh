@@ -16,7 +16,7 @@ shift
 log() { printf '[%s] %s\n' "$who" "$*" >&2; }
 
 if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-  log "$* missing, and this is not root on Debian: install it (apt-get install $*)"
+  log "needs $*, and this is not root on Debian: install it (apt-get install $*)"
   exit 3
 fi
 
