@@ -30,11 +30,12 @@ timeout --signal=KILL 20m cargo test --workspace --locked --exclude ingest --exc
 part "tests of ingest and dedup-worker, one at a time"
 timeout --signal=KILL 20m cargo test --locked -p ingest -p dedup-worker "$@" -- --test-threads=1
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
+# It takes well under a minute; a hang fails loudly after 10.
 part "benchmark smoke run"
 target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench
 DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
-  "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
+  timeout --signal=KILL 10m "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
 # The fuzz targets over their committed seeds (the hostile inputs that once stalled the
 # pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
 part "fuzz targets over their seeds"

@@ -113,7 +113,11 @@ impl Isolation {
                         .await;
                 }
             }
-            let _ = conn.close(200, "bench done".into()).await;
+            // lapin's close once waited forever for a close-ok after the socket was gone (the
+            // smoke run hung in CI with nothing left to delete): cleanup must not hang a run.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
+                    .await;
         }
         if let Ok(client) = redis::Client::open(backends.redis.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
