@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use dedup_message::message;
+use dedup_message::topology::close_connection;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
@@ -153,12 +154,7 @@ async fn rabbitmq(
     let publish_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
 
     let consume_rate = consume_and_ack(&conn, iso, lines.len()).await?;
-    // Bounded: lapin's close can wait forever for a close-ok (services::Isolation::remove).
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        conn.close(200, "ceiling measured".into()),
-    )
-    .await;
+    close_connection(&conn, 200, "ceiling measured").await;
     let ms = |q: f64| confirm_us.value_at_quantile(q) as f64 / 1000.0;
     Ok((publish_rate, ms(0.5), ms(0.99), consume_rate))
 }

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use dedup_message::topology::Topology;
+use dedup_message::topology::{Topology, close_connection};
 use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 
@@ -113,11 +113,8 @@ impl Isolation {
                         .await;
                 }
             }
-            // lapin's close once waited forever for a close-ok after the socket was gone (the
-            // smoke run hung in CI with nothing left to delete): cleanup must not hang a run.
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
-                    .await;
+            // Bounded: lapin's close can wait forever for a close-ok that never comes.
+            close_connection(&conn, 200, "bench done").await;
         }
         if let Ok(client) = redis::Client::open(backends.redis.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await

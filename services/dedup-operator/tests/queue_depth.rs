@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use dedup_message::topology::{close_channel, close_connection};
 use dedup_operator::controller::broker_depth;
 use dedup_operator::crd::{AutoscalingMode, DedupPipeline, DedupPipelineSpec, ScaleMetric};
 use dedup_operator::scale::Observation;
@@ -155,13 +156,13 @@ async fn operator_reads_ready_and_unacked_from_the_real_broker() {
     };
     publisher.abort();
     // Clean up before asserting, so a failure leaves no queue behind.
-    let _ = holder.close(200, "done".into()).await;
+    close_channel(&holder, 200, "done").await;
     for q in [&queue, &second] {
         let _ = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    let _ = conn.close(200, "done".into()).await;
+    close_connection(&conn, 200, "done").await;
     assert_eq!(
         last,
         Observation::Depth(16),
@@ -264,7 +265,7 @@ async fn keda_trigger_sums_exactly_the_shards_on_the_real_broker() {
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    let _ = conn.close(200, "done".into()).await;
+    close_connection(&conn, 200, "done").await;
 
     assert!(
         pending.is_empty(),

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use dedup_message::topology::Topology;
+use dedup_message::topology::{Topology, close_channel, close_connection};
 use lapin::options::{
     BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -142,7 +142,7 @@ impl TestEnv {
             )
             .await;
         let count = result.map(|q| q.message_count()).unwrap_or(0);
-        let _ = channel.close(200, "done".into()).await;
+        close_channel(&channel, 200, "done").await;
         count
     }
 
@@ -220,7 +220,7 @@ impl TestEnv {
                 message.delivery.properties.clone(),
             ));
         }
-        let _ = channel.close(200, "done".into()).await;
+        close_channel(&channel, 200, "done").await;
         out
     }
 
@@ -231,7 +231,7 @@ impl TestEnv {
             .declare(&channel)
             .await
             .expect("declare the test topology");
-        let _ = channel.close(200, "done".into()).await;
+        close_channel(&channel, 200, "done").await;
     }
 
     /// Publishes a raw body to the test's exchange with publisher confirms, as ingest would.
@@ -264,7 +264,7 @@ impl TestEnv {
             .await
             .expect("confirm");
         assert!(confirm.is_ack(), "the broker refused a test message");
-        let _ = channel.close(200, "done".into()).await;
+        close_channel(&channel, 200, "done").await;
     }
 
     /// Redis keys under this test's prefix.
@@ -375,7 +375,7 @@ async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
                     .await;
             }
         }
-        let _ = conn.close(200, "test cleanup".into()).await;
+        close_connection(&conn, 200, "test cleanup").await;
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::support::{WorkerUnderTest, delete_queue, worker_config};
 use chrono::Utc;
 use dedup_message::message;
+use dedup_message::topology::close_channel;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -35,7 +36,7 @@ async fn consumers(env: &TestEnv, queue: &str) -> Option<u32> {
         )
         .await
         .ok()?;
-    let _ = channel.close(200, "done".into()).await;
+    close_channel(&channel, 200, "done").await;
     Some(declared.consumer_count())
 }
 
@@ -312,7 +313,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
         matches!(&reason, Some(AMQPValue::LongString(r)) if r.as_bytes() == b"delivery_limit"),
         "{reason:?}"
     );
-    let _ = channel.close(200, "done".into()).await;
+    close_channel(&channel, 200, "done").await;
 }
 
 /// One shard's queue becomes unusable while the worker consumes two: here it is deleted and
@@ -404,6 +405,6 @@ async fn one_broken_shard_queue_stops_only_its_own_session() {
     .await;
     publish_to(&env, 1, &originals[40..60]).await;
     settle(&env, 60).await;
-    let _ = channel.close(200, "done".into()).await;
+    close_channel(&channel, 200, "done").await;
     worker.stop().await.expect("clean stop");
 }

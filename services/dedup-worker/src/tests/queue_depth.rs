@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::support::{WorkerUnderTest, delete_queue, worker_config};
 use chrono::Utc;
 use dedup_message::message;
+use dedup_message::topology::close_channel;
 use dedup_runtime::queue_depth::{DepthError, DepthReader, Placement, vhost_of};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -161,7 +162,7 @@ async fn depth_counts_ready_and_unacknowledged_messages() {
     )
     .await;
     // Released, the 4 go to the worker.
-    let _ = holder.close(200, "done".into()).await;
+    close_channel(&holder, 200, "done").await;
     drop(held);
     eventually(
         Duration::from_secs(30),
