@@ -9,6 +9,7 @@
 # Rust toolchain and a runtime base in distroless's place. They stay in podman's storage for
 # the next run. `scripts/test.sh` calls this when podman can run; run it alone with
 #   scripts/check-image.sh            (images built as localhost/dedup-check/*:<version>)
+#   scripts/check-image.sh --interrupted   (a check stopped mid-build leaves nothing behind)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ work=$(mktemp -d)
 cleanup() {
   # Interrupted while building: stop the build (podman, under release-image.sh) too, and
   # remove the working containers it left (a layer each, ~1 GB apiece in vfs storage). Only
-  # its own: a build running beside this one keeps its containers.
+  # its own: a build running beside this one keeps its containers. Its images go below.
   if [[ ${build:-} ]] && kill -0 "$build" 2>/dev/null; then
     pkill -TERM -P "$build" 2>/dev/null || true
     kill "$build" 2>/dev/null || true
@@ -91,6 +92,38 @@ if [[ ${1:-} == --install ]]; then
 fi
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+if [[ ${1:-} == --interrupted ]]; then
+  # Tests the cleanup above: a check sent SIGTERM while its release build has a working
+  # container and has committed step images must stop the build, leave neither behind, and
+  # fail. Run it after a full check, so the bases exist and the run goes straight to its build.
+  containers_before=$(pm ps -a --external -q | sort)
+  images_before=$(pm images -a -q | sort -u)
+  "$0" 2>"$work/interrupted.log" &
+  run=$!
+  deadline=$((SECONDS + 300))
+  until grep -q "building the release images" "$work/interrupted.log" &&
+    [[ -n $(comm -13 <(echo "$containers_before") <(pm ps -a --external -q | sort)) ]] &&
+    [[ -n $(comm -13 <(echo "$images_before") <(pm images -a -q | sort -u)) ]]; do
+    kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container and a step image"; }
+    ((SECONDS < deadline)) || { kill "$run"; die "no build container and step image within 5 minutes"; }
+    sleep 1
+  done
+  kill -TERM "$run"
+  deadline=$((SECONDS + 120))
+  while kill -0 "$run" 2>/dev/null; do
+    ((SECONDS < deadline)) || { kill -KILL "$run"; die "still running 2 minutes after SIGTERM"; }
+    sleep 1
+  done
+  status=0
+  wait "$run" || status=$?
+  ((status != 0)) || die "the interrupted check exited 0"
+  left=$(comm -13 <(echo "$containers_before") <(pm ps -a --external -q | sort) | xargs)
+  [[ -z $left ]] || die "the interrupted build left containers behind: $left"
+  left=$(comm -13 <(echo "$images_before") <(pm images -a -q | sort -u) | xargs)
+  [[ -z $left ]] || die "the interrupted build left images behind: $left"
+  log "ok: interrupted during its build (exit $status), it left no container or image behind"
+  exit 0
+fi
 
 
 

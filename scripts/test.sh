@@ -54,6 +54,7 @@ scripts/check-image.sh --can-run || scripts/check-image.sh --install || installe
 [ "$installed" = 0 ] || [ "$installed" = 3 ] || exit "$installed"
 if scripts/check-image.sh --can-run; then
   scripts/check-image.sh
+  scripts/check-image.sh --interrupted
 else
   echo "!!! podman cannot run here: the image was NOT built or run (apt-get install podman runc debootstrap)" >&2
 fi
