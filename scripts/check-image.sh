@@ -23,15 +23,18 @@ containers=()
 # podman as it runs on this machine kind: vfs storage, runc, no cgroup manager or ulimits to set.
 conf_dir=$(mktemp -d)
 work=$(mktemp -d)
+# The ids `podman "$@"` lists now that are not in $1 (an earlier such listing, sorted).
+new_since() { comm -13 <(echo "$1") <(pm "${@:2}" | sort -u); }
 cleanup() {
   # Interrupted while building: stop the build (podman, under release-image.sh) too, and
   # remove the working containers it left (a layer each, ~1 GB apiece in vfs storage). Only
-  # its own: a build running beside this one keeps its containers. Its images go below.
+  # its own: a build running beside this one keeps its containers. Its step images go with
+  # the built images below (`built` is set before the build starts).
   if [[ ${build:-} ]] && kill -0 "$build" 2>/dev/null; then
     pkill -TERM -P "$build" 2>/dev/null || true
     kill "$build" 2>/dev/null || true
     wait "$build" 2>/dev/null || true
-    for c in $(comm -13 <(echo "$build_containers") <(pm ps -a --external -q | sort)); do
+    for c in $(new_since "$build_containers" ps -a --external -q); do
       pm rm -f "$c" >/dev/null 2>&1 || true
     done
   fi
@@ -96,14 +99,14 @@ if [[ ${1:-} == --interrupted ]]; then
   # Tests the cleanup above: a check sent SIGTERM while its release build has a working
   # container and has committed step images must stop the build, leave neither behind, and
   # fail. Run it after a full check, so the bases exist and the run goes straight to its build.
-  containers_before=$(pm ps -a --external -q | sort)
+  containers_before=$(pm ps -a --external -q | sort -u)
   images_before=$(pm images -a -q | sort -u)
   "$0" 2>"$work/interrupted.log" &
   run=$!
   deadline=$((SECONDS + 300))
   until grep -q "building the release images" "$work/interrupted.log" &&
-    [[ -n $(comm -13 <(echo "$containers_before") <(pm ps -a --external -q | sort)) ]] &&
-    [[ -n $(comm -13 <(echo "$images_before") <(pm images -a -q | sort -u)) ]]; do
+    [[ -n $(new_since "$containers_before" ps -a --external -q) ]] &&
+    [[ -n $(new_since "$images_before" images -a -q) ]]; do
     kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container and a step image"; }
     ((SECONDS < deadline)) || { kill "$run"; die "no build container and step image within 5 minutes"; }
     sleep 1
@@ -117,9 +120,9 @@ if [[ ${1:-} == --interrupted ]]; then
   status=0
   wait "$run" || status=$?
   ((status != 0)) || die "the interrupted check exited 0"
-  left=$(comm -13 <(echo "$containers_before") <(pm ps -a --external -q | sort) | xargs)
+  left=$(new_since "$containers_before" ps -a --external -q | xargs)
   [[ -z $left ]] || die "the interrupted build left containers behind: $left"
-  left=$(comm -13 <(echo "$images_before") <(pm images -a -q | sort -u) | xargs)
+  left=$(new_since "$images_before" images -a -q | xargs)
   [[ -z $left ]] || die "the interrupted build left images behind: $left"
   log "ok: interrupted during its build (exit $status), it left no container or image behind"
   exit 0
@@ -175,7 +178,7 @@ registry=${REGISTRY:-localhost/dedup-check}
 image=$registry/dedup:$version
 log "building the release images as $registry/*:$version (a release build: minutes, more on a new machine)"
 built=1
-build_containers=$(pm ps -a --external -q | sort)
+build_containers=$(pm ps -a --external -q | sort -u)
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
   scripts/release-image.sh >"$work/build.log" 2>&1 &
