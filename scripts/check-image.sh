@@ -101,14 +101,15 @@ if [[ ${1:-} == --interrupted ]]; then
   # fail. Run it after a full check, so the bases exist and the run goes straight to its build.
   containers_before=$(pm ps -a --external -q | sort -u)
   images_before=$(pm images -a -q | sort -u)
-  "$0" 2>"$work/interrupted.log" &
+  # By its path from the repository root, where the script has moved (so not "$0").
+  scripts/check-image.sh 2>"$work/interrupted.log" &
   run=$!
   deadline=$((SECONDS + 300))
-  until grep -q "building the release images" "$work/interrupted.log" &&
+  until grep -qs "building the release images" "$work/interrupted.log" &&
     [[ -n $(new_since "$containers_before" ps -a --external -q) ]] &&
     [[ -n $(new_since "$images_before" images -a -q) ]]; do
     kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container and a step image"; }
-    ((SECONDS < deadline)) || { kill "$run"; die "no build container and step image within 5 minutes"; }
+    ((SECONDS < deadline)) || { kill "$run"; tail -20 "$work/interrupted.log" >&2; die "no build container and step image within 5 minutes"; }
     sleep 1
   done
   kill -TERM "$run"
