@@ -95,10 +95,20 @@ if [[ ${1:-} == --install ]]; then
 fi
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+# The bases, made below where missing; tagged by what goes into them, so a new toolchain makes
+# a new build base.
+sysroot=$(rustc --print sysroot)
+rust_version=$(rustc --version | cut -d' ' -f2)
+build_base=localhost/dedup-build-base:rust-$rust_version
+runtime_base=localhost/dedup-runtime-base:bookworm
 if [[ ${1:-} == --interrupted ]]; then
   # Tests the cleanup above: a check sent SIGTERM while its release build has a working
   # container and has committed step images must stop the build, leave neither behind, and
-  # fail. Run it after a full check, so the bases exist and the run goes straight to its build.
+  # fail. It needs the bases a full check makes, so that its run goes straight to its build.
+  for base in "$build_base" "$runtime_base"; do
+    pm image exists "$base" ||
+      die "no $base in podman's storage: run scripts/check-image.sh first (it makes the bases in a few minutes), then --interrupted"
+  done
   containers_before=$(pm ps -a --external -q | sort -u)
   images_before=$(pm images -a -q | sort -u)
   # By its path from the repository root, where the script has moved (so not "$0").
@@ -129,15 +139,7 @@ if [[ ${1:-} == --interrupted ]]; then
   exit 0
 fi
 
-
-
 # --- bases ---------------------------------------------------------------------------------
-# Tagged by what goes into them, so a new toolchain makes a new build base.
-sysroot=$(rustc --print sysroot)
-rust_version=$(rustc --version | cut -d' ' -f2)
-build_base=localhost/dedup-build-base:rust-$rust_version
-runtime_base=localhost/dedup-runtime-base:bookworm
-
 debootstrap_base() { # dir packages
   local dir=$1 include=$2
   log "debootstrap bookworm into $dir (+ $include)"
