@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 registry=${REGISTRY:-dedup}
 read -ra builder <<<"${BUILDER:-docker}"
 read -ra opts <<<"${BUILD_OPTS:-}"
-targets=(${TARGETS:-dedup ingest dedup-worker dedup-operator})
+read -ra targets <<<"${TARGETS:-dedup ingest dedup-worker dedup-operator}"
 push=false
 case ${1:-} in
   --push) push=true ;;
