@@ -155,6 +155,11 @@ async fn credentials_come_from_mounted_files() {
     reason = "a plain thread, no async runtime in this test"
 )]
 fn write_keys_never_reach_the_output() {
+    // ingest declares its exchange and queues on the shared broker: this test's own, removed
+    // with the rest of its slice when `env` is dropped (inside the runtime, entered until then).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _entered = runtime.enter();
+    let env = runtime.block_on(test_support::TestEnv::new("keylog"));
     let dir = std::env::temp_dir().join(format!("dedup-keylog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let made = Command::new(bin_dir().join("ingest"))
@@ -204,6 +209,8 @@ fn write_keys_never_reach_the_output() {
             ("WRITE_KEYS_PATH", keys.display().to_string()),
             ("LISTEN_ADDR", addr.to_string()),
             ("RABBITMQ_URL", test_support::env::RABBITMQ_URL.to_owned()),
+            ("AMQP_EXCHANGE", env.topology.exchange.clone()),
+            ("AMQP_QUEUE", env.topology.queue.clone()),
         ],
         5,
     );
