@@ -25,6 +25,22 @@ conf_dir=$(mktemp -d)
 work=$(mktemp -d)
 # The ids `podman "$@"` lists now that are not in $1 (an earlier such listing, sorted).
 new_since() { comm -13 <(echo "$1") <(pm "${@:2}" | sort -u); }
+# The pipeline's slice of the local services (its containers, database, queues, exchanges
+# and Redis keys), removed on every exit once it has started; the successful run checks that
+# nothing of it is left.
+redis_keys() { redis-cli --scan --pattern "{dedup-image-check-${suffix}[:}]*" 2>/dev/null; }
+remove_pipeline() {
+  for c in "${containers[@]}"; do pm rm -f "$c" >/dev/null 2>&1 || true; done
+  psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
+    >/dev/null 2>&1 || true
+  for q in "$queue" "$queue.dead"; do
+    curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
+  done
+  for x in "$queue" "$queue.dlx"; do
+    curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/exchanges/%2F/$x" || true
+  done
+  redis_keys | xargs -r redis-cli del >/dev/null 2>&1 || true
+}
 cleanup() {
   # Interrupted while building: stop the build (podman, under release-image.sh) too, and
   # remove the working containers it left (a layer each, ~1 GB apiece in vfs storage). Only
@@ -38,19 +54,7 @@ cleanup() {
       pm rm -f "$c" >/dev/null 2>&1 || true
     done
   fi
-  if [[ ${started:-} ]]; then
-    for c in "${containers[@]}"; do pm rm -f "$c" >/dev/null 2>&1 || true; done
-    psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
-      >/dev/null 2>&1 || true
-    for q in "$queue" "$queue.dead"; do
-      curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
-    done
-    for x in "$queue" "$queue.dlx"; do
-      curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/exchanges/%2F/$x" || true
-    done
-    redis-cli --scan --pattern "dedup-image-check-$suffix:*" 2>/dev/null |
-      xargs -r redis-cli del >/dev/null 2>&1 || true
-  fi
+  [[ -z ${started:-} ]] || remove_pipeline
   # vfs storage copies the whole file system for every layer (~1 GB each for the build
   # stage): keep only the bases, so repeated runs do not fill the disk.
   if [[ ${built:-} ]]; then
@@ -280,3 +284,26 @@ done
 [[ $stored == image-check ]] || { logs; die "the event was not stored (found '$stored')"; }
 
 log "ok: the release images built; from $image ingest and a worker ran read-only as 65532, took an event with a key and stored it"
+
+# What the pipeline made on the local services goes with it: the worker declared the queues
+# and exchanges, and remembers the event's key in Redis (after its commit, so it may come a
+# moment after the row).
+for _ in $(seq 1 50); do [[ -n $(redis_keys) ]] && break; sleep 0.2; done
+[[ -n $(redis_keys) ]] || die "the worker left no key under its Redis prefix: the check below would prove nothing"
+broker_objects=("queues/%2F/$queue" "queues/%2F/$queue.dead" "exchanges/%2F/$queue" "exchanges/%2F/$queue.dlx")
+for api in "${broker_objects[@]}"; do
+  status=$(curl -s -o /dev/null -w '%{http_code}' -u guest:guest "http://127.0.0.1:15672/api/$api")
+  [[ $status == 200 ]] || die "${api#*/%2F/} was not declared (the management API answered $status)"
+done
+remove_pipeline
+started=
+for c in "${containers[@]}"; do ! pm container exists "$c" || die "the cleanup left the container $c behind"; done
+left=$(redis_keys | xargs)
+[[ -z $left ]] || die "the cleanup left Redis keys behind: $left"
+[[ -z $(psql -tAq postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'") ]] ||
+  die "the cleanup left the database $db behind"
+for api in "${broker_objects[@]}"; do
+  status=$(curl -s -o /dev/null -w '%{http_code}' -u guest:guest "http://127.0.0.1:15672/api/$api")
+  [[ $status == 404 ]] || die "the cleanup left ${api#*/%2F/} behind (the management API answered $status)"
+done
+log "ok: the pipeline's containers, database, queues, exchanges and Redis keys are gone"
