@@ -10,6 +10,10 @@ start=$(date +%s)
 part() { printf '\n--- test.sh: %s (%ss)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
 part "services"
 scripts/ensure-services.sh
+# What the shared services hold before the tests: whatever is new at the end was left behind.
+snapshot=$(mktemp)
+trap 'rm -f "$snapshot"' EXIT
+scripts/check-leftovers.sh snapshot "$snapshot"
 # What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
 # outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
 part "the package installer"
@@ -71,4 +75,6 @@ if scripts/check-image.sh --can-run; then
 else
   echo "!!! podman cannot run here: the image was NOT built or run (apt-get install podman runc debootstrap)" >&2
 fi
+part "what the tests left on the shared services"
+scripts/check-leftovers.sh since "$snapshot"
 part "done"
