@@ -152,7 +152,7 @@ async fn credentials_come_from_mounted_files() {
 #[test]
 #[allow(
     clippy::disallowed_methods,
-    reason = "a plain thread, no async runtime in this test"
+    reason = "the client is a plain thread: it sleeps outside the runtime, which only sets up and removes the test's queues"
 )]
 fn write_keys_never_reach_the_output() {
     // ingest declares its exchange and queues on the shared broker: this test's own, removed
