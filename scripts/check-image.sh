@@ -29,16 +29,16 @@ new_since() { comm -13 <(echo "$1") <(pm "${@:2}" | sort -u); }
 # and Redis keys), removed on every exit once it has started; the successful run checks that
 # nothing of it is left.
 redis_keys() { redis-cli --scan --pattern "{dedup-image-check-${suffix}[:}]*" 2>/dev/null; }
+# Its queues and exchanges, as paths of RabbitMQ's management API.
+broker_objects=("queues/%2F/$queue" "queues/%2F/$queue.dead" "exchanges/%2F/$queue" "exchanges/%2F/$queue.dlx")
+broker() { # method path: the HTTP status the management API answers
+  curl -s -o /dev/null -w '%{http_code}' -u guest:guest -X "$1" "http://127.0.0.1:15672/api/$2" || true
+}
 remove_pipeline() {
   for c in "${containers[@]}"; do pm rm -f "$c" >/dev/null 2>&1 || true; done
   psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
     >/dev/null 2>&1 || true
-  for q in "$queue" "$queue.dead"; do
-    curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
-  done
-  for x in "$queue" "$queue.dlx"; do
-    curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/exchanges/%2F/$x" || true
-  done
+  for api in "${broker_objects[@]}"; do broker DELETE "$api" >/dev/null; done
   redis_keys | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
 cleanup() {
@@ -290,9 +290,8 @@ log "ok: the release images built; from $image ingest and a worker ran read-only
 # moment after the row).
 for _ in $(seq 1 50); do [[ -n $(redis_keys) ]] && break; sleep 0.2; done
 [[ -n $(redis_keys) ]] || die "the worker left no key under its Redis prefix: the check below would prove nothing"
-broker_objects=("queues/%2F/$queue" "queues/%2F/$queue.dead" "exchanges/%2F/$queue" "exchanges/%2F/$queue.dlx")
 for api in "${broker_objects[@]}"; do
-  status=$(curl -s -o /dev/null -w '%{http_code}' -u guest:guest "http://127.0.0.1:15672/api/$api")
+  status=$(broker GET "$api")
   [[ $status == 200 ]] || die "${api#*/%2F/} was not declared (the management API answered $status)"
 done
 remove_pipeline
@@ -303,7 +302,7 @@ left=$(redis_keys | xargs)
 [[ -z $(psql -tAq postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'") ]] ||
   die "the cleanup left the database $db behind"
 for api in "${broker_objects[@]}"; do
-  status=$(curl -s -o /dev/null -w '%{http_code}' -u guest:guest "http://127.0.0.1:15672/api/$api")
+  status=$(broker GET "$api")
   [[ $status == 404 ]] || die "the cleanup left ${api#*/%2F/} behind (the management API answered $status)"
 done
 log "ok: the pipeline's containers, database, queues, exchanges and Redis keys are gone"
