@@ -8,12 +8,46 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 part() { printf '\n--- test.sh: %s (%ss)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
+# Runs "${@:2}", which must exit 1 and say something matching $1; otherwise the tests fail.
+must_fail() {
+  local want=$1 status=0 out
+  shift
+  out=$("$@" 2>&1) || status=$?
+  if [ "$status" != 1 ] || ! grep -q -- "$want" <<<"$out"; then
+    echo "!!! $* exited $status, expected 1 and '$want'; it said: $out" >&2
+    exit 1
+  fi
+}
 part "services"
 scripts/ensure-services.sh
 # What the shared services hold before the tests: whatever is new at the end was left behind.
 snapshot=$(mktemp)
-trap 'rm -f "$snapshot"' EXIT
+trap 'rm -f "$snapshot" "$snapshot.port"' EXIT
 scripts/check-leftovers.sh snapshot "$snapshot"
+part "the leftover check"
+# The check itself: it names what was left, and a service it cannot read (a closed port, or
+# one that never answers) fails it rather than hiding that service's objects.
+probe="check-leftovers-probe-$$"
+redis-cli set "$probe" 1 >/dev/null
+status=0
+(must_fail "redis key $probe" scripts/check-leftovers.sh since "$snapshot") || status=$?
+redis-cli del "$probe" >/dev/null
+[ "$status" = 0 ] || exit "$status"
+for closed in CHECK_LEFTOVERS_POSTGRES=postgres://postgres@127.0.0.1:1 \
+  CHECK_LEFTOVERS_REDIS=redis://127.0.0.1:1 CHECK_LEFTOVERS_RABBITMQ_API=http://127.0.0.1:1/api; do
+  must_fail "could not list" env "$closed" scripts/check-leftovers.sh since "$snapshot"
+  must_fail "could not list" env "$closed" scripts/check-leftovers.sh snapshot "$snapshot.new"
+  [ ! -e "$snapshot.new" ] || { echo "!!! a failed snapshot wrote $snapshot.new" >&2; exit 1; }
+done
+python3 -c 'import socket, time; s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True); time.sleep(60)' >"$snapshot.port" &
+silent=$!
+for _ in $(seq 100); do [ -s "$snapshot.port" ] && break; sleep 0.1; done
+status=0
+(must_fail "no answer within 2 s" env CHECK_LEFTOVERS_WAIT=2 \
+  CHECK_LEFTOVERS_REDIS="redis://127.0.0.1:$(cat "$snapshot.port")" \
+  scripts/check-leftovers.sh since "$snapshot") || status=$?
+kill "$silent"
+[ "$status" = 0 ] || exit "$status"
 # What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
 # outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
 part "the package installer"
@@ -65,13 +99,9 @@ if scripts/check-image.sh --can-run; then
   fake=$(mktemp -d)
   printf '#!/bin/sh\necho "rustc 0.0.0-nobase (a stand-in)"\n' >"$fake/rustc"
   chmod +x "$fake/rustc"
-  status=0
-  out=$(PATH=$fake:$PATH timeout 60 scripts/check-image.sh --interrupted 2>&1) || status=$?
+  must_fail "run scripts/check-image.sh first" \
+    env PATH="$fake:$PATH" timeout 60 scripts/check-image.sh --interrupted
   rm -rf "$fake"
-  if [ "$status" != 1 ] || ! grep -q "run scripts/check-image.sh first" <<<"$out"; then
-    echo "!!! check-image.sh --interrupted without its bases exited $status: $out" >&2
-    exit 1
-  fi
 else
   echo "!!! podman cannot run here: the image was NOT built or run (apt-get install podman runc debootstrap)" >&2
 fi
