@@ -23,7 +23,7 @@ apt_install() { "$(dirname "$0")/apt-install.sh" ensure-services "$@" || exit 1;
 # PostgreSQL (trust auth on 127.0.0.1, as this machine kind is set up).
 if ! port_open 5432; then
   command -v pg_ctlcluster >/dev/null || apt_install postgresql
-  version=$(ls /etc/postgresql | sort -V | tail -1)
+  version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort -V | tail -1)
   log "starting PostgreSQL $version"
   pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
   wait_for PostgreSQL 5432 60

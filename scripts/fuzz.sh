@@ -27,9 +27,10 @@ export RUSTC_BOOTSTRAP=1
 target_dir=${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}-fuzz}
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
-  [ -n "$(ls "seeds/$t")" ] || { echo "no seeds in services/fuzz/seeds/$t" >&2; exit 1; }
+  seeds=$(find "seeds/$t" -type f | wc -l)
+  [ "$seeds" -gt 0 ] || { echo "no seeds in services/fuzz/seeds/$t" >&2; exit 1; }
   if [ $replay = 1 ]; then
-    echo "== fuzz replay: $t ($(ls "seeds/$t" | wc -l) seeds)" >&2
+    echo "== fuzz replay: $t ($seeds seeds)" >&2
     cargo fuzz run --fuzz-dir . --sanitizer none --target-dir "$target_dir" "$t" "seeds/$t" -- -runs=0
   else
     echo "== fuzzing $t for ${seconds}s" >&2
