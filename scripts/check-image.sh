@@ -12,6 +12,12 @@
 #   scripts/check-image.sh --interrupted   (a check stopped mid-build leaves nothing behind)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: scripts/check-image.sh [--interrupted | --can-run | --install]"
+case ${1:-} in
+  "" | --interrupted | --can-run | --install) ;;
+  -h | --help) echo "$usage"; exit 0 ;;
+  *) echo "check-image.sh: unknown argument '$1'; $usage" >&2; exit 2 ;;
+esac
 
 log() { printf '[check-image] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

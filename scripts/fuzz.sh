@@ -14,9 +14,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/../services/fuzz"
 targets=(event datetime message batch_body)
+usage() { echo "usage: scripts/fuzz.sh [SECONDS | --replay] [TARGET...]; targets: ${targets[*]}"; }
 replay=0
 seconds=60
-if [ "${1:-}" = "--replay" ]; then replay=1; shift; elif [ -n "${1:-}" ]; then seconds=$1; shift; fi
+case ${1:-} in
+  -h | --help) usage; exit 0 ;;
+  --replay) replay=1; shift ;;
+  "") ;;
+  *)
+    [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "fuzz.sh: '$1' is not a number of seconds" >&2; usage >&2; exit 2; }
+    seconds=$1
+    shift
+    ;;
+esac
+for t in "$@"; do
+  [[ " ${targets[*]} " == *" $t "* ]] || { echo "fuzz.sh: no fuzz target '$t'" >&2; usage >&2; exit 2; }
+done
 [ $# -gt 0 ] && targets=("$@")
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz from crates.io (a few minutes, once per machine)" >&2

@@ -8,13 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 part() { printf '\n--- test.sh: %s (%ss)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
-# Runs "${@:2}", which must exit 1 and say something matching $1; otherwise the tests fail.
-must_fail() {
-  local want=$1 status=0 out
-  shift
+# Runs "${@:3}", which must exit with status $1 and say something matching $2; otherwise the
+# tests fail.
+expect_exit() {
+  local expected=$1 want=$2 status=0 out
+  shift 2
   out=$("$@" 2>&1) || status=$?
-  if [ "$status" != 1 ] || ! grep -q -- "$want" <<<"$out"; then
-    echo "!!! $* exited $status, expected 1 and '$want'; it said: $out" >&2
+  if [ "$status" != "$expected" ] || ! grep -q -- "$want" <<<"$out"; then
+    echo "!!! $* exited $status, expected $expected and '$want'; it said: $out" >&2
     exit 1
   fi
 }
@@ -30,20 +31,20 @@ part "the leftover check"
 probe="check-leftovers-probe-$$"
 redis-cli set "$probe" 1 >/dev/null
 status=0
-(must_fail "redis key $probe" scripts/check-leftovers.sh since "$snapshot") || status=$?
+(expect_exit 1 "redis key $probe" scripts/check-leftovers.sh since "$snapshot") || status=$?
 redis-cli del "$probe" >/dev/null
 [ "$status" = 0 ] || exit "$status"
 for closed in CHECK_LEFTOVERS_POSTGRES=postgres://postgres@127.0.0.1:1 \
   CHECK_LEFTOVERS_REDIS=redis://127.0.0.1:1 CHECK_LEFTOVERS_RABBITMQ_API=http://127.0.0.1:1/api; do
-  must_fail "could not list" env "$closed" scripts/check-leftovers.sh since "$snapshot"
-  must_fail "could not list" env "$closed" scripts/check-leftovers.sh snapshot "$snapshot.new"
+  expect_exit 1 "could not list" env "$closed" scripts/check-leftovers.sh since "$snapshot"
+  expect_exit 1 "could not list" env "$closed" scripts/check-leftovers.sh snapshot "$snapshot.new"
   [ ! -e "$snapshot.new" ] || { echo "!!! a failed snapshot wrote $snapshot.new" >&2; exit 1; }
 done
 python3 -c 'import socket, time; s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True); time.sleep(60)' >"$snapshot.port" &
 silent=$!
 for _ in $(seq 100); do [ -s "$snapshot.port" ] && break; sleep 0.1; done
 status=0
-(must_fail "no answer within 2 s" env CHECK_LEFTOVERS_WAIT=2 \
+(expect_exit 1 "no answer within 2 s" env CHECK_LEFTOVERS_WAIT=2 \
   CHECK_LEFTOVERS_REDIS="redis://127.0.0.1:$(cat "$snapshot.port")" \
   scripts/check-leftovers.sh since "$snapshot") || status=$?
 kill "$silent"
@@ -77,6 +78,9 @@ DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug
 # The fuzz targets over their committed seeds (the hostile inputs that once stalled the
 # pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
 part "fuzz targets over their seeds"
+# A mistyped argument is refused before anything is built or fuzzed.
+expect_exit 2 "'event' is not a number of seconds" scripts/fuzz.sh event
+expect_exit 2 "no fuzz target 'nosuch'" scripts/fuzz.sh 5 nosuch
 scripts/fuzz.sh --replay
 part "compose and chart files"
 python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
@@ -87,6 +91,8 @@ python3 scripts/check-chart.py
 # first where it is missing (as root on Debian; a failed install fails the tests). Where podman
 # still cannot start containers (not root, or a kernel that refuses), say so, loudly.
 part "the image"
+# A mistyped mode is refused, not taken for a full check of many minutes.
+expect_exit 2 "unknown argument '--interupted'" scripts/check-image.sh --interupted
 installed=0
 scripts/check-image.sh --can-run || scripts/check-image.sh --install || installed=$?
 [ "$installed" = 0 ] || [ "$installed" = 3 ] || exit "$installed"
@@ -99,7 +105,7 @@ if scripts/check-image.sh --can-run; then
   fake=$(mktemp -d)
   printf '#!/bin/sh\necho "rustc 0.0.0-nobase (a stand-in)"\n' >"$fake/rustc"
   chmod +x "$fake/rustc"
-  must_fail "run scripts/check-image.sh first" \
+  expect_exit 1 "run scripts/check-image.sh first" \
     env PATH="$fake:$PATH" timeout 60 scripts/check-image.sh --interrupted
   rm -rf "$fake"
 else
