@@ -6,6 +6,8 @@
 #   - a package already installed: exit 0, also while another apt-get holds dpkg's lock.
 # The last two need root; elsewhere they are reported as not run.
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 cd "$(dirname "$0")/.."
 
 log() { printf '[check-apt-install] %s\n' "$*" >&2; }

@@ -4,6 +4,8 @@
 # Installs promtool and prometheus (Debian package `prometheus`) when either is missing; the
 # system tests run the server.
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 cd "$(dirname "$0")/.."
 files=charts/dedup/files
 

@@ -2,6 +2,8 @@
 # Makes sure the local PostgreSQL, Redis and RabbitMQ the pipeline and its tests use are up,
 # starting (or, on a bare Debian machine, installing) whichever is not. Idempotent.
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 
 log() { printf '[ensure-services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

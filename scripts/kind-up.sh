@@ -7,6 +7,8 @@
 #                                     # ServiceMonitor/PodMonitors, alert rules and dashboard on
 #   KPS_VERSION=<chart version>       # pin kube-prometheus-stack (default: the repo's latest)
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 cd "$(dirname "$0")/.."
 command -v kind >/dev/null || { echo "kind is not installed: https://kind.sigs.k8s.io/" >&2; exit 1; }
 cluster=${CLUSTER:-dedup}

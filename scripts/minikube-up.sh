@@ -6,6 +6,8 @@
 #   MONITORING=1 scripts/minikube-up.sh   # also kube-prometheus-stack and the chart's monitoring
 #   PROFILE=<name>                        # the minikube profile (default: dedup)
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 cd "$(dirname "$0")/.."
 command -v minikube >/dev/null || { echo "minikube is not installed: https://minikube.sigs.k8s.io/docs/start/" >&2; exit 1; }
 profile=${PROFILE:-dedup}

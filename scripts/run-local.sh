@@ -3,6 +3,8 @@
 # `dedup` database and applies migrations, then runs ingest (:8000, admin :9100) and one
 # worker (admin :9101) until Ctrl-C. Logs go to target/run-local/.
 set -euo pipefail
+# shellcheck source=scripts/lib/no-arguments.sh
+. "$(dirname "$0")/lib/no-arguments.sh"
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 

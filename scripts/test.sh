@@ -49,6 +49,13 @@ status=0
   scripts/check-leftovers.sh since "$snapshot") || status=$?
 kill "$silent"
 [ "$status" = 0 ] || exit "$status"
+part "the scripts' arguments"
+# The scripts that take no arguments refuse one before they start anything (kind-up.sh would
+# make a cluster), and answer --help with their opening comment.
+for script in run-local kind-up minikube-up ensure-services check-monitoring check-apt-install; do
+  expect_exit 2 "takes no arguments, got '--dry-run'" "scripts/$script.sh" --dry-run
+done
+expect_exit 0 "creates a kind cluster" scripts/kind-up.sh --help
 # What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
 # outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
 part "the package installer"
