@@ -56,6 +56,7 @@ for script in run-local kind-up minikube-up ensure-services check-monitoring che
   expect_exit 2 "takes no arguments, got '--dry-run'" "scripts/$script.sh" --dry-run
 done
 expect_exit 0 "creates a kind cluster" scripts/kind-up.sh --help
+expect_exit 2 "'--dry-run' is not a URL" scripts/cluster/install.sh --dry-run
 # What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
 # outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
 part "the package installer"

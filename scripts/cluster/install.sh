@@ -5,7 +5,13 @@
 # Called with the URL ingest answers on from this machine, e.g. http://127.0.0.1:8000.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-url=${1:?usage: scripts/cluster/install.sh http://<node>:<port>}
+usage="usage: scripts/cluster/install.sh http://<node>:<port> (where ingest answers from this machine)"
+case ${1:-} in
+  http://* | https://*) url=$1 ;;
+  -h | --help) echo "$usage"; exit 0 ;;
+  "") echo "$usage" >&2; exit 2 ;;
+  *) echo "'$1' is not a URL; $usage" >&2; exit 2 ;;
+esac
 need() { command -v "$1" >/dev/null || { echo "$1 is not installed: $2" >&2; exit 1; }; }
 need helm "https://helm.sh/docs/intro/install/"
 need kubectl "https://kubernetes.io/docs/tasks/tools/"
