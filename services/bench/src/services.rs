@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use dedup_message::topology::{Topology, close_connection};
 use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
+use tokio::time::error::Elapsed;
 
 /// Where the local services are.
 #[derive(Debug, Clone)]
@@ -81,53 +82,118 @@ impl Isolation {
         Ok(())
     }
 
-    /// Drops the schema, the queues and exchanges, and the Redis keys of the run.
+    /// Drops the schema, the queues and exchanges, and the Redis keys of the run. Whatever
+    /// could not be removed is reported on stderr with how to remove it by hand.
     pub async fn remove(&self, backends: &Backends) {
-        if let Ok(db) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/{}", backends.postgres, backends.database))
-            .await
-        {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                self.name
-            )))
-            .execute(&db)
-            .await;
-            db.close().await;
-        }
-        if let Ok(conn) =
-            lapin::Connection::connect(&backends.rabbitmq, lapin::ConnectionProperties::default())
-                .await
-        {
-            if let Ok(channel) = conn.create_channel().await {
-                let t = &self.topology;
-                for q in &t.all_queues() {
-                    let _ = channel
-                        .queue_delete(q.as_str().into(), Default::default())
-                        .await;
-                }
-                for e in [&t.exchange, &t.dead_letter_exchange()] {
-                    let _ = channel
-                        .exchange_delete(e.as_str().into(), Default::default())
-                        .await;
-                }
-            }
-            // Bounded: lapin's close can wait forever for a close-ok that never comes.
-            close_connection(&conn, 200, "bench done").await;
-        }
-        if let Ok(client) = redis::Client::open(backends.redis.as_str())
-            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-        {
-            let keys = test_support::env::scan_keys(&mut conn, &format!("{{{}}}:*", self.name))
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(1000) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-            }
+        for problem in self.try_remove(backends, REMOVE_WAIT).await {
+            eprintln!("bench: {problem}");
         }
     }
+
+    /// [`Isolation::remove`]'s work: each service gets at most `wait`, so one that hangs
+    /// neither hangs the benchmark's end nor keeps the others' objects; returns what was left
+    /// and why.
+    async fn try_remove(&self, backends: &Backends, wait: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |what: String, outcome: Result<anyhow::Result<()>, Elapsed>| {
+            let reason = match outcome {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no answer within {} s", wait.as_secs()),
+            };
+            problems.push(format!("could not remove {what} ({reason})"));
+        };
+        let schema = tokio::time::timeout(wait, self.drop_schema(backends)).await;
+        check(
+            format!(
+                "the run's schema; by hand: DROP SCHEMA {} CASCADE in database {}",
+                self.name, backends.database
+            ),
+            schema,
+        );
+        let broker = tokio::time::timeout(wait, self.delete_topology(backends)).await;
+        let t = &self.topology;
+        check(
+            format!(
+                "the run's queues {} and exchanges {}, {}; by hand: `rabbitmqctl delete_queue \
+                 QUEUE` and `rabbitmqadmin delete exchange name=EXCHANGE` for each",
+                t.all_queues().join(", "),
+                t.exchange,
+                t.dead_letter_exchange()
+            ),
+            broker,
+        );
+        let keys = tokio::time::timeout(wait, self.delete_keys(backends)).await;
+        check(
+            format!(
+                "the run's Redis keys; by hand: redis-cli --scan --pattern '{}' | xargs redis-cli del",
+                self.key_pattern()
+            ),
+            keys,
+        );
+        problems
+    }
+
+    async fn drop_schema(&self, backends: &Backends) -> anyhow::Result<()> {
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/{}", backends.postgres, backends.database))
+            .await?;
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.name
+        )))
+        .execute(&db)
+        .await;
+        db.close().await;
+        dropped?;
+        Ok(())
+    }
+
+    async fn delete_topology(&self, backends: &Backends) -> anyhow::Result<()> {
+        let conn =
+            lapin::Connection::connect(&backends.rabbitmq, lapin::ConnectionProperties::default())
+                .await?;
+        let deleted = async {
+            let channel = conn.create_channel().await?;
+            let t = &self.topology;
+            for q in &t.all_queues() {
+                channel
+                    .queue_delete(q.as_str().into(), Default::default())
+                    .await?;
+            }
+            for e in [&t.exchange, &t.dead_letter_exchange()] {
+                channel
+                    .exchange_delete(e.as_str().into(), Default::default())
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        close_connection(&conn, 200, "bench done").await;
+        deleted
+    }
+
+    /// The run's keys, with the prefix as the hash tag, alone (`{name}:…`) or with a bucket
+    /// (`{name:N}:…`) when keys are spread over slots.
+    fn key_pattern(&self) -> String {
+        format!("{{{}[:}}]*", self.name)
+    }
+
+    async fn delete_keys(&self, backends: &Backends) -> anyhow::Result<()> {
+        let client = redis::Client::open(backends.redis.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let keys = test_support::env::scan_keys(&mut conn, &self.key_pattern()).await?;
+        for chunk in keys.chunks(1000) {
+            let () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+        }
+        Ok(())
+    }
 }
+
+/// How long removing a run's objects may wait for each service: dropping a schema of a long
+/// run's millions of rows takes a few seconds.
+const REMOVE_WAIT: Duration = Duration::from_secs(30);
 
 /// Asks PostgreSQL to write every dirty page now (`CHECKPOINT`). Only a superuser or a member
 /// of `pg_checkpoint` may; otherwise the run goes on, and the error says what the run's
@@ -777,5 +843,133 @@ mod checkpoint_tests {
             "{warning}"
         );
         assert_eq!(granted, Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod remove_tests {
+    use super::*;
+    use dedup_message::topology::close_channel;
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    use test_support::client::amqp_url_via;
+    use test_support::env::{RABBITMQ_URL, REDIS_URL, scan_keys};
+    use test_support::proxy::{AMQP_CHANNEL_OPEN, Proxy};
+
+    fn backends_with_broker(rabbitmq: String) -> Backends {
+        Backends {
+            postgres: "postgres://postgres@127.0.0.1:5432".into(),
+            database: "test".into(),
+            rabbitmq,
+            rabbitmq_management: String::new(),
+            redis: REDIS_URL.into(),
+        }
+    }
+
+    async fn redis() -> redis::aio::MultiplexedConnection {
+        redis::Client::open(REDIS_URL)
+            .expect("Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis is not running: start it with scripts/ensure-services.sh")
+    }
+
+    /// Whether `queue` exists, by a passive declare on a channel of its own (a missing queue
+    /// closes the channel).
+    async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
+        let channel = conn.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await;
+        close_channel(&channel, 200, "checked").await;
+        declared.is_ok()
+    }
+
+    async fn schema_exists(name: &str) -> bool {
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(test_support::env::POSTGRES_URL)
+            .await
+            .expect("PostgreSQL is not running: start it with scripts/ensure-services.sh");
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_namespace WHERE nspname = $1")
+                .bind(name)
+                .fetch_optional(&db)
+                .await
+                .expect("pg_namespace");
+        db.close().await;
+        found.is_some()
+    }
+
+    /// A broker that hangs after the handshake: the run's schema and Redis keys (both key
+    /// shapes, and no other key) still go, the removal ends after its wait, and it says which
+    /// queues and exchanges were left and how to remove them. With the broker answering
+    /// again, a second removal takes the rest, and a third finds nothing and reports nothing.
+    #[tokio::test]
+    async fn a_hung_broker_keeps_only_its_own_objects_and_is_named() {
+        let name = format!("bench_remove_{}", std::process::id());
+        let direct = backends_with_broker(RABBITMQ_URL.into());
+        let iso = Isolation::new(&direct, &name);
+        iso.create(&direct).await.expect("the run's schema");
+        let conn = lapin::Connection::connect(RABBITMQ_URL, Default::default())
+            .await
+            .expect("RabbitMQ is not running: start it with scripts/ensure-services.sh");
+        let channel = conn.create_channel().await.expect("channel");
+        iso.topology.declare(&channel).await.expect("declare");
+        let mut keys = redis().await;
+        let run_keys = [format!("{{{name}}}:k:1"), format!("{{{name}:3}}:k:2")];
+        let other = format!("{{{name}x}}:k:1");
+        for key in run_keys.iter().chain([&other]) {
+            let () = redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .query_async(&mut keys)
+                .await
+                .expect("SET");
+        }
+
+        let proxy = Proxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+        proxy.stall_on(AMQP_CHANNEL_OPEN);
+        let hung = backends_with_broker(amqp_url_via(proxy.addr()));
+        let started = Instant::now();
+        let problems = iso.try_remove(&hung, Duration::from_secs(2)).await;
+        let took = started.elapsed();
+
+        let left_keys = scan_keys(&mut keys, &format!("{{{name}*"))
+            .await
+            .expect("SCAN");
+        let schema_left = schema_exists(&name).await;
+        let queue_left = queue_exists(&conn, &iso.topology.queue).await;
+        let problems_after = iso.try_remove(&direct, REMOVE_WAIT).await;
+        let queue_after = queue_exists(&conn, &iso.topology.queue).await;
+        let problems_again = iso.try_remove(&direct, REMOVE_WAIT).await;
+        let () = redis::cmd("DEL")
+            .arg(&other)
+            .query_async(&mut keys)
+            .await
+            .expect("DEL");
+        close_connection(&conn, 200, "done").await;
+
+        assert_eq!(proxy.stalled(), 1, "the removal met the hung broker");
+        assert!(took < Duration::from_secs(10), "the removal took {took:?}");
+        assert!(!schema_left, "the schema goes whatever the broker does");
+        assert_eq!(left_keys, vec![other], "the run's keys go, no other");
+        assert!(queue_left, "the hung broker kept the queue");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("could not remove the run's queues")
+                && problems[0].contains(&iso.topology.queue)
+                && problems[0].contains("by hand")
+                && problems[0].contains("no answer within 2 s"),
+            "{}",
+            problems[0]
+        );
+        assert!(problems_after.is_empty(), "{problems_after:?}");
+        assert!(!queue_after, "the broker answering, its objects go");
+        assert!(problems_again.is_empty(), "{problems_again:?}");
     }
 }
