@@ -29,8 +29,13 @@ containers=()
 # podman as it runs on this machine kind: vfs storage, runc, no cgroup manager or ulimits to set.
 conf_dir=$(mktemp -d)
 work=$(mktemp -d)
-# The ids `podman "$@"` lists now that are not in $1 (an earlier such listing, sorted).
-new_since() { comm -13 <(echo "$1") <(pm "${@:2}" | sort -u); }
+# The ids `podman "${@:2}"` lists now that are not in $1 (an earlier such listing, sorted).
+# A listing that fails ends it with status 1 rather than reading as "nothing new".
+new_since() {
+  local now
+  now=$(pm "${@:2}") || { log "ERROR: podman ${*:2} failed"; return 1; }
+  comm -13 <(echo "$1") <(sort -u <<<"$now")
+}
 # The pipeline's slice of the local services (its containers, database, queues, exchanges
 # and Redis keys), removed on every exit once it has started; the successful run checks that
 # nothing of it is left.
