@@ -39,7 +39,7 @@ new_since() {
 # The pipeline's slice of the local services (its containers, database, queues, exchanges
 # and Redis keys), removed on every exit once it has started; the successful run checks that
 # nothing of it is left.
-redis_keys() { redis-cli --scan --pattern "{dedup-image-check-${suffix}[:}]*" 2>/dev/null; }
+redis_keys() { redis-cli --scan --pattern "{dedup-image-check-${suffix}[:}]*"; }
 # Its queues and exchanges, as paths of RabbitMQ's management API.
 broker_objects=("queues/%2F/$queue" "queues/%2F/$queue.dead" "exchanges/%2F/$queue" "exchanges/%2F/$queue.dlx")
 broker() { # method path: the HTTP status the management API answers
@@ -308,10 +308,12 @@ done
 remove_pipeline
 started=
 for c in "${containers[@]}"; do ! pm container exists "$c" || die "the cleanup left the container $c behind"; done
-left=$(redis_keys | xargs)
+left=$(redis_keys | xargs) || die "Redis did not list what the cleanup left under the pipeline's prefix"
 [[ -z $left ]] || die "the cleanup left Redis keys behind: $left"
-[[ -z $(psql -tAq postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'") ]] ||
-  die "the cleanup left the database $db behind"
+databases=$(psql -tAq postgres://postgres@127.0.0.1:5432/postgres \
+  -c "SELECT count(*) FROM pg_database WHERE datname = '$db'") ||
+  die "PostgreSQL did not say whether the cleanup removed the database $db"
+[[ $databases == 0 ]] || die "the cleanup left the database $db behind"
 for api in "${broker_objects[@]}"; do
   status=$(broker GET "$api")
   [[ $status == 404 ]] || die "the cleanup left ${api#*/%2F/} behind (the management API answered $status)"
