@@ -11,8 +11,14 @@
 # All flags: scripts/bench.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-services.sh >&2
-cargo build --release --locked -p ingest -p dedup-worker -p dedup-bench >&2
+# Help needs neither the services nor the binaries under test.
+case " $* " in
+  *" -h "* | *" --help "* | " help "*) cargo build --release --locked -p dedup-bench >&2 ;;
+  *)
+    scripts/ensure-services.sh >&2
+    cargo build --release --locked -p ingest -p dedup-worker -p dedup-bench >&2
+    ;;
+esac
 bin=${CARGO_TARGET_DIR:-target}/release
 export DEDUP_BENCH_INGEST_BIN=$bin/ingest DEDUP_BENCH_WORKER_BIN=$bin/dedup-worker
 exec "$bin/dedup-bench" "$@"
