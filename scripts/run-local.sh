@@ -2,6 +2,11 @@
 # Starts the whole pipeline on this machine's services: builds the binaries, creates the
 # `dedup` database and applies migrations, then runs ingest (:8000, admin :9100) and one
 # worker (admin :9101) until Ctrl-C. Logs go to target/run-local/.
+#   DATABASE_URL    the database (default postgres://postgres@127.0.0.1:5432/dedup), made
+#                   when missing
+#   BUILD_PROFILE   cargo's profile for the binaries (default release; dev builds faster)
+# Every other setting of the two binaries (README, Configuration) is read from the
+# environment as they run, e.g. AMQP_QUEUE or REDIS_PREFIX.
 set -euo pipefail
 # shellcheck source=scripts/lib/no-arguments.sh
 . "$(dirname "$0")/lib/no-arguments.sh"
@@ -10,13 +15,19 @@ scripts/ensure-services.sh
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/dedup}
 export LOG_FORMAT=${LOG_FORMAT:-text}
-if ! psql "${DATABASE_URL%/*}/postgres" -tAc "SELECT 1 FROM pg_database WHERE datname = 'dedup'" | grep -q 1; then
-  echo "creating database dedup"
-  psql "${DATABASE_URL%/*}/postgres" -qc 'CREATE DATABASE dedup'
+# The database's name: the URL's path, without its query.
+database=${DATABASE_URL##*/}
+database=${database%%\?*}
+server=${DATABASE_URL%/*}
+if [[ -z $(psql -X "$server/postgres" -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'") ]]; then
+  echo "creating database $database"
+  psql -X "$server/postgres" -qc "CREATE DATABASE \"$database\""
 fi
 
-cargo build --release --locked -p ingest -p dedup-worker
-bin=${CARGO_TARGET_DIR:-target}/release
+profile=${BUILD_PROFILE:-release}
+cargo build --profile "$profile" --locked -p ingest -p dedup-worker
+# Cargo's dev profile builds into target/debug, every other into target/<profile>.
+bin=${CARGO_TARGET_DIR:-target}/$([[ $profile == dev ]] && echo debug || echo "$profile")
 logs=target/run-local
 mkdir -p "$logs"
 "$bin/dedup-worker" migrate
@@ -42,6 +53,7 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 curl -fs http://127.0.0.1:9100/readyz >/dev/null || { echo "ingest is not ready; see $logs/ingest.log"; exit 1; }
+curl -fs http://127.0.0.1:9101/readyz >/dev/null || { echo "the worker is not ready; see $logs/worker.log"; exit 1; }
 cat <<MSG
 Pipeline running: ingest on http://127.0.0.1:8000, metrics on :9100 (ingest) and :9101 (worker).
 Logs: $logs/ingest.log, $logs/worker.log. Write keys: $keys. Try:

@@ -23,7 +23,7 @@ part "services"
 scripts/ensure-services.sh
 # What the shared services hold before the tests: whatever is new at the end was left behind.
 snapshot=$(mktemp)
-trap 'rm -f "$snapshot" "$snapshot.new" "$snapshot.port"' EXIT
+trap 'rm -f "$snapshot" "$snapshot".*' EXIT
 scripts/check-leftovers.sh snapshot "$snapshot"
 part "the leftover check"
 # The check itself: it names what was left, and a service it cannot read (a closed port, or
@@ -94,6 +94,76 @@ target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench
 DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
   timeout --signal=KILL 10m "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
+# The README's run command, as its "Run it" section uses it: the sample event posted twice
+# with the made write key is stored once; Ctrl-C (here SIGTERM) stops both binaries. In a
+# database, queues and Redis prefix of its own, removed afterwards; a dev build, as the
+# release build of the same sources is the image's test.
+part "the README's run command (scripts/run-local.sh)"
+for port in 8000 9100 9101; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "!!! port $port is in use: stop what holds it (another scripts/run-local.sh?)" >&2
+    exit 1
+  fi
+done
+command -v jq >/dev/null || scripts/apt-install.sh test jq
+run=run-local-test-$$
+run_db=dedup_run_local_test
+remove_run() {
+  psql -X -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS $run_db WITH (FORCE)"
+  for api in "queues/%2F/$run" "queues/%2F/$run.dlq" "exchanges/%2F/$run" "exchanges/%2F/$run.dlx"; do
+    curl -s -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/$api"
+  done
+  redis-cli --scan --pattern "{${run}[:}]*" | xargs -r redis-cli del >/dev/null
+}
+BUILD_PROFILE=dev DATABASE_URL=postgres://postgres@127.0.0.1:5432/$run_db AMQP_EXCHANGE=$run \
+  AMQP_QUEUE=$run REDIS_PREFIX=$run scripts/run-local.sh >"$snapshot.run" 2>&1 &
+runner=$!
+for _ in $(seq 600); do
+  grep -q "^Pipeline running" "$snapshot.run" && break
+  kill -0 "$runner" 2>/dev/null || break
+  sleep 0.5
+done
+if ! grep -q "^Pipeline running" "$snapshot.run"; then
+  kill -TERM "$runner" 2>/dev/null || true
+  cat "$snapshot.run" >&2
+  remove_run
+  echo "!!! scripts/run-local.sh did not start the pipeline" >&2
+  exit 1
+fi
+DEDUP_WRITE_KEY=$(cat target/run-local/write-key)
+jq -c --arg now "$(date -u +%FT%TZ)" '.event_datetime = $now' samples/app_list.json >"$snapshot.event"
+answers=()
+for _ in 1 2; do
+  answers+=("$(curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer $DEDUP_WRITE_KEY" --data-binary @"$snapshot.event" \
+    http://127.0.0.1:8000/product_events/)")
+done
+stored=
+for _ in $(seq 100); do
+  stored=$(psql -X -tA "postgres://postgres@127.0.0.1:5432/$run_db" \
+    -c "SELECT count(*) || ' ' || string_agg(source, ',') FROM product_events")
+  [ "$stored" = "1 local" ] && break
+  sleep 0.2
+done
+# Two seconds more: a second row would come by then.
+sleep 2
+stored=$(psql -X -tA "postgres://postgres@127.0.0.1:5432/$run_db" \
+  -c "SELECT count(*) || ' ' || string_agg(source, ',') FROM product_events")
+kill -TERM "$runner"
+status=0
+timeout 30 tail --pid="$runner" -f /dev/null || status=$?
+stopped=yes
+for port in 8000 9100 9101; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then stopped="no: port $port still answers"; fi
+done
+remove_run
+if [ "${answers[*]}" != "202 202" ] || [ "$stored" != "1 local" ] || [ "$status" != 0 ] ||
+  [ "$stopped" != yes ]; then
+  cat "$snapshot.run" >&2
+  echo "!!! run-local.sh: answers ${answers[*]} (want 202 202), stored '$stored' (want '1 local')," \
+    "stopped within 30 s of SIGTERM: $([ "$status" = 0 ] && echo yes || echo no), ports closed: $stopped" >&2
+  exit 1
+fi
 # The fuzz targets over their committed seeds (the hostile inputs that once stalled the
 # pipeline among them): a regression check, not a fuzzing run (scripts/fuzz.sh is that).
 part "fuzz targets over their seeds"
