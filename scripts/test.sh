@@ -99,8 +99,9 @@ DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug
 # database, queues and Redis prefix of its own, removed afterwards; a dev build, as the
 # release build of the same sources is the image's test.
 part "the README's run command (scripts/run-local.sh)"
+answering() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in 8000 9100 9101; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  if answering "$port"; then
     echo "!!! port $port is in use: stop what holds it (another scripts/run-local.sh?)" >&2
     exit 1
   fi
@@ -154,7 +155,7 @@ status=0
 timeout 30 tail --pid="$runner" -f /dev/null || status=$?
 stopped=yes
 for port in 8000 9100 9101; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then stopped="no: port $port still answers"; fi
+  if answering "$port"; then stopped="no: port $port still answers"; fi
 done
 remove_run
 if [ "${answers[*]}" != "202 202" ] || [ "$stored" != "1 local" ] || [ "$status" != 0 ] ||
