@@ -15,13 +15,15 @@ scripts/ensure-services.sh
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/dedup}
 export LOG_FORMAT=${LOG_FORMAT:-text}
-# The database's name: the URL's path, without its query.
-database=${DATABASE_URL##*/}
-database=${database%%\?*}
-server=${DATABASE_URL%/*}
-if [[ -z $(psql -X "$server/postgres" -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'") ]]; then
+# The database's name is the URL's path; its query (TLS options, say) may hold slashes too,
+# and goes with the server's address to reach the postgres database.
+base=${DATABASE_URL%%\?*}
+query=${DATABASE_URL#"$base"}
+database=${base##*/}
+admin_url=${base%/*}/postgres$query
+if [[ -z $(psql -X "$admin_url" -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'") ]]; then
   echo "creating database $database"
-  psql -X "$server/postgres" -qc "CREATE DATABASE \"$database\""
+  psql -X "$admin_url" -qc "CREATE DATABASE \"$database\""
 fi
 
 profile=${BUILD_PROFILE:-release}
