@@ -20,9 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::ConnectInfo;
-use axum::extract::connect_info::Connected;
 use axum::http::{HeaderMap, header};
-use axum::serve::IncomingStream;
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -45,21 +43,10 @@ pub enum AuthMode {
     None,
 }
 
-/// The TCP peer of a connection, plain or TLS: the client, or the proxy in front of it.
+/// The TCP peer of a connection, plain or TLS: the client, or the proxy in front of it
+/// (`crate::server` puts it on every request as `ConnectInfo`).
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, crate::https::TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, crate::https::TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
 
 /// The label value and the stored source of events taken with `AUTH=none`.
 pub const ANONYMOUS: &str = "anonymous";

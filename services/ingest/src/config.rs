@@ -21,6 +21,14 @@ pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 16 * 1024 * 1024;
 /// Largest batch request body accepted by default. With the bound on batch bodies in flight
 /// it keeps ingest's memory near its target whatever clients send.
 pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Most client connections open at once by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Largest request head by default: far past what a client of this API sends (a write key, a
+/// trace context), far below hyper's own ~400 KB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
+/// The smallest MAX_HEADER_BYTES taken: a request line, a host, a write key and a content
+/// type with room to spare.
+const MIN_HEADER_BYTES: usize = 1024;
 /// Most events in one batch request by default.
 pub const DEFAULT_MAX_BATCH_EVENTS: usize = 10_000;
 
@@ -88,6 +96,18 @@ pub struct Config {
     /// other peer the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpNet>,
+    /// Most client connections open at once, TLS handshakes included; further clients wait in
+    /// the kernel's accept queue until one closes. Each costs ingest ~20 KB.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// How long a connection may take to send a whole request head, from opening or from its
+    /// last answer (so also how long an idle keep-alive connection stays open); over TLS the
+    /// handshake gets as long first. Then the connection is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes; larger ones get 431.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
     /// Largest body of a single-event request, in bytes; larger ones get 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -167,6 +187,20 @@ impl Config {
         ])?;
         self.tls.ca_pem()?;
         self.key_spec()?;
+        anyhow::ensure!(
+            self.max_connections > 0,
+            "MAX_CONNECTIONS is 0: ingest could take no connection; set at least 1"
+        );
+        anyhow::ensure!(
+            !self.header_read_timeout.is_zero(),
+            "HEADER_READ_TIMEOUT is 0: every connection would be closed before its request; \
+             set a duration such as 30s"
+        );
+        anyhow::ensure!(
+            self.max_header_bytes >= MIN_HEADER_BYTES,
+            "MAX_HEADER_BYTES is {}; a request head needs at least {MIN_HEADER_BYTES}",
+            self.max_header_bytes
+        );
         let most = dedup_message::message::MAX_DECODED_BYTES - 1;
         anyhow::ensure!(
             self.max_body_bytes <= most,

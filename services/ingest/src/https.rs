@@ -2,8 +2,8 @@
 //! rustls with the certificate chain and key from PEM files, read again when they change, so
 //! a renewed certificate (cert-manager, certbot) is served without a restart.
 //!
-//! Handshakes run in tasks of their own, each bounded in time: one slow or silent client never
-//! holds up the accept loop, and the HTTP server sees only connections that finished theirs.
+//! Each handshake runs in its connection's own task (`crate::server`), bounded in time: one slow
+//! or silent client never holds up the accept loop.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,16 +15,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-
-/// Longest a client may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Finished handshakes waiting for the HTTP server to take them.
-const ACCEPTED_BACKLOG: usize = 1024;
 
 /// Where the certificate chain and its key are.
 #[derive(Debug, Clone)]
@@ -144,64 +138,24 @@ impl Https {
         }
     }
 
-    /// A listener handing the HTTP server connections whose handshake finished.
-    pub fn listen(
+    /// The TLS side of a connection from `peer`, once its handshake finished within `timeout`;
+    /// `None` (logged) when it failed or took longer.
+    pub async fn handshake(
         &self,
-        listener: TcpListener,
-        stop: CancellationToken,
-    ) -> anyhow::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let (done, accepted) = mpsc::channel(ACCEPTED_BACKLOG);
-        let acceptor = self.acceptor.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    () = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            // Out of file descriptors and the like: pause, as axum's own loop does.
-                            tracing::warn!(error = %e, "Accepting a connection failed.");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let (acceptor, done) = (acceptor.clone(), done.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = done.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed."),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out."),
-                    }
-                });
+        stream: TcpStream,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Option<TlsStream<TcpStream>> {
+        match tokio::time::timeout(timeout, self.acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed.");
+                None
             }
-        });
-        Ok(TlsListener { accepted, local })
-    }
-}
-
-/// Connections that finished their TLS handshake, for `axum::serve`.
-pub struct TlsListener {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(connection) => connection,
-            // The accept loop stopped: shutdown is under way; nothing more comes.
-            None => std::future::pending().await,
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out.");
+                None
+            }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

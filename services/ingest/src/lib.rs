@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: settings (flags, environment, YAML).
 //! - [`http`]: the router: routes, limits, timeouts, request metrics.
+//! - [`server`]: the public port's connections: their number, header timeout and size.
 //! - [`auth`]: write keys and rate limits.
 //! - [`body`]: reading bodies: content types, JSON, NDJSON batches.
 //! - [`coalesce`]: packing concurrent single events into shared messages.
@@ -28,10 +29,10 @@ mod http;
 mod https;
 mod metrics;
 mod publish;
+mod server;
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use dedup_runtime::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -102,32 +103,24 @@ pub async fn serve(
     let admin_router = admin::router(metrics.registry.clone(), ready);
     let admin_task = admin::spawn(admin_listener, admin_router, stop.clone());
     let watcher = tokio::spawn(guard.watch(stop.clone()));
-    // The peer address is the client's, or the trusted proxy's (`auth::client_address`).
-    let app = http::app(state).into_make_service_with_connect_info::<auth::Peer>();
-    let graceful = stop.clone().cancelled_owned();
-    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match https {
-        None => Box::pin(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .into_future(),
-        ),
-        Some(https) => {
-            tokio::spawn(
-                https
-                    .clone()
-                    .watch(config.tls_reload_interval, stop.clone()),
-            );
-            let listener = https.listen(listener, stop.clone())?;
-            Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(graceful)
-                    .into_future(),
-            )
-        }
-    };
+    if let Some(https) = &https {
+        tokio::spawn(
+            https
+                .clone()
+                .watch(config.tls_reload_interval, stop.clone()),
+        );
+    }
+    let server = server::serve(
+        listener,
+        https,
+        http::app(state),
+        connection_limits(&config),
+        metrics.clone(),
+        stop.clone(),
+    );
     let grace = config.shutdown_grace;
     tokio::select! {
-        result = server => result.context("the HTTP server failed")?,
+        () = server => {}
         () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "Shutdown grace period ran out; closing with requests still in flight.");
         }
@@ -219,6 +212,15 @@ pub fn batch_gate(config: &Config) -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(
         http::kib_permits(config.max_batch_bytes_in_flight) as usize,
     ))
+}
+
+/// The limits on client connections in `config`.
+fn connection_limits(config: &Config) -> server::ConnectionLimits {
+    server::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
+    }
 }
 
 /// The request limits in `config`.

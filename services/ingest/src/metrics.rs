@@ -32,9 +32,26 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     /// Size of each published message body, after compression.
     pub message_bytes: Histogram,
+    /// Client connections open (TLS handshakes included), and the most that may be.
+    pub connections: IntGauge,
+    pub connections_limit: IntGauge,
+    /// Connections ingest closed on a client's account.
+    pub connections_closed: ClosedConnections,
     /// The series every accepted single event touches, resolved once: a label lookup per
     /// request hashes the labels and takes the vector's lock.
     pub hot: HotSeries,
+}
+
+/// `dedup_ingest_connections_closed_total` by reason.
+#[derive(Clone)]
+pub struct ClosedConnections {
+    /// No whole request head within HEADER_READ_TIMEOUT (a slow client, or an idle
+    /// keep-alive connection).
+    pub header_timeout: IntCounter,
+    /// A request head past MAX_HEADER_BYTES (answered 431).
+    pub header_too_large: IntCounter,
+    /// A TLS handshake that failed or did not finish in time.
+    pub tls_handshake: IntCounter,
 }
 
 /// Pre-resolved children of the labelled metrics, for the per-request path.
@@ -127,6 +144,32 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets")),
         )
         .expect("valid metric");
+        let connections = IntGauge::new(
+            "dedup_ingest_connections",
+            "Client connections open, TLS handshakes included.",
+        )
+        .expect("valid metric");
+        let connections_limit = IntGauge::new(
+            "dedup_ingest_connections_limit",
+            "Most client connections open at once (MAX_CONNECTIONS); further clients wait to \
+             be accepted.",
+        )
+        .expect("valid metric");
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "dedup_ingest_connections_closed_total",
+                "Connections closed by ingest on the client's account, by reason (header_timeout: \
+                 no whole request head within HEADER_READ_TIMEOUT, idle keep-alive connections \
+                 included; header_too_large: answered 431; tls_handshake: failed or too slow).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let connections_closed = ClosedConnections {
+            header_timeout: closed.with_label_values(&["header_timeout"]),
+            header_too_large: closed.with_label_values(&["header_too_large"]),
+            tls_handshake: closed.with_label_values(&["tls_handshake"]),
+        };
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -135,6 +178,9 @@ impl Metrics {
             Box::new(publishes_in_flight.clone()),
             Box::new(broker_connected.clone()),
             Box::new(message_bytes.clone()),
+            Box::new(connections.clone()),
+            Box::new(connections_limit.clone()),
+            Box::new(closed),
             Box::new(write_keys.clone()),
             Box::new(key_reloads.clone()),
             Box::new(auth_failures.clone()),
@@ -179,6 +225,9 @@ impl Metrics {
             publishes_in_flight,
             broker_connected,
             message_bytes,
+            connections,
+            connections_limit,
+            connections_closed,
             hot,
         }
     }

@@ -2,12 +2,9 @@
 //! a restart, and a broken pair refused at start with what is wrong.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use test_support::client::{Answer, exchange_over};
+use test_support::client::{Answer, post_json_https};
 use test_support::events::event;
 use test_support::process::{Launch, Service};
 use test_support::tls::TestCa;
@@ -15,39 +12,10 @@ use test_support::{TestEnv, eventually};
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// One POST over TLS to `ingest`, trusting only the CA in `ca_file`; `Err` when the handshake
-/// fails (the server's certificate is not that CA's).
+/// One POST of the event named `r` over TLS to `ingest`, trusting only the CA in `ca_file`;
+/// `Err` when the handshake fails (the server's certificate is not that CA's).
 async fn post_https(ingest: &Service, ca_file: &Path, r: &str) -> Result<Answer, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).expect("CA file") {
-        roots.add(cert.expect("CA")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(ingest.addr())
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from("localhost").expect("name");
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let body = event(r).to_string();
-    let headers = [("Content-Type", "application/json")];
-    Ok(exchange_over(
-        tls,
-        "localhost",
-        "POST",
-        "/product_events/",
-        &headers,
-        body.as_bytes(),
-    )
-    .await)
+    post_json_https(ingest.addr(), ca_file, event(r).to_string().as_bytes()).await
 }
 
 #[tokio::test]

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::support::{IngestServer, ingest_config, messages_by_r};
-use test_support::client::{amqp_url_via, http_request};
+use super::support::{IngestServer, ingest_config, messages_by_r, metric};
+use test_support::client::amqp_url_via;
 use test_support::events::event;
 use test_support::{Proxy, TestEnv, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,12 +96,7 @@ fn post(addr: SocketAddr, r: &str) -> JoinHandle<String> {
 
 /// ingest's `dedup_ingest_publishes_in_flight`, read from its admin server.
 async fn publishes_in_flight(admin: SocketAddr) -> i64 {
-    let (status, text) = http_request(admin, "GET", "/metrics", "text/plain", b"").await;
-    assert_eq!(status, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix("dedup_ingest_publishes_in_flight "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no dedup_ingest_publishes_in_flight in {text}"))
+    metric(admin, "dedup_ingest_publishes_in_flight").await as i64
 }
 
 /// Pauses the broker link, posts "first" and waits until its message awaits its confirm, then

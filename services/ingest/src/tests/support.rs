@@ -29,6 +29,17 @@ pub fn ingest_config(env: &TestEnv, amqp_url: &str) -> crate::Config {
     config
 }
 
+/// The value of the series `series` (name and labels, as /metrics prints them) on the admin
+/// server at `admin`.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (status, text) = http_request(admin, "GET", "/metrics", "text/plain", b"").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
 /// The events' `r`s of each message on the queue, in order.
 pub async fn messages_by_r(env: &TestEnv) -> Vec<Vec<String>> {
     env.drain(&env.topology.queue)
