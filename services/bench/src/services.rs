@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use dedup_message::topology::{Topology, close_connection};
 use sqlx::postgres::PgPoolOptions;
+use test_support::process::free_port;
 use tokio::process::{Child, Command};
 use tokio::time::error::Elapsed;
 
@@ -416,11 +417,6 @@ pub struct Binaries {
     pub worker: PathBuf,
 }
 
-async fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    Ok(listener.local_addr()?)
-}
-
 /// The bench's write key file, in the run's log directory.
 const WRITE_KEYS_FILE: &str = "write-keys.yaml";
 
@@ -473,7 +469,7 @@ impl Processes {
         bins.check()?;
         migrate(&bins.worker, backends, iso).await?;
 
-        let (ingest_addr, ingest_admin) = (free_port().await?, free_port().await?);
+        let (ingest_addr, ingest_admin) = (free_port(), free_port());
         std::fs::create_dir_all(logs)?;
 
         let mut specs = Vec::new();
@@ -484,7 +480,7 @@ impl Processes {
                 iso: iso.clone(),
                 logs: logs.to_owned(),
                 env: extra_worker_env.to_vec(),
-                admin: free_port().await?,
+                admin: free_port(),
                 log_name: if i == 0 {
                     "worker".to_owned()
                 } else {

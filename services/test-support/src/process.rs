@@ -28,8 +28,39 @@ pub fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
-/// A loopback address no one listens on at the moment of asking.
-pub(crate) fn free_port() -> SocketAddr {
+/// A loopback address no one listens on at the moment of asking, for a server to bind next.
+///
+/// It lies below the kernel's range of ephemeral ports, which binding port 0 would pick from:
+/// between this answer and the server's bind, any outgoing connection on the machine may take
+/// an ephemeral port as its own, and did (a benchmark run's ingest failed with "Address
+/// already in use"). Outgoing connections never take a port below that range.
+pub fn free_port() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static ASKED: AtomicU32 = AtomicU32::new(0);
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(first_ephemeral / 2);
+    let span = first_ephemeral.saturating_sub(low);
+    // A different starting point in every process, and a different port at every call in one.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+    let asked = ASKED.fetch_add(1, Ordering::Relaxed);
+    for step in 0..span {
+        let offset = (seed
+            .wrapping_add(asked.wrapping_mul(7_919))
+            .wrapping_add(step))
+            % span.max(1);
+        let Ok(port) = u16::try_from(low + offset) else {
+            continue;
+        };
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("a bound port");
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
@@ -257,5 +288,30 @@ impl Service {
     /// SIGKILL, as a crashed process.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports come from below the kernel's ephemeral range, where no outgoing connection can
+    /// take them, and each is free to bind; two calls in a row give two ports.
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("the kernel's ephemeral port range");
+        let first_ephemeral: u16 = range
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port number");
+        let ports: Vec<u16> = (0..20).map(|_| super::free_port().port()).collect();
+        for port in &ports {
+            assert!(
+                *port < first_ephemeral,
+                "{port} is in the ephemeral range {range}"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", *port)).expect("the port is free");
+        }
+        assert!(ports.windows(2).all(|w| w[0] != w[1]), "{ports:?}");
     }
 }
