@@ -198,7 +198,7 @@ impl Config {
         );
         anyhow::ensure!(
             self.max_header_bytes >= MIN_HEADER_BYTES,
-            "MAX_HEADER_BYTES is {}; a request head needs at least {MIN_HEADER_BYTES}",
+            "MAX_HEADER_BYTES is {}; set at least {MIN_HEADER_BYTES}, or ordinary requests get 431",
             self.max_header_bytes
         );
         let most = dedup_message::message::MAX_DECODED_BYTES - 1;
@@ -261,5 +261,28 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("S3CRET"), "{shown}");
         assert!(shown.contains("amqp://u:***@rabbit/%2f"), "{shown}");
+    }
+
+    /// Connection limits that would leave ingest unable to serve anyone are refused at start,
+    /// naming the setting and what to set; the defaults pass.
+    #[test]
+    fn connection_limits_that_serve_no_one_are_refused() {
+        Config::parse_from(["ingest"])
+            .check()
+            .expect("the defaults");
+        for (flag, named) in [
+            ("--max-connections=0", "MAX_CONNECTIONS is 0"),
+            ("--header-read-timeout=0s", "HEADER_READ_TIMEOUT is 0"),
+            (
+                "--max-header-bytes=512",
+                "MAX_HEADER_BYTES is 512; set at least 1024",
+            ),
+        ] {
+            let refused = Config::parse_from(["ingest", flag])
+                .check()
+                .expect_err(flag)
+                .to_string();
+            assert!(refused.contains(named), "{flag}: {refused}");
+        }
     }
 }
