@@ -6,6 +6,7 @@
 //! - [`workload`]: the events sent (the 2 KB TV sample, unique keys, timed exact repeats).
 //! - [`load`]: keep-alive HTTP/1.1 load, closed or open loop, latency histograms.
 //! - [`hostile`]: hostile requests beside the load, each of which must be refused.
+//! - [`slow`]: slow clients beside the load, whose heads never end.
 //! - [`services`]: the binaries under test, their isolated names, their CPU and memory.
 //! - [`ceilings`]: RabbitMQ, PostgreSQL and Redis measured with their own clients on the
 //!   pipeline's data and statements.
@@ -21,6 +22,7 @@ pub mod hostile;
 pub mod load;
 pub mod report;
 pub mod services;
+pub mod slow;
 pub mod workload;
 
 use std::net::SocketAddr;
@@ -98,6 +100,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Connections sending hostile requests beside the load (0: none).
     pub hostile_connections: usize,
+    /// Slow clients holding unfinished request heads beside the load (0: none).
+    pub slow_clients: usize,
 }
 
 /// ingest's default MAX_BATCH_BODY_BYTES, unless the run sets it.
@@ -172,7 +176,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
     let servers_before = services::ServerSnapshot::take();
     let redis_before = services::redis_memory(&opts.backends, iso).await?;
     let machine_before = services::MachineTicks::take();
-    let (outcome, hostile) = drive(opts, &processes, &workload, &counters).await?;
+    let (outcome, hostile, slow) = drive(opts, &processes, &workload, &counters).await?;
     let machine_cpu = services::MachineTicks::take()
         .zip(machine_before)
         .and_then(|(after, before)| after.since(&before));
@@ -236,6 +240,7 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         &scrape,
         counters.failed_requests.load(Ordering::Relaxed),
         hostile.as_ref(),
+        slow.as_ref(),
     );
     Ok(RunFigures {
         mode: match opts.load.rate {
@@ -268,17 +273,22 @@ async fn run_isolated(opts: &mut RunOptions, iso: &Isolation) -> anyhow::Result<
         redis_bytes_per_key: services::bytes_per_key(redis_before, redis_after),
         duplicates_by_tier,
         hostile,
+        slow,
         correctness,
     })
 }
 
-/// The load, with the hostile requests beside it when asked for.
+/// The load, with the hostile requests and the slow clients beside it when asked for.
 async fn drive(
     opts: &RunOptions,
     processes: &Processes,
     workload: &Arc<Workload>,
     counters: &Arc<Counters>,
-) -> anyhow::Result<(load::LoadOutcome, Option<hostile::HostileOutcome>)> {
+) -> anyhow::Result<(
+    load::LoadOutcome,
+    Option<hostile::HostileOutcome>,
+    Option<slow::SlowOutcome>,
+)> {
     let hostile = (opts.hostile_connections > 0).then(|| {
         let mut event = Vec::new();
         workload.body(u64::MAX, &mut event);
@@ -291,12 +301,23 @@ async fn drive(
             opts.load.duration,
         ))
     });
+    let slow = (opts.slow_clients > 0).then(|| {
+        tokio::spawn(slow::run(
+            processes.ingest_addr,
+            opts.slow_clients,
+            opts.load.duration,
+        ))
+    });
     let outcome = load::run(&opts.load, workload.clone(), counters.clone()).await?;
     let hostile = match hostile {
         Some(task) => Some(task.await.context("hostile sender")?),
         None => None,
     };
-    Ok((outcome, hostile))
+    let slow = match slow {
+        Some(task) => Some(task.await.context("slow clients")?),
+        None => None,
+    };
+    Ok((outcome, hostile, slow))
 }
 
 /// Where a request's time went, from ingest's own histograms.
@@ -421,7 +442,8 @@ fn steady_state(samples: &[Sample], load_start: Instant, elapsed: Duration) -> (
 
 impl Correctness {
     /// The run's proof: every unique event sent stored once, every duplicate dropped, nothing
-    /// dead-lettered or failed, and every hostile request answered as it should be.
+    /// dead-lettered or failed, every hostile request answered as it should be, and no slow
+    /// client's unfinished head answered but with a 4xx.
     fn judge(
         (unique_sent, duplicates_sent): (u64, u64),
         rows_stored: u64,
@@ -429,6 +451,7 @@ impl Correctness {
         worker_scrape: &str,
         failed_requests: u64,
         hostile: Option<&hostile::HostileOutcome>,
+        slow: Option<&slow::SlowOutcome>,
     ) -> Self {
         let duplicates_dropped = metric_sum(worker_scrape, "dedup_worker_duplicates_total") as u64;
         let dead_lettered = metric_sum(worker_scrape, "dedup_worker_dead_lettered_total") as u64;
@@ -447,7 +470,8 @@ impl Correctness {
                 && duplicates_dropped == duplicates_sent
                 && dead_lettered == 0
                 && failed_requests == 0
-                && hostile.is_none_or(hostile::HostileOutcome::ok),
+                && hostile.is_none_or(hostile::HostileOutcome::ok)
+                && slow.is_none_or(slow::SlowOutcome::ok),
         }
     }
 }

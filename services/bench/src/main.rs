@@ -152,6 +152,12 @@ struct RunArgs {
     /// every one must be refused, and the report's peak RSS shows what they cost.
     #[arg(long, default_value_t = 0)]
     hostile: usize,
+    /// Slow clients beside the load: each holds a connection whose request head comes a
+    /// byte a second and never ends, and opens another when ingest closes it (after its
+    /// HEADER_READ_TIMEOUT). None may be answered but with a 4xx; the report's peak RSS
+    /// shows what the held connections cost (ingest holds at most MAX_CONNECTIONS).
+    #[arg(long, default_value_t = 0)]
+    slow_clients: usize,
     /// Runs of the same load, one after another; the report shows every run's rates and the
     /// run with the median end-to-end rate (this machine is shared and noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -359,6 +365,7 @@ fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Res
         prefill_rows: args.prefill_rows,
         quiet: false,
         hostile_connections: args.hostile,
+        slow_clients: args.slow_clients,
     })
 }
 
@@ -389,18 +396,24 @@ async fn half_rate(
 }
 
 /// Fails unless `run` (the `i`th) proved something: its correctness held and, for the smoke
-/// run, it sent duplicates at all.
+/// run, it sent duplicates at all and ingest closed slow clients.
 fn proved(run: &report::RunFigures, i: u32, smoke: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
         run.correctness.ok,
-        "correctness check failed in run {i}: {:?}; hostile requests: {:?}",
+        "correctness check failed in run {i}: {:?}; hostile requests: {:?}; slow clients: {:?}",
         run.correctness,
-        run.hostile
+        run.hostile,
+        run.slow
     );
     anyhow::ensure!(
         !smoke || run.correctness.duplicates_sent > 0,
         "the smoke run sent no duplicates, so it proved nothing about dedup: {:?}",
         run.correctness
+    );
+    anyhow::ensure!(
+        !smoke || run.slow.as_ref().is_some_and(|s| s.closed_by_ingest > 0),
+        "the smoke run's slow clients were never closed by ingest's header timeout: {:?}",
+        run.slow
     );
     Ok(())
 }
@@ -477,6 +490,17 @@ async fn main() -> anyhow::Result<()> {
             args.queue_shards = args.queue_shards.max(2);
             // And that rows already in the day's partition change nothing but the cost.
             args.prefill_rows = args.prefill_rows.max(1000);
+            // And that slow clients are closed by the real binary's header timeout while the
+            // load goes through.
+            args.slow_clients = args.slow_clients.max(20);
+            if !args
+                .ingest_env
+                .iter()
+                .any(|(k, _)| k == "HEADER_READ_TIMEOUT")
+            {
+                args.ingest_env
+                    .push(("HEADER_READ_TIMEOUT".to_owned(), "1s".to_owned()));
+            }
         }
         let options = run_options(&args, backends.clone(), c.out.join(format!("logs-{stamp}")))?;
         let repeat = if c.smoke { 1 } else { args.repeat };

@@ -204,6 +204,8 @@ pub struct RunFigures {
     pub duplicates_by_tier: Vec<(String, u64)>,
     /// The hostile requests sent beside the load, when the run sent any.
     pub hostile: Option<crate::hostile::HostileOutcome>,
+    /// The slow clients beside the load, when the run had any.
+    pub slow: Option<crate::slow::SlowOutcome>,
     pub correctness: Correctness,
 }
 
@@ -465,6 +467,20 @@ impl Report {
                 }
             );
         }
+        if let Some(slow) = &run.slow {
+            md += &format!(
+                "| Slow clients beside the load (unfinished heads, a byte a second) | {} \
+                 connections opened, {} closed by ingest (the longest after {:.1} s), {} |\n",
+                slow.opened,
+                slow.closed_by_ingest,
+                slow.longest_until_closed_s,
+                if slow.answered_not_4xx.is_empty() {
+                    "none answered but with a 4xx".to_owned()
+                } else {
+                    format!("ANSWERED: {:?}", slow.answered_not_4xx)
+                }
+            );
+        }
         if self.repeats.len() > 1 {
             let list = |f: fn(&(f64, f64)) -> f64| {
                 self.repeats
@@ -651,6 +667,7 @@ dedup_ingest_publish_confirm_duration_seconds_bucket{le=\"+Inf\"} 20
             redis_bytes_per_key: Some(104.4),
             duplicates_by_tier: vec![("in_batch".into(), 1)],
             hostile: None,
+            slow: None,
             correctness: Correctness {
                 unique_sent: 10,
                 duplicates_sent: 3,
