@@ -12,8 +12,8 @@ use test_support::{TestEnv, eventually};
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// One POST of the event named `r` over TLS to `ingest`, trusting only the CA in `ca_file`;
-/// `Err` when the handshake fails (the server's certificate is not that CA's).
+/// One POST of the event named `r` over TLS to `ingest`, trusting the CA in `ca_file`; `Err`
+/// when the handshake fails (the server's certificate is not that CA's).
 async fn post_https(ingest: &Service, ca_file: &Path, r: &str) -> Result<Answer, String> {
     post_json_https(ingest.addr(), ca_file, event(r).to_string().as_bytes()).await
 }

@@ -1,11 +1,10 @@
-//! Plain clients for tests: one HTTP/1.1 request, and a broker URL through a proxy.
+//! Plain clients for tests: one HTTP/1.1 request (over TLS too), and a broker URL through a
+//! proxy.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 /// `amqp://` URL of a proxy in front of the local RabbitMQ.
 pub fn amqp_url_via(proxy: SocketAddr) -> String {
@@ -30,30 +29,23 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Strin
     http_request(addr, "POST", path, "application/json", body).await
 }
 
-/// [`post_json`] over TLS to a server whose certificate names `localhost`, trusting only the CA
-/// in `ca_file`; `Err` when the connection or the handshake fails (the server's certificate
-/// is not that CA's).
+/// [`post_json`] over TLS to a server whose certificate names `localhost`, trusting what the
+/// services trust with `TLS_CA_FILE=ca_file` (the system's roots and that CA); `Err` when the
+/// connection or the handshake fails (the server's certificate is not that CA's).
 pub async fn post_json_https(
     addr: SocketAddr,
     ca_file: &Path,
     body: &[u8],
 ) -> Result<Answer, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).expect("CA file") {
-        roots.add(cert.expect("CA")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let trust = dedup_runtime::tls::TlsArgs {
+        tls_ca_file: Some(ca_file.to_owned()),
+    };
+    let config = trust.client_config().expect("the CA file loads");
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").expect("name");
-    let tls = connector
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
