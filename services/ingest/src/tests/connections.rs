@@ -271,3 +271,44 @@ async fn a_silent_tls_client_gives_its_slot_back_after_the_timeout() {
     )
     .await;
 }
+
+/// SIGTERM while every slot is taken by an idle connection and another client waits to be
+/// accepted: ingest does not wait for a slot, closes the idle connection and exits well
+/// within its grace period; the waiting client is never answered 202.
+#[tokio::test]
+async fn shutdown_at_the_connection_limit_exits_promptly() {
+    let env = TestEnv::new("conn-shutdown").await;
+    let mut server = serving(&env, |c| {
+        c.max_connections = 1;
+        c.header_read_timeout = Duration::from_secs(60);
+        c.shutdown_grace = Duration::from_secs(20);
+    })
+    .await;
+    let mut idle = TcpStream::connect(server.addr).await.expect("connect");
+    idle.write_all(request("before").as_bytes())
+        .await
+        .expect("request");
+    assert!(one_answer(&mut idle).await.starts_with("HTTP/1.1 202"));
+    let mut waiting = TcpStream::connect(server.addr)
+        .await
+        .expect("the kernel queues it");
+    waiting
+        .write_all(request("waiting").as_bytes())
+        .await
+        .expect("request");
+
+    server.shutdown();
+    server
+        .exits_within(Duration::from_secs(5), "ingest exits with every slot taken")
+        .await;
+    let (rest, _) = until_closed(&mut idle, Instant::now()).await;
+    assert_eq!(rest, "", "the idle connection is closed without an answer");
+    let mut answer = Vec::new();
+    let _ = waiting.read_to_end(&mut answer).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("202"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 1);
+}
