@@ -37,6 +37,18 @@ pub async fn post_json_https(
     ca_file: &Path,
     body: &[u8],
 ) -> Result<Answer, String> {
+    let tls = connect_https(addr, ca_file).await?;
+    let headers = [("Content-Type", "application/json")];
+    Ok(exchange_over(tls, "localhost", "POST", "/product_events/", &headers, body).await)
+}
+
+/// A TLS connection to a server whose certificate names `localhost`, handshake done, trusting
+/// what the services trust with `TLS_CA_FILE=ca_file`; `Err` when the connection or the
+/// handshake fails.
+pub async fn connect_https(
+    addr: SocketAddr,
+    ca_file: &Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let trust = dedup_runtime::tls::TlsArgs {
         tls_ca_file: Some(ca_file.to_owned()),
     };
@@ -45,12 +57,10 @@ pub async fn post_json_https(
         .await
         .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| e.to_string())?;
-    let headers = [("Content-Type", "application/json")];
-    Ok(exchange_over(tls, "localhost", "POST", "/product_events/", &headers, body).await)
+        .map_err(|e| e.to_string())
 }
 
 /// An HTTP answer: status, headers (names lower-cased) and body.

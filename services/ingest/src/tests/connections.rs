@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::support::{IngestServer, ingest_config, metric};
-use test_support::client::post_json_https;
+use test_support::client::{connect_https, post_json_https};
 use test_support::events::event;
 use test_support::tls::TestCa;
 use test_support::{TestEnv, eventually};
@@ -270,6 +270,75 @@ async fn a_silent_tls_client_gives_its_slot_back_after_the_timeout() {
         },
     )
     .await;
+}
+
+/// Over TLS: plain HTTP sent to the HTTPS port and a malformed ClientHello are closed at once,
+/// not after the timeout, and counted as failed handshakes; a client that completes its
+/// handshake and then sends nothing is closed after HEADER_READ_TIMEOUT, counted as a header
+/// timeout. A good HTTPS client on the same server is served throughout.
+#[tokio::test]
+async fn bad_handshakes_and_silence_after_a_handshake_are_closed_and_counted() {
+    let env = TestEnv::new("conn-tls-bad").await;
+    let ca = TestCa::new("conn-tls-bad");
+    let timeout = Duration::from_secs(3);
+    let server = serving(&env, |c| {
+        c.header_read_timeout = timeout;
+        c.tls_cert_file = Some(ca.cert_file.clone());
+        c.tls_key_file = Some(ca.key_file.clone());
+    })
+    .await;
+    let admin = server.admin_addr;
+
+    let mut plain = TcpStream::connect(server.addr).await.expect("connect");
+    plain
+        .write_all(request("plain-to-https").as_bytes())
+        .await
+        .expect("request");
+    let (answer, after) = until_closed(&mut plain, Instant::now()).await;
+    assert!(!answer.contains("HTTP/1.1"), "{answer:?}");
+    assert!(after < timeout / 2, "plain HTTP closed after {after:?}");
+
+    // A handshake record announcing a ClientHello whose body is not one.
+    let mut malformed = TcpStream::connect(server.addr).await.expect("connect");
+    let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00, 0x00, 0x3c];
+    hello.extend([0xff; 0x3c]);
+    malformed.write_all(&hello).await.expect("hello");
+    let (_, after) = until_closed(&mut malformed, Instant::now()).await;
+    assert!(
+        after < timeout / 2,
+        "a malformed hello closed after {after:?}"
+    );
+    assert_eq!(closed_for(admin, "tls_handshake").await, 2.0);
+
+    let since = Instant::now();
+    let mut silent = connect_https(server.addr, &ca.ca_file)
+        .await
+        .expect("the handshake completes");
+    let body = event("beside-silent").to_string();
+    let answer = post_json_https(server.addr, &ca.ca_file, body.as_bytes())
+        .await
+        .expect("a good client's handshake");
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection within 30 s");
+    let after = since.elapsed();
+    // The server drops the connection without a close_notify: rustls reads that as an early end.
+    if let Err(e) = read {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    assert!(
+        rest.is_empty(),
+        "no answer to a request never sent: {rest:?}"
+    );
+    assert!(
+        after >= timeout - Duration::from_millis(100) && after < timeout * 2,
+        "silent after its handshake, closed after {after:?}, the timeout being {timeout:?}"
+    );
+    assert_eq!(closed_for(admin, "header_timeout").await, 1.0);
+    assert_eq!(closed_for(admin, "tls_handshake").await, 2.0);
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 1);
 }
 
 /// SIGTERM while every slot is taken by an idle connection and another client waits to be
