@@ -102,6 +102,8 @@ pub struct RunOptions {
     pub hostile_connections: usize,
     /// Slow clients holding unfinished request heads beside the load (0: none).
     pub slow_clients: usize,
+    /// Bytes of padding each slow client's head starts with.
+    pub slow_head_bytes: usize,
 }
 
 /// ingest's default MAX_BATCH_BODY_BYTES, unless the run sets it.
@@ -305,6 +307,7 @@ async fn drive(
         tokio::spawn(slow::run(
             processes.ingest_addr,
             opts.slow_clients,
+            opts.slow_head_bytes,
             opts.load.duration,
         ))
     });

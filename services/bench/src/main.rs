@@ -158,6 +158,11 @@ struct RunArgs {
     /// shows what the held connections cost (ingest holds at most MAX_CONNECTIONS).
     #[arg(long, default_value_t = 0)]
     slow_clients: usize,
+    /// Bytes of padding each slow client's head starts with, sent at once before the trickle
+    /// (past ingest's MAX_HEADER_BYTES it is answered 431 at once; the client then waits a
+    /// second before it connects again).
+    #[arg(long, default_value_t = 0)]
+    slow_head_bytes: usize,
     /// Runs of the same load, one after another; the report shows every run's rates and the
     /// run with the median end-to-end rate (this machine is shared and noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -366,6 +371,7 @@ fn run_options(args: &RunArgs, backends: Backends, logs: PathBuf) -> anyhow::Res
         quiet: false,
         hostile_connections: args.hostile,
         slow_clients: args.slow_clients,
+        slow_head_bytes: args.slow_head_bytes,
     })
 }
 

@@ -469,11 +469,15 @@ impl Report {
         }
         if let Some(slow) = &run.slow {
             md += &format!(
-                "| Slow clients beside the load (unfinished heads, a byte a second) | {} \
-                 connections opened, {} closed by ingest (the longest after {:.1} s), {} |\n",
+                "| Slow clients beside the load (heads of {} bytes, then a byte a second, never \
+                 finished) | {} \
+                 connections opened, {} closed by ingest (the longest after {:.1} s), {} \
+                 answered with a 4xx, {} |\n",
+                slow.head_bytes,
                 slow.opened,
                 slow.closed_by_ingest,
                 slow.longest_until_closed_s,
+                slow.answered_4xx,
                 if slow.answered_not_4xx.is_empty() {
                     "none answered but with a 4xx".to_owned()
                 } else {
