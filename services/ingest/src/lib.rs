@@ -63,6 +63,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
+    let mut connections = connection_limits(&config);
+    connections.max_connections = server::fit_open_files(connections.max_connections)?;
     let metrics = Metrics::new();
     let guard = Guard::new(guard_settings(&config), &metrics)?;
     // Loaded before anything connects: a bad certificate stops ingest at once.
@@ -114,7 +116,7 @@ pub async fn serve(
         listener,
         https,
         http::app(state),
-        connection_limits(&config),
+        connections,
         metrics.clone(),
         stop.clone(),
     );

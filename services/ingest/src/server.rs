@@ -43,6 +43,46 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
 }
 
+/// Open files ingest keeps for itself beside client connections: its broker connections, the
+/// admin server and its clients, the trace exporter's connections, certificate and key files.
+pub const RESERVED_FILES: u64 = 256;
+
+/// Raises this process's soft limit on open files to its hard limit (as Go's runtime does at
+/// start), then returns the connection limit that fits beside [`RESERVED_FILES`]: `wanted`, or
+/// less, with a warning that says what to change. Without this, client connections past the
+/// limit take every file descriptor: accept fails (EMFILE), and the admin port stops
+/// answering its probes and Prometheus.
+pub fn fit_open_files(wanted: usize) -> anyhow::Result<usize> {
+    let soft = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| anyhow::anyhow!("cannot read the limit on open files (RLIMIT_NOFILE): {e}"))?;
+    let fitted = fit(wanted, soft)?;
+    if fitted < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            serving = fitted,
+            open_file_limit = soft,
+            "MAX_CONNECTIONS does not fit the limit on open files beside the {RESERVED_FILES} \
+             ingest keeps for itself; serving at most {fitted} connections. Raise the limit \
+             (ulimit -n, the container runtime's nofile) or lower MAX_CONNECTIONS."
+        );
+    }
+    Ok(fitted)
+}
+
+/// `wanted` connections, or as many as fit `open_file_limit` beside [`RESERVED_FILES`].
+fn fit(wanted: usize, open_file_limit: u64) -> anyhow::Result<usize> {
+    let room = open_file_limit.saturating_sub(RESERVED_FILES);
+    anyhow::ensure!(
+        room > 0,
+        "this process may open only {open_file_limit} files (RLIMIT_NOFILE, hard limit \
+         included), and ingest keeps {RESERVED_FILES} for itself: no client connection would \
+         fit. Raise the limit (ulimit -n, the container runtime's nofile) to at least \
+         {RESERVED_FILES} + MAX_CONNECTIONS ({})",
+        RESERVED_FILES + wanted as u64
+    );
+    Ok(wanted.min(usize::try_from(room).unwrap_or(usize::MAX)))
+}
+
 /// hyper's read buffer a connection, at most: a whole request head must fit in it, and body
 /// bytes pass through it in pieces of up to its size.
 fn read_buffer_bytes(limits: &ConnectionLimits) -> usize {
@@ -165,5 +205,24 @@ impl Connection {
             }
             tracing::debug!(%peer, error = %e, "Connection closed.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_beside_the_reserved_files() {
+        assert_eq!(fit(4096, 1_048_576).unwrap(), 4096);
+        assert_eq!(fit(4096, 4096 + RESERVED_FILES).unwrap(), 4096);
+        assert_eq!(fit(4096, 1024).unwrap(), 1024 - 256);
+        assert_eq!(fit(10, RESERVED_FILES + 1).unwrap(), 1);
+        let error = fit(4096, RESERVED_FILES).unwrap_err().to_string();
+        assert!(error.contains("RLIMIT_NOFILE"), "{error}");
+        assert!(
+            error.contains("at least 256 + MAX_CONNECTIONS (4352)"),
+            "{error}"
+        );
     }
 }

@@ -73,6 +73,7 @@ pub struct Launch {
     env: Vec<(String, String)>,
     listen: Option<SocketAddr>,
     admin: SocketAddr,
+    open_files: Option<(u64, u64)>,
 }
 
 impl Launch {
@@ -117,6 +118,7 @@ impl Launch {
             env: Vec::new(),
             listen: None,
             admin,
+            open_files: None,
         }
         .set("ADMIN_LISTEN_ADDR", admin)
         .set("KUBECONFIG", kubeconfig.display())
@@ -133,6 +135,7 @@ impl Launch {
             env: Vec::new(),
             listen: None,
             admin,
+            open_files: None,
         }
         .set("ADMIN_LISTEN_ADDR", admin)
         .set("RABBITMQ_URL", amqp_url)
@@ -151,6 +154,13 @@ impl Launch {
     pub fn set(mut self, name: &str, value: impl ToString) -> Self {
         self.env.retain(|(k, _)| k != name);
         self.env.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// Starts the binary with this soft and hard limit on open files (through util-linux's
+    /// `prlimit`, which then runs the binary in its own process).
+    pub fn open_file_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.open_files = Some((soft, hard));
         self
     }
 
@@ -201,7 +211,17 @@ impl Launch {
             "{} is missing: build the binaries first (cargo build --workspace)",
             path.display()
         );
-        let mut command = Command::new(&path);
+        let mut command = match self.open_files {
+            None => Command::new(&path),
+            Some((soft, hard)) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(&path);
+                prlimit
+            }
+        };
         command
             .args(&self.args)
             .env_clear()
