@@ -11,6 +11,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use crate::serve;
+
 /// Answers whether the process can do its work right now, and if not, why.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -36,17 +38,31 @@ pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<tokio::net:
     })
 }
 
-/// Serves the admin `router` on `listener` as a task, until `stop` is cancelled.
+/// The admin port's limits on connections. Its clients are Prometheus, the kubelet's probes
+/// and an operator's curl, a handful at a time; the limits keep a client that holds
+/// connections open (or many of them) from taking the process's file descriptors, and each
+/// idle connection is closed after 10 s (Prometheus connects again at its next scrape).
+pub const LIMITS: serve::ConnectionLimits = serve::ConnectionLimits {
+    max_connections: 64,
+    header_read_timeout: std::time::Duration::from_secs(10),
+    max_header_bytes: 8 * 1024,
+};
+
+/// Serves the admin `router` on `listener` as a task, within [`LIMITS`], until `stop` is
+/// cancelled; the task ends once the connections open then have finished.
 pub fn spawn(
     listener: tokio::net::TcpListener,
     router: Router,
     stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    })
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve::serve(
+        listener,
+        std::sync::Arc::new(serve::Plain),
+        router,
+        LIMITS,
+        (),
+        stop,
+    ))
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -119,5 +135,61 @@ pub async fn probe(admin_addr: SocketAddr) -> anyhow::Result<()> {
             "{uri} answered {status}: {}",
             String::from_utf8_lossy(&body)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// With every one of the admin port's connections held idle, one more client's request
+    /// waits unanswered instead of taking another file descriptor, and is answered once one
+    /// of them closes; stopping then ends the server.
+    #[tokio::test]
+    async fn the_admin_port_holds_at_most_its_connection_limit() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), "ADMIN_LISTEN_ADDR")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let ready: Readiness = Arc::new(|| Ok(()));
+        let task = spawn(listener, router(Registry::new(), ready), stop.clone());
+
+        let mut held = Vec::new();
+        for _ in 0..LIMITS.max_connections {
+            held.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let mut extra = TcpStream::connect(addr)
+            .await
+            .expect("the kernel queues it");
+        extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut answer)).await;
+        assert!(waited.is_err(), "answered past the limit: {answer:?}");
+
+        held.pop();
+        tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer))
+            .await
+            .expect("answered once a connection closed")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok"), "{answer}");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the server stops, closing the idle connections")
+            .expect("task");
     }
 }

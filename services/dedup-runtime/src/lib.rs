@@ -8,6 +8,8 @@
 //! - [`telemetry`]: logging and OpenTelemetry tracing setup.
 //! - [`admin`]: the /metrics, /healthz and /readyz server on the admin port, and the `probe`
 //!   health check.
+//! - [`serve`]: a router on HTTP/1.1 connections with limits on the connections themselves
+//!   (count, header timeout, head size): the admin port and ingest's public port.
 //! - [`shutdown`]: the one SIGINT/SIGTERM future every binary waits on.
 //! - [`backoff`]: reconnection pacing.
 //! - [`queue_depth`]: ready and unacknowledged messages from the management API.
@@ -19,6 +21,7 @@ pub mod backoff;
 pub mod config;
 pub mod queue_depth;
 pub mod secret;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

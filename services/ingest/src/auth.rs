@@ -43,11 +43,6 @@ pub enum AuthMode {
     None,
 }
 
-/// The TCP peer of a connection, plain or TLS: the client, or the proxy in front of it
-/// (`crate::server` puts it on every request as `ConnectInfo`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
 /// The label value and the stored source of events taken with `AUTH=none`.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -333,11 +328,11 @@ impl Guard {
     pub fn admit(
         &self,
         headers: &HeaderMap,
-        peer: Option<&ConnectInfo<Peer>>,
+        peer: Option<&ConnectInfo<SocketAddr>>,
     ) -> Result<Arc<Caller>, Error> {
         if let Some(addresses) = &self.addresses
             && let Some(address) = client_address(
-                peer.map(|p| p.0.0.ip()),
+                peer.map(|p| p.0.ip()),
                 headers,
                 &self.settings.trusted_proxies,
             )

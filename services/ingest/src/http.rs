@@ -100,7 +100,10 @@ pub fn app(state: AppState) -> Router {
 /// Lets a request on to the event routes only within its client address's rate and with a
 /// valid write key; its [`Caller`] goes along as an extension.
 async fn admit(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let peer = request.extensions().get::<ConnectInfo<crate::auth::Peer>>();
+    // The TCP peer, plain or TLS: the client, or the proxy in front of it.
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>();
     match state.guard.admit(request.headers(), peer) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);

@@ -137,10 +137,14 @@ impl Https {
             }
         }
     }
+}
+
+impl dedup_runtime::serve::Handshake for Https {
+    type Io = TlsStream<TcpStream>;
 
     /// The TLS side of a connection from `peer`, once its handshake finished within `timeout`;
     /// `None` (logged) when it failed or took longer.
-    pub async fn handshake(
+    async fn handshake(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
