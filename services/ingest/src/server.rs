@@ -37,8 +37,17 @@ pub const RESERVED_FILES: u64 = 256;
 /// limit take every file descriptor: accept fails (EMFILE), and the admin port stops
 /// answering its probes and Prometheus.
 pub fn fit_open_files(wanted: usize) -> anyhow::Result<usize> {
-    let soft = rlimit::increase_nofile_limit(u64::MAX)
-        .map_err(|e| anyhow::anyhow!("cannot read the limit on open files (RLIMIT_NOFILE): {e}"))?;
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        // A sandbox may refuse the raise; the limit as it is still decides what fits.
+        Err(e) => {
+            let (soft, _) = rlimit::Resource::NOFILE.get().map_err(|e| {
+                anyhow::anyhow!("cannot read the limit on open files (RLIMIT_NOFILE): {e}")
+            })?;
+            tracing::warn!(error = %e, open_file_limit = soft, "Cannot raise the soft limit on open files to the hard one; keeping it.");
+            soft
+        }
+    };
     let fitted = fit(wanted, soft)?;
     if fitted < wanted {
         tracing::warn!(
