@@ -157,8 +157,9 @@ impl Launch {
         self
     }
 
-    /// Starts the binary with this soft and hard limit on open files (through util-linux's
-    /// `prlimit`, which then runs the binary in its own process).
+    /// Starts the binary with this soft and hard limit on open files, through util-linux's
+    /// `prlimit`, which sets them and then executes the binary in its own place (same process,
+    /// so stopping and killing it work as without).
     pub fn open_file_limit(mut self, soft: u64, hard: u64) -> Self {
         self.open_files = Some((soft, hard));
         self
