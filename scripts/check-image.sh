@@ -36,6 +36,8 @@ new_since() {
   now=$(pm "${@:2}") || { log "ERROR: podman ${*:2} failed"; return 1; }
   comm -13 <(echo "$1") <(sort -u <<<"$now")
 }
+# The runc containers (a build's RUN steps) running now that are not in $1 (an earlier listing).
+new_runc() { comm -13 <(echo "$1") <(runc list -q 2>/dev/null | sort -u); }
 # The pipeline's slice of the local services (its containers, database, queues, exchanges
 # and Redis keys), removed on every exit once it has started; the successful run checks that
 # nothing of it is left.
@@ -58,11 +60,25 @@ cleanup() {
   # its own: a build running beside this one keeps its containers. Its step images go with
   # the built images below (`built` is set before the build starts).
   if [[ ${build:-} ]] && kill -0 "$build" 2>/dev/null; then
-    pkill -TERM -P "$build" 2>/dev/null || true
-    kill "$build" 2>/dev/null || true
+    # podman itself, not only the script that started it: killed, release-image.sh ends at
+    # once, while podman may still be committing a step image. Removing images before podman
+    # has exited would miss the image it commits last.
+    builders=$(pgrep -P "$build" | xargs)
+    kill -TERM $builders "$build" 2>/dev/null || true
     wait "$build" 2>/dev/null || true
+    for pid in $builders; do
+      for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null && sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    done
     for c in $(new_since "$build_containers" ps -a --external -q); do
       pm rm -f "$c" >/dev/null 2>&1 || true
+    done
+    # A RUN step's process (cargo) runs in a runc container of its own, which outlives podman:
+    # stop it, and remove the bundle directory podman made for it.
+    for c in $(new_runc "$build_runc"); do
+      bundle=$(runc state "$c" 2>/dev/null | sed -n 's/^ *"bundle": "\(.*\)",$/\1/p')
+      runc delete --force "$c" >/dev/null 2>&1 || true
+      if [[ $bundle == /var/tmp/buildah* ]]; then rm -rf "$bundle"; fi
     done
   fi
   [[ -z ${started:-} ]] || remove_pipeline
@@ -72,7 +88,11 @@ cleanup() {
     for target in dedup ingest dedup-worker dedup-operator; do
       pm rmi -f "$registry/$target:$version" >/dev/null 2>&1 || true
     done
-    for _ in 1 2 3; do pm image prune -f >/dev/null 2>&1 || true; done
+    # Until a prune removes nothing, rather than a fixed number of rounds: a round may leave
+    # a step image that only an image it removed was built on.
+    for _ in $(seq 1 30); do
+      [[ -n $(pm image prune -f 2>/dev/null) ]] || break
+    done
   fi
   rm -rf "$conf_dir" "$work"
 }
@@ -118,23 +138,25 @@ build_base=localhost/dedup-build-base:rust-$rust_version
 runtime_base=localhost/dedup-runtime-base:bookworm
 if [[ ${1:-} == --interrupted ]]; then
   # Tests the cleanup above: a check sent SIGTERM while its release build has a working
-  # container and has committed step images must stop the build, leave neither behind, and
-  # fail. It needs the bases a full check makes, so that its run goes straight to its build.
+  # container, has committed step images and is running cargo (a RUN step, in a runc container
+  # of its own) must stop the build, leave none of them behind, and fail. It needs the bases a full check makes, so that its run goes straight to its build.
   for base in "$build_base" "$runtime_base"; do
     pm image exists "$base" ||
       die "no $base in podman's storage: run scripts/check-image.sh first (it makes the bases in a few minutes), then --interrupted"
   done
   containers_before=$(pm ps -a --external -q | sort -u)
   images_before=$(pm images -a -q | sort -u)
+  runc_before=$(runc list -q 2>/dev/null | sort -u)
   # By its path from the repository root, where the script has moved (so not "$0").
   scripts/check-image.sh 2>"$work/interrupted.log" &
   run=$!
   deadline=$((SECONDS + 300))
   until grep -qs "building the release images" "$work/interrupted.log" &&
     [[ -n $(new_since "$containers_before" ps -a --external -q) ]] &&
-    [[ -n $(new_since "$images_before" images -a -q) ]]; do
-    kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container and a step image"; }
-    ((SECONDS < deadline)) || { kill "$run"; tail -20 "$work/interrupted.log" >&2; die "no build container and step image within 5 minutes"; }
+    [[ -n $(new_since "$images_before" images -a -q) ]] &&
+    [[ -n $(new_runc "$runc_before") ]]; do
+    kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container, a step image and a RUN step"; }
+    ((SECONDS < deadline)) || { kill "$run"; tail -20 "$work/interrupted.log" >&2; die "no build container, step image and RUN step within 5 minutes"; }
     sleep 1
   done
   kill -TERM "$run"
@@ -150,7 +172,9 @@ if [[ ${1:-} == --interrupted ]]; then
   [[ -z $left ]] || die "the interrupted build left containers behind: $left"
   left=$(new_since "$images_before" images -a -q | xargs)
   [[ -z $left ]] || die "the interrupted build left images behind: $left"
-  log "ok: interrupted during its build (exit $status), it left no container or image behind"
+  left=$(new_runc "$runc_before" | xargs)
+  [[ -z $left ]] || die "the interrupted build left a build step running: runc containers $left"
+  log "ok: interrupted during its build (exit $status), it left no container, image or build step behind"
   exit 0
 fi
 
@@ -197,6 +221,7 @@ image=$registry/dedup:$version
 log "building the release images as $registry/*:$version (a release build: minutes, more on a new machine)"
 built=1
 build_containers=$(pm ps -a --external -q | sort -u)
+build_runc=$(runc list -q 2>/dev/null | sort -u)
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
   scripts/release-image.sh >"$work/build.log" 2>&1 &
