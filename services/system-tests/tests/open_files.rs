@@ -1,7 +1,8 @@
 //! ingest under a limit on open files: it raises its soft limit to the hard one, serves no
 //! more connections than fit beside the files it keeps for itself, and so keeps answering its
-//! admin port (probes, Prometheus) while clients hold every connection it will take; a limit
-//! too small for any client is refused at start with what to change.
+//! admin port (probes, Prometheus) while clients hold every connection it will take; where a
+//! sandbox refuses the raise, it fits its connections to the limit it has; a limit too small
+//! for any client is refused at start with what to change.
 
 use std::time::Duration;
 
@@ -103,6 +104,85 @@ async fn ingest_raises_its_soft_limit_to_the_hard_one() {
     assert!(ingest.ready().await.is_ok());
     drop(held);
     assert!(ingest.stop().await, "ingest exits cleanly");
+}
+
+#[tokio::test]
+async fn where_raising_the_limit_is_refused_ingest_keeps_the_one_it_has() {
+    let env = TestEnv::new("open-files-refused").await;
+    // The hard limit has room for MAX_CONNECTIONS, but a sandbox refuses every change of a
+    // limit: ingest must start with the soft limit it was given and fit its connections to it.
+    let ingest = Launch::ingest(&env, RABBITMQ)
+        .set("MAX_CONNECTIONS", 1000)
+        .open_file_limit(RESERVED + 40, RESERVED + 1000)
+        .refuse_raising_limits()
+        .capture_log()
+        .start()
+        .await;
+    // Logged at start; the pipe may take a moment to carry it.
+    let warned = |log: &str| {
+        log.contains("Cannot raise the soft limit on open files to the hard one; keeping it.")
+            && log.contains("Operation not permitted")
+            && log.contains("serving at most 40 connections")
+    };
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while !warned(&ingest.log()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_err()
+    {
+        panic!("no warning about the refused raise in:\n{}", ingest.log());
+    }
+    assert_eq!(
+        ingest.metric("dedup_ingest_connections_limit").await,
+        40.0,
+        "what fits the soft limit it kept (1000 had the raise gone through)"
+    );
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(TcpStream::connect(ingest.addr()).await.expect("connect"));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "ingest to hold its 40 connections",
+        || async { (ingest.metric("dedup_ingest_connections").await == 40.0).then_some(()) },
+    )
+    .await;
+    assert!(ingest.ready().await.is_ok(), "the admin port answers");
+    assert_eq!(ingest.metric("dedup_ingest_connections").await, 40.0);
+    drop(held);
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        post_json(
+            ingest.addr(),
+            "/product_events/",
+            event("refused").to_string().as_bytes(),
+        ),
+    )
+    .await
+    .expect("served once the idle clients are gone");
+    assert_eq!(status, 202, "{body}");
+    assert!(ingest.stop().await, "ingest exits cleanly");
+}
+
+#[test]
+fn the_refusing_sandbox_refuses() {
+    // The stand-in sandbox above, checked on its own: under it, util-linux's prlimit cannot
+    // change its own limit, while reading one still works.
+    let refuse = test_support::process::bin_dir().join("refuse-raising-limits");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&refuse)
+            .args(args)
+            .output()
+            .expect("run refuse-raising-limits")
+    };
+    let read = run(&["prlimit", "--nofile", "--output", "SOFT", "--noheadings"]);
+    assert!(read.status.success(), "{read:?}");
+    let set = run(&["prlimit", "--nofile=100:", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&set.stderr);
+    assert!(!set.status.success(), "{set:?}");
+    assert!(stderr.contains("Operation not permitted"), "{stderr}");
 }
 
 #[tokio::test]

@@ -8,8 +8,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::client::http_request;
@@ -74,6 +76,8 @@ pub struct Launch {
     listen: Option<SocketAddr>,
     admin: SocketAddr,
     open_files: Option<(u64, u64)>,
+    refuse_raising_limits: bool,
+    capture_log: bool,
 }
 
 impl Launch {
@@ -119,6 +123,8 @@ impl Launch {
             listen: None,
             admin,
             open_files: None,
+            refuse_raising_limits: false,
+            capture_log: false,
         }
         .set("ADMIN_LISTEN_ADDR", admin)
         .set("KUBECONFIG", kubeconfig.display())
@@ -136,6 +142,8 @@ impl Launch {
             listen: None,
             admin,
             open_files: None,
+            refuse_raising_limits: false,
+            capture_log: false,
         }
         .set("ADMIN_LISTEN_ADDR", admin)
         .set("RABBITMQ_URL", amqp_url)
@@ -162,6 +170,21 @@ impl Launch {
     /// so stopping and killing it work as without).
     pub fn open_file_limit(mut self, soft: u64, hard: u64) -> Self {
         self.open_files = Some((soft, hard));
+        self
+    }
+
+    /// Starts the binary where every attempt to change a resource limit is refused (EPERM), as
+    /// in some sandboxes: through this crate's `refuse-raising-limits`, after any
+    /// [`open_file_limit`](Self::open_file_limit) is set.
+    pub fn refuse_raising_limits(mut self) -> Self {
+        self.refuse_raising_limits = true;
+        self
+    }
+
+    /// Keeps what the binary logs (its standard output) for [`Service::log`], instead of
+    /// dropping it.
+    pub fn capture_log(mut self) -> Self {
+        self.capture_log = true;
         self
     }
 
@@ -212,17 +235,30 @@ impl Launch {
             "{} is missing: build the binaries first (cargo build --workspace)",
             path.display()
         );
-        let mut command = match self.open_files {
-            None => Command::new(&path),
-            Some((soft, hard)) => {
-                let mut prlimit = Command::new("prlimit");
-                prlimit
-                    .arg(format!("--nofile={soft}:{hard}"))
-                    .arg("--")
-                    .arg(&path);
-                prlimit
-            }
-        };
+        // Each wrapper executes the next in its own place (same process, so stopping and
+        // killing it work as without).
+        let mut program = vec![path.into_os_string()];
+        if self.refuse_raising_limits {
+            let refuse = bin_dir().join("refuse-raising-limits");
+            assert!(
+                refuse.exists(),
+                "{} is missing: build the binaries first (cargo build --workspace)",
+                refuse.display()
+            );
+            program.insert(0, refuse.into_os_string());
+        }
+        if let Some((soft, hard)) = self.open_files {
+            program.splice(
+                0..0,
+                [
+                    "prlimit".into(),
+                    format!("--nofile={soft}:{hard}").into(),
+                    "--".into(),
+                ],
+            );
+        }
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]);
         command
             .args(&self.args)
             .env_clear()
@@ -237,15 +273,31 @@ impl Launch {
 
     /// Starts the binary without waiting for it to be ready.
     pub fn spawn(self) -> Service {
-        let child = self
-            .command()
+        let mut command = self.command();
+        if self.capture_log {
+            command.stdout(Stdio::piped());
+        }
+        let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary));
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stdout) = child.stdout.take() {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         Service {
             binary: self.binary,
             child,
             addr: self.listen,
             admin: self.admin,
+            log,
         }
     }
 }
@@ -258,12 +310,18 @@ pub struct Service {
     pub addr: Option<SocketAddr>,
     /// The admin server: /metrics, /healthz, /readyz.
     pub admin: SocketAddr,
+    log: Arc<Mutex<String>>,
 }
 
 impl Service {
     /// ingest's public address.
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("a binary with a public listener")
+    }
+
+    /// What it has logged so far, with [`Launch::capture_log`]; empty without.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// What its `/readyz` says: ready, or the reason it is not.
