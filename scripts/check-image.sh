@@ -63,10 +63,10 @@ cleanup() {
     # podman itself, not only the script that started it: killed, release-image.sh ends at
     # once, while podman may still be committing a step image. Removing images before podman
     # has exited would miss the image it commits last.
-    builders=$(pgrep -P "$build" | xargs)
-    kill -TERM $builders "$build" 2>/dev/null || true
+    mapfile -t builders < <(pgrep -P "$build")
+    kill -TERM "${builders[@]}" "$build" 2>/dev/null || true
     wait "$build" 2>/dev/null || true
-    for pid in $builders; do
+    for pid in "${builders[@]}"; do
       for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null && sleep 0.1; done
       kill -KILL "$pid" 2>/dev/null || true
     done
@@ -151,9 +151,11 @@ if [[ ${1:-} == --interrupted ]]; then
   scripts/check-image.sh 2>"$work/interrupted.log" &
   run=$!
   deadline=$((SECONDS + 300))
+  # Listing images can fail while the build is committing one ("locating item named
+  # manifest"): here that is only a poll to repeat, so quietly.
   until grep -qs "building the release images" "$work/interrupted.log" &&
-    [[ -n $(new_since "$containers_before" ps -a --external -q) ]] &&
-    [[ -n $(new_since "$images_before" images -a -q) ]] &&
+    [[ -n $(new_since "$containers_before" ps -a --external -q 2>/dev/null) ]] &&
+    [[ -n $(new_since "$images_before" images -a -q 2>/dev/null) ]] &&
     [[ -n $(new_runc "$runc_before") ]]; do
     kill -0 "$run" 2>/dev/null || { cat "$work/interrupted.log" >&2; die "the check ended before its build had a container, a step image and a RUN step"; }
     ((SECONDS < deadline)) || { kill "$run"; tail -20 "$work/interrupted.log" >&2; die "no build container, step image and RUN step within 5 minutes"; }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use test_support::client::{http_request, post_json};
 use test_support::events::event;
-use test_support::process::Launch;
+use test_support::process::{Launch, Service};
 use test_support::{TestEnv, eventually};
 use tokio::net::TcpStream;
 
@@ -59,19 +59,24 @@ async fn clients_past_the_open_file_limit_wait_and_the_admin_port_still_answers(
     assert_eq!(ingest.metric("dedup_ingest_connections").await, 64.0);
 
     drop(idle);
+    accepts_an_event(&ingest, "after").await;
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 1);
+    assert!(ingest.stop().await, "ingest exits cleanly");
+}
+
+/// Once the clients holding its connections have gone, ingest serves a new one: 202 within 20 s.
+async fn accepts_an_event(ingest: &Service, id: &str) {
     let (status, body) = tokio::time::timeout(
         Duration::from_secs(20),
         post_json(
             ingest.addr(),
             "/product_events/",
-            event("after").to_string().as_bytes(),
+            event(id).to_string().as_bytes(),
         ),
     )
     .await
     .expect("served once the idle clients are gone");
     assert_eq!(status, 202, "{body}");
-    assert_eq!(env.ready_messages(&env.topology.queue).await, 1);
-    assert!(ingest.stop().await, "ingest exits cleanly");
 }
 
 #[tokio::test]
@@ -152,17 +157,8 @@ async fn where_raising_the_limit_is_refused_ingest_keeps_the_one_it_has() {
     assert!(ingest.ready().await.is_ok(), "the admin port answers");
     assert_eq!(ingest.metric("dedup_ingest_connections").await, 40.0);
     drop(held);
-    let (status, body) = tokio::time::timeout(
-        Duration::from_secs(20),
-        post_json(
-            ingest.addr(),
-            "/product_events/",
-            event("refused").to_string().as_bytes(),
-        ),
-    )
-    .await
-    .expect("served once the idle clients are gone");
-    assert_eq!(status, 202, "{body}");
+    accepts_an_event(&ingest, "refused").await;
+    assert_eq!(env.ready_messages(&env.topology.queue).await, 1);
     assert!(ingest.stop().await, "ingest exits cleanly");
 }
 
