@@ -38,6 +38,20 @@ new_since() {
 }
 # The runc containers (a build's RUN steps) running now that are not in $1 (an earlier listing).
 new_runc() { comm -13 <(echo "$1") <(runc list -q 2>/dev/null | sort -u); }
+# The runc containers whose process descends from one of the processes $@ (podman runs a RUN
+# step as podman -> buildah-oci-runtime -> the step's process).
+runc_under() {
+  local c pid a
+  for c in $(runc list -q 2>/dev/null); do
+    pid=$(runc state "$c" 2>/dev/null | sed -n 's/^ *"pid": \([0-9]*\),$/\1/p')
+    while [[ -n $pid ]] && ((pid > 1)); do
+      for a in "$@"; do
+        if ((pid == a)); then echo "$c"; break 2; fi
+      done
+      pid=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ')
+    done
+  done
+}
 # The pipeline's slice of the local services (its containers, database, queues, exchanges
 # and Redis keys), removed on every exit once it has started; the successful run checks that
 # nothing of it is left.
@@ -64,6 +78,9 @@ cleanup() {
     # once, while podman may still be committing a step image. Removing images before podman
     # has exited would miss the image it commits last.
     mapfile -t builders < <(pgrep -P "$build")
+    # A RUN step's process (cargo) runs in a runc container of its own, which outlives podman:
+    # found now, while it still descends from podman, and stopped below.
+    steps=$(runc_under "${builders[@]}")
     kill -TERM "${builders[@]}" "$build" 2>/dev/null || true
     wait "$build" 2>/dev/null || true
     for pid in "${builders[@]}"; do
@@ -73,9 +90,8 @@ cleanup() {
     for c in $(new_since "$build_containers" ps -a --external -q); do
       pm rm -f "$c" >/dev/null 2>&1 || true
     done
-    # A RUN step's process (cargo) runs in a runc container of its own, which outlives podman:
-    # stop it, and remove the bundle directory podman made for it.
-    for c in $(new_runc "$build_runc"); do
+    # The RUN step, with the bundle directory podman made for it.
+    for c in $steps; do
       bundle=$(runc state "$c" 2>/dev/null | sed -n 's/^ *"bundle": "\(.*\)",$/\1/p')
       runc delete --force "$c" >/dev/null 2>&1 || true
       if [[ $bundle == /var/tmp/buildah* ]]; then rm -rf "$bundle"; fi
@@ -138,8 +154,9 @@ build_base=localhost/dedup-build-base:rust-$rust_version
 runtime_base=localhost/dedup-runtime-base:bookworm
 if [[ ${1:-} == --interrupted ]]; then
   # Tests the cleanup above: a check sent SIGTERM while its release build has a working
-  # container, has committed step images and is running cargo (a RUN step, in a runc container
-  # of its own) must stop the build, leave none of them behind, and fail. It needs the bases a full check makes, so that its run goes straight to its build.
+  # container, has committed step images and is running cargo (a RUN step, in a runc
+  # container of its own) must stop the build, leave none of them behind, and fail. It needs
+  # the bases a full check makes, so that its run goes straight to its build.
   for base in "$build_base" "$runtime_base"; do
     pm image exists "$base" ||
       die "no $base in podman's storage: run scripts/check-image.sh first (it makes the bases in a few minutes), then --interrupted"
@@ -223,7 +240,6 @@ image=$registry/dedup:$version
 log "building the release images as $registry/*:$version (a release build: minutes, more on a new machine)"
 built=1
 build_containers=$(pm ps -a --external -q | sort -u)
-build_runc=$(runc list -q 2>/dev/null | sort -u)
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
   scripts/release-image.sh >"$work/build.log" 2>&1 &
