@@ -166,7 +166,7 @@ async fn where_raising_the_limit_is_refused_ingest_keeps_the_one_it_has() {
 fn the_refusing_sandbox_refuses() {
     // The stand-in sandbox above, checked on its own: under it, util-linux's prlimit cannot
     // change its own limit, while reading one still works.
-    let refuse = test_support::process::bin_dir().join("refuse-raising-limits");
+    let refuse = test_support::process::built("refuse-raising-limits");
     let run = |args: &[&str]| {
         std::process::Command::new(&refuse)
             .args(args)

@@ -5,7 +5,7 @@ use std::process::Command;
 
 /// Every environment variable `binary --help` names.
 fn settings_of(binary: &str) -> Vec<String> {
-    let path = test_support::process::bin_dir().join(binary);
+    let path = test_support::process::built(binary);
     let output = Command::new(&path)
         .arg("--help")
         .env_clear()

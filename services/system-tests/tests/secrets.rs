@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use test_support::process::{Launch, bin_dir};
+use test_support::process::{Launch, built};
 
 const SECRET: &str = "S3CRETvalue";
 
@@ -13,7 +13,7 @@ const SECRET: &str = "S3CRETvalue";
 fn output_of(binary: &str, args: &[&str], env: &[(&str, String)], seconds: u64) -> String {
     let output = Command::new("timeout")
         .arg(seconds.to_string())
-        .arg(bin_dir().join(binary))
+        .arg(built(binary))
         .args(args)
         .env_clear()
         .env("LOG_FORMAT", "text")
@@ -162,7 +162,7 @@ fn write_keys_never_reach_the_output() {
     let env = runtime.block_on(test_support::TestEnv::new("keylog"));
     let dir = std::env::temp_dir().join(format!("dedup-keylog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let made = Command::new(bin_dir().join("ingest"))
+    let made = Command::new(built("ingest"))
         .args(["write-key", "--source", "web"])
         .output()
         .expect("ingest write-key");

@@ -30,6 +30,18 @@ pub fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
+/// The path of one of the workspace's binaries; panics, saying what to do, when it has not
+/// been built.
+pub fn built(binary: &str) -> PathBuf {
+    let path = bin_dir().join(binary);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
 /// A loopback address no one listens on at the moment of asking, for a server to bind next.
 ///
 /// It lies below the kernel's range of ephemeral ports, which binding port 0 would pick from:
@@ -229,23 +241,12 @@ impl Launch {
     }
 
     fn command(&self) -> Command {
-        let path = bin_dir().join(self.binary);
-        assert!(
-            path.exists(),
-            "{} is missing: build the binaries first (cargo build --workspace)",
-            path.display()
-        );
+        let path = built(self.binary);
         // Each wrapper executes the next in its own place (same process, so stopping and
         // killing it work as without).
         let mut program = vec![path.into_os_string()];
         if self.refuse_raising_limits {
-            let refuse = bin_dir().join("refuse-raising-limits");
-            assert!(
-                refuse.exists(),
-                "{} is missing: build the binaries first (cargo build --workspace)",
-                refuse.display()
-            );
-            program.insert(0, refuse.into_os_string());
+            program.insert(0, built("refuse-raising-limits").into_os_string());
         }
         if let Some((soft, hard)) = self.open_files {
             program.splice(
