@@ -242,9 +242,11 @@ image=$registry/dedup:$version
 log "building the release images as $registry/*:$version (a release build: minutes, more on a new machine)"
 built=1
 build_containers=$(pm ps -a --external -q | sort -u)
+# At the lowest CPU priority, which podman's RUN steps (cargo) inherit: scripts/test.sh runs
+# this check beside the tests, whose work comes first. Alone, the build gets the idle machine.
 REGISTRY=$registry BUILDER="podman --storage-driver vfs --runtime runc" \
   BUILD_OPTS="--format docker --network host --build-arg BUILD_IMAGE=$build_base --build-arg RUNTIME_IMAGE=$runtime_base --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro" \
-  scripts/release-image.sh >"$work/build.log" 2>&1 &
+  nice -n 19 scripts/release-image.sh >"$work/build.log" 2>&1 &
 build=$!
 # Progress every 30 s: which image, its build step, and the crates cargo has compiled so far.
 build_started=$SECONDS

@@ -23,7 +23,17 @@ part "services"
 scripts/ensure-services.sh
 # What the shared services hold before the tests: whatever is new at the end was left behind.
 snapshot=$(mktemp)
-trap 'rm -f "$snapshot" "$snapshot".*' EXIT
+# The image check runs beside the tests (below); a run that ends early stops it, and its
+# cleanup removes what its build and pipeline had made.
+image_check=
+on_exit() {
+  if [ -n "$image_check" ] && kill -0 "$image_check" 2>/dev/null; then
+    kill -TERM "$image_check"
+    wait "$image_check" || true
+  fi
+  rm -f "$snapshot" "$snapshot".*
+}
+trap on_exit EXIT
 scripts/check-leftovers.sh snapshot "$snapshot"
 part "the leftover check"
 # The check itself: it names what was left, and a service it cannot read (a closed port, or
@@ -78,6 +88,21 @@ scripts/check-monitoring.sh
 # The binaries first: services/system-tests runs them as processes (target/debug/ingest, …).
 part "build"
 cargo build --workspace --locked --bins --tests
+# The image, built from the Dockerfile and run (scripts/check-image.sh), with podman installed
+# first where it is missing (as root on Debian; a failed install fails the tests). Its release
+# build is most of its time, and the tests below leave much of the CPU idle (they wait on
+# timeouts and on the services), so it runs beside them, its build at the lowest priority.
+# Its lines come in between, marked [check-image]; "the image" below waits for its result.
+part "the image check, started beside the tests"
+# A mistyped mode is refused, not taken for a full check of many minutes.
+expect_exit 2 "unknown argument '--interupted'" scripts/check-image.sh --interupted
+installed=0
+scripts/check-image.sh --can-run || scripts/check-image.sh --install || installed=$?
+[ "$installed" = 0 ] || [ "$installed" = 3 ] || exit "$installed"
+if scripts/check-image.sh --can-run; then
+  scripts/check-image.sh &
+  image_check=$!
+fi
 # A hung test fails loudly after 20 minutes instead of running into CI's limit (each of the two
 # test runs takes about three minutes once built, on two cores).
 part "tests of the workspace"
@@ -177,17 +202,16 @@ python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 python3 scripts/check-compose.py
 python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || pip install -q helm-python-sdk kubernetes-validate
 python3 scripts/check-chart.py
-# The image, built from the Dockerfile and run (scripts/check-image.sh), with podman installed
-# first where it is missing (as root on Debian; a failed install fails the tests). Where podman
-# still cannot start containers (not root, or a kernel that refuses), say so, loudly.
+# Where podman cannot start containers (not root, or a kernel that refuses), say so, loudly.
 part "the image"
-# A mistyped mode is refused, not taken for a full check of many minutes.
-expect_exit 2 "unknown argument '--interupted'" scripts/check-image.sh --interupted
-installed=0
-scripts/check-image.sh --can-run || scripts/check-image.sh --install || installed=$?
-[ "$installed" = 0 ] || [ "$installed" = 3 ] || exit "$installed"
-if scripts/check-image.sh --can-run; then
-  scripts/check-image.sh
+if [ -n "$image_check" ]; then
+  status=0
+  wait "$image_check" || status=$?
+  image_check=
+  if [ "$status" != 0 ]; then
+    echo "!!! the image check failed ($status): its lines above, marked [check-image], say why" >&2
+    exit 1
+  fi
   # From inside scripts/, as a user may run it: the check must find its way to the root.
   (cd scripts && ./check-image.sh --interrupted)
   # Without the bases a full check makes (here: for a toolchain no base was made for), it
