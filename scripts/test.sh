@@ -104,7 +104,7 @@ if scripts/check-image.sh --can-run; then
   image_check=$!
 fi
 # A hung test fails loudly after 20 minutes instead of running into CI's limit (each of the two
-# test runs takes about three minutes once built, on two cores).
+# test runs takes four to five minutes once built, on two cores, with the image's build beside).
 part "tests of the workspace"
 timeout --signal=KILL 20m cargo test --workspace --locked --exclude ingest --exclude dedup-worker "$@"
 # ingest's and the worker's own tests live inside their crates (their modules are private), so
