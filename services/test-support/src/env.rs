@@ -24,6 +24,21 @@ pub const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const RABBITMQ_MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
 /// How to start the services when they are down.
 const START_HINT: &str = "start the local services with scripts/ensure-services.sh";
+/// How long one of the helpers' exchanges with a service may take before the test fails
+/// naming it: a service that stops answering must not hang the test run.
+pub const STEP_WAIT: Duration = Duration::from_secs(30);
+
+/// `step`, failing the test when it takes longer than [`STEP_WAIT`].
+pub async fn bounded<T>(what: &str, step: impl Future<Output = T>) -> T {
+    within(STEP_WAIT, what, step).await
+}
+
+/// `step`, failing the test when it takes longer than `limit`.
+async fn within<T>(limit: Duration, what: &str, step: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, step)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}: a service hangs"))
+}
 
 /// One test's isolated names on the shared services.
 pub struct TestEnv {
@@ -60,10 +75,12 @@ impl TestEnv {
             .unwrap_or_else(|e| {
                 panic!("PostgreSQL is not reachable at {POSTGRES_URL}: {e}; {START_HINT}")
             });
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
-            .execute(&admin)
-            .await
-            .expect("create the test schema");
+        bounded(
+            "CREATE SCHEMA",
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&admin),
+        )
+        .await
+        .expect("create the test schema");
         admin.close().await;
         let database_url = format!("{POSTGRES_URL}?options[search_path]={name}");
         let pg = PgPoolOptions::new()
@@ -80,8 +97,7 @@ impl TestEnv {
         .await
         .unwrap_or_else(|_| panic!("Redis at {REDIS_URL} did not answer within 5s; {START_HINT}"))
         .unwrap_or_else(|e| panic!("Redis is not reachable at {REDIS_URL}: {e}; {START_HINT}"));
-        let pong: String = redis::cmd("PING")
-            .query_async(&mut conn)
+        let pong: String = bounded("Redis PING", redis::cmd("PING").query_async(&mut conn))
             .await
             .expect("Redis PING");
         assert_eq!(pong, "PONG");
@@ -112,38 +128,46 @@ impl TestEnv {
 
     /// Rows in this test's `product_events`.
     pub async fn stored_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM product_events")
-            .fetch_one(&self.pg)
-            .await
-            .unwrap_or(-1)
+        bounded(
+            "counting the stored rows",
+            sqlx::query_scalar("SELECT count(*) FROM product_events").fetch_one(&self.pg),
+        )
+        .await
+        .unwrap_or(-1)
     }
 
     /// The `r` of every stored row with how often it is stored, most copies first.
     pub async fn stored_r_counts(&self) -> Vec<(String, i64)> {
-        sqlx::query_as(
-            "SELECT r, count(*) FROM product_events GROUP BY r ORDER BY count(*) DESC, r",
+        bounded(
+            "reading the stored rows",
+            sqlx::query_as(
+                "SELECT r, count(*) FROM product_events GROUP BY r ORDER BY count(*) DESC, r",
+            )
+            .fetch_all(&self.pg),
         )
-        .fetch_all(&self.pg)
         .await
         .expect("read stored rows")
     }
 
     /// Messages ready in `queue` (0 when the queue does not exist yet).
     pub async fn ready_messages(&self, queue: &str) -> u32 {
-        let channel = self.amqp.create_channel().await.expect("channel");
-        let result = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        let count = result.map(|q| q.message_count()).unwrap_or(0);
-        close_channel(&channel, 200, "done").await;
-        count
+        bounded(&format!("reading the depth of {queue}"), async {
+            let channel = self.amqp.create_channel().await.expect("channel");
+            let result = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let count = result.map(|q| q.message_count()).unwrap_or(0);
+            close_channel(&channel, 200, "done").await;
+            count
+        })
+        .await
     }
 
     /// Publishes each event as its own message, the way ingest does for single requests.
@@ -209,29 +233,35 @@ impl TestEnv {
 
     /// Takes every message from `queue`, acking them; returns bodies and properties as sent.
     pub async fn drain_raw(&self, queue: &str) -> Vec<(Vec<u8>, lapin::BasicProperties)> {
-        let channel = self.amqp.create_channel().await.expect("channel");
-        let mut out = Vec::new();
-        while let Ok(Some(message)) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            out.push((
-                message.delivery.data.clone(),
-                message.delivery.properties.clone(),
-            ));
-        }
-        close_channel(&channel, 200, "done").await;
-        out
+        bounded(&format!("draining {queue}"), async {
+            let channel = self.amqp.create_channel().await.expect("channel");
+            let mut out = Vec::new();
+            while let Ok(Some(message)) = channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                out.push((
+                    message.delivery.data.clone(),
+                    message.delivery.properties.clone(),
+                ));
+            }
+            close_channel(&channel, 200, "done").await;
+            out
+        })
+        .await
     }
 
     /// Declares this test's topology (as ingest and the worker do).
     pub async fn declare(&self) {
-        let channel = self.amqp.create_channel().await.expect("channel");
-        self.topology
-            .declare(&channel)
-            .await
-            .expect("declare the test topology");
-        close_channel(&channel, 200, "done").await;
+        bounded("declaring the test topology", async {
+            let channel = self.amqp.create_channel().await.expect("channel");
+            self.topology
+                .declare(&channel)
+                .await
+                .expect("declare the test topology");
+            close_channel(&channel, 200, "done").await;
+        })
+        .await;
     }
 
     /// Publishes a raw body to the test's exchange with publisher confirms, as ingest would.
@@ -246,37 +276,43 @@ impl TestEnv {
         body: &[u8],
         properties: lapin::BasicProperties,
     ) {
-        let channel = self.amqp.create_channel().await.expect("channel");
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirm mode");
-        let confirm = channel
-            .basic_publish(
-                self.topology.exchange.as_str().into(),
-                self.topology.shard_routing_key(shard),
-                Default::default(),
-                body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "the broker refused a test message");
-        close_channel(&channel, 200, "done").await;
+        bounded("publishing a test message with confirms", async {
+            let channel = self.amqp.create_channel().await.expect("channel");
+            channel
+                .confirm_select(Default::default())
+                .await
+                .expect("confirm mode");
+            let confirm = channel
+                .basic_publish(
+                    self.topology.exchange.as_str().into(),
+                    self.topology.shard_routing_key(shard),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(confirm.is_ack(), "the broker refused a test message");
+            close_channel(&channel, 200, "done").await;
+        })
+        .await;
     }
 
     /// Redis keys under this test's prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
-        let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("Redis");
-        scan_keys(&mut conn, &format!("{{{}}}:*", self.redis_prefix))
-            .await
-            .expect("SCAN")
+        bounded("listing the test's Redis keys", async {
+            let client = redis::Client::open(REDIS_URL).expect("Redis URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis");
+            scan_keys(&mut conn, &format!("{{{}}}:*", self.redis_prefix))
+                .await
+                .expect("SCAN")
+        })
+        .await
     }
 
     /// Deletes every Redis key under this test's prefix (a targeted "FLUSHALL").
@@ -285,16 +321,19 @@ impl TestEnv {
         if keys.is_empty() {
             return;
         }
-        let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("Redis");
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
+        bounded("deleting the test's Redis keys", async {
+            let client = redis::Client::open(REDIS_URL).expect("Redis URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis");
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+        })
+        .await;
     }
 }
 
@@ -401,5 +440,27 @@ pub async fn scan_keys(
             return Ok(keys);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[tokio::test]
+    #[should_panic(expected = "a hung step did not finish within 100ms")]
+    async fn a_step_that_never_finishes_fails_the_test_naming_it() {
+        super::within(
+            Duration::from_millis(100),
+            "a hung step",
+            std::future::pending::<()>(),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_step_within_its_limit_gives_its_value() {
+        let value = super::within(Duration::from_secs(5), "a quick step", async { 7 }).await;
+        assert_eq!(value, 7);
     }
 }

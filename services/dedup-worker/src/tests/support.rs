@@ -60,10 +60,15 @@ impl WorkerUnderTest {
         Self { worker, stop, task }
     }
 
-    /// Signals shutdown and waits for the worker to finish.
+    /// Signals shutdown and waits for the worker to finish: at most its shutdown grace, and a
+    /// worker still running [`STOP_MARGIN`] past it fails the test.
     pub async fn stop(mut self) -> Result<(), crate::error::Error> {
         self.stop.cancel();
-        (&mut self.task).await.expect("worker task")
+        let bound = self.worker.config.shutdown_grace + STOP_MARGIN;
+        tokio::time::timeout(bound, &mut self.task)
+            .await
+            .unwrap_or_else(|_| panic!("the worker did not stop within {bound:?} of being asked"))
+            .expect("worker task")
     }
 
     /// Waits for the worker to end by itself (an injected crash), with a bound.
@@ -81,11 +86,13 @@ impl Drop for WorkerUnderTest {
     }
 }
 
-/// Applies migrations; concurrent callers on one schema take turns (sqlx locks the schema).
+/// How long past its shutdown grace a stopping worker may take before the test fails.
+const STOP_MARGIN: Duration = Duration::from_secs(20);
+
+/// Applies migrations; concurrent callers take turns (sqlx holds an advisory lock on the
+/// database while it migrates), and a migration that never finishes fails the test.
 async fn migrate_once(worker: &Worker) {
-    worker
-        .store()
-        .migrate()
+    test_support::env::bounded("migrating the test schema", worker.store().migrate())
         .await
         .expect("migrations apply to the test schema");
 }
