@@ -277,8 +277,28 @@ for target in ingest dedup-worker; do
 done
 
 # --- the pipeline from the image -------------------------------------------------------------
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-http_port=$(free_port) ingest_admin=$(free_port) worker_admin=$(free_port)
+# Three distinct free ports below the kernel's ephemeral range, as the system tests pick theirs
+# (test_support::process::free_port): the containers bind them tens of seconds after the pick,
+# and with the tests running beside this check, an outgoing connection could meanwhile take a
+# port from the ephemeral range, where binding port 0 would pick.
+read -r http_port ingest_admin worker_admin < <(python3 - <<'EOF'
+import random, socket
+first = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+low = min(10000, first // 2)
+ports = []
+for port in random.sample(range(low, first), first - low):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    ports.append(port)
+    if len(ports) == 3:
+        break
+print(*ports)
+EOF
+)
+[[ -n $worker_admin ]] || die "no three free ports below the ephemeral range"
 started=1
 psql -q postgres://postgres@127.0.0.1:5432/postgres -c "CREATE DATABASE $db"
 database_url=postgres://postgres@127.0.0.1:5432/$db
