@@ -303,11 +303,7 @@ impl TestEnv {
     /// Redis keys under this test's prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
         bounded("listing the test's Redis keys", async {
-            let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("Redis");
+            let mut conn = redis_connection().await;
             scan_keys(&mut conn, &format!("{{{}}}:*", self.redis_prefix))
                 .await
                 .expect("SCAN")
@@ -322,11 +318,7 @@ impl TestEnv {
             return;
         }
         bounded("deleting the test's Redis keys", async {
-            let client = redis::Client::open(REDIS_URL).expect("Redis URL");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("Redis");
+            let mut conn = redis_connection().await;
             let _: () = redis::cmd("DEL")
                 .arg(keys)
                 .query_async(&mut conn)
@@ -416,6 +408,15 @@ async fn cleanup_unbounded(schema: &str, prefix: &str, topology: &Topology) {
         }
         close_connection(&conn, 200, "test cleanup").await;
     }
+}
+
+/// A connection to this machine's Redis.
+async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .expect("Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {REDIS_URL}: {e}; {START_HINT}"))
 }
 
 /// Every key matching `pattern`, with SCAN: unlike KEYS it never blocks Redis, however many
