@@ -78,6 +78,19 @@ for script in run-local kind-up minikube-up ensure-services check-monitoring che
 done
 expect_exit 0 "creates a kind cluster" scripts/kind-up.sh --help
 expect_exit 2 "'--dry-run' is not a URL" scripts/cluster/install.sh --dry-run
+# The test runs' deadline (scripts/with-deadline.sh): a command's own status before it; past
+# it, where each of its processes waits (gdb, from Debian where it is missing), then it and
+# every process under it are killed and the status is 124.
+command -v gdb >/dev/null || scripts/apt-install.sh test gdb
+expect_exit 2 "'soon' is not a duration" scripts/with-deadline.sh soon true
+expect_exit 3 "three" scripts/with-deadline.sh 1m sh -c 'echo three; exit 3'
+status=0
+out=$(scripts/with-deadline.sh 2s sh -c 'sleep 31.5; echo woke' 2>&1) || status=$?
+if [ "$status" != 124 ] || ! grep -q "did not finish within 2s" <<<"$out" ||
+  ! grep -q "^#0 .*sleep" <<<"$out" || pgrep -f "sleep 31.5" >/dev/null; then
+  echo "!!! with-deadline.sh past its deadline exited $status, and said: $out" >&2
+  exit 1
+fi
 # What a new machine lacks comes from Debian's packages through scripts/apt-install.sh: its
 # outcomes (not root, a package apt cannot find, dpkg's lock held) against the real apt-get.
 part "the package installer"
@@ -103,15 +116,16 @@ if scripts/check-image.sh --can-run; then
   scripts/check-image.sh &
   image_check=$!
 fi
-# A hung test fails loudly after 20 minutes instead of running into CI's limit (each of the two
-# test runs takes four to five minutes once built, on two cores, with the image's build beside).
+# A hung test fails loudly after 20 minutes, showing where it waits, instead of running into
+# CI's limit (each of the two test runs takes four to five minutes once built, on two cores,
+# with the image's build beside).
 part "tests of the workspace"
-timeout --signal=KILL 20m cargo test --workspace --locked --exclude ingest --exclude dedup-worker "$@"
+scripts/with-deadline.sh 20m cargo test --workspace --locked --exclude ingest --exclude dedup-worker "$@"
 # ingest's and the worker's own tests live inside their crates (their modules are private), so
 # each crate's tests share one process, and with it the broker client's global runtime: a test
 # that hangs or cuts a link must not overlap the others. One test at a time there.
 part "tests of ingest and dedup-worker, one at a time"
-timeout --signal=KILL 20m cargo test --locked -p ingest -p dedup-worker "$@" -- --test-threads=1
+scripts/with-deadline.sh 20m cargo test --locked -p ingest -p dedup-worker "$@" -- --test-threads=1
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
 # It takes well under a minute; a hang fails loudly after 10.
 part "benchmark smoke run"
