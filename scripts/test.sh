@@ -127,12 +127,13 @@ scripts/with-deadline.sh 20m cargo test --workspace --locked --exclude ingest --
 part "tests of ingest and dedup-worker, one at a time"
 scripts/with-deadline.sh 20m cargo test --locked -p ingest -p dedup-worker "$@" -- --test-threads=1
 # The benchmark's smoke run: a few seconds of load through the real binaries, correctness only.
-# It takes well under a minute; a hang fails loudly after 10.
+# It takes well under a minute; a hang fails loudly after 10, showing where the bench and the
+# ingest and workers it started wait, and killing them all.
 part "benchmark smoke run"
 target=${CARGO_TARGET_DIR:-target}
 cargo build --locked -p ingest -p dedup-worker -p dedup-bench
 DEDUP_BENCH_INGEST_BIN=$target/debug/ingest DEDUP_BENCH_WORKER_BIN=$target/debug/dedup-worker \
-  timeout --signal=KILL 10m "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
+  scripts/with-deadline.sh 10m "$target/debug/dedup-bench" --smoke --out "$target/bench-smoke" >/dev/null
 # The README's run command, as its "Run it" section uses it: the sample event posted twice
 # with the made write key is stored once; Ctrl-C (here SIGTERM) stops both binaries. In a
 # database, queues and Redis prefix of its own, removed afterwards; a dev build, as the
